@@ -1,0 +1,351 @@
+"""Typed settings: the one place every tunable lives.
+
+A profile (``medvl/profiles/NAME.yaml``) fills these dataclasses; ``--set section.key=value``
+overrides any field. Validation collects every problem (unknown keys, wrong types,
+impossible values) and raises once, before any heavy work starts, so a typo in a long
+command line costs seconds rather than a half-finished training run.
+
+Each phase depends on some sections only; :meth:`Settings.fingerprint` hashes just those,
+so changing the API port does not invalidate a trained adapter, while changing the LoRA rank
+does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+DEFAULT_PROFILE = "tiny"
+
+
+class SettingsError(ValueError):
+    """Every problem found in a profile plus overrides, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid settings:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class ModelSettings:
+    """Which model the pipeline works on and how images are budgeted."""
+
+    hub_id: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    # "hub": snapshot_download(hub_id). "standin": build an architecture-faithful model offline.
+    source: str = "standin"
+    # For source=standin: "tiny" dimensions (CPU) or "7b" (the real 7B shapes, random weights).
+    standin_architecture: str = "tiny"
+    slug: str = "tiny-qwen25-vl"
+    # The vocabulary the offline byte-level BPE tokenizer is trained to (stand-ins only).
+    standin_tokenizer_vocab: int = 4096
+    seed: int = 0
+    # Pixel budget of the Qwen2-VL image processor; 28x28 pixels = one visual token.
+    # The same numbers are saved with the adapter, so training and serving agree.
+    min_pixels: int = 3136
+    max_pixels: int = 200704
+    require_cuda: bool = False
+    # "auto": flash_attention_2 if installed on a GPU, else sdpa.
+    attn_implementation: str = "auto"
+
+
+@dataclass
+class BenchSettings:
+    """How every model variant is measured (phases 3, 4, 7, 8 share these)."""
+
+    num_documents: int = 5
+    max_new_tokens: int = 32
+    warmup_runs: int = 1
+    document_seed: int = 1234
+
+
+@dataclass
+class QuantSettings:
+    """Phase 4: the AWQ attempt and the bitsandbytes NF4 fallback."""
+
+    try_awq: bool = True
+    awq_w_bit: int = 4
+    awq_group_size: int = 128
+    awq_zero_point: bool = True
+    nf4_double_quant: bool = True
+
+
+@dataclass
+class DataSettings:
+    """Phase 5: sources, limits, filters and the split."""
+
+    use_hub: bool = True
+    roco_max: int = 3000
+    pubmedvision_max: int = 2000
+    mtsamples_max: int = 0  # 0 = all rows
+    synthetic_documents: int = 300
+    min_text_chars: int = 50
+    min_train_samples: int = 100
+    split_seed: int = 42
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class TrainSettings:
+    """Phase 6: QLoRA hyper-parameters (the seed's values in the 7b profile)."""
+
+    quantize_4bit: bool = True
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.05
+    epochs: float = 2.0
+    max_steps: int = -1  # > 0 overrides epochs (short GPU probes)
+    per_device_batch_size: int = 2
+    grad_accum_steps: int = 8
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    max_length: int = 1024
+    save_steps: int = 200
+    save_total_limit: int = 3
+    eval_steps: int = 200
+    logging_steps: int = 10
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    # Gate 6: the trainable share of parameters this profile should land in (percent).
+    expected_trainable_pct_min: float = 1.0
+    expected_trainable_pct_max: float = 5.0
+
+
+@dataclass
+class ApiSettings:
+    """Phase 8 and ``api/server.py`` defaults (env and CLI can override at serve time)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: int = 20
+    max_image_pixels: int = 40_000_000
+    request_timeout_s: float = 120.0
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSettings,
+    "bench": BenchSettings,
+    "quant": QuantSettings,
+    "data": DataSettings,
+    "train": TrainSettings,
+    "api": ApiSettings,
+}
+
+
+@dataclass
+class Settings:
+    """The resolved settings of one run: a profile name plus every section."""
+
+    profile: str = DEFAULT_PROFILE
+    model: ModelSettings = field(default_factory=ModelSettings)
+    bench: BenchSettings = field(default_factory=BenchSettings)
+    quant: QuantSettings = field(default_factory=QuantSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, sections: typing.Iterable[str] | None = None) -> str:
+        """A short hash of the named sections (all when None), for telling stale outputs."""
+        data = self.to_dict()
+        chosen = sorted(sections) if sections is not None else sorted(SECTIONS)
+        payload = {name: data[name] for name in chosen}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def record(self, sections: typing.Iterable[str]) -> dict[str, Any]:
+        """What every output JSON embeds: profile, the phase's fingerprint, all settings."""
+        return {
+            "profile": self.profile,
+            "settings_hash": self.fingerprint(sections),
+            "settings": self.to_dict(),
+        }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def load_settings(profile: str = DEFAULT_PROFILE, overrides: list[str] | None = None) -> Settings:
+    """Profile YAML + ``section.key=value`` overrides -> validated :class:`Settings`.
+
+    Raises :class:`SettingsError` naming every problem at once.
+    """
+    problems: list[str] = []
+    path = PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        raise SettingsError(
+            [f"unknown profile {profile!r} (available: {', '.join(available_profiles())})"]
+        )
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise SettingsError([f"{path}: top level must be a mapping"])
+
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for section, body in raw.items():
+        if section not in SECTIONS:
+            problems.append(f"{path.name}: unknown section {section!r}")
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"{path.name}: section {section!r} must be a mapping")
+            continue
+        values[section].update(body)
+
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            problems.append(f"--set {item!r}: expected section.key=value (e.g. train.lora_r=16)")
+            continue
+        if section not in SECTIONS:
+            problems.append(f"--set {key}: unknown section {section!r} (one of {', '.join(SECTIONS)})")
+            continue
+        values[section][name] = _OverrideText(text)
+
+    sections: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        sections[section] = _build_section(section, cls, values[section], problems)
+    if problems:
+        raise SettingsError(problems)
+    settings = Settings(profile=profile, **sections)
+    problems.extend(_check_values(settings))
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
+class _OverrideText(str):
+    """A value that came from the command line as text and still needs parsing."""
+
+
+def _build_section(section: str, cls: type, given: dict[str, Any], problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in given.items():
+        if name not in known:
+            problems.append(f"{section}.{name}: unknown setting (known: {', '.join(sorted(known))})")
+            continue
+        try:
+            kwargs[name] = _coerce(value, hints[name])
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{section}.{name}: {exc}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # only reachable if a field lacks a default
+        problems.append(f"{section}: {exc}")
+        return cls()
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Parse override text, and type-check YAML values, against a field's annotation."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, _OverrideText) and value.lower() in ("none", "null")):
+            return None
+        hint = args[0]
+    if isinstance(value, _OverrideText):
+        value = _parse_text(str(value), hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _parse_text(text: str, hint: Any) -> Any:
+    if hint is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise TypeError(f"expected true/false, got {text!r}")
+    if hint is int:
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise TypeError(f"expected an integer, got {text!r}") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise TypeError(f"expected a number, got {text!r}") from None
+    return text
+
+
+def _check_values(s: Settings) -> list[str]:
+    """Cross-field and range checks that types alone cannot express."""
+    p: list[str] = []
+    m, t, d = s.model, s.train, s.data
+    if m.source not in ("hub", "standin"):
+        p.append(f"model.source: must be 'hub' or 'standin', got {m.source!r}")
+    if m.standin_architecture not in ("tiny", "7b"):
+        p.append(f"model.standin_architecture: must be 'tiny' or '7b', got {m.standin_architecture!r}")
+    if m.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
+        p.append("model.attn_implementation: one of auto, sdpa, eager, flash_attention_2")
+    if m.min_pixels < 28 * 28:
+        p.append("model.min_pixels: must be at least 784 (one 28x28 visual token)")
+    if m.max_pixels < m.min_pixels:
+        p.append("model.max_pixels: must be >= model.min_pixels")
+    if not m.slug or "/" in m.slug:
+        p.append("model.slug: must be a non-empty folder name")
+    if m.standin_tokenizer_vocab < 512:
+        p.append("model.standin_tokenizer_vocab: must be at least 512 (256 bytes + merges)")
+    for name in ("num_documents", "max_new_tokens"):
+        if getattr(s.bench, name) < 1:
+            p.append(f"bench.{name}: must be >= 1")
+    if s.bench.warmup_runs < 0:
+        p.append("bench.warmup_runs: must be >= 0")
+    if s.quant.awq_w_bit not in (4,):
+        p.append("quant.awq_w_bit: only 4-bit AWQ is supported")
+    if not 0 < d.val_fraction < 0.5 or not 0 < d.test_fraction < 0.5:
+        p.append("data.val_fraction/test_fraction: each must lie in (0, 0.5)")
+    if d.min_text_chars < 0 or d.min_train_samples < 1:
+        p.append("data.min_text_chars must be >= 0 and data.min_train_samples >= 1")
+    if t.lora_r < 1 or t.lora_alpha < 1:
+        p.append("train.lora_r and train.lora_alpha: must be >= 1")
+    if not 0 <= t.lora_dropout < 1:
+        p.append("train.lora_dropout: must lie in [0, 1)")
+    if t.learning_rate <= 0:
+        p.append("train.learning_rate: must be > 0")
+    if t.epochs <= 0 and t.max_steps <= 0:
+        p.append("train.epochs: must be > 0 unless train.max_steps > 0")
+    for name in ("per_device_batch_size", "grad_accum_steps", "save_steps", "save_total_limit",
+                 "eval_steps", "logging_steps"):
+        if getattr(t, name) < 1:
+            p.append(f"train.{name}: must be >= 1")
+    if t.max_length < 64:
+        p.append("train.max_length: must be >= 64")
+    if not 0 <= t.warmup_ratio < 1:
+        p.append("train.warmup_ratio: must lie in [0, 1)")
+    if not 1 <= s.api.port <= 65535:
+        p.append("api.port: must lie in 1..65535")
+    return p

@@ -1,0 +1,58 @@
+"""Where a run's outputs live.
+
+Everything a run writes sits under one working directory (default: the repository root),
+so tests and a second profile never overwrite a user's real run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from medvl.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Workdir:
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | Path | None) -> Workdir:
+        return cls(Path(path).resolve() if path else REPO_ROOT)
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def benchmarks(self) -> Path:
+        return self.root / "benchmarks"
+
+    @property
+    def docs(self) -> Path:
+        return self.root / "docs"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def build_log(self) -> Path:
+        return self.docs / "BUILD_LOG.md"
+
+    def bench(self, name: str) -> Path:
+        """A benchmark JSON, e.g. ``bench("baseline_fp16")``."""
+        return self.benchmarks / f"{name}.json"
+
+    def base_model_dir(self, settings: Settings) -> Path:
+        return self.models / f"{settings.model.slug}-base"
+
+    def ensure(self) -> None:
+        for folder in (self.models, self.datasets, self.benchmarks, self.docs, self.logs):
+            folder.mkdir(parents=True, exist_ok=True)
