@@ -232,7 +232,7 @@ def _header(rng: random.Random, kind_title: str) -> tuple[str, list[str]]:
     age = rng.randint(24, 91)
     sex = rng.choice(["M", "F"])
     return f"{rng.choice(HOSPITALS)} - {kind_title}", [
-        f"Patient: {name}    MRN: {mrn}    DOB age: {age} {sex}",
+        f"Patient: {name}    MRN: {mrn}    Age/Sex: {age} {sex}",
         f"Date: {date}    Attending: {rng.choice(PHYSICIANS)}",
         "",
     ]
@@ -380,7 +380,7 @@ def generate_document(seed: int, kind: str | None = None, prefix: str = "doc") -
     return _BUILDERS[kind](rng, f"{prefix}-{kind}-{seed}")
 
 
-def test_documents(seed: int, count: int = 5) -> list[MedicalDocument]:
+def benchmark_documents(seed: int, count: int = 5) -> list[MedicalDocument]:
     """The phase-3 benchmark set: one of each kind first, so five covers all five kinds."""
     return [generate_document(seed + i, KINDS[i % len(KINDS)], prefix="test") for i in range(count)]
 

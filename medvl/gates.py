@@ -1,0 +1,192 @@
+"""The nine phases and their gates, in one registry.
+
+A gate is a pure function of files on disk and the resolved settings that returns what
+fails (an empty list means it passes). ``run_pipeline.sh`` asks for the first failing gate
+and resumes there, so a deleted, truncated or stale output sends the pipeline back to the
+phase that makes it.
+
+Stale outputs are caught by fingerprints: every output records the hash of the settings
+sections its phase depends on (:attr:`Phase.sections`); a gate whose recorded hash differs
+from the current one fails with "made with other settings".
+
+Run ``python -m medvl.gates --first-failing`` to print the first failing phase (0 if none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medvl.io import OutputError, read_json
+from medvl.settings import DEFAULT_PROFILE, Settings, SettingsError, load_settings
+from medvl.workdir import REPO_ROOT, Workdir
+
+GateCheck = Callable[[Workdir, Settings], list[str]]
+
+
+@dataclass(frozen=True)
+class Phase:
+    number: int
+    name: str
+    script: str
+    depends_on: tuple[int, ...]
+    # The settings sections this phase's outputs depend on (upstream ones included).
+    sections: tuple[str, ...]
+    check: GateCheck | None = None
+
+    @property
+    def script_path(self) -> Path:
+        return REPO_ROOT / "scripts" / self.script
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def load_record(path: Path, settings: Settings, sections: tuple[str, ...],
+                problems: list[str]) -> dict[str, Any] | None:
+    """Read an output JSON and check it was made with the current settings."""
+    try:
+        data = read_json(path)
+    except OutputError as exc:
+        problems.append(str(exc))
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path.name}: expected a JSON object")
+        return None
+    if data.get("profile") != settings.profile:
+        problems.append(f"{path.name}: made for profile {data.get('profile')!r}, not {settings.profile!r}")
+    elif data.get("settings_hash") != settings.fingerprint(sections):
+        problems.append(f"{path.name}: made with other settings (stale); rerun its phase")
+    return data
+
+
+def positive(data: dict[str, Any], dotted: str, problems: list[str], label: str) -> float | None:
+    """Fetch ``a.b.c`` from ``data`` and require a number > 0."""
+    value: Any = data
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        problems.append(f"{label}: {dotted} must be > 0 (found {value!r})")
+        return None
+    return float(value)
+
+
+# --------------------------------------------------------------------------- gates 1-2
+
+
+def gate_environment(wd: Workdir, s: Settings) -> list[str]:
+    problems: list[str] = []
+    env = load_record(wd.bench("environment"), s, PHASES[1].sections, problems)
+    if env is not None:
+        if tuple(env.get("python", {}).get("version_info", [0, 0])[:2]) < (3, 10):
+            problems.append("environment.json: Python >= 3.10 required")
+        missing = [name for name, ok in env.get("imports", {}).items() if not ok]
+        if missing:
+            problems.append(f"environment.json: cannot import {', '.join(missing)}")
+        if s.model.require_cuda and not env.get("cuda", {}).get("available"):
+            problems.append(f"profile {s.profile} needs a CUDA GPU and none was found")
+    if not wd.build_log.is_file():
+        problems.append(f"{wd.build_log} is missing")
+    return problems
+
+
+def gate_model(wd: Workdir, s: Settings) -> list[str]:
+    problems: list[str] = []
+    info = load_record(wd.bench("model_download"), s, PHASES[2].sections, problems)
+    model_dir = wd.base_model_dir(s)
+    for name in ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if not (model_dir / name).is_file():
+            # processor_config.json replaces preprocessor_config.json in transformers 5 saves
+            if name == "preprocessor_config.json" and (model_dir / "processor_config.json").is_file():
+                continue
+            problems.append(f"{model_dir.name}/{name} is missing")
+    if info is None:
+        return problems
+    weights = info.get("weight_files") or {}
+    if not weights:
+        problems.append("model_download.json lists no weight files")
+    for name, size in weights.items():
+        path = model_dir / name
+        if not path.is_file():
+            problems.append(f"{model_dir.name}/{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{model_dir.name}/{name} has {path.stat().st_size} bytes, expected {size} (truncated?)")
+    if not info.get("validated"):
+        problems.append("model_download.json: the model did not pass its load check")
+    positive(info, "size_gb", problems, "model_download.json")
+    return problems
+
+
+# --------------------------------------------------------------------------- registry
+
+_ALL = ("model", "bench", "quant", "data", "train", "api")
+
+PHASES: dict[int, Phase] = {
+    1: Phase(1, "setup environment", "01_setup_environment.py", (), ("model",), gate_environment),
+    2: Phase(2, "download model", "02_download_model.py", (1,), ("model",), gate_model),
+    3: Phase(3, "benchmark baseline", "03_benchmark_baseline.py", (2,), ("model", "bench")),
+    4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant")),
+    5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (1,), ("data", "bench")),
+    6: Phase(6, "fine-tune LoRA", "06_finetune_lora.py", (2, 5), ("model", "bench", "data", "train")),
+    7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train")),
+    8: Phase(8, "deploy API", "08_deploy_api.py", (7,), _ALL),
+    9: Phase(9, "generate report", "09_generate_report.py", (1,), _ALL),
+}
+
+
+def check_phase(number: int, wd: Workdir, s: Settings) -> list[str]:
+    phase = PHASES[number]
+    if not phase.script_path.is_file():
+        return [f"scripts/{phase.script} does not exist yet (phase {number} is not implemented)"]
+    if phase.check is None:
+        return [f"phase {number} has no gate yet"]
+    return phase.check(wd, s)
+
+
+def first_failing(wd: Workdir, s: Settings) -> int:
+    """The first phase whose gate fails, or 0 when all nine pass."""
+    for number in PHASES:
+        if check_phase(number, wd, s):
+            return number
+    return 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m medvl.gates",
+        description="Check phase gates. Prints the first failing phase with --first-failing "
+        "(0 when every gate passes), or each phase's status.")
+    parser.add_argument("--profile", default=DEFAULT_PROFILE)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--workdir", default=None, help="run folder (default: repository root)")
+    parser.add_argument("--first-failing", action="store_true",
+                        help="print only the number of the first failing phase (0 = none)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.profile, args.set)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    wd = Workdir.at(args.workdir)
+    if args.first_failing:
+        print(first_failing(wd, settings))
+        return 0
+    failed = False
+    for number, phase in PHASES.items():
+        problems = check_phase(number, wd, settings)
+        failed |= bool(problems)
+        print(f"phase {number} ({phase.name}): {'FAIL' if problems else 'pass'}")
+        for problem in problems:
+            print(f"    - {problem}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

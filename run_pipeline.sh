@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Run the medvl pipeline: resume at the first phase whose gate fails and run on to phase 9.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {
+  cat <<'TXT'
+Usage: ./run_pipeline.sh [options]
+
+Runs the nine phases in order. Without --from/--only it asks the gates for the first
+phase whose outputs are missing, broken or stale and resumes there, then runs every later
+phase, stopping at the first phase whose gate fails.
+
+Options:
+  --profile NAME     settings profile: tiny (default, CPU), 7b (real model, GPU), 7b-random
+  --set K=V          override a setting, e.g. --set train.lora_r=16 (repeatable)
+  --workdir DIR      where models/ datasets/ benchmarks/ docs/ logs/ go (default: repo root)
+  --from N           start at phase N (even if its gate passes)
+  --only N           run phase N alone
+  --force            with neither --from nor --only: rerun everything from phase 1
+  -h, --help         this help
+
+Environment: MEDVL_PYTHON=/path/to/python uses that interpreter instead of ./.venv.
+TXT
+}
+
+profile=tiny; workdir=""; from=""; only=""; force=0; sets=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --profile) profile="${2:?--profile needs a value}"; shift 2 ;;
+    --set) sets+=(--set "${2:?--set needs K=V}"); shift 2 ;;
+    --workdir) workdir="${2:?--workdir needs a folder}"; shift 2 ;;
+    --from) from="${2:?--from needs a phase number}"; shift 2 ;;
+    --only) only="${2:?--only needs a phase number}"; shift 2 ;;
+    --force) force=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+for n in "$from" "$only"; do
+  [[ -z "$n" || "$n" =~ ^[1-9]$ ]] || { echo "error: phase numbers are 1..9, got '$n'" >&2; exit 2; }
+done
+
+py="$("$root/scripts/ensure_venv.sh")"
+[[ -n "$workdir" ]] && workdir="$(realpath -m "$workdir")"
+cd "$root"  # python -m medvl.* imports the package from here
+common=(--profile "$profile" "${sets[@]}")
+[[ -n "$workdir" ]] && common+=(--workdir "$workdir")
+
+if [[ -n "$only" ]]; then
+  start="$only"; stop="$only"
+elif [[ -n "$from" ]]; then
+  start="$from"; stop=9
+elif [[ "$force" == 1 ]]; then
+  start=1; stop=9
+else
+  start="$("$py" -m medvl.gates --first-failing "${common[@]}")"
+  stop=9
+  if [[ "$start" == 0 ]]; then
+    echo "All nine gates pass for profile $profile: nothing to do (--force reruns everything)."
+    exit 0
+  fi
+  echo "First failing gate: phase $start. Running phases $start..$stop."
+fi
+
+for ((n = start; n <= stop; n++)); do
+  script=("$root"/scripts/0"$n"_*.py)
+  if [[ ! -f "${script[0]}" ]]; then
+    echo "Phase $n is not implemented yet (no scripts/0${n}_*.py): stopping here." >&2
+    exit 1
+  fi
+  echo "=== phase $n: $(basename "${script[0]}") ==="
+  if ! "$py" "${script[0]}" "${common[@]}"; then
+    echo "Phase $n failed (see logs/phase$n.log). Fix it and rerun ./run_pipeline.sh: it resumes here." >&2
+    exit 1
+  fi
+done
+echo "Pipeline finished phases $start..$stop for profile $profile."

@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Phase 1: check the environment and start the build log.
+
+Checks Python >= 3.10, torch, CUDA (required by the 7b profiles, reported otherwise), GPU
+name and VRAM, and that every library a later phase imports can be imported. Writes
+benchmarks/environment.json and starts docs/BUILD_LOG.md.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medvl import environment  # noqa: E402
+from medvl.gates import PHASES  # noqa: E402
+from medvl.io import append_build_log, atomic_write_json  # noqa: E402
+from medvl.phase import PhaseError, log, run_phase  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+
+def main(settings: Settings, wd: Workdir) -> dict:
+    env = environment.collect()
+    env.update(settings.record(PHASES[1].sections))
+    atomic_write_json(wd.bench("environment"), env)
+
+    hardware = environment.hardware_label(env)
+    broken = [f"{name} ({error})" for name, error in env["import_errors"].items()]
+    log.info("Python %s, torch %s, hardware: %s", env["python"]["version"],
+             env["packages"]["torch"], hardware)
+    for name, version in env["packages"].items():
+        log.info("  %-18s %s", name, version or "not installed")
+    append_build_log(wd.build_log, 1, "environment", [
+        f"Profile `{settings.profile}`; Python {env['python']['version']}; "
+        f"torch {env['packages']['torch']}; transformers {env['packages']['transformers']}.",
+        f"Hardware: {hardware}; CUDA available: {env['cuda']['available']}.",
+        "Imports: " + ("all required libraries import." if not broken else "BROKEN: " + "; ".join(broken)),
+    ])
+    if broken:
+        raise PhaseError("cannot import " + "; ".join(broken))
+    if settings.model.require_cuda and not env["cuda"]["available"]:
+        raise PhaseError(f"profile {settings.profile} needs a CUDA GPU; none found "
+                         "(use --profile tiny on a CPU)")
+    return env
+
+
+if __name__ == "__main__":
+    run_phase(1, main, __doc__)

@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Phase 2: put the base model in models/<slug>-base/.
+
+Profile 7b downloads Qwen/Qwen2.5-VL-7B-Instruct with huggingface_hub (resumable, only the
+files loading needs). Stand-in profiles (tiny, 7b-random) build an architecture-faithful
+model offline instead. Either way the folder is loaded with AutoProcessor and
+AutoModelForImageTextToText before the phase passes. Writes benchmarks/model_download.json.
+"""
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medvl import model_source, standin  # noqa: E402
+from medvl.gates import PHASES  # noqa: E402
+from medvl.io import append_build_log, atomic_write_json, dir_size_bytes  # noqa: E402
+from medvl.phase import PhaseError, log, run_phase  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+
+def main(settings: Settings, wd: Workdir) -> dict:
+    model_dir = wd.base_model_dir(settings)
+    started = time.perf_counter()
+    if settings.model.source == "hub":
+        how = f"downloaded {settings.model.hub_id} from the hub"
+        try:
+            model_source.download_snapshot(settings.model.hub_id, model_dir)
+        except model_source.HubUnavailable as exc:
+            raise PhaseError(str(exc)) from None
+        built = {}
+    else:
+        how = (f"built the offline `{settings.model.standin_architecture}` stand-in "
+               "(random weights; hub not used)")
+        # A stand-in is cheap to rebuild and has no partial state worth keeping.
+        shutil.rmtree(model_dir, ignore_errors=True)
+        built = standin.build_standin(
+            model_dir, settings.model.standin_architecture, settings.model.standin_tokenizer_vocab,
+            settings.model.min_pixels, settings.model.max_pixels, settings.model.seed)
+    fetch_s = time.perf_counter() - started
+
+    check = model_source.validate_loads(model_dir, settings)
+    size = dir_size_bytes(model_dir)
+    record = {
+        **settings.record(PHASES[2].sections),
+        "model_id": settings.model.hub_id,
+        "source": settings.model.source,
+        "standin": built or None,
+        "model_dir": str(model_dir),
+        "size_bytes": size,
+        "size_gb": round(size / 1e9, 4),
+        "fetch_or_build_s": round(fetch_s, 2),
+        "weight_files": model_source.weight_files(model_dir),
+        **check,
+    }
+    atomic_write_json(wd.bench("model_download"), record)
+    log.info("%s: %.3f GB on disk, %.1f M parameters, %.1f s", model_dir.name, size / 1e9,
+             check["parameters"] / 1e6, fetch_s)
+    append_build_log(wd.build_log, 2, "base model", [
+        f"{how.capitalize()} into `{model_dir.relative_to(wd.root)}` in {fetch_s:.1f} s.",
+        f"Size on disk {size / 1e9:.3f} GB; {check['parameters'] / 1e6:.1f} M parameters; "
+        f"loads with the Auto classes: {check['validated']} ({check['load_check_s']} s).",
+    ])
+    return record
+
+
+if __name__ == "__main__":
+    run_phase(2, main, __doc__)

@@ -1,0 +1,58 @@
+"""Shared fixtures: the tiny stand-in model and a pipeline run in a temporary workdir.
+
+Everything runs on the real tiny Qwen2.5-VL stand-in; nothing is mocked and nothing
+touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medvl.settings import Settings, load_settings
+from medvl.standin import build_standin
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> Settings:
+    return load_settings("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_settings) -> Path:
+    out = tmp_path_factory.mktemp("tiny-model")
+    m = tiny_settings.model
+    build_standin(out, m.standin_architecture, m.standin_tokenizer_vocab, m.min_pixels,
+                  m.max_pixels, m.seed)
+    return out
+
+
+def pipeline(workdir: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """Run ./run_pipeline.sh on the current interpreter (no second venv) in ``workdir``."""
+    env = {**os.environ, "MEDVL_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([str(REPO / "run_pipeline.sh"), "--workdir", str(workdir), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def phase_script(number: int, workdir: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    script = next((REPO / "scripts").glob(f"0{number}_*.py"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(script), "--workdir", str(workdir), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def phases_1_2(tmp_path_factory) -> Path:
+    """A workdir where phases 1-2 ran on the tiny profile (read-only for tests)."""
+    wd = tmp_path_factory.mktemp("run12")
+    for number in (1, 2):
+        result = phase_script(number, wd)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return wd

@@ -1,0 +1,64 @@
+"""Settings: profiles load, overrides parse, every problem is reported at once."""
+
+import pytest
+from conftest import phase_script
+
+from medvl.settings import SettingsError, available_profiles, load_settings
+
+
+def test_profiles_load_and_carry_the_seed_hyperparameters():
+    assert {"tiny", "7b", "7b-random"} <= set(available_profiles())
+    seven = load_settings("7b")
+    t = seven.train
+    assert (t.lora_r, t.lora_alpha, t.lora_dropout) == (64, 128, 0.05)
+    assert (t.epochs, t.per_device_batch_size, t.grad_accum_steps) == (2, 2, 8)
+    assert (t.learning_rate, t.warmup_ratio, t.weight_decay, t.max_length) == (1e-4, 0.05, 0.01, 1024)
+    assert (t.save_steps, t.save_total_limit) == (200, 3)
+    assert seven.model.source == "hub" and seven.model.require_cuda
+    assert load_settings("7b-random").model.standin_architecture == "7b"
+
+
+def test_overrides_are_parsed_to_the_field_types():
+    s = load_settings("tiny", ["train.lora_r=8", "train.learning_rate=3e-4",
+                               "train.gradient_checkpointing=true", "model.slug=other"])
+    assert s.train.lora_r == 8 and s.train.learning_rate == 3e-4
+    assert s.train.gradient_checkpointing is True and s.model.slug == "other"
+
+
+def test_every_problem_is_reported_together():
+    with pytest.raises(SettingsError) as err:
+        load_settings("tiny", ["train.nope=1", "train.lora_r=abc", "bogus.x=1", "noequals",
+                               "model.max_pixels=10"])
+    text = str(err.value)
+    for fragment in ("train.nope: unknown setting", "train.lora_r: expected an integer",
+                     "unknown section 'bogus'", "expected section.key=value"):
+        assert fragment in text, text
+    assert len(err.value.problems) == 4  # range checks run only once types are right
+
+
+def test_range_checks_collect_all_problems():
+    with pytest.raises(SettingsError) as err:
+        load_settings("tiny", ["model.max_pixels=1000", "train.lora_dropout=1.5", "api.port=0"])
+    assert len(err.value.problems) == 3, err.value.problems
+
+
+def test_unknown_profile_names_the_available_ones():
+    with pytest.raises(SettingsError, match="available: .*tiny"):
+        load_settings("nope")
+
+
+def test_fingerprint_moves_only_with_the_sections_that_matter():
+    base = load_settings("tiny")
+    other_port = load_settings("tiny", ["api.port=9000"])
+    other_rank = load_settings("tiny", ["train.lora_r=8"])
+    assert base.fingerprint(["model", "train"]) == other_port.fingerprint(["model", "train"])
+    assert base.fingerprint(["model", "train"]) != other_rank.fingerprint(["model", "train"])
+    assert base.fingerprint() != other_port.fingerprint()
+
+
+def test_phase_script_rejects_bad_settings_before_any_work(tmp_path):
+    result = phase_script(2, tmp_path, "--set", "model.nope=1", "--set", "train.lora_r=abc")
+    assert result.returncode == 2
+    assert "model.nope: unknown setting" in result.stderr
+    assert "train.lora_r: expected an integer" in result.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "benchmarks").exists()
