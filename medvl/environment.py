@@ -15,9 +15,14 @@ from typing import Any
 
 import psutil
 
-# Imported by some phase; a missing one fails gate 1 with its name.
-REQUIRED_IMPORTS = ["torch", "torchvision", "transformers", "peft", "trl", "bitsandbytes",
-                    "accelerate", "safetensors", "datasets", "fastapi", "gradio", "PIL", "yaml"]
+# Model work (phases 2-4, 6, 7) cannot start without these: a failure fails gate 1.
+CORE_IMPORTS = ["torch", "torchvision", "transformers", "peft", "bitsandbytes", "accelerate",
+                "safetensors", "PIL", "yaml"]
+# Needed by one phase each; reported here, and that phase refuses to start without them,
+# so a GPU box that only trains need not carry the web stack.
+EXTRA_IMPORTS = {"trl": "phase 6", "datasets": "phase 5 (hub datasets)", "fastapi": "phase 8",
+                 "uvicorn": "phase 8", "gradio": "the demo UI", "matplotlib": "phase 9"}
+REQUIRED_IMPORTS = CORE_IMPORTS + list(EXTRA_IMPORTS)
 # Reported with versions, so a result can be reproduced.
 REPORTED_PACKAGES = ["torch", "torchvision", "transformers", "tokenizers", "huggingface-hub",
                      "safetensors", "accelerate", "peft", "trl", "bitsandbytes", "datasets",

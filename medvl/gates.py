@@ -84,7 +84,9 @@ def gate_environment(wd: Workdir, s: Settings) -> list[str]:
     if env is not None:
         if tuple(env.get("python", {}).get("version_info", [0, 0])[:2]) < (3, 10):
             problems.append("environment.json: Python >= 3.10 required")
-        missing = [name for name, ok in env.get("imports", {}).items() if not ok]
+        from medvl.environment import CORE_IMPORTS
+
+        missing = [name for name, ok in env.get("imports", {}).items() if not ok and name in CORE_IMPORTS]
         if missing:
             problems.append(f"environment.json: cannot import {', '.join(missing)}")
         if s.model.require_cuda and not env.get("cuda", {}).get("available"):
@@ -121,6 +123,74 @@ def gate_model(wd: Workdir, s: Settings) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------- gates 3-4
+
+
+def medical_lexicon() -> set[str]:
+    """Lower-case medical words from the document tables (drugs, conditions, labs, findings)."""
+    from medvl import documents as d
+
+    words = {name for name, *_ in d.DRUGS} | {lab[0] for lab in d.LABS} | set(d.PROCEDURES)
+    for full, abbr in d.CONDITIONS:
+        words |= {full} | ({abbr} if abbr else set())
+    for _, findings, _ in d.RADIOLOGY:
+        words |= {term for term, _ in findings}
+    words |= {"mg", "mmHg", "diagnosis", "medication", "dose", "patient", "BID", "TID", "QD", "PRN"}
+    return {w.lower() for w in words}
+
+
+def check_benchmark_record(rec: dict[str, Any], label: str, s: Settings, problems: list[str]) -> None:
+    """What gates 3, 4 and 7 require of a harness record."""
+    samples = rec.get("samples") or []
+    if len(samples) < s.bench.num_documents:
+        problems.append(f"{label}: {len(samples)} samples, expected {s.bench.num_documents}")
+    for row in samples:
+        if not row.get("latency_s", 0) > 0:
+            problems.append(f"{label}: {row.get('doc_id')} has no positive latency")
+        if not str(row.get("response", "")).strip():
+            problems.append(f"{label}: {row.get('doc_id')} produced an empty response")
+    positive(rec, "load.load_time_s", problems, label)
+    positive(rec, "peak_memory_mb", problems, label)
+    positive(rec, "load.weights_footprint_mb", problems, label)
+    if s.model.source == "hub":  # a random stand-in cannot write medicine; the real model must
+        lexicon = medical_lexicon()
+        for row in samples:
+            if not any(word in str(row.get("response", "")).lower() for word in lexicon):
+                problems.append(f"{label}: {row.get('doc_id')} response has no medical terminology")
+
+
+def gate_baseline(wd: Workdir, s: Settings) -> list[str]:
+    problems: list[str] = []
+    images = sorted(wd.test_images.glob("*.png")) if wd.test_images.is_dir() else []
+    if len(images) < s.bench.num_documents:
+        problems.append(f"datasets/test_images has {len(images)} documents, expected {s.bench.num_documents}")
+    rec = load_record(wd.bench("baseline_fp16"), s, PHASES[3].sections, problems)
+    if rec is not None:
+        check_benchmark_record(rec, "baseline_fp16.json", s, problems)
+    return problems
+
+
+def gate_quantize(wd: Workdir, s: Settings) -> list[str]:
+    problems: list[str] = []
+    info = load_record(wd.bench("quantization_info"), s, PHASES[4].sections, problems)
+    rec = load_record(wd.bench("quantized_int4"), s, PHASES[4].sections, problems)
+    if rec is not None:
+        check_benchmark_record(rec, "quantized_int4.json", s, problems)
+    if info is not None:
+        if info.get("method") not in ("awq", "bnb-nf4"):
+            problems.append(f"quantization_info.json: unknown method {info.get('method')!r}")
+        if info.get("method") != "awq" and not info.get("awq_error"):
+            problems.append("quantization_info.json: fell back to NF4 without recording why AWQ was not used")
+        if not Path(info.get("output_dir", "")).is_dir():
+            problems.append(f"quantized model folder {info.get('output_dir')} is missing")
+        mem = info.get("weights_footprint_mb") or {}
+        if not (isinstance(mem.get("quantized"), (int, float)) and isinstance(mem.get("baseline"), (int, float))
+                and mem["quantized"] < mem["baseline"]):
+            problems.append(f"quantization_info.json: quantized memory {mem.get('quantized')} MB is not "
+                            f"below the baseline's {mem.get('baseline')} MB")
+    return problems
+
+
 # --------------------------------------------------------------------------- registry
 
 _ALL = ("model", "bench", "quant", "data", "train", "api")
@@ -128,8 +198,8 @@ _ALL = ("model", "bench", "quant", "data", "train", "api")
 PHASES: dict[int, Phase] = {
     1: Phase(1, "setup environment", "01_setup_environment.py", (), ("model",), gate_environment),
     2: Phase(2, "download model", "02_download_model.py", (1,), ("model",), gate_model),
-    3: Phase(3, "benchmark baseline", "03_benchmark_baseline.py", (2,), ("model", "bench")),
-    4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant")),
+    3: Phase(3, "benchmark baseline", "03_benchmark_baseline.py", (2,), ("model", "bench"), gate_baseline),
+    4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant"), gate_quantize),
     5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (1,), ("data", "bench")),
     6: Phase(6, "fine-tune LoRA", "06_finetune_lora.py", (2, 5), ("model", "bench", "data", "train")),
     7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train")),

@@ -35,14 +35,15 @@ def attention_implementation(settings: Settings) -> str:
 def half_dtype() -> tuple[torch.dtype, str]:
     """FP16 as the seed asks, except where it is unsafe.
 
-    Qwen2.5-VL's vision tower overflows in float16 (its activations exceed 65504 in the
-    window-attention blocks), so on GPUs that support bf16 we use bf16 and record why.
+    Qwen2.5-VL was trained in bf16 and float16's narrow range risks overflow (inf/NaN) in
+    its activations, so on GPUs that support bf16 we use bf16, which costs the same memory,
+    and record why.
     On a CPU half precision is slow and poorly supported: float32, labelled as such.
     """
     if not torch.cuda.is_available():
         return torch.float32, "float32 (CPU: half precision not used)"
     if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, "bfloat16 (FP16 overflows in Qwen2.5-VL's vision tower; bf16 has FP16's memory cost)"
+        return torch.bfloat16, "bfloat16 (Qwen2.5-VL is trained in bf16 and float16 risks overflow; same memory as FP16)"
     return torch.float16, "float16"
 
 
@@ -66,7 +67,9 @@ def bnb_nf4_config(compute_dtype: torch.dtype, double_quant: bool = True) -> Any
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=["visual", "lm_head"])
+        bnb_4bit_compute_dtype=compute_dtype,
+        # transformers 5 matches these as name prefixes ("model.visual"); 4.x as substrings.
+        llm_int8_skip_modules=["model.visual", "visual", "lm_head"])
 
 
 def load_model(model_dir: Path, settings: Settings, quantization: str = "none",

@@ -31,6 +31,11 @@ class Workdir:
         return self.root / "datasets"
 
     @property
+    def test_images(self) -> Path:
+        """The five phase-3 documents every benchmark reuses."""
+        return self.datasets / "test_images"
+
+    @property
     def benchmarks(self) -> Path:
         return self.root / "benchmarks"
 
@@ -52,6 +57,12 @@ class Workdir:
 
     def base_model_dir(self, settings: Settings) -> Path:
         return self.models / f"{settings.model.slug}-base"
+
+    def nf4_model_dir(self, settings: Settings) -> Path:
+        return self.models / f"{settings.model.slug}-bnb-nf4"
+
+    def awq_model_dir(self, settings: Settings) -> Path:
+        return self.models / f"{settings.model.slug}-awq-int4"
 
     def ensure(self) -> None:
         for folder in (self.models, self.datasets, self.benchmarks, self.docs, self.logs):

@@ -25,7 +25,10 @@ def main(settings: Settings, wd: Workdir) -> dict:
     atomic_write_json(wd.bench("environment"), env)
 
     hardware = environment.hardware_label(env)
-    broken = [f"{name} ({error})" for name, error in env["import_errors"].items()]
+    errors = env["import_errors"]
+    broken = [f"{name} ({errors[name]})" for name in environment.CORE_IMPORTS if name in errors]
+    missing_extras = [f"{name} (needed by {environment.EXTRA_IMPORTS[name]})"
+                      for name in environment.EXTRA_IMPORTS if name in errors]
     log.info("Python %s, torch %s, hardware: %s", env["python"]["version"],
              env["packages"]["torch"], hardware)
     for name, version in env["packages"].items():
@@ -34,8 +37,11 @@ def main(settings: Settings, wd: Workdir) -> dict:
         f"Profile `{settings.profile}`; Python {env['python']['version']}; "
         f"torch {env['packages']['torch']}; transformers {env['packages']['transformers']}.",
         f"Hardware: {hardware}; CUDA available: {env['cuda']['available']}.",
-        "Imports: " + ("all required libraries import." if not broken else "BROKEN: " + "; ".join(broken)),
+        "Core imports: " + ("all import." if not broken else "BROKEN: " + "; ".join(broken)),
+        "Optional imports: " + ("all import." if not missing_extras else "missing " + "; ".join(missing_extras)),
     ])
+    for item in missing_extras:
+        log.warning("not installed: %s", item)
     if broken:
         raise PhaseError("cannot import " + "; ".join(broken))
     if settings.model.require_cuda and not env["cuda"]["available"]:

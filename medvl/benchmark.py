@@ -1,0 +1,274 @@
+"""One benchmark harness for every model variant (phases 3, 4, 7 and 8).
+
+Comparisons are only honest when every variant is measured the same way, so this is the
+only place that times generation:
+
+- warm-up runs first (kernel selection, allocator growth and lazy init stay out of numbers);
+- CUDA-synchronised timing around each request;
+- time to first token from a stopping-criteria hook that fires after each decoding step
+  (the first call comes right after prefill and the first sampled token);
+- per-sample latency, TTFT, generated tokens, tokens/s, and avg/min/max/p50/p95;
+- memory before load, after load and peak: torch allocator and NVML on a GPU, process RSS
+  on a CPU (labelled), plus the weights' own footprint (``get_memory_footprint``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from medvl.modeling import input_device
+from medvl.prompts import BENCHMARK_PROMPTS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchSample:
+    doc_id: str
+    image_path: Path
+    prompt: str
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """avg/min/max/p50/p95 of a list (linear-interpolated percentiles, as numpy does)."""
+    if not values:
+        return {"avg": 0.0, "min": 0.0, "max": 0.0, "p50": 0.0, "p95": 0.0, "n": 0}
+    arr = np.asarray(values, dtype=float)
+    return {"avg": float(arr.mean()), "min": float(arr.min()), "max": float(arr.max()),
+            "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
+            "n": int(arr.size)}
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def memory_now() -> dict[str, float]:
+    """Current memory in MB: torch + NVML on a GPU, process RSS always."""
+    snap = {"process_rss_mb": psutil.Process().memory_info().rss / 2**20}
+    if torch.cuda.is_available():
+        snap["torch_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
+        snap["torch_reserved_mb"] = torch.cuda.memory_reserved() / 2**20
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            snap["nvml_used_mb"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+        except Exception:  # no NVML in this container
+            pass
+    return snap
+
+
+def peak_memory_mb() -> float:
+    """The figure called "peak": torch's max allocated on a GPU, peak RSS on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def memory_kind() -> str:
+    return ("GPU: torch allocator (allocated/peak) and NVML (device used)" if torch.cuda.is_available()
+            else "CPU: process resident set size (RSS); peak is the process high-water mark")
+
+
+def headline_memory_mb(snap: dict[str, float]) -> float:
+    """The one number a table shows for "memory": GPU allocated, or CPU RSS."""
+    return snap.get("torch_allocated_mb", snap["process_rss_mb"])
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class _StepClock(StoppingCriteria):
+    """Records when each decoding step finishes; never stops generation."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.first is None:
+            _sync()
+            self.first = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def build_inputs(processor: Any, images: list[Image.Image], prompts: list[str], device: torch.device) -> Any:
+    """Chat template + processor for a batch of (image, prompt) user turns."""
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+        add_generation_prompt=True) for p in prompts]
+    return processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
+
+
+def generate_timed(model: Any, processor: Any, image: Image.Image, prompt: str,
+                   max_new_tokens: int) -> dict[str, Any]:
+    """One request, timed end to end (preprocessing included, as a user would see it)."""
+    clock = _StepClock()
+    _sync()
+    start = time.perf_counter()
+    inputs = build_inputs(processor, [image], [prompt], input_device(model))
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([clock]))
+    _sync()
+    end = time.perf_counter()
+    prompt_len = inputs["input_ids"].shape[1]
+    new_tokens = out[0, prompt_len:]
+    n_new = int(new_tokens.numel())
+    latency = end - start
+    ttft = (clock.first or end) - start
+    decode_time = latency - ttft
+    image_token_id = getattr(model.config, "image_token_id", None)
+    return {
+        "prompt_tokens": int(prompt_len),
+        "image_tokens": int((inputs["input_ids"] == image_token_id).sum()) if image_token_id is not None else None,
+        "generated_tokens": n_new,
+        "latency_s": latency,
+        "ttft_s": ttft,
+        "tokens_per_s": n_new / latency if latency > 0 else 0.0,
+        "decode_tokens_per_s": (n_new - 1) / decode_time if n_new > 1 and decode_time > 0 else 0.0,
+        "response": processor.decode(new_tokens, skip_special_tokens=True),
+    }
+
+
+def timed_load(loader: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
+    """Run ``loader`` and measure load time and memory before/after it."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before = memory_now()
+    _sync()
+    start = time.perf_counter()
+    model = loader()
+    _sync()
+    load_s = time.perf_counter() - start
+    after = memory_now()
+    footprint = model.get_memory_footprint() / 2**20 if hasattr(model, "get_memory_footprint") else None
+    return model, {"load_time_s": load_s, "before_load": before, "after_load": after,
+                   "weights_footprint_mb": footprint}
+
+
+def run_benchmark(model: Any, processor: Any, samples: list[BenchSample], max_new_tokens: int,
+                  warmup_runs: int, label: str) -> dict[str, Any]:
+    """Warm up, then time every sample; returns per-sample rows and aggregates."""
+    images = {s.doc_id: Image.open(s.image_path).convert("RGB") for s in samples}
+    for _ in range(warmup_runs):
+        generate_timed(model, processor, images[samples[0].doc_id], samples[0].prompt, max_new_tokens)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    rows = []
+    for sample in tqdm(samples, desc=f"benchmark {label}", unit="doc"):
+        row = generate_timed(model, processor, images[sample.doc_id], sample.prompt, max_new_tokens)
+        rows.append({"doc_id": sample.doc_id, "prompt": sample.prompt, **row})
+        log.info("%s %-32s %5.2f s  ttft %5.3f s  %3d tok  %6.1f tok/s", label, sample.doc_id,
+                 row["latency_s"], row["ttft_s"], row["generated_tokens"], row["tokens_per_s"])
+    return {
+        "samples": rows,
+        "aggregate": {
+            "latency_s": summarize([r["latency_s"] for r in rows]),
+            "ttft_s": summarize([r["ttft_s"] for r in rows]),
+            "tokens_per_s": summarize([r["tokens_per_s"] for r in rows]),
+            "decode_tokens_per_s": summarize([r["decode_tokens_per_s"] for r in rows]),
+            "generated_tokens": summarize([float(r["generated_tokens"]) for r in rows]),
+            "prompt_tokens": summarize([float(r["prompt_tokens"]) for r in rows]),
+        },
+        "peak_memory_mb": peak_memory_mb(),
+        "warmup_runs": warmup_runs,
+        "max_new_tokens": max_new_tokens,
+    }
+
+
+def unload(model: Any) -> None:
+    """Free a model's memory before the next phase or variant loads."""
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def summary_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """A plain-text table comparing benchmark records (phase output and logs)."""
+    header = f"{'variant':<22}{'load s':>8}{'mem MB':>10}{'peak MB':>10}{'p50 s':>8}{'p95 s':>8}{'TTFT s':>8}{'tok/s':>8}"
+    lines = [header, "-" * len(header)]
+    for name, rec in rows:
+        agg = rec["aggregate"]
+        lines.append(f"{name:<22}{rec['load']['load_time_s']:>8.2f}"
+                     f"{headline_memory_mb(rec['load']['after_load']):>10.1f}{rec['peak_memory_mb']:>10.1f}"
+                     f"{agg['latency_s']['p50']:>8.3f}{agg['latency_s']['p95']:>8.3f}"
+                     f"{agg['ttft_s']['avg']:>8.3f}{agg['tokens_per_s']['avg']:>8.1f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the shared test set
+
+
+def ensure_benchmark_documents(folder: Path, seed: int, count: int) -> list[BenchSample]:
+    """Write the phase-3 documents once; later phases reuse the very same files.
+
+    Existing files are kept when their ground truth matches what the seed generates, so a
+    rerun never silently swaps the documents every benchmark is measured on.
+    """
+    from medvl.documents import benchmark_documents, save_document
+    from medvl.io import read_json
+
+    for doc in benchmark_documents(seed, count):
+        image, truth = folder / f"{doc.doc_id}.png", folder / f"{doc.doc_id}.json"
+        current = None
+        if image.is_file() and truth.is_file():
+            try:
+                current = read_json(truth).get("text")
+            except Exception:
+                current = None
+        if current != doc.text:
+            save_document(doc, folder)
+    return load_benchmark_samples(folder)
+
+
+def load_benchmark_samples(folder: Path) -> list[BenchSample]:
+    """The documents phase 3 wrote, with their prompts (raises if phase 3 has not run)."""
+    from medvl.io import OutputError, read_json
+
+    truths = sorted(folder.glob("*.json"))
+    if not truths:
+        raise OutputError(f"no benchmark documents in {folder}; run phase 3 first")
+    samples = []
+    for truth in truths:
+        data = read_json(truth)
+        samples.append(BenchSample(data["doc_id"], truth.with_suffix(".png"), BENCHMARK_PROMPTS[data["kind"]]))
+    return samples
+
+
+def benchmark_variant(label: str, loader: Callable[[], Any], processor: Any,
+                      samples: list[BenchSample], max_new_tokens: int, warmup_runs: int) -> dict[str, Any]:
+    """Load a variant, benchmark it, free it: the record phases 3, 4 and 7 save."""
+    model, load = timed_load(loader)
+    device = str(input_device(model))
+    result = run_benchmark(model, processor, samples, max_new_tokens, warmup_runs, label)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    result.update({"label": label, "load": load, "device": device, "gpu": gpu,
+                   "memory_kind": memory_kind(), "dtype": str(getattr(model, "dtype", ""))})
+    unload(model)
+    return result

@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Phase 3: benchmark the base model in half precision on five medical documents.
+
+Writes the five test documents (one of each kind) to datasets/test_images/ - every later
+benchmark reuses them - then loads the base model in FP16 on a GPU (bf16 where FP16 is
+unsafe, recorded) with device_map="auto" and flash-attention 2 when installed, else SDPA;
+float32 on a CPU, labelled. Saves benchmarks/baseline_fp16.json.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medvl import benchmark  # noqa: E402
+from medvl.gates import PHASES  # noqa: E402
+from medvl.io import append_build_log, atomic_write_json  # noqa: E402
+from medvl.modeling import attention_implementation, half_dtype, load_model, load_processor  # noqa: E402
+from medvl.phase import log, run_phase  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+
+def main(settings: Settings, wd: Workdir) -> dict:
+    samples = benchmark.ensure_benchmark_documents(
+        wd.test_images, settings.bench.document_seed, settings.bench.num_documents)
+    model_dir = wd.base_model_dir(settings)
+    dtype, precision = half_dtype()
+    processor = load_processor(model_dir, settings)
+    result = benchmark.benchmark_variant(
+        "baseline", lambda: load_model(model_dir, settings, "none", dtype), processor, samples,
+        settings.bench.max_new_tokens, settings.bench.warmup_runs)
+    record = {**settings.record(PHASES[3].sections), "model_dir": str(model_dir),
+              "precision": precision, "attention": attention_implementation(settings),
+              "quality_meaningful": settings.model.source == "hub", **result}
+    atomic_write_json(wd.bench("baseline_fp16"), record)
+
+    log.info("\n%s", benchmark.summary_table([("baseline " + precision.split()[0], record)]))
+    agg = record["aggregate"]
+    append_build_log(wd.build_log, 3, "baseline benchmark", [
+        f"Wrote {len(samples)} test documents to `datasets/test_images/` (seed {settings.bench.document_seed}).",
+        f"Base model in {precision} on {record['gpu'] or 'CPU'}, attention {record['attention']}.",
+        f"Load {record['load']['load_time_s']:.2f} s; latency p50 {agg['latency_s']['p50']:.3f} s, "
+        f"p95 {agg['latency_s']['p95']:.3f} s; TTFT avg {agg['ttft_s']['avg']:.3f} s; "
+        f"{agg['tokens_per_s']['avg']:.1f} tokens/s; peak memory {record['peak_memory_mb']:.0f} MB "
+        f"({record['memory_kind']}).",
+    ])
+    return record
+
+
+if __name__ == "__main__":
+    run_phase(3, main, __doc__)
