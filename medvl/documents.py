@@ -186,7 +186,7 @@ class MedicalDocument:
     def expected_values(self) -> list[str]:
         """Numbers with units a correct reading must copy: doses, lab values, vitals."""
         values = [m["dose"] for m in self.medications]
-        values += [f"{lab['value']} {lab['unit']}" for lab in self.lab_values]
+        values += [lab["value"] for lab in self.lab_values]
         values += list(self.vitals.values())
         return _unique(values)
 
@@ -408,22 +408,32 @@ def load_font(size: int, monospace: bool = False) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
+TITLE_Y = MARGIN - 10
+BODY_TOP = MARGIN + 50
+LINE_HEIGHT = 28
+
+
+def line_positions(doc: MedicalDocument) -> list[tuple[int, str]]:
+    """(y, text) of every body line, top to bottom: the page layout, shared with tests."""
+    return [(BODY_TOP + i * LINE_HEIGHT, line) for i, line in enumerate(doc.lines)]
+
+
+def body_font(doc: MedicalDocument, monospace: bool | None = None) -> ImageFont.FreeTypeFont:
+    """Lab tables use a monospace font so their columns line up."""
+    return load_font(19, monospace=doc.kind == "lab_results" if monospace is None else monospace)
+
+
 def render_document(doc: MedicalDocument, monospace: bool | None = None) -> Image.Image:
-    """Draw the title and lines on a white page; lab tables use a monospace font."""
-    mono = doc.kind == "lab_results" if monospace is None else monospace
-    title_font = load_font(28)
-    body_font = load_font(19, monospace=mono)
-    line_h = 28
-    height = max(1294, MARGIN * 2 + 70 + line_h * len(doc.lines))
+    """Draw the title and lines on a white page (about US-letter proportions)."""
+    font = body_font(doc, monospace)
+    height = max(1294, BODY_TOP + MARGIN + LINE_HEIGHT * len(doc.lines))
     page = Image.new("RGB", (PAGE_WIDTH, height), "white")
     draw = ImageDraw.Draw(page)
     draw.rectangle([0, 0, PAGE_WIDTH, 6], fill=(22, 74, 140))
-    draw.text((MARGIN, MARGIN - 10), doc.title, font=title_font, fill=(22, 74, 140))
+    draw.text((MARGIN, TITLE_Y), doc.title, font=load_font(28), fill=(22, 74, 140))
     draw.line([MARGIN, MARGIN + 32, PAGE_WIDTH - MARGIN, MARGIN + 32], fill=(120, 120, 120), width=2)
-    y = MARGIN + 50
-    for line in doc.lines:
-        draw.text((MARGIN, y), line, font=body_font, fill=(15, 15, 15))
-        y += line_h
+    for y, line in line_positions(doc):
+        draw.text((MARGIN, y), line, font=font, fill=(15, 15, 15))
     if doc.noise > 0:
         page = _scan_noise(page, doc.noise, int(doc.content_hash(), 16) % (2**32))
     return page

@@ -49,7 +49,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         "model_id": settings.model.hub_id,
         "source": settings.model.source,
         "standin": built or None,
-        "model_dir": str(model_dir),
+        "model_dir": str(model_dir.relative_to(wd.root)),
         "size_bytes": size,
         "size_gb": round(size / 1e9, 4),
         "fetch_or_build_s": round(fetch_s, 2),

@@ -50,7 +50,8 @@ def main(settings: Settings, wd: Workdir) -> dict:
     # The saved config carries its quantization_config, so a plain load restores 4-bit layers.
     result = benchmark.benchmark_variant("int4", lambda: load_model(out_dir, settings), processor, samples,
                                          settings.bench.max_new_tokens, settings.bench.warmup_runs)
-    quantized = {**settings.record(sections), "method": method, "model_dir": str(out_dir), **result}
+    quantized = {**settings.record(sections), "method": method,
+                 "model_dir": str(out_dir.relative_to(wd.root)), **result}
     atomic_write_json(wd.bench("quantized_int4"), quantized)
 
     # ---- compare with the baseline
@@ -69,7 +70,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         "awq_config": quantize.awq_quant_config(settings),
         "quantization_config": done.get("quantization_config"),
         "quantize_time_s": done["time_s"],
-        "output_dir": str(out_dir),
+        "output_dir": str(out_dir.relative_to(wd.root)),
         "size_on_disk_bytes": {"baseline": base_size, "quantized": quant_size},
         "size_reduction_pct": -change_pct(quant_size, base_size),
         "weights_footprint_mb": {"baseline": base_mem, "quantized": quant_mem},

@@ -56,3 +56,16 @@ def phases_1_2(tmp_path_factory) -> Path:
         result = phase_script(number, wd)
         assert result.returncode == 0, result.stderr[-3000:]
     return wd
+
+
+@pytest.fixture(scope="session")
+def phases_1_4(phases_1_2, tmp_path_factory) -> Path:
+    """A workdir where phases 1-4 ran on the tiny profile (read-only for tests)."""
+    import shutil
+
+    wd = tmp_path_factory.mktemp("run14") / "wd"
+    shutil.copytree(phases_1_2, wd)
+    for number in (3, 4):
+        result = phase_script(number, wd)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return wd

@@ -13,4 +13,4 @@ for n in 1 2 3 4; do
 done
 cp "$wd"/benchmarks/{environment,model_download,baseline_fp16,quantization_info,quantized_int4}.json "$OUT"/ || true
 cp "$wd"/docs/BUILD_LOG.md "$OUT"/ || true
-python3 -m medvl.gates --profile 7b-random --workdir "$wd" | head -12
+python3 -m medvl.gates --profile 7b-random --workdir "$wd"
