@@ -196,6 +196,52 @@ def gate_quantize(wd: Workdir, s: Settings) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------- gate 5
+
+
+def gate_datasets(wd: Workdir, s: Settings) -> list[str]:
+    import random
+
+    from PIL import Image
+
+    problems: list[str] = []
+    formatted = wd.datasets / "formatted"
+    download = load_record(wd.datasets / "download_summary.json", s, PHASES[5].sections, problems)
+    summary = load_record(formatted / "data_summary.json", s, PHASES[5].sections, problems)
+    if download is not None:
+        ok = download.get("hub_sources_ok") or []
+        if len(ok) < 2 and not (download.get("offline_fallback") and download.get("fallback_note")):
+            problems.append(f"only {len(ok)} of 3 hub sources loaded ({', '.join(ok) or 'none'}); "
+                            "need 2, or the documented offline fallback")
+    splits: dict[str, list] = {}
+    for name in ("train", "val", "test"):
+        try:
+            splits[name] = read_json(formatted / f"{name}.json")
+        except OutputError as exc:
+            problems.append(str(exc))
+            splits[name] = []
+    if len(splits["train"]) < s.data.min_train_samples:
+        problems.append(f"train has {len(splits['train'])} samples, fewer than data.min_train_samples="
+                        f"{s.data.min_train_samples}")
+    for name in ("val", "test"):
+        if not splits[name]:
+            problems.append(f"{name} split is empty")
+    if summary is not None and summary.get("counts", {}).get("train") != len(splits["train"]):
+        problems.append("data_summary.json counts do not match train.json")
+    rng = random.Random(s.fingerprint(PHASES[5].sections))
+    for row in rng.sample(splits["train"], min(3, len(splits["train"]))):
+        try:
+            with Image.open(formatted / row["image"]) as img:
+                img.verify()
+        except Exception:
+            problems.append(f"spot check: image of {row.get('id')} missing or unreadable")
+        texts = [part.get("text", "") for m in row.get("messages", []) for part in m.get("content", [])
+                 if part.get("type") == "text"]
+        if len(texts) < 2 or not all(t.strip() for t in texts):
+            problems.append(f"spot check: {row.get('id')} lacks a prompt or an answer")
+    return problems
+
+
 # --------------------------------------------------------------------------- registry
 
 _ALL = ("model", "bench", "quant", "data", "train", "api")
@@ -205,7 +251,7 @@ PHASES: dict[int, Phase] = {
     2: Phase(2, "download model", "02_download_model.py", (1,), ("model",), gate_model),
     3: Phase(3, "benchmark baseline", "03_benchmark_baseline.py", (2,), ("model", "bench"), gate_baseline),
     4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant"), gate_quantize),
-    5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (1,), ("data", "bench")),
+    5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (1,), ("data", "bench"), gate_datasets),
     6: Phase(6, "fine-tune LoRA", "06_finetune_lora.py", (2, 5), ("model", "bench", "data", "train")),
     7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train")),
     8: Phase(8, "deploy API", "08_deploy_api.py", (7,), _ALL),

@@ -69,3 +69,15 @@ def phases_1_4(phases_1_2, tmp_path_factory) -> Path:
         result = phase_script(number, wd)
         assert result.returncode == 0, result.stderr[-3000:]
     return wd
+
+
+@pytest.fixture(scope="session")
+def phases_1_5(phases_1_4, tmp_path_factory) -> Path:
+    """A workdir where phases 1-5 ran on the tiny profile, offline (read-only for tests)."""
+    import shutil
+
+    wd = tmp_path_factory.mktemp("run15") / "wd"
+    shutil.copytree(phases_1_4, wd)
+    result = phase_script(5, wd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return wd

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Phase 5: build the training data.
+
+Tries the three hub sources (ROCO radiology, PubMedVision alignment VQA, MTSamples; each
+limited and streamed) and always adds synthetic medical documents with structured JSON
+answers; with no hub reachable, the synthetic corpus is the whole set (labelled as such).
+Discards unreadable images and short texts, de-duplicates, keeps every phase-3 test and
+phase-7 evaluation document out, shuffles with the split seed and writes 80/10/10 splits
+as Qwen2.5-VL conversations to datasets/formatted/, plus download_summary.json and
+data_summary.json.
+"""
+
+import random
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medvl import data  # noqa: E402
+from medvl.gates import PHASES  # noqa: E402
+from medvl.io import append_build_log, atomic_write_json  # noqa: E402
+from medvl.phase import log, run_phase  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+HUB_SOURCES = ("roco", "pubmedvision", "mtsamples")
+
+
+def main(settings: Settings, wd: Workdir) -> dict:
+    rng = random.Random(settings.data.split_seed)
+    record = settings.record(PHASES[5].sections)
+
+    # ---- the hub sources, each tried mirror by mirror
+    reports = {name: data.SourceReport(name) for name in (*HUB_SOURCES, "synthetic")}
+    samples: list[data.Sample] = []
+    for name in HUB_SOURCES:
+        samples += data.fetch_source(name, settings, rng, wd.datasets / "raw", reports[name])
+    hub_ok = [name for name in HUB_SOURCES if reports[name].status == "ok"]
+    offline = not hub_ok
+
+    # ---- the synthetic corpus: always part of the mix, the whole of it offline
+    synthetic = reports["synthetic"]
+    for _, sample in data.synthetic_samples(settings.data.synthetic_documents, rng):
+        synthetic.rows_read += 1
+        if len(sample.text.strip()) < settings.data.min_text_chars:
+            synthetic.discarded["text too short"] += 1
+            continue
+        samples.append(sample)
+    synthetic.status, synthetic.kept = "ok", synthetic.rows_read - sum(synthetic.discarded.values())
+    synthetic.repo = "medvl.documents (generated offline)"
+
+    # ---- filter, split, write (into a fresh folder swapped in whole)
+    dropped: Counter = Counter()
+    kept = data.deduplicate(samples, data.protected_hashes(settings), dropped)
+    splits = data.split(kept, settings.data.split_seed, settings.data.val_fraction, settings.data.test_fraction)
+    formatted = wd.datasets / "formatted"
+    staging = wd.datasets / "formatted.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    rows = data.write_splits(splits, staging)
+
+    fallback_note = ("no hub source reachable: the training set is entirely synthetic medical documents "
+                     "generated offline by medvl.documents" if offline else None)
+    download = {**record, "hub_sources_ok": hub_ok, "offline_fallback": offline,
+                "fallback_note": fallback_note,
+                "sources": {name: r.to_dict() for name, r in reports.items()}}
+    summary = {**record, "offline_fallback": offline, "fallback_note": fallback_note,
+               "discarded": {"filtering": {n: dict(r.discarded) for n, r in reports.items()},
+                             "deduplication": dict(dropped)},
+               **data.summarize_splits(rows)}
+    atomic_write_json(staging / "data_summary.json", summary)
+    shutil.rmtree(formatted, ignore_errors=True)
+    staging.rename(formatted)
+    atomic_write_json(wd.datasets / "download_summary.json", download)
+
+    counts = summary["counts"]
+    log.info("splits: train %d, val %d, test %d (%s)", counts["train"], counts["val"], counts["test"],
+             "SYNTHETIC ONLY: no hub source reachable" if offline else f"hub sources: {', '.join(hub_ok)}")
+    append_build_log(wd.build_log, 5, "datasets", [
+        *(f"{name}: {r.status}" + (f" from {r.repo}" if r.repo else "") +
+          (f"; failed attempts: {'; '.join(a['repo'] + ' -> ' + a['error'] for a in r.attempts)}" if r.attempts else "")
+          for name, r in reports.items()),
+        f"Fallback: {fallback_note}." if offline else f"Hub sources used: {', '.join(hub_ok)}.",
+        f"Splits (seed {settings.data.split_seed}): train {counts['train']}, val {counts['val']}, "
+        f"test {counts['test']}; discarded {dict(dropped) or 'none'} after filtering.",
+    ])
+    return summary
+
+
+if __name__ == "__main__":
+    run_phase(5, main, __doc__)
