@@ -242,6 +242,32 @@ def gate_datasets(wd: Workdir, s: Settings) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------- gate 6
+
+
+def gate_finetune(wd: Workdir, s: Settings) -> list[str]:
+    problems: list[str] = []
+    adapter = wd.adapter_dir(s)
+    if not (adapter / "adapter_config.json").is_file():
+        problems.append(f"{adapter.name}/adapter_config.json is missing")
+    if not any(adapter.glob("adapter_model.*")):
+        problems.append(f"{adapter.name}: adapter weights are missing")
+    metrics = load_record(wd.bench("training_metrics"), s, PHASES[6].sections, problems)
+    if metrics is None:
+        return problems
+    first, last = metrics.get("initial_loss"), metrics.get("final_loss")
+    if not all(isinstance(v, (int, float)) for v in (first, last)):
+        problems.append("training_metrics.json: initial/final loss missing")
+    elif not last < first:
+        problems.append(f"training_metrics.json: final loss {last:.4f} is not below initial loss {first:.4f}")
+    pct = metrics.get("trainable_pct")
+    lo, hi = s.train.expected_trainable_pct_min, s.train.expected_trainable_pct_max
+    if not isinstance(pct, (int, float)) or not lo <= pct <= hi:
+        problems.append(f"training_metrics.json: trainable {pct}% outside the expected {lo}-{hi}%")
+    positive(metrics, "train_time_s", problems, "training_metrics.json")
+    return problems
+
+
 # --------------------------------------------------------------------------- registry
 
 _ALL = ("model", "bench", "quant", "data", "train", "api")
@@ -252,7 +278,8 @@ PHASES: dict[int, Phase] = {
     3: Phase(3, "benchmark baseline", "03_benchmark_baseline.py", (2,), ("model", "bench"), gate_baseline),
     4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant"), gate_quantize),
     5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (1,), ("data", "bench"), gate_datasets),
-    6: Phase(6, "fine-tune LoRA", "06_finetune_lora.py", (2, 5), ("model", "bench", "data", "train")),
+    6: Phase(6, "fine-tune LoRA", "06_finetune_lora.py", (2, 5), ("model", "bench", "data", "train"),
+                gate_finetune),
     7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train")),
     8: Phase(8, "deploy API", "08_deploy_api.py", (7,), _ALL),
     9: Phase(9, "generate report", "09_generate_report.py", (1,), _ALL),

@@ -74,7 +74,12 @@ VISION_7B: dict[str, Any] = {
     "hidden_act": "silu", "in_channels": 3,
 }
 # Same graph, tiny widths. head_dim 16 -> mrope sections must sum to 8.
+# A random 64-wide model's logits are capped near |W_out| * sqrt(64): at the hub's init
+# std of 0.02 every distribution stays almost uniform and LoRA (which cannot touch lm_head
+# or the final norm) cannot lower the loss. A wider init gives the tiny model the logit
+# range a trained model has, so a CPU fine-tune can show real learning.
 TEXT_TINY: dict[str, Any] = {
+    "initializer_range": 0.2,
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2,
     "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "sliding_window": 32768,

@@ -61,6 +61,9 @@ class Workdir:
     def nf4_model_dir(self, settings: Settings) -> Path:
         return self.models / f"{settings.model.slug}-bnb-nf4"
 
+    def adapter_dir(self, settings: Settings) -> Path:
+        return self.models / f"{settings.model.slug}-medical-lora"
+
     def awq_model_dir(self, settings: Settings) -> Path:
         return self.models / f"{settings.model.slug}-awq-int4"
 

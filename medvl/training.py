@@ -1,0 +1,375 @@
+"""Phase 6: QLoRA fine-tuning of Qwen2.5-VL, done the way that does not silently go wrong.
+
+The four classic mistakes and where this module prevents each:
+
+1. Loss on prompts and image tokens -> :class:`VisionChatCollator` masks every label except
+   the assistant's answer and its closing ``<|im_end|>`` (worked example in its docstring).
+2. LoRA on the vision tower, because ``q/k/v/o/gate/up/down_proj`` also name vision modules
+   -> :data:`LORA_TARGET_REGEX` matches language-model projections only, and
+   :func:`freeze_vision` freezes every ``visual`` parameter; :func:`check_trainable` asserts both.
+3. Truncation through image tokens (the model then sees fewer placeholders than features)
+   -> the collator refuses with :class:`TruncationError`.
+4. A pixel budget that differs between training and serving -> the processor carries the
+   profile's min/max pixels and is saved next to the adapter, which the server loads.
+
+We use the transformers ``Trainer`` with this collator rather than TRL's ``SFTTrainer``:
+SFTTrainer's ``assistant_only_loss`` relies on ``{% generation %}`` markers in the chat
+template, which Qwen2.5-VL's template does not have, and its completion-only masking is
+text-only. The collator gives the same assistant-only loss explicitly, and is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from medvl.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+# Projections of the language model only: a name containing "visual" never matches.
+LORA_TARGET_REGEX = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+class TruncationError(ValueError):
+    """A sample would be cut inside its image tokens; raise max_length or shrink max_pixels."""
+
+
+# --------------------------------------------------------------------------- the collator
+
+
+@dataclass
+class VisionChatCollator:
+    """Chat template + processor + padding + assistant-only labels, one batch at a time.
+
+    Worked example (token strings shown for readability; ``[I]`` is one ``<|image_pad|>``,
+    and the image here is 2x2 visual tokens)::
+
+        <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n      label -100 (system)
+        <|im_start|>user\\n<|vision_start|>[I][I][I][I]<|vision_end|>       label -100 (user, image)
+        List the medications.<|im_end|>\\n                                  label -100 (user)
+        <|im_start|>assistant\\n                                            label -100 (header)
+        {"medications": [...]}<|im_end|>                                   label = input id (trained)
+        \\n                                                                 label -100
+        <|endoftext|> <|endoftext|> ...                                     label -100 (padding)
+
+    So ``labels[i] == input_ids[i]`` exactly on the answer tokens and the ``<|im_end|>`` that
+    closes them, and -100 everywhere else; a conversation with several assistant turns
+    trains on each answer. Sequences longer than ``max_length`` are cut at the end (inside
+    the answer), except that a cut through image tokens raises :class:`TruncationError`.
+    """
+
+    processor: Any
+    max_length: int
+    image_root: Path
+
+    def __post_init__(self) -> None:
+        tok = self.processor.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
+        self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        self.image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+        self.header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        self.truncated = 0
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        encoded = [self.encode(row) for row in rows]
+        return self.pad(encoded)
+
+    def encode(self, row: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One conversation -> input_ids, attention_mask, labels, pixel_values, image_grid_thw."""
+        with Image.open(self.image_root / row["image"]) as img:
+            image = img.convert("RGB")
+        text = self.processor.apply_chat_template(row["messages"], tokenize=False)
+        enc = self.processor(text=[text], images=[image], return_tensors="pt")
+        ids = enc["input_ids"][0]
+        labels = assistant_labels(ids, self.header, self.im_end)
+        if ids.numel() > self.max_length:
+            image_positions = (ids == self.image_pad).nonzero()
+            last_image = int(image_positions.max()) if image_positions.numel() else -1
+            if last_image >= self.max_length - 1:
+                raise TruncationError(
+                    f"sample {row.get('id')}: {ids.numel()} tokens with image tokens up to position "
+                    f"{last_image}; max_length={self.max_length} would cut through the image. "
+                    "Raise train.max_length or lower model.max_pixels.")
+            self.truncated += 1
+        keep = min(ids.numel(), self.max_length)
+        out = {"input_ids": ids[:keep], "attention_mask": enc["attention_mask"][0][:keep], "labels": labels[:keep],
+               "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
+        if "mm_token_type_ids" in enc:
+            out["mm_token_type_ids"] = enc["mm_token_type_ids"][0][:keep]
+        return out
+
+    def pad(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad the sequences (training needs no left padding) and stack the images."""
+        width = max(e["input_ids"].numel() for e in encoded)
+        fill = {"input_ids": self.pad_id, "attention_mask": 0, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
+        batch: dict[str, torch.Tensor] = {}
+        for key, value in fill.items():
+            if key not in encoded[0]:
+                continue
+            rows = [torch.cat([e[key], torch.full((width - e[key].numel(),), value, dtype=e[key].dtype)])
+                    for e in encoded]
+            batch[key] = torch.stack(rows)
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in encoded])
+        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encoded])
+        return batch
+
+
+def assistant_labels(ids: torch.Tensor, header: list[int], im_end: int) -> torch.Tensor:
+    """-100 everywhere except each assistant answer and its closing ``<|im_end|>``."""
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    seq = ids.tolist()
+    n = len(header)
+    i = 0
+    while i <= len(seq) - n:
+        if seq[i:i + n] == header:
+            start = i + n
+            end = start
+            while end < len(seq) and seq[end] != im_end:
+                end += 1
+            stop = min(end + 1, len(seq))  # include <|im_end|> when present
+            labels[start:stop] = ids[start:stop]
+            i = stop
+        else:
+            i += 1
+    return labels
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def freeze_vision(model: Any) -> int:
+    """Freeze every parameter of the vision tower; returns how many tensors were frozen."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if "visual" in name:
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def lora_config(settings: Settings) -> Any:
+    from peft import LoraConfig
+
+    t = settings.train
+    return LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=LORA_TARGET_REGEX)
+
+
+def check_trainable(model: Any) -> dict[str, Any]:
+    """Assert the LoRA placement and report the parameter counts (raises on a violation)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    bad = [n for n, _ in trainable if "visual" in n or "lora_" not in n]
+    if bad:
+        raise RuntimeError(f"unexpected trainable parameters (vision or non-LoRA): {bad[:5]}")
+    lora_in_vision = [n for n, _ in model.named_modules() if "visual" in n and "lora_" in n]
+    if lora_in_vision:
+        raise RuntimeError(f"LoRA modules inside the vision tower: {lora_in_vision[:5]}")
+    n_trainable = sum(p.numel() for _, p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+    # 4-bit weights are packed two per byte: count the parameters they stand for.
+    n_total += sum(p.numel() for p in model.parameters() if p.dtype == torch.uint8)
+    lora_modules = sorted({re.sub(r"\.lora_[AB].*", "", n) for n, _ in trainable})
+    return {"trainable_params": n_trainable, "total_params": n_total,
+            "trainable_pct": 100.0 * n_trainable / n_total, "lora_modules": len(lora_modules)}
+
+
+def load_for_training(model_dir: Path, settings: Settings) -> Any:
+    """NF4 base (bf16 compute), k-bit preparation, frozen vision, LoRA on the LLM only."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from medvl.modeling import load_model
+
+    t = settings.train
+    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    model = load_model(model_dir, settings, "nf4" if t.quantize_4bit else "none", dtype=dtype)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if t.quantize_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    freeze_vision(model)
+    model = get_peft_model(model, lora_config(settings))
+    freeze_vision(model)  # belt and braces: PEFT must not have unfrozen anything visual
+    return model
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Rows of datasets/formatted/<split>.json; images are read lazily by the collator."""
+
+    def __init__(self, path: Path) -> None:
+        self.rows = json.loads(path.read_text())
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint-N whose trainer_state.json exists (written last by the Trainer).
+
+    A run killed while saving leaves a checkpoint without it; that one is removed so the
+    resume starts from the previous, complete checkpoint.
+    """
+    import shutil
+
+    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                        key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for checkpoint in candidates:
+        if (checkpoint / "trainer_state.json").is_file() and any(checkpoint.glob("adapter_model.*")):
+            return checkpoint
+        log.warning("removing incomplete checkpoint %s (the run was killed while saving it)", checkpoint.name)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def prepare_checkpoint_dir(folder: Path, fingerprint: str) -> Path | None:
+    """Keep checkpoints only if they were made with the same settings; return the resume point."""
+    import shutil
+
+    marker = folder / "settings_hash.txt"
+    if folder.is_dir() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
+        log.info("discarding checkpoints made with other settings in %s", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+    return last_complete_checkpoint(folder)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def training_arguments(settings: Settings, output_dir: Path, has_eval: bool) -> Any:
+    from transformers import TrainingArguments
+
+    t = settings.train
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.grad_accum_steps,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        weight_decay=t.weight_decay,
+        lr_scheduler_type="cosine",
+        optim="paged_adamw_8bit" if cuda else "adamw_torch",
+        bf16=bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,  # the collator needs the raw rows
+        dataloader_num_workers=4 if cuda else 0,
+        report_to="none",
+        seed=t.seed,
+        disable_tqdm=False,
+    )
+
+
+def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir: Path,
+                 checkpoint_dir: Path, fingerprint: str) -> dict[str, Any]:
+    """Train (resuming when a complete checkpoint exists) and save adapter + processor."""
+    import shutil
+    import time
+
+    from transformers import Trainer
+
+    from medvl.benchmark import peak_memory_mb
+    from medvl.modeling import load_processor
+
+    processor = load_processor(base_dir, settings, padding_side="right")
+    train_set = ConversationDataset(data_dir / "train.json")
+    val_set = ConversationDataset(data_dir / "val.json")
+    collator = VisionChatCollator(processor, settings.train.max_length, data_dir)
+
+    model = load_for_training(base_dir, settings)
+    counts = check_trainable(model)
+    log.info("trainable parameters: %s of %s (%.2f%%) in %d LoRA-wrapped modules",
+             f"{counts['trainable_params']:,}", f"{counts['total_params']:,}", counts["trainable_pct"],
+             counts["lora_modules"])
+
+    resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint)
+    resumed_step = int(resume.name.split("-")[-1]) if resume else 0
+    if resume:
+        log.info("resuming from %s (step %d)", resume.name, resumed_step)
+    args = training_arguments(settings, checkpoint_dir, has_eval=len(val_set) > 0)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set,
+                      eval_dataset=val_set if len(val_set) else None, data_collator=collator)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    tokens_before = 0
+    if resume:
+        state = json.loads((resume / "trainer_state.json").read_text())
+        tokens_before = int(state.get("num_input_tokens_seen", 0))
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_s = time.perf_counter() - started
+
+    staging = adapter_dir.with_name(adapter_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.save_pretrained(staging)
+    processor.save_pretrained(staging)  # carries min/max pixels: serving uses the same budget
+    (staging / "medvl_adapter.json").write_text(json.dumps({
+        "base_model": str(base_dir), "min_pixels": settings.model.min_pixels,
+        "max_pixels": settings.model.max_pixels, "settings_hash": fingerprint,
+        "lora_target_regex": LORA_TARGET_REGEX}, indent=2))
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    staging.rename(adapter_dir)
+
+    history = trainer.state.log_history
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    eval_losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    tokens_run = int(trainer.state.num_input_tokens_seen) - tokens_before
+    return {
+        **counts,
+        "train_time_s": train_s,
+        "train_runtime_s": output.metrics.get("train_runtime"),
+        "global_step": trainer.state.global_step,
+        "resumed_from_step": resumed_step,
+        "epochs": trainer.state.epoch,
+        "steps_this_run": trainer.state.global_step - resumed_step,
+        "seconds_per_step": train_s / max(1, trainer.state.global_step - resumed_step),
+        "initial_loss": losses[0][1] if losses else None,
+        "final_loss": losses[-1][1] if losses else None,
+        "loss_curve": [{"step": s, "loss": v} for s, v in losses],
+        "eval_loss_curve": [{"step": s, "eval_loss": v} for s, v in eval_losses],
+        "learning_rate": settings.train.learning_rate,
+        "training_samples": len(train_set),
+        "validation_samples": len(val_set),
+        "tokens_seen_this_run": tokens_run,
+        "tokens_per_s": tokens_run / train_s if train_s > 0 else 0.0,
+        "truncated_samples": collator.truncated,
+        "peak_memory_mb": peak_memory_mb(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

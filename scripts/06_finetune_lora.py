@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Phase 6: QLoRA fine-tuning on the phase-5 conversations.
+
+Loads the base in bitsandbytes NF4 (bf16 compute), freezes the whole vision tower, puts
+LoRA on the language model's q/k/v/o/gate/up/down projections only, and trains on the
+assistant answers only (see medvl/training.py). Checkpoints every train.save_steps
+(keeping train.save_total_limit); a rerun after a crash resumes from the last complete
+checkpoint. Saves the adapter and processor to models/<slug>-medical-lora/ and
+benchmarks/training_metrics.json.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medvl import training  # noqa: E402
+from medvl.gates import PHASES  # noqa: E402
+from medvl.io import append_build_log, atomic_write_json  # noqa: E402
+from medvl.phase import PhaseError, log, run_phase  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+
+def main(settings: Settings, wd: Workdir) -> dict:
+    fingerprint = settings.fingerprint(PHASES[6].sections)
+    try:
+        metrics = training.run_training(
+            settings, wd.base_model_dir(settings), wd.datasets / "formatted", wd.adapter_dir(settings),
+            wd.models / f"{settings.model.slug}-medical-lora-checkpoints", fingerprint)
+    except training.TruncationError as exc:
+        raise PhaseError(str(exc)) from None
+    t = settings.train
+    record = {**settings.record(PHASES[6].sections), "adapter_dir": str(wd.adapter_dir(settings).relative_to(wd.root)),
+              "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
+                       "target_modules": training.LORA_TARGET_REGEX, "quantized_base": "nf4" if t.quantize_4bit else None},
+              "batch": {"per_device": t.per_device_batch_size, "grad_accum": t.grad_accum_steps,
+                        "max_length": t.max_length},
+              **metrics}
+    atomic_write_json(wd.bench("training_metrics"), record)
+    log.info("loss %.4f -> %.4f over %d steps (%.2f s/step, %.0f tokens/s, peak %.0f MB)",
+             metrics["initial_loss"], metrics["final_loss"], metrics["global_step"],
+             metrics["seconds_per_step"], metrics["tokens_per_s"], metrics["peak_memory_mb"])
+    append_build_log(wd.build_log, 6, "QLoRA fine-tuning", [
+        f"LoRA r={t.lora_r}, alpha={t.lora_alpha}, dropout={t.lora_dropout} on the language model's "
+        f"projections only; base {'NF4' if t.quantize_4bit else 'unquantized'}; vision tower frozen.",
+        f"Trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters "
+        f"({metrics['trainable_pct']:.2f}%).",
+        f"{metrics['global_step']} steps on {metrics['training_samples']} samples"
+        + (f" (resumed from step {metrics['resumed_from_step']})" if metrics["resumed_from_step"] else "")
+        + f"; loss {metrics['initial_loss']:.4f} -> {metrics['final_loss']:.4f}; "
+        f"{metrics['seconds_per_step']:.2f} s/step; {metrics['tokens_per_s']:.0f} tokens/s; "
+        f"peak memory {metrics['peak_memory_mb']:.0f} MB on {metrics['gpu'] or 'CPU'}.",
+    ])
+    return record
+
+
+if __name__ == "__main__":
+    run_phase(6, main, __doc__)
