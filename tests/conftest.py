@@ -81,3 +81,15 @@ def phases_1_5(phases_1_4, tmp_path_factory) -> Path:
     result = phase_script(5, wd)
     assert result.returncode == 0, result.stderr[-3000:]
     return wd
+
+
+@pytest.fixture(scope="session")
+def phases_1_6(phases_1_5, tmp_path_factory) -> Path:
+    """A workdir where phases 1-6 ran on the tiny profile (read-only for tests)."""
+    import shutil
+
+    wd = tmp_path_factory.mktemp("run16") / "wd"
+    shutil.copytree(phases_1_5, wd)
+    result = phase_script(6, wd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return wd

@@ -5,11 +5,12 @@ import json
 import shutil
 
 import pytest
-from conftest import pipeline
 
 from medvl.gates import check_phase, first_failing
 from medvl.settings import load_settings
 from medvl.workdir import Workdir
+
+from conftest import pipeline
 
 
 @pytest.fixture()

@@ -1,9 +1,10 @@
 """Settings: profiles load, overrides parse, every problem is reported at once."""
 
 import pytest
-from conftest import phase_script
 
 from medvl.settings import SettingsError, available_profiles, load_settings
+
+from conftest import phase_script
 
 
 def test_profiles_load_and_carry_the_seed_hyperparameters():

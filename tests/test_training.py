@@ -1,0 +1,178 @@
+"""Phase 6: the label mask, LoRA placement, truncation guard, and kill-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from medvl.gates import check_phase
+from medvl.modeling import load_processor
+from medvl.training import (
+    IGNORE_INDEX,
+    TruncationError,
+    VisionChatCollator,
+    check_trainable,
+    load_for_training,
+)
+from medvl.workdir import Workdir
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir, tiny_settings):
+    return load_processor(tiny_model_dir, tiny_settings, padding_side="right")
+
+
+@pytest.fixture()
+def image_row(tmp_path):
+    Image.new("RGB", (112, 56), "white").save(tmp_path / "page.png")  # 4x2 patches -> 2 visual tokens
+    return tmp_path
+
+
+def test_label_mask_on_a_two_turn_conversation_with_an_image(processor, image_row):
+    row = {"id": "two-turn", "image": "page.png", "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Name the drug."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Metformin"}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the dose?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "500 mg BID"}]},
+    ]}
+    batch = VisionChatCollator(processor, 512, image_row)([row])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    tok = processor.tokenizer
+
+    def encode(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    # Rebuild the exact token sequence piece by piece and mark what must be trained.
+    image_tokens = int(batch["image_grid_thw"][0].prod()) // 4
+    pieces = [
+        (encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"), False),
+        ([tok.convert_tokens_to_ids("<|image_pad|>")] * image_tokens, False),
+        (encode("<|vision_end|>Name the drug.<|im_end|>\n<|im_start|>assistant\n"), False),
+        (encode("Metformin<|im_end|>"), True),
+        (encode("\n<|im_start|>user\nAnd the dose?<|im_end|>\n<|im_start|>assistant\n"), False),
+        (encode("500 mg BID<|im_end|>"), True),
+        (encode("\n"), False),
+    ]
+    expected_ids = [t for piece, _ in pieces for t in piece]
+    expected_labels = [t if trained else IGNORE_INDEX for piece, trained in pieces for t in piece]
+    assert ids == expected_ids
+    assert labels == expected_labels
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert tok.decode([ids[i] for i in trained]) == "Metformin<|im_end|>500 mg BID<|im_end|>"
+
+
+def test_padding_is_masked_and_images_are_stacked(processor, image_row):
+    short = {"id": "a", "image": "page.png", "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "OK"}]}]}
+    long = {**short, "id": "b", "messages": [short["messages"][0], {"role": "assistant", "content": [
+        {"type": "text", "text": "Lisinopril 10 mg PO QD and Atorvastatin 40 mg PO QHS"}]}]}
+    batch = VisionChatCollator(processor, 512, image_row)([short, long])
+    padded = batch["attention_mask"][0] == 0
+    assert padded.any() and (batch["labels"][0][padded] == IGNORE_INDEX).all()
+    assert batch["image_grid_thw"].shape == (2, 3)
+    assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(dim=1).sum())
+
+
+def test_truncation_through_image_tokens_is_refused(processor, tmp_path):
+    Image.new("RGB", (448, 448), "white").save(tmp_path / "big.png")  # 256 visual tokens
+    row = {"id": "too-long", "image": "big.png", "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Aspirin 81 mg PO QD"}]}]}
+    with pytest.raises(TruncationError, match="cut through the image"):
+        VisionChatCollator(processor, 128, tmp_path)([row])
+    collator = VisionChatCollator(processor, 290, tmp_path)  # cuts inside the answer only: allowed
+    assert collator([row])["input_ids"].shape[1] == 290 and collator.truncated == 1
+
+
+def test_lora_sits_on_the_language_model_only_and_vision_is_frozen(tiny_model_dir, tiny_settings):
+    model = load_for_training(tiny_model_dir, tiny_settings)
+    counts = check_trainable(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "visual" not in n for n in trainable)
+    assert not any("visual" in n and "lora_" in n for n, _ in model.named_modules())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "visual" in n)
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    layers = model.base_model.model.config.text_config.num_hidden_layers
+    assert counts["lora_modules"] == 7 * layers
+    # The quantized base: every language-model projection is 4-bit.
+    four_bit = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert four_bit and all("visual" not in n for n in four_bit)
+
+
+def test_loss_only_counts_answer_tokens(tiny_model_dir, tiny_settings, processor, image_row):
+    """Changing a prompt token changes the input but not which tokens are scored."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+    row = {"id": "x", "image": "page.png", "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Aspirin 81 mg"}]}]}
+    batch = VisionChatCollator(processor, 512, image_row)([row])
+    with torch.no_grad():
+        out = model(**batch)
+        logits = out.logits[0, :-1]
+        target = batch["labels"][0, 1:]
+        keep = target != IGNORE_INDEX
+        manual = torch.nn.functional.cross_entropy(logits[keep], target[keep])
+    assert torch.allclose(out.loss, manual, atol=1e-5)
+    assert int(keep.sum()) == len(processor.tokenizer("Aspirin 81 mg<|im_end|>", add_special_tokens=False)["input_ids"])
+
+
+def test_phase6_trains_and_the_loss_falls(phases_1_6, tiny_settings):
+    wd = Workdir(phases_1_6)
+    assert check_phase(6, wd, tiny_settings) == []
+    metrics = json.loads(wd.bench("training_metrics").read_text())
+    assert metrics["final_loss"] < metrics["initial_loss"]
+    assert metrics["eval_loss_curve"][-1]["eval_loss"] < metrics["eval_loss_curve"][0]["eval_loss"]
+    assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_mb"] > 0
+    adapter = wd.adapter_dir(tiny_settings)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == tiny_settings.train.lora_r and "visual" in config["target_modules"]
+    processor_config = json.loads((adapter / "processor_config.json").read_text())
+    size = processor_config["image_processor"]["size"]
+    assert (size["shortest_edge"], size["longest_edge"]) == (tiny_settings.model.min_pixels,
+                                                             tiny_settings.model.max_pixels)
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(phases_1_5, tmp_path):
+    import shutil
+
+    wd = tmp_path / "wd"
+    shutil.copytree(phases_1_5, wd)
+    overrides = ["--set", "train.save_steps=8", "--set", "train.max_steps=32", "--set", "train.eval_steps=100"]
+    script = REPO / "scripts" / "06_finetune_lora.py"
+    cmd = [sys.executable, str(script), "--workdir", str(wd), *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ckpt = wd / "models" / "tiny-qwen25-vl-medical-lora-checkpoints"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (ckpt / "checkpoint-16" / "trainer_state.json").is_file():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (ckpt / "checkpoint-16").is_dir(), "no checkpoint appeared before the kill"
+    assert not (wd / "benchmarks" / "training_metrics.json").exists()  # it really died mid-run
+
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from checkpoint-" in done.stderr
+    metrics = json.loads((wd / "benchmarks" / "training_metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 16
+    assert metrics["global_step"] == 32
+    assert metrics["steps_this_run"] == 32 - metrics["resumed_from_step"]
+    steps = [point["step"] for point in metrics["loss_curve"]]
+    # One continuous curve: history from before the kill, then later steps, no restart at 1.
+    assert steps == sorted(set(steps)) and steps[0] == 1
+    assert any(step <= metrics["resumed_from_step"] for step in steps)
+    assert any(step > metrics["resumed_from_step"] for step in steps)
