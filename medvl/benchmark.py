@@ -201,12 +201,16 @@ def run_benchmark(model: Any, processor: Any, samples: list[BenchSample], max_ne
     }
 
 
-def unload(model: Any) -> None:
-    """Free a model's memory before the next phase or variant loads."""
-    del model
+def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def unload(model: Any) -> None:
+    """Free a model's memory before the next phase or variant loads."""
+    del model
+    free_memory()
 
 
 def summary_table(rows: list[tuple[str, dict[str, Any]]]) -> str:

@@ -268,6 +268,49 @@ def gate_finetune(wd: Workdir, s: Settings) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------- gate 7
+
+
+def gate_evaluate(wd: Workdir, s: Settings) -> list[str]:
+    problems: list[str] = []
+    ev = load_record(wd.bench("evaluation_finetuned"), s, PHASES[7].sections, problems)
+    std = load_record(wd.bench("finetuned_standard_bench"), s, PHASES[7].sections, problems)
+    if std is not None:
+        check_benchmark_record(std, "finetuned_standard_bench.json", s, problems)
+    if ev is None:
+        return problems
+    models = ev.get("models") or {}
+    for name in ("base_nf4", "finetuned_nf4"):
+        cases = (models.get(name) or {}).get("cases") or []
+        if not cases:
+            problems.append(f"evaluation_finetuned.json: no per-case results for {name}")
+        for case in cases:
+            if case.get("generated_tokens", 0) <= 0 or (s.model.source == "hub" and not case.get("response", "").strip()):
+                problems.append(f"evaluation_finetuned.json: {name} gave an empty answer for {case.get('case_id')}")
+    if all(name in models for name in ("base_nf4", "finetuned_nf4")):
+        for subset, base in models["base_nf4"].get("scores", {}).items():
+            tuned = models["finetuned_nf4"]["scores"].get(subset, {})
+            if tuned.get("term_recall", -1) < base.get("term_recall", 0):
+                problems.append(f"{subset}: fine-tuned term recall {tuned.get('term_recall'):.3f} is below "
+                                f"the base's {base.get('term_recall'):.3f}")
+    return problems
+
+
+# --------------------------------------------------------------------------- gate 8
+
+
+def gate_api(wd: Workdir, s: Settings) -> list[str]:
+    problems: list[str] = []
+    rec = load_record(wd.bench("api_validation"), s, PHASES[8].sections, problems)
+    if rec is not None:
+        failed = [name for name, check in (rec.get("endpoints") or {}).items() if not check.get("ok")]
+        if not rec.get("endpoints"):
+            problems.append("api_validation.json lists no endpoint checks")
+        if failed:
+            problems.append(f"api_validation.json: failed checks: {', '.join(failed)}")
+    return problems
+
+
 # --------------------------------------------------------------------------- registry
 
 _ALL = ("model", "bench", "quant", "data", "train", "api")
@@ -280,8 +323,9 @@ PHASES: dict[int, Phase] = {
     5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (1,), ("data", "bench"), gate_datasets),
     6: Phase(6, "fine-tune LoRA", "06_finetune_lora.py", (2, 5), ("model", "bench", "data", "train"),
                 gate_finetune),
-    7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train")),
-    8: Phase(8, "deploy API", "08_deploy_api.py", (7,), _ALL),
+    7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train"),
+                gate_evaluate),
+    8: Phase(8, "deploy API", "08_deploy_api.py", (7,), _ALL, gate_api),
     9: Phase(9, "generate report", "09_generate_report.py", (1,), _ALL),
 }
 

@@ -47,12 +47,15 @@ def half_dtype() -> tuple[torch.dtype, str]:
     return torch.float16, "float16"
 
 
-def load_processor(model_dir: Path, settings: Settings, padding_side: str = "left") -> Any:
-    """The processor with the profile's pixel budget; left padding for batched generation."""
+def load_processor(model_dir: Path, settings: Settings | None, padding_side: str = "left") -> Any:
+    """The processor with the profile's pixel budget (or, with ``settings`` None, the budget
+    saved beside the model: a fine-tuned model is served with the budget it was trained on).
+    Left padding by default, for batched generation."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(
-        model_dir, min_pixels=settings.model.min_pixels, max_pixels=settings.model.max_pixels)
+    pixels = {} if settings is None else {"min_pixels": settings.model.min_pixels,
+                                          "max_pixels": settings.model.max_pixels}
+    processor = AutoProcessor.from_pretrained(model_dir, **pixels)
     processor.tokenizer.padding_side = padding_side
     return processor
 

@@ -65,6 +65,9 @@ class BenchSettings:
     max_new_tokens: int = 32
     warmup_runs: int = 1
     document_seed: int = 1234
+    # Phase 7: answers must be complete to be scored, so they get their own token budget.
+    eval_max_new_tokens: int = 400
+    eval_test_samples: int = 100  # phase-5 test rows scored per model (0 = all)
 
 
 @dataclass
@@ -319,7 +322,7 @@ def _check_values(s: Settings) -> list[str]:
         p.append("model.slug: must be a non-empty folder name")
     if m.standin_tokenizer_vocab < 512:
         p.append("model.standin_tokenizer_vocab: must be at least 512 (256 bytes + merges)")
-    for name in ("num_documents", "max_new_tokens"):
+    for name in ("num_documents", "max_new_tokens", "eval_max_new_tokens"):
         if getattr(s.bench, name) < 1:
             p.append(f"bench.{name}: must be >= 1")
     if s.bench.warmup_runs < 0:

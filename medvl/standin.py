@@ -73,22 +73,22 @@ VISION_7B: dict[str, Any] = {
     "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
     "hidden_act": "silu", "in_channels": 3,
 }
-# Same graph, tiny widths. head_dim 16 -> mrope sections must sum to 8.
-# A random 64-wide model's logits are capped near |W_out| * sqrt(64): at the hub's init
+# Same graph, tiny widths. head_dim 32 -> mrope sections must sum to 16.
+# A random narrow model's logits are capped near |W_out| * sqrt(hidden): at the hub's init
 # std of 0.02 every distribution stays almost uniform and LoRA (which cannot touch lm_head
 # or the final norm) cannot lower the loss. A wider init gives the tiny model the logit
 # range a trained model has, so a CPU fine-tune can show real learning.
 TEXT_TINY: dict[str, Any] = {
     "initializer_range": 0.2,
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
     "num_attention_heads": 4, "num_key_value_heads": 2,
     "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "sliding_window": 32768,
     "max_window_layers": 2, "use_sliding_window": False, "hidden_act": "silu",
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
 }
 VISION_TINY: dict[str, Any] = {
     "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-    "out_hidden_size": 64, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    "out_hidden_size": 128, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
     "window_size": 112, "fullatt_block_indexes": [1], "tokens_per_second": 2,
     "hidden_act": "silu", "in_channels": 3,
 }

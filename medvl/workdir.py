@@ -64,6 +64,13 @@ class Workdir:
     def adapter_dir(self, settings: Settings) -> Path:
         return self.models / f"{settings.model.slug}-medical-lora"
 
+    def merged_model_dir(self, settings: Settings) -> Path:
+        """The adapter merged into a full-precision base (what gets quantized for serving)."""
+        return self.models / f"{settings.model.slug}-medical-merged"
+
+    def finetuned_nf4_dir(self, settings: Settings) -> Path:
+        return self.models / f"{settings.model.slug}-medical-nf4"
+
     def awq_model_dir(self, settings: Settings) -> Path:
         return self.models / f"{settings.model.slug}-awq-int4"
 

@@ -1,0 +1,161 @@
+"""Phase 7: base versus fine-tuned, on documents neither has seen, merged the right way.
+
+Order matters for the fine-tuned model: merging LoRA weights into a 4-bit base is lossy
+(the merged deltas are re-quantized layer by layer against the already-rounded weights),
+so the adapter is merged into a full-precision base, the merged model saved, and that model
+quantized to NF4 for evaluation and serving, the same deployment form as the NF4 control.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from medvl import benchmark, scoring
+from medvl.documents import generate_document, save_document
+from medvl.evalsuite import evaluation_documents
+from medvl.prompts import EXTRACTION_PROMPT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Case:
+    case_id: str
+    subset: str  # "suite" (hand-written) or "test" (phase-5 test split)
+    image_path: Path
+    prompt: str
+    expected: scoring.Expected
+
+
+def suite_cases(folder: Path) -> list[Case]:
+    """Render the hand-written suite to PNG (with ground truth JSON) and wrap it as cases."""
+    cases = []
+    for doc in evaluation_documents():
+        image, _ = save_document(doc, folder)
+        cases.append(Case(doc.doc_id, "suite", image, EXTRACTION_PROMPT, scoring.Expected.from_document(doc)))
+    return cases
+
+
+def test_split_cases(formatted: Path, limit: int) -> list[Case]:
+    """Phase-5 test rows: synthetic ones scored against their regenerated record."""
+    rows = json.loads((formatted / "test.json").read_text())
+    if limit:
+        rows = rows[:limit]
+    cases = []
+    for row in rows:
+        prompt = row["messages"][0]["content"][1]["text"]
+        reference = row["messages"][1]["content"][0]["text"]
+        match = re.fullmatch(r"syn-(\w+)-(\d+)", row["id"])
+        if row["source"] == "synthetic" and match:
+            expected = scoring.Expected.from_document(generate_document(int(match.group(2)), match.group(1)))
+        else:
+            expected = scoring.Expected.from_reference(reference)
+        cases.append(Case(row["id"], "test", formatted / row["image"], prompt, expected))
+    return cases
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """LoRA merged into a full-precision base (bf16 on GPU, fp32 on CPU), saved whole."""
+    import time
+
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    started = time.perf_counter()
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    base = AutoModelForImageTextToText.from_pretrained(
+        base_dir, dtype=dtype, device_map="auto" if torch.cuda.is_available() else None)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_pretrained(staging, safe_serialization=True)
+    AutoProcessor.from_pretrained(adapter_dir).save_pretrained(staging)
+    del merged, base
+    benchmark.free_memory()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return {"merge_time_s": time.perf_counter() - started, "merged_dtype": str(dtype)}
+
+
+def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases: list[Case],
+                   max_new_tokens: int) -> dict[str, Any]:
+    """Generate an answer per case, score it, and time it with the shared harness."""
+    model, load = benchmark.timed_load(loader)
+    rows = []
+    images: dict[Path, Image.Image] = {}
+    for case in tqdm(cases, desc=f"evaluate {label}", unit="case"):
+        if case.image_path not in images:
+            images[case.image_path] = Image.open(case.image_path).convert("RGB")
+        out = benchmark.generate_timed(model, processor, images[case.image_path], case.prompt, max_new_tokens)
+        result = scoring.score(out["response"], case.expected)
+        rows.append({"case_id": case.case_id, "subset": case.subset, "prompt": case.prompt,
+                     "response": out["response"], "generated_tokens": out["generated_tokens"],
+                     "latency_s": out["latency_s"], "ttft_s": out["ttft_s"], **result.to_dict()})
+    peak = benchmark.peak_memory_mb()
+    benchmark.unload(model)
+    return {
+        "label": label,
+        "load": load,
+        "peak_memory_mb": peak,
+        "memory_kind": benchmark.memory_kind(),
+        "cases": rows,
+        "latency_s": benchmark.summarize([r["latency_s"] for r in rows]),
+        "ttft_s": benchmark.summarize([r["ttft_s"] for r in rows]),
+        "scores": {subset: aggregate_rows([r for r in rows if r["subset"] == subset])
+                   for subset in sorted({r["subset"] for r in rows})},
+    }
+
+
+def aggregate_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("term_recall", "value_recall", "accuracy", "precision", "f1", "missed", "hallucinated",
+            "category_recall")
+    return scoring.aggregate([scoring.Score(**{k: r[k] for k in keys}) for r in rows])
+
+
+def most_common_answer(train_rows: list[dict[str, Any]], top: int = 12) -> str:
+    """The trivial baseline: always answer the terms and values most frequent in training."""
+    counts: Counter = Counter()
+    for row in train_rows:
+        answer = row["messages"][1]["content"][0]["text"]
+        norm = scoring.normalize(answer)
+        counts.update(w for w in scoring.medical_lexicon() if scoring.contains(norm, w))
+        counts.update(re.findall(r"\b\d+(?:\.\d+)? (?:mg|mcg|units|g)\b", norm))
+        counts.update(re.findall(r"\b(?:BID|TID|QD|QHS|PRN|q\d+h)\b", answer))
+    return " ".join(item for item, _ in counts.most_common(top))
+
+
+def score_fixed_answer(answer: str, cases: list[Case]) -> dict[str, Any]:
+    results = [scoring.score(answer, case.expected) for case in cases]
+    by_subset: dict[str, list[scoring.Score]] = {}
+    for case, result in zip(cases, results, strict=True):
+        by_subset.setdefault(case.subset, []).append(result)
+    return {"answer": answer, "scores": {s: scoring.aggregate(v) for s, v in sorted(by_subset.items())}}
+
+
+def score_standard_bench(record: dict[str, Any], truth_folder: Path) -> dict[str, Any]:
+    """Accuracy of a phase-3/4/7 harness record on the five standard documents."""
+    results = []
+    for row in record.get("samples", []):
+        truth = json.loads((truth_folder / f"{row['doc_id']}.json").read_text())
+        doc = truth["document"]
+        expected = scoring.Expected.from_document(_document_from_dict(doc))
+        results.append(scoring.score(row["response"], expected))
+    return scoring.aggregate(results)
+
+
+def _document_from_dict(data: dict[str, Any]):
+    from medvl.documents import MedicalDocument
+
+    return MedicalDocument(**data)

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Phase 7: evaluate the NF4 base (control) against the fine-tuned model.
+
+The adapter is merged into a full-precision base, the merged model saved and quantized to
+NF4 (merging into a 4-bit base would be lossy), then both NF4 models answer the hand-written
+evaluation suite and the phase-5 test split. Answers are scored for term and value recall,
+precision against a medical lexicon, F1, and per-category misses; a trivial "most common
+terms" answer is scored too, to show whether the model reads or only memorises. The
+fine-tuned model also runs the five phase-3 documents through the shared harness. Writes
+benchmarks/evaluation_finetuned.json and benchmarks/finetuned_standard_bench.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medvl import benchmark, evaluation, quantize  # noqa: E402
+from medvl.gates import PHASES  # noqa: E402
+from medvl.io import append_build_log, atomic_write_json, read_json  # noqa: E402
+from medvl.modeling import load_model, load_processor  # noqa: E402
+from medvl.phase import log, run_phase  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+
+def main(settings: Settings, wd: Workdir) -> dict:
+    sections = PHASES[7].sections
+    record = settings.record(sections)
+    b = settings.bench
+    cases = (evaluation.suite_cases(wd.datasets / "eval_suite")
+             + evaluation.test_split_cases(wd.datasets / "formatted", b.eval_test_samples))
+
+    # ---- the fine-tuned model in its deployment form: merge in full precision, then NF4
+    merged_dir, finetuned_dir = wd.merged_model_dir(settings), wd.finetuned_nf4_dir(settings)
+    merge = evaluation.merge_adapter(wd.base_model_dir(settings), wd.adapter_dir(settings), merged_dir)
+    quantized = quantize.save_nf4(merged_dir, finetuned_dir, settings)
+
+    # ---- both models on the same cases
+    base_dir = wd.nf4_model_dir(settings)
+    models = {
+        "base_nf4": evaluation.evaluate_model("base_nf4", lambda: load_model(base_dir, settings),
+                                              load_processor(base_dir, settings), cases, b.eval_max_new_tokens),
+        "finetuned_nf4": evaluation.evaluate_model(
+            "finetuned_nf4", lambda: load_model(finetuned_dir, settings),
+            load_processor(finetuned_dir, settings), cases, b.eval_max_new_tokens),
+    }
+    trivial = evaluation.score_fixed_answer(
+        evaluation.most_common_answer(read_json(wd.datasets / "formatted" / "train.json")), cases)
+
+    # ---- the fine-tuned model on the five standard documents, as phases 3 and 4 measured
+    samples = benchmark.load_benchmark_samples(wd.test_images)
+    standard = benchmark.benchmark_variant("finetuned", lambda: load_model(finetuned_dir, settings),
+                                           load_processor(finetuned_dir, settings), samples,
+                                           b.max_new_tokens, b.warmup_runs)
+    standard_record = {**record, "model_dir": str(finetuned_dir.relative_to(wd.root)), **standard}
+    atomic_write_json(wd.bench("finetuned_standard_bench"), standard_record)
+
+    stages = {"baseline": read_json(wd.bench("baseline_fp16")), "int4": read_json(wd.bench("quantized_int4")),
+              "finetuned": standard_record}
+    standard_accuracy = {name: evaluation.score_standard_bench(rec, wd.test_images)["accuracy"]
+                         for name, rec in stages.items()}
+    result = {
+        **record,
+        "quality_meaningful": settings.model.source == "hub",
+        "merge": {**merge, "merged_dir": str(merged_dir.relative_to(wd.root)),
+                  "quantized_dir": str(finetuned_dir.relative_to(wd.root)), "quantize_time_s": quantized["time_s"]},
+        "cases": {"suite": sum(c.subset == "suite" for c in cases), "test": sum(c.subset == "test" for c in cases)},
+        "models": models,
+        "trivial_baseline": trivial,
+        "standard_bench_accuracy": standard_accuracy,
+    }
+    atomic_write_json(wd.bench("evaluation_finetuned"), result)
+    report(settings, wd, result, stages)
+    return result
+
+
+def report(settings: Settings, wd: Workdir, result: dict, stages: dict) -> None:
+    """Side-by-side table and build-log entry."""
+    lines = [f"{'stage':<12}{'memory MB':>11}{'p50 s':>8}{'std-doc acc':>12}"]
+    for name, rec in stages.items():
+        lines.append(f"{name:<12}{benchmark.headline_memory_mb(rec['load']['after_load']):>11.0f}"
+                     f"{rec['aggregate']['latency_s']['p50']:>8.3f}{result['standard_bench_accuracy'][name]:>12.3f}")
+    lines.append("")
+    lines.append(f"{'model':<16}{'subset':<8}{'terms':>7}{'values':>8}{'acc':>7}{'prec':>7}{'F1':>7}")
+    rows = [(name, m["scores"]) for name, m in result["models"].items()]
+    rows.append(("trivial", result["trivial_baseline"]["scores"]))
+    for name, scores in rows:
+        for subset, s in scores.items():
+            lines.append(f"{name:<16}{subset:<8}{s['term_recall']:>7.3f}{s['value_recall']:>8.3f}"
+                         f"{s['accuracy']:>7.3f}{s['precision']:>7.3f}{s['f1']:>7.3f}")
+    log.info("\n%s", "\n".join(lines))
+    base, tuned = (result["models"][k]["scores"] for k in ("base_nf4", "finetuned_nf4"))
+    append_build_log(wd.build_log, 7, "evaluation", [
+        f"Merged the adapter into a {result['merge']['merged_dtype']} base and quantized the merged model to NF4.",
+        f"{result['cases']['suite']} hand-written suite documents and {result['cases']['test']} test-split samples.",
+        *(f"{subset}: accuracy base {base[subset]['accuracy']:.3f} -> fine-tuned {tuned[subset]['accuracy']:.3f} "
+          f"(trivial most-common-terms answer {result['trivial_baseline']['scores'][subset]['accuracy']:.3f}); "
+          f"F1 {base[subset]['f1']:.3f} -> {tuned[subset]['f1']:.3f}" for subset in base),
+        "Quality numbers are from a random stand-in and mean nothing about the real model."
+        if not result["quality_meaningful"] else "Quality numbers are from the real model.",
+        "Most missed (fine-tuned, test): " + json.dumps(tuned.get("test", {}).get("most_missed", {}))[:400],
+    ])
+
+
+if __name__ == "__main__":
+    run_phase(7, main, __doc__)

@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Phase 8: start the API on the fine-tuned model and validate every endpoint.
+
+Starts `python -m api.server` in a subprocess on a free loopback port (the model loads in
+the background; /health answers 503 until it is ready), calls every endpoint with a
+phase-3 document plus two bad inputs, writes benchmarks/api_validation.json (per-endpoint
+status and latency) and stops the server.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from api.validate import running_server, validate  # noqa: E402
+from medvl.gates import PHASES  # noqa: E402
+from medvl.io import append_build_log, atomic_write_json  # noqa: E402
+from medvl.phase import PhaseError, log, run_phase  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+
+def main(settings: Settings, wd: Workdir) -> dict:
+    image = sorted(wd.test_images.glob("*.png"))[0]
+    try:
+        with running_server(wd.root, settings.profile) as base:
+            checks = validate(base, image)
+    except (RuntimeError, TimeoutError) as exc:
+        raise PhaseError(f"the API did not start: {exc}") from None
+    record = {**settings.record(PHASES[8].sections), "model": str(wd.finetuned_nf4_dir(settings).relative_to(wd.root)),
+              "all_ok": all(c["ok"] for c in checks.values()), "endpoints": checks}
+    atomic_write_json(wd.bench("api_validation"), record)
+    for name, check in checks.items():
+        log.info("%-40s %s %s %.3f s", name, "ok  " if check["ok"] else "FAIL", check["status"], check["latency_s"])
+    append_build_log(wd.build_log, 8, "API validation", [
+        f"Served `{record['model']}`; {sum(c['ok'] for c in checks.values())}/{len(checks)} endpoint checks passed.",
+        *(f"{name}: {c['status']} in {c['latency_s']:.3f} s" for name, c in checks.items()),
+    ])
+    return record
+
+
+if __name__ == "__main__":
+    run_phase(8, main, __doc__)
