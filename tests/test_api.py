@@ -1,0 +1,154 @@
+"""The real API server on the tiny model: every endpoint, bad inputs, concurrency, loading."""
+
+import base64
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api.server import ServerConfig, create_app
+from api.validate import running_server, validate
+from medvl.inference import InferenceEngine, parse_structured, repair_json
+from medvl.settings import load_settings
+
+
+@pytest.fixture(scope="module")
+def server(phases_1_4):
+    """The server on the phase-4 NF4 tiny model, short answers so the suite stays quick."""
+    with running_server(phases_1_4, extra_args=["--max-new-tokens", "24", "--max-upload-mb", "8"]) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def page(phases_1_4):
+    return sorted((phases_1_4 / "datasets" / "test_images").glob("*.png"))[0]
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_every_endpoint_answers(server, page):
+    checks = validate(server, page)
+    assert all(c["ok"] for c in checks.values()), {k: v for k, v in checks.items() if not v["ok"]}
+
+
+def test_extract_returns_the_documented_envelope(server, page):
+    r = httpx.post(f"{server}/extract", files={"file": ("p.png", page.read_bytes(), "image/png")}, timeout=120)
+    body = r.json()
+    assert r.status_code == 200
+    assert set(body["structured"]) == {"medications", "diagnoses", "procedures", "lab_values", "vitals"}
+    assert body["parse_status"] in ("json", "repaired", "fallback")
+    assert body["usage"]["completion_tokens"] > 0 and body["latency_s"] > 0
+    assert body["model"]["kind"] == "base-nf4"
+
+
+def test_openai_chat_non_streaming_payload(server, page):
+    url = "data:image/png;base64," + base64.b64encode(page.read_bytes()).decode()
+    payload = {"model": "medvl", "max_tokens": 8, "messages": [
+        {"role": "system", "content": "You are a clinical assistant."},
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": url}}]}]}
+    body = httpx.post(f"{server}/v1/chat/completions", json=payload, timeout=120).json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] <= 8
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+BAD_INPUTS = {
+    "zero-byte file": (("e.png", b"", "image/png"), 400, "empty_file"),
+    "text file named .png": (("notes.png", b"Patient on metformin 500 mg BID\n" * 20, "image/png"), 400, "bad_image"),
+    "truncated PNG": (("cut.png", png(Image.new("RGB", (300, 300), "white"))[:200], "image/png"), 400, "bad_image"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_uploads_get_a_4xx_envelope_and_the_server_keeps_serving(server, page, name):
+    upload, status, code = BAD_INPUTS[name]
+    r = httpx.post(f"{server}/extract", files={"file": upload}, timeout=60)
+    assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+    assert httpx.get(f"{server}/health", timeout=5).status_code == 200
+
+
+def test_huge_image_and_huge_upload_are_413(server):
+    giant = Image.new("1", (20000, 20000), 1)  # 400 M pixels, a few hundred KB as PNG
+    r = httpx.post(f"{server}/extract", files={"file": ("big.png", png(giant), "image/png")}, timeout=120)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large"
+    r = httpx.post(f"{server}/extract", files={"file": ("big.bin", b"\x89PNG" + b"0" * (9 * 2**20), "image/png")},
+                   timeout=120)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+
+
+def test_huge_prompt_bad_base64_and_missing_fields(server, page):
+    r = httpx.post(f"{server}/analyze", files={"file": ("p.png", page.read_bytes(), "image/png")},
+                   data={"prompt": "x" * 50_000}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_prompt"
+    bad = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}]}]}
+    r = httpx.post(f"{server}/v1/chat/completions", json=bad, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_base64"
+    remote = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}
+    assert httpx.post(f"{server}/v1/chat/completions", json=remote, timeout=60).json()["error"]["code"] == "bad_image_url"
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "medvl"}, timeout=60)
+    assert r.status_code == 422 and "messages" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/analyze", data={"prompt": "hi"}, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    assert httpx.get(f"{server}/nope", timeout=5).json()["error"]["status"] == 404
+
+
+def test_32_concurrent_extracts_are_all_answered(server, page):
+    data = page.read_bytes()
+
+    def one(_):
+        return httpx.post(f"{server}/extract", files={"file": ("p.png", data, "image/png")}, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        responses = list(pool.map(one, range(32)))
+    assert [r.status_code for r in responses] == [200] * 32
+    bodies = [r.json() for r in responses]
+    assert len({b["request_id"] for b in bodies}) == 32
+    # Same image, same greedy decoding: batching must not change the answer.
+    assert len({b["raw_text"] for b in bodies}) == 1
+    metrics = httpx.get(f"{server}/metrics", timeout=5).text
+    assert 'medvl_requests_total{route="/extract",status="200"}' in metrics
+
+
+def test_api_key_guards_every_route_but_health(phases_1_4):
+    with running_server(phases_1_4, extra_args=["--max-new-tokens", "4"], env={"MEDVL_API_KEY": "s3cret"}) as base:
+        assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+        r = httpx.get(f"{base}/benchmark", timeout=5)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert httpx.get(f"{base}/benchmark", headers={"X-API-Key": "s3cret"}, timeout=5).status_code == 200
+        assert httpx.get(f"{base}/metrics", headers={"Authorization": "Bearer s3cret"}, timeout=5).status_code == 200
+
+
+def test_inference_routes_answer_503_until_the_model_is_loaded(phases_1_4):
+    settings = load_settings("tiny")
+    engine = InferenceEngine(phases_1_4 / "models" / "tiny-qwen25-vl-bnb-nf4", settings)
+    app = create_app(ServerConfig(workdir=str(phases_1_4)), engine=engine)
+    client = TestClient(app)  # no lifespan: the engine is never started, as in the first seconds
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json()["model_loaded"] is False
+    r = client.post("/extract", files={"file": ("p.png", png(Image.new("RGB", (64, 64))), "image/png")})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert r.json()["error"]["code"] == "model_loading"
+
+
+def test_structured_parsing_repairs_then_falls_back():
+    good = '{"medications": [{"name": "Aspirin", "dose": "81 mg", "route": "PO", "frequency": "QD"}], "diagnoses": ["CAD"]}'
+    assert parse_structured(good)[1] == "json"
+    structured, status = parse_structured('```json\n{"medications": [{"name": "Aspirin", "dose": "81 mg",}], "diagnoses": ["CAD"')
+    assert status == "repaired" and structured["medications"][0]["name"] == "Aspirin"
+    assert structured["diagnoses"] == ["CAD"]
+    structured, status = parse_structured("Patient takes Metformin 500 mg twice daily for DM2.")
+    assert status == "fallback"
+    assert structured["medications"][0] == {"name": "Metformin", "dose": "500 mg", "route": "", "frequency": ""}
+    assert structured["diagnoses"] == ["DM2"]
+    assert repair_json('{"a": [1, 2') == {"a": [1, 2]}
+    assert json.dumps(parse_structured("")[0]) == json.dumps(
+        {"medications": [], "diagnoses": [], "procedures": [], "lab_values": [], "vitals": {}})
