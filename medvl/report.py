@@ -1,0 +1,347 @@
+"""Phase 9: the report, written from the benchmark files alone.
+
+Every number in FINAL_REPORT.json, BENCHMARK_REPORT.md, the charts, the content draft and
+the README table is read from a JSON that an earlier phase wrote; a phase that has not run
+is reported as missing, never filled in. Findings are sentences computed from the numbers,
+so they cannot claim what the numbers do not show.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from medvl.benchmark import headline_memory_mb  # noqa: E402
+from medvl.environment import hardware_label  # noqa: E402
+
+BENCHMARK_FILES = ["environment", "model_download", "baseline_fp16", "quantization_info", "quantized_int4",
+                   "training_metrics", "evaluation_finetuned", "finetuned_standard_bench", "api_validation",
+                   "reliability"]
+STAGES = [("Baseline", "baseline_fp16"), ("INT4 quantized", "quantized_int4"),
+          ("Fine-tuned", "finetuned_standard_bench")]
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def load_benchmarks(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """Every known benchmark JSON that exists and parses; the names of those that do not."""
+    found, missing = {}, []
+    for name in BENCHMARK_FILES:
+        path = folder / f"{name}.json"
+        try:
+            found[name] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            missing.append(name)
+    return found, missing
+
+
+def _round(value: Any, digits: int = 3) -> Any:
+    return round(value, digits) if isinstance(value, (int, float)) else None
+
+
+def stage_table(b: dict[str, Any]) -> list[dict[str, Any]]:
+    """FP16 -> INT4 -> fine-tuned, with what each JSON says (None where a phase is missing)."""
+    sizes = {
+        "baseline_fp16": (b.get("quantization_info") or {}).get("size_on_disk_bytes", {}).get("baseline")
+        or (b.get("model_download") or {}).get("size_bytes"),
+        "quantized_int4": (b.get("quantization_info") or {}).get("size_on_disk_bytes", {}).get("quantized"),
+        "finetuned_standard_bench": (b.get("evaluation_finetuned") or {}).get("merge", {}).get("quantized_size_bytes"),
+    }
+    accuracy = (b.get("evaluation_finetuned") or {}).get("standard_bench_accuracy", {})
+    acc_key = {"baseline_fp16": "baseline", "quantized_int4": "int4", "finetuned_standard_bench": "finetuned"}
+    rows = []
+    for label, key in STAGES:
+        rec = b.get(key)
+        if not rec:
+            rows.append({"stage": label, "source": f"{key}.json", "missing": True})
+            continue
+        agg = rec["aggregate"]
+        rows.append({
+            "stage": label, "source": f"{key}.json", "missing": False,
+            "memory_mb": _round(headline_memory_mb(rec["load"]["after_load"]), 1),
+            "weights_mb": _round(rec["load"].get("weights_footprint_mb"), 1),
+            "peak_memory_mb": _round(rec["peak_memory_mb"], 1),
+            "load_time_s": _round(rec["load"]["load_time_s"], 2),
+            "latency_p50_s": _round(agg["latency_s"]["p50"]),
+            "latency_p95_s": _round(agg["latency_s"]["p95"]),
+            "ttft_s": _round(agg["ttft_s"]["avg"]),
+            "tokens_per_s": _round(agg["tokens_per_s"]["avg"], 1),
+            "size_gb": _round(sizes[key] / 1e9, 3) if sizes.get(key) else None,
+            "accuracy": _round(accuracy.get(acc_key[key])),
+        })
+    return rows
+
+
+def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
+    env = b.get("environment") or {}
+    train = b.get("training_metrics") or {}
+    quant = b.get("quantization_info") or {}
+    ev = b.get("evaluation_finetuned") or {}
+    api = b.get("api_validation") or {}
+    profile = next((r.get("profile") for r in b.values() if isinstance(r, dict) and r.get("profile")), None)
+    evaluation = {}
+    for name in ("base_nf4", "finetuned_nf4"):
+        for subset, s in (ev.get("models", {}).get(name, {}).get("scores") or {}).items():
+            evaluation.setdefault(subset, {})[name] = {k: _round(s.get(k)) for k in
+                                                      ("term_recall", "value_recall", "accuracy", "precision", "f1")}
+            evaluation[subset][name]["category_recall"] = {c: _round(v) for c, v in (s.get("category_recall") or {}).items()}
+            evaluation[subset][name]["most_missed"] = s.get("most_missed", {})
+    for subset, s in ((ev.get("trivial_baseline") or {}).get("scores") or {}).items():
+        evaluation.setdefault(subset, {})["trivial_most_common_terms"] = {
+            k: _round(s.get(k)) for k in ("term_recall", "value_recall", "accuracy", "precision", "f1")}
+    return {
+        "pipeline": "Qwen2.5-VL-7B-Instruct -> 4-bit quantization -> QLoRA fine-tuning for medical documents "
+                    "-> evaluation -> API",
+        "profile": profile,
+        "quality_meaningful": bool(ev.get("quality_meaningful")) if ev else None,
+        "missing": missing,
+        "environment": {
+            "hardware": hardware_label(env) if env else None,
+            # torch's CUDA build is reported only when a GPU was actually used.
+            "cuda": (env.get("cuda") or {}).get("torch_cuda") if (env.get("cuda") or {}).get("available") else None,
+            "python": (env.get("python") or {}).get("version") if env else None,
+            "pytorch": (env.get("packages") or {}).get("torch") if env else None,
+            "transformers": (env.get("packages") or {}).get("transformers") if env else None,
+        },
+        "stages": stage_table(b),
+        "training": {k: train.get(k) for k in ("train_time_s", "initial_loss", "final_loss", "global_step", "epochs",
+                                               "trainable_params", "total_params", "trainable_pct", "training_samples",
+                                               "tokens_per_s", "seconds_per_step", "peak_memory_mb", "lora")} if train else None,
+        "loss_curve": train.get("loss_curve", []),
+        "quantization": {k: quant.get(k) for k in ("method", "awq_error", "memory_reduction_pct", "size_reduction_pct",
+                                                   "latency_change_pct", "quantize_time_s")} if quant else None,
+        "evaluation": evaluation or None,
+        "api_validation": {"all_ok": api.get("all_ok"),
+                           "endpoints": {k: {"ok": v.get("ok"), "status": v.get("status"),
+                                             "latency_s": _round(v.get("latency_s"))}
+                                         for k, v in (api.get("endpoints") or {}).items()}} if api else None,
+        "reliability": b.get("reliability"),
+    }
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def findings(report: dict[str, Any]) -> list[str]:
+    """Sentences computed from the numbers; none is written unless its numbers exist."""
+    out = []
+    stages = {r["stage"]: r for r in report["stages"] if not r["missing"]}
+    base, int4, tuned = (stages.get(k) for k in ("Baseline", "INT4 quantized", "Fine-tuned"))
+    if base and int4 and base.get("weights_mb") and int4.get("weights_mb"):
+        cut = 100 * (1 - int4["weights_mb"] / base["weights_mb"])
+        out.append(f"4-bit quantization ({(report['quantization'] or {}).get('method')}) cut the weights in memory "
+                   f"from {base['weights_mb']:.1f} MB to {int4['weights_mb']:.1f} MB ({cut:.1f}% less).")
+        change = 100 * (int4["latency_p50_s"] / base["latency_p50_s"] - 1)
+        out.append(f"Median latency went from {base['latency_p50_s']:.3f} s to {int4['latency_p50_s']:.3f} s "
+                   f"({change:+.1f}%) on the same five documents.")
+    train = report.get("training")
+    if train and train.get("initial_loss") is not None:
+        out.append(f"QLoRA trained {train['trainable_params']:,} parameters ({train['trainable_pct']:.2f}% of "
+                   f"{train['total_params']:,}); training loss fell from {train['initial_loss']:.3f} to "
+                   f"{train['final_loss']:.3f} in {train['global_step']} steps.")
+    for subset, models in (report.get("evaluation") or {}).items():
+        b_acc = (models.get("base_nf4") or {}).get("accuracy")
+        t_acc = (models.get("finetuned_nf4") or {}).get("accuracy")
+        trivial = (models.get("trivial_most_common_terms") or {}).get("accuracy")
+        if b_acc is not None and t_acc is not None:
+            verdict = "above" if t_acc > b_acc else ("equal to" if t_acc == b_acc else "below")
+            text = (f"On the {subset} set, fine-tuned extraction accuracy is {t_acc:.3f}, {verdict} the base "
+                    f"model's {b_acc:.3f}")
+            if trivial is not None:
+                text += (f"; a fixed answer of the most common training terms scores {trivial:.3f}"
+                         + (" (higher: the model has not learned to read these documents)" if trivial >= t_acc else ""))
+            out.append(text + ".")
+    api = report.get("api_validation")
+    if api and api.get("endpoints"):
+        ok = sum(1 for e in api["endpoints"].values() if e["ok"])
+        out.append(f"API validation: {ok} of {len(api['endpoints'])} endpoint checks passed.")
+    if report.get("quality_meaningful") is False:
+        out.append("Quality figures come from a model with random weights (profile "
+                   f"{report.get('profile')}): they test the plumbing, not medical skill.")
+    return out
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def charts(report: dict[str, Any], folder: Path) -> dict[str, str]:
+    """PNG charts under docs/figures/; returns name -> file name (only charts with data)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made: dict[str, str] = {}
+    stages = [r for r in report["stages"] if not r["missing"]]
+    if stages:
+        for key, title, unit, name in (("weights_mb", "Model weights in memory per stage", "MB", "memory_per_stage.png"),
+                                       ("latency_p50_s", "Median latency per stage", "s", "latency_per_stage.png")):
+            fig, axis = plt.subplots(figsize=(6, 3.4))
+            values = [r[key] or 0 for r in stages]
+            bars = axis.bar([r["stage"] for r in stages], values, color=["#164a8c", "#2a9d8f", "#c8553d"][:len(stages)])
+            axis.bar_label(bars, fmt="%.3g")
+            axis.set_title(title)
+            axis.set_ylabel(unit)
+            fig.tight_layout()
+            fig.savefig(folder / name, dpi=110)
+            plt.close(fig)
+            made[key] = name
+    curve = report.get("loss_curve") or []
+    if curve:
+        fig, axis = plt.subplots(figsize=(6, 3.4))
+        axis.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker=".", color="#164a8c")
+        axis.set_title("Training loss")
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        fig.tight_layout()
+        fig.savefig(folder / "training_loss.png", dpi=110)
+        plt.close(fig)
+        made["loss"] = "training_loss.png"
+    evaluation = report.get("evaluation") or {}
+    if evaluation:
+        subsets = sorted(evaluation)
+        labels = [("base_nf4", "base"), ("finetuned_nf4", "fine-tuned"), ("trivial_most_common_terms", "trivial")]
+        fig, axis = plt.subplots(figsize=(6, 3.4))
+        width = 0.25
+        for i, (key, label) in enumerate(labels):
+            values = [(evaluation[s].get(key) or {}).get("accuracy") or 0 for s in subsets]
+            axis.bar([j + i * width for j in range(len(subsets))], values, width, label=label)
+        axis.set_xticks([j + width for j in range(len(subsets))], subsets)
+        axis.set_ylim(0, 1)
+        axis.set_title("Extraction accuracy: base vs fine-tuned")
+        axis.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "accuracy_base_vs_finetuned.png", dpi=110)
+        plt.close(fig)
+        made["accuracy"] = "accuracy_base_vs_finetuned.png"
+    return made
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def stage_markdown(report: dict[str, Any]) -> str:
+    head = "| stage | memory MB | weights MB | peak MB | load s | p50 s | p95 s | TTFT s | tokens/s | size GB | accuracy |"
+    lines = [head, "|" + "---|" * 11]
+    for r in report["stages"]:
+        if r["missing"]:
+            lines.append(f"| {r['stage']} | missing ({r['source']} not found) |" + " |" * 9)
+            continue
+        lines.append("| " + " | ".join([r["stage"]] + [_cell(r[k]) for k in (
+            "memory_mb", "weights_mb", "peak_memory_mb", "load_time_s", "latency_p50_s", "latency_p95_s", "ttft_s",
+            "tokens_per_s", "size_gb", "accuracy")]) + " |")
+    return "\n".join(lines)
+
+
+def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
+    env = report["environment"]
+    parts = [
+        "# Benchmark report", "",
+        f"Profile `{report['profile']}` on {env['hardware']} (Python {env['python']}, PyTorch {env['pytorch']}, "
+        f"CUDA {env['cuda'] or 'none'}, transformers {env['transformers']}). Generated by "
+        "`scripts/09_generate_report.py` from the files in `benchmarks/`.", "",
+    ]
+    if report["missing"]:
+        parts += [f"**Missing** (phase not run or output unreadable): {', '.join(report['missing'])}.", ""]
+    parts += ["## Key findings", "", *[f"- {f}" for f in findings(report)], "",
+              "## Stage by stage", "", stage_markdown(report), "",
+              "Memory is GPU memory allocated after load on a GPU, process RSS on a CPU; weights is the "
+              "model's own footprint. Accuracy is term/value recall on the five standard documents.", ""]
+    for key in ("weights_mb", "latency_p50_s"):
+        if key in figures:
+            parts += [f"![{key}](figures/{figures[key]})", ""]
+    train = report.get("training")
+    if train:
+        lora = train.get("lora") or {}
+        parts += ["## Training", "", "| item | value |", "|---|---|",
+                  f"| LoRA | r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')} |",
+                  f"| trainable parameters | {train['trainable_params']:,} of {train['total_params']:,} "
+                  f"({_cell(train['trainable_pct'])}%) |",
+                  f"| training samples | {train['training_samples']} |",
+                  f"| steps / epochs | {train['global_step']} / {_cell(train['epochs'])} |",
+                  f"| loss initial -> final | {_cell(train['initial_loss'])} -> {_cell(train['final_loss'])} |",
+                  f"| time | {_cell(train['train_time_s'])} s ({_cell(train['seconds_per_step'])} s/step) |",
+                  f"| tokens/s | {_cell(train['tokens_per_s'])} |",
+                  f"| peak memory MB | {_cell(train['peak_memory_mb'])} |", ""]
+        if "loss" in figures:
+            parts += [f"![training loss](figures/{figures['loss']})", ""]
+    quant = report.get("quantization")
+    if quant:
+        parts += ["## Quantization", "", f"Method: **{quant['method']}**."
+                  + (f" AWQ was attempted and could not run: `{quant['awq_error']}`." if quant.get("awq_error") else ""),
+                  f"Memory reduction {_cell(quant['memory_reduction_pct'])}%, size on disk reduction "
+                  f"{_cell(quant['size_reduction_pct'])}%, median latency change {_cell(quant['latency_change_pct'])}%.", ""]
+    evaluation = report.get("evaluation")
+    if evaluation:
+        parts += ["## Evaluation: base vs fine-tuned", "",
+                  "| set | model | term recall | value recall | accuracy | precision | F1 |", "|---|---|---|---|---|---|---|"]
+        for subset, models in evaluation.items():
+            for name, s in models.items():
+                parts.append(f"| {subset} | {name} | " + " | ".join(_cell(s.get(k)) for k in (
+                    "term_recall", "value_recall", "accuracy", "precision", "f1")) + " |")
+        parts.append("")
+        tuned = evaluation.get("test", {}).get("finetuned_nf4") or {}
+        if tuned.get("category_recall"):
+            parts += ["Per-category recall of the fine-tuned model (test set): "
+                      + ", ".join(f"{c} {_cell(v)}" for c, v in tuned["category_recall"].items()) + ".", ""]
+        if "accuracy" in figures:
+            parts += [f"![accuracy](figures/{figures['accuracy']})", ""]
+    api = report.get("api_validation")
+    if api:
+        parts += ["## API validation", "", "| check | status | ok | latency s |", "|---|---|---|---|"]
+        parts += [f"| {k} | {v['status']} | {'yes' if v['ok'] else 'NO'} | {_cell(v['latency_s'])} |"
+                  for k, v in api["endpoints"].items()]
+        parts.append("")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- content
+
+
+def content_draft(report: dict[str, Any]) -> tuple[str, str]:
+    """(LinkedIn post < 200 words, short post < 280 characters), from the numbers only."""
+    env = report["environment"]
+    hardware = env["hardware"] or "unknown hardware"
+    tiny = report.get("profile") != "7b"
+    method = {"bnb-nf4": "bitsandbytes NF4", "awq": "AWQ INT4"}.get((report.get("quantization") or {}).get("method"),
+                                                                   "4-bit quantization")
+    quant = report.get("quantization") or {}
+    train = report.get("training") or {}
+    lead = (f"{quant['memory_reduction_pct']:.0f}% less model memory with {method}"
+            if quant.get("memory_reduction_pct") is not None else "An end-to-end medical document pipeline")
+    scale = (f" (a {report.get('profile')} run: a stand-in model with random weights, so quality numbers are "
+             "not meaningful)" if tiny else "")
+    long_post = (
+        f"{lead}: Qwen2.5-VL-7B adapted for medical document understanding{scale}.\n\n"
+        f"The pipeline quantizes the model with {method}, fine-tunes it with LoRA on the language model "
+        f"only ({train.get('trainable_pct', 0):.2f}% of parameters trainable), trains on assistant answers only, "
+        "and merges the adapter in full precision before re-quantizing for serving.\n\n"
+        f"Every stage is measured by one harness on {hardware}: load time, time to first token, tokens/s, "
+        "p50/p95 latency and memory. "
+        + " ".join(findings(report)[:2]) +
+        "\n\nServed through a FastAPI service with an OpenAI-compatible route and a Gradio demo."
+    )
+    short = f"{lead}. Qwen2.5-VL-7B + LoRA fine-tuning for medical documents, measured on {hardware}."
+    if tiny:
+        short += " Stand-in run."
+    return long_post, short[:279]
+
+
+def readme_with_results(readme: str, report: dict[str, Any]) -> str | None:
+    """Replace the text between the results markers; None when the markers are absent."""
+    if README_START not in readme or README_END not in readme:
+        return None
+    env = report["environment"]
+    block = (f"{README_START}\n_Last pipeline run: profile `{report['profile']}` on {env['hardware']}; "
+             f"generated by phase 9 from `benchmarks/`._\n\n{stage_markdown(report)}\n{README_END}")
+    return re.sub(re.escape(README_START) + r".*?" + re.escape(README_END), lambda _: block, readme, flags=re.S)

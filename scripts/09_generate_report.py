@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Phase 9: the final report, from the benchmark files alone.
+
+Writes benchmarks/FINAL_REPORT.json, docs/BENCHMARK_REPORT.md with charts under
+docs/figures/, docs/CONTENT_DRAFT.md (a LinkedIn post and a short post), and the results
+table between the markers in README.md (when the workdir has one). A phase that has not
+run is reported as missing. Its gate is the final sweep: every expected file present and
+valid, a build-log entry for every phase, the README's sections in place.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medvl import report  # noqa: E402
+from medvl.gates import PHASES  # noqa: E402
+from medvl.io import append_build_log, atomic_write_json, atomic_write_text  # noqa: E402
+from medvl.phase import log, run_phase  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+
+def main(settings: Settings, wd: Workdir) -> dict:
+    benchmarks, missing = report.load_benchmarks(wd.benchmarks)
+    final = {**settings.record(PHASES[9].sections), **report.build_final_report(benchmarks, missing)}
+    atomic_write_json(wd.bench("FINAL_REPORT"), final)
+
+    figures = report.charts(final, wd.docs / "figures")
+    atomic_write_text(wd.docs / "BENCHMARK_REPORT.md", report.benchmark_markdown(final, figures))
+    long_post, short_post = report.content_draft(final)
+    atomic_write_text(wd.docs / "CONTENT_DRAFT.md",
+                      f"# Content draft\n\n## LinkedIn ({len(long_post.split())} words)\n\n{long_post}\n\n"
+                      f"## Short post ({len(short_post)} characters)\n\n{short_post}\n")
+    readme = wd.root / "README.md"
+    updated = report.readme_with_results(readme.read_text(), final) if readme.is_file() else None
+    if updated is not None:
+        atomic_write_text(readme, updated)
+    else:
+        log.info("no README.md with results markers in %s: README table not written", wd.root)
+
+    for finding in report.findings(final):
+        log.info("finding: %s", finding)
+    if missing:
+        log.warning("missing benchmark files: %s", ", ".join(missing))
+    append_build_log(wd.build_log, 9, "report", [
+        f"Wrote FINAL_REPORT.json, BENCHMARK_REPORT.md ({len(figures)} charts), CONTENT_DRAFT.md"
+        + ("; README results table." if updated is not None else "."),
+        f"Missing: {', '.join(missing)}." if missing else "Every benchmark file was present.",
+    ])
+    return final
+
+
+if __name__ == "__main__":
+    run_phase(9, main, __doc__)
