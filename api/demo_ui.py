@@ -64,8 +64,8 @@ class ApiClient:
 def stage_rows(bench: dict[str, Any]) -> list[list[Any]]:
     """One table row per benchmarked stage: memory, load time, latency, tokens/s."""
     rows = []
-    for name, key in (("FP16/bf16 baseline", "baseline_fp16"), ("INT4 quantized", "quantized_int4"),
-                      ("Fine-tuned (NF4)", "finetuned_standard_bench")):
+    for name, key in (("Baseline", "baseline_fp16"), ("INT4 quantized", "quantized_int4"),
+                      ("Fine-tuned", "finetuned_standard_bench")):
         rec = bench.get(key)
         if not isinstance(rec, dict) or "aggregate" not in rec:
             rows.append([name, "not run", "", "", "", ""])

@@ -96,13 +96,15 @@ class ServerConfig:
 
 
 def resolve_model(config: ServerConfig) -> tuple[Path, str]:
-    """The model to serve: --model-path, else the fine-tuned NF4 model, else the base NF4, else base."""
+    """The model to serve: --model-path, else the best the pipeline produced: fine-tuned NF4,
+    fine-tuned merged (profiles that serve full precision), base NF4, base."""
     settings = load_settings(config.profile)
     wd = Workdir.at(config.workdir or None)
     if config.model_path:
         return Path(config.model_path), "custom"
-    for path, kind in ((wd.finetuned_nf4_dir(settings), "finetuned-nf4"), (wd.nf4_model_dir(settings), "base-nf4"),
-                       (wd.base_model_dir(settings), "base")):
+    candidates = ((wd.finetuned_nf4_dir(settings), "finetuned-nf4"), (wd.merged_model_dir(settings), "finetuned"),
+                  (wd.nf4_model_dir(settings), "base-nf4"), (wd.base_model_dir(settings), "base"))
+    for path, kind in candidates:
         if (path / "config.json").is_file():
             return path, kind
     raise SystemExit(f"no model found under {wd.models}; run the pipeline first or pass --model-path")

@@ -109,7 +109,9 @@ def validate(base: str, image_path: Path, api_key: str | None = None) -> dict[st
 
     with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
         checks = {
-            "GET /health": _call(client, "GET", "/health", 200, has("model_loaded", "device")),
+            # detail: the served model's path, recorded by phase 8
+            "GET /health": _call(client, "GET", "/health", 200,
+                                 lambda r: r.json()["model_path"] if r.json()["model_loaded"] else False),
             "POST /extract": _call(client, "POST", "/extract", 200, has("structured", "raw_text", "latency_s"),
                                    files={"file": ("doc.png", image, "image/png")}),
             "POST /analyze": _call(client, "POST", "/analyze", 200, has("text", "usage"),

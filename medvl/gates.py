@@ -280,7 +280,7 @@ def gate_evaluate(wd: Workdir, s: Settings) -> list[str]:
     if ev is None:
         return problems
     models = ev.get("models") or {}
-    for name in ("base_nf4", "finetuned_nf4"):
+    for name in ("base", "finetuned"):
         cases = (models.get(name) or {}).get("cases") or []
         if not cases:
             problems.append(f"evaluation_finetuned.json: no per-case results for {name}")
@@ -289,9 +289,9 @@ def gate_evaluate(wd: Workdir, s: Settings) -> list[str]:
                 problems.append(f"evaluation_finetuned.json: {name} gave an empty answer for {case.get('case_id')}")
     # The seed's rule, on the held-out test split (the hand-written suite is reported, not gated:
     # it is deliberately harder than the training distribution).
-    if all(name in models for name in ("base_nf4", "finetuned_nf4")):
-        base = models["base_nf4"].get("scores", {}).get("test", {})
-        tuned = models["finetuned_nf4"].get("scores", {}).get("test", {})
+    if all(name in models for name in ("base", "finetuned")):
+        base = models["base"].get("scores", {}).get("test", {})
+        tuned = models["finetuned"].get("scores", {}).get("test", {})
         if not base or not tuned:
             problems.append("evaluation_finetuned.json: no test-split scores")
         elif tuned.get("term_recall", -1) < base.get("term_recall", 0):

@@ -51,7 +51,7 @@ def stage_table(b: dict[str, Any]) -> list[dict[str, Any]]:
         "baseline_fp16": (b.get("quantization_info") or {}).get("size_on_disk_bytes", {}).get("baseline")
         or (b.get("model_download") or {}).get("size_bytes"),
         "quantized_int4": (b.get("quantization_info") or {}).get("size_on_disk_bytes", {}).get("quantized"),
-        "finetuned_standard_bench": (b.get("evaluation_finetuned") or {}).get("merge", {}).get("quantized_size_bytes"),
+        "finetuned_standard_bench": (b.get("evaluation_finetuned") or {}).get("merge", {}).get("served_size_bytes"),
     }
     accuracy = (b.get("evaluation_finetuned") or {}).get("standard_bench_accuracy", {})
     acc_key = {"baseline_fp16": "baseline", "quantized_int4": "int4", "finetuned_standard_bench": "finetuned"}
@@ -86,7 +86,7 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
     api = b.get("api_validation") or {}
     profile = next((r.get("profile") for r in b.values() if isinstance(r, dict) and r.get("profile")), None)
     evaluation = {}
-    for name in ("base_nf4", "finetuned_nf4"):
+    for name in ("base", "finetuned"):
         for subset, s in (ev.get("models", {}).get(name, {}).get("scores") or {}).items():
             evaluation.setdefault(subset, {})[name] = {k: _round(s.get(k)) for k in
                                                       ("term_recall", "value_recall", "accuracy", "precision", "f1")}
@@ -146,8 +146,8 @@ def findings(report: dict[str, Any]) -> list[str]:
                    f"{train['total_params']:,}); training loss fell from {train['initial_loss']:.3f} to "
                    f"{train['final_loss']:.3f} in {train['global_step']} steps.")
     for subset, models in (report.get("evaluation") or {}).items():
-        b_acc = (models.get("base_nf4") or {}).get("accuracy")
-        t_acc = (models.get("finetuned_nf4") or {}).get("accuracy")
+        b_acc = (models.get("base") or {}).get("accuracy")
+        t_acc = (models.get("finetuned") or {}).get("accuracy")
         trivial = (models.get("trivial_most_common_terms") or {}).get("accuracy")
         if b_acc is not None and t_acc is not None:
             verdict = "above" if t_acc > b_acc else ("equal to" if t_acc == b_acc else "below")
@@ -202,7 +202,7 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, str]:
     evaluation = report.get("evaluation") or {}
     if evaluation:
         subsets = sorted(evaluation)
-        labels = [("base_nf4", "base"), ("finetuned_nf4", "fine-tuned"), ("trivial_most_common_terms", "trivial")]
+        labels = [("base", "base"), ("finetuned", "fine-tuned"), ("trivial_most_common_terms", "trivial")]
         fig, axis = plt.subplots(figsize=(6, 3.4))
         width = 0.25
         for i, (key, label) in enumerate(labels):
@@ -290,7 +290,7 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
                 parts.append(f"| {subset} | {name} | " + " | ".join(_cell(s.get(k)) for k in (
                     "term_recall", "value_recall", "accuracy", "precision", "f1")) + " |")
         parts.append("")
-        tuned = evaluation.get("test", {}).get("finetuned_nf4") or {}
+        tuned = evaluation.get("test", {}).get("finetuned") or {}
         if tuned.get("category_recall"):
             parts += ["Per-category recall of the fine-tuned model (test set): "
                       + ", ".join(f"{c} {_cell(v)}" for c, v in tuned["category_recall"].items()) + ".", ""]

@@ -2,8 +2,9 @@
 """Phase 7: evaluate the NF4 base (control) against the fine-tuned model.
 
 The adapter is merged into a full-precision base, the merged model saved and quantized to
-NF4 (merging into a 4-bit base would be lossy), then both NF4 models answer the hand-written
-evaluation suite and the phase-5 test split. Answers are scored for term and value recall,
+NF4 (merging into a 4-bit base would be lossy); then the NF4 base and the NF4 fine-tuned
+model answer the hand-written evaluation suite and the phase-5 test split. With
+quant.serve_quantized=false (the tiny profile) both are compared in full precision instead. Answers are scored for term and value recall,
 precision against a medical lexicon, F1, and per-category misses; a trivial "most common
 terms" answer is scored too, to show whether the model reads or only memorises. The
 fine-tuned model also runs the five phase-3 documents through the shared harness. Writes
@@ -11,6 +12,7 @@ benchmarks/evaluation_finetuned.json and benchmarks/finetuned_standard_bench.jso
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from medvl import benchmark, evaluation, quantize  # noqa: E402
 from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json, read_json  # noqa: E402
+from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json  # noqa: E402
 from medvl.modeling import load_model, load_processor  # noqa: E402
 from medvl.phase import log, run_phase  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
@@ -32,19 +34,24 @@ def main(settings: Settings, wd: Workdir) -> dict:
     cases = (evaluation.suite_cases(wd.datasets / "eval_suite")
              + evaluation.test_split_cases(wd.datasets / "formatted", b.eval_test_samples))
 
-    # ---- the fine-tuned model in its deployment form: merge in full precision, then NF4
-    merged_dir, finetuned_dir = wd.merged_model_dir(settings), wd.finetuned_nf4_dir(settings)
+    # ---- the fine-tuned model in its deployment form: merged in full precision, then NF4
+    # (quant.serve_quantized); the control is the base model in the same form.
+    merged_dir = wd.merged_model_dir(settings)
     merge = evaluation.merge_adapter(wd.base_model_dir(settings), wd.adapter_dir(settings), merged_dir)
-    quantized = quantize.save_nf4(merged_dir, finetuned_dir, settings)
+    if settings.quant.serve_quantized:
+        form, base_dir, finetuned_dir = "nf4", wd.nf4_model_dir(settings), wd.finetuned_nf4_dir(settings)
+        merge.update(quantize.save_nf4(merged_dir, finetuned_dir, settings))
+    else:
+        form, base_dir, finetuned_dir = "full precision", wd.base_model_dir(settings), merged_dir
+        shutil.rmtree(wd.finetuned_nf4_dir(settings), ignore_errors=True)  # never serve a stale one
+        merge["size_bytes"] = dir_size_bytes(merged_dir)
 
     # ---- both models on the same cases
-    base_dir = wd.nf4_model_dir(settings)
     models = {
-        "base_nf4": evaluation.evaluate_model("base_nf4", lambda: load_model(base_dir, settings),
-                                              load_processor(base_dir, settings), cases, b.eval_max_new_tokens),
-        "finetuned_nf4": evaluation.evaluate_model(
-            "finetuned_nf4", lambda: load_model(finetuned_dir, settings),
-            load_processor(finetuned_dir, settings), cases, b.eval_max_new_tokens),
+        "base": evaluation.evaluate_model("base", lambda: load_model(base_dir, settings),
+                                          load_processor(base_dir, settings), cases, b.eval_max_new_tokens),
+        "finetuned": evaluation.evaluate_model("finetuned", lambda: load_model(finetuned_dir, settings),
+                                               load_processor(finetuned_dir, None), cases, b.eval_max_new_tokens),
     }
     trivial = evaluation.score_fixed_answer(
         evaluation.most_common_answer(read_json(wd.datasets / "formatted" / "train.json")), cases)
@@ -52,9 +59,9 @@ def main(settings: Settings, wd: Workdir) -> dict:
     # ---- the fine-tuned model on the five standard documents, as phases 3 and 4 measured
     samples = benchmark.load_benchmark_samples(wd.test_images)
     standard = benchmark.benchmark_variant("finetuned", lambda: load_model(finetuned_dir, settings),
-                                           load_processor(finetuned_dir, settings), samples,
+                                           load_processor(finetuned_dir, None), samples,
                                            b.max_new_tokens, b.warmup_runs)
-    standard_record = {**record, "model_dir": str(finetuned_dir.relative_to(wd.root)), **standard}
+    standard_record = {**record, "model_dir": str(finetuned_dir.relative_to(wd.root)), "form": form, **standard}
     atomic_write_json(wd.bench("finetuned_standard_bench"), standard_record)
 
     stages = {"baseline": read_json(wd.bench("baseline_fp16")), "int4": read_json(wd.bench("quantized_int4")),
@@ -64,9 +71,11 @@ def main(settings: Settings, wd: Workdir) -> dict:
     result = {
         **record,
         "quality_meaningful": settings.model.source == "hub",
-        "merge": {**merge, "merged_dir": str(merged_dir.relative_to(wd.root)),
-                  "quantized_dir": str(finetuned_dir.relative_to(wd.root)), "quantize_time_s": quantized["time_s"],
-                  "quantized_size_bytes": quantized["size_bytes"]},
+        "deployment_form": form,
+        "merge": {"merge_time_s": merge["merge_time_s"], "merged_dtype": merge["merged_dtype"],
+                  "merged_dir": str(merged_dir.relative_to(wd.root)),
+                  "served_dir": str(finetuned_dir.relative_to(wd.root)), "served_size_bytes": merge["size_bytes"],
+                  "quantize_time_s": merge.get("time_s")},
         "cases": {"suite": sum(c.subset == "suite" for c in cases), "test": sum(c.subset == "test" for c in cases)},
         "models": models,
         "trivial_baseline": trivial,
@@ -92,9 +101,12 @@ def report(settings: Settings, wd: Workdir, result: dict, stages: dict) -> None:
             lines.append(f"{name:<16}{subset:<8}{s['term_recall']:>7.3f}{s['value_recall']:>8.3f}"
                          f"{s['accuracy']:>7.3f}{s['precision']:>7.3f}{s['f1']:>7.3f}")
     log.info("\n%s", "\n".join(lines))
-    base, tuned = (result["models"][k]["scores"] for k in ("base_nf4", "finetuned_nf4"))
+    base, tuned = (result["models"][k]["scores"] for k in ("base", "finetuned"))
+    form = result["deployment_form"]
     append_build_log(wd.build_log, 7, "evaluation", [
-        f"Merged the adapter into a {result['merge']['merged_dtype']} base and quantized the merged model to NF4.",
+        f"Merged the adapter into a {result['merge']['merged_dtype']} base"
+        + (" and quantized the merged model to NF4." if form == "nf4" else
+           "; both models evaluated in full precision (quant.serve_quantized=false)."),
         f"{result['cases']['suite']} hand-written suite documents and {result['cases']['test']} test-split samples.",
         *(f"{subset}: accuracy base {base[subset]['accuracy']:.3f} -> fine-tuned {tuned[subset]['accuracy']:.3f} "
           f"(trivial most-common-terms answer {result['trivial_baseline']['scores'][subset]['accuracy']:.3f}); "

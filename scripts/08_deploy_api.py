@@ -27,7 +27,8 @@ def main(settings: Settings, wd: Workdir) -> dict:
             checks = validate(base, image)
     except (RuntimeError, TimeoutError) as exc:
         raise PhaseError(f"the API did not start: {exc}") from None
-    record = {**settings.record(PHASES[8].sections), "model": str(wd.finetuned_nf4_dir(settings).relative_to(wd.root)),
+    health = checks["GET /health"]
+    record = {**settings.record(PHASES[8].sections), "model": health.get("detail") or "see /health",
               "all_ok": all(c["ok"] for c in checks.values()), "endpoints": checks}
     atomic_write_json(wd.bench("api_validation"), record)
     for name, check in checks.items():

@@ -93,3 +93,14 @@ def phases_1_6(phases_1_5, tmp_path_factory) -> Path:
     result = phase_script(6, wd)
     assert result.returncode == 0, result.stderr[-3000:]
     return wd
+
+
+@pytest.fixture(scope="session")
+def full_run(phases_1_6, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """phases_1_6 plus run_pipeline.sh, which must resume at phase 7 and finish phase 9."""
+    import shutil
+
+    wd = tmp_path_factory.mktemp("runall") / "wd"
+    shutil.copytree(phases_1_6, wd)
+    (wd / "README.md").write_text("# run\n\n<!-- results:start -->\nold\n<!-- results:end -->\n")
+    return wd, pipeline(wd)

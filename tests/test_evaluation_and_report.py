@@ -1,0 +1,108 @@
+"""Phases 7-9 on the tiny model, and the report's faithfulness to its JSON files."""
+
+import json
+import re
+import shutil
+
+from medvl import report
+from medvl.gates import check_phase
+from medvl.workdir import Workdir
+
+
+def test_pipeline_resumes_at_phase_7_and_finishes(full_run, tiny_settings):
+    wd, result = full_run
+    assert "First failing gate: phase 7" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    for number in (7, 8, 9):
+        assert check_phase(number, Workdir(wd), tiny_settings) == [], number
+
+
+def test_evaluation_compares_base_finetuned_and_trivial(full_run):
+    wd, _ = full_run
+    ev = json.loads((wd / "benchmarks" / "evaluation_finetuned.json").read_text())
+    assert ev["cases"] == {"suite": 5, "test": 30}
+    base, tuned = ev["models"]["base"], ev["models"]["finetuned"]
+    assert len(base["cases"]) == len(tuned["cases"]) == 35
+    assert tuned["scores"]["test"]["accuracy"] > base["scores"]["test"]["accuracy"]
+    assert ev["trivial_baseline"]["answer"] and "test" in ev["trivial_baseline"]["scores"]
+    # tiny compares both in full precision (quant.serve_quantized=false): the merged model is served
+    assert ev["deployment_form"] == "full precision"
+    assert ev["merge"]["served_dir"] == ev["merge"]["merged_dir"]
+    config = json.loads((wd / ev["merge"]["merged_dir"] / "config.json").read_text())
+    assert "quantization_config" not in config  # merged into a full-precision base, not a 4-bit one
+    assert ev["quality_meaningful"] is False
+
+
+def test_api_validation_and_report_files(full_run):
+    wd, _ = full_run
+    api = json.loads((wd / "benchmarks" / "api_validation.json").read_text())
+    assert api["all_ok"] and len(api["endpoints"]) >= 9
+    markdown = (wd / "docs" / "BENCHMARK_REPORT.md").read_text()
+    for figure in re.findall(r"\(figures/([\w.]+\.png)\)", markdown):
+        assert (wd / "docs" / "figures" / figure).stat().st_size > 1000
+    readme = (wd / "README.md").read_text()
+    assert "old" not in readme and "| Baseline |" in readme
+    final = json.loads((wd / "benchmarks" / "FINAL_REPORT.json").read_text())
+    assert final["missing"] == ["reliability"]
+
+
+def _table_rows(markdown: str, header_start: str) -> list[list[str]]:
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_every_table_number_comes_from_its_json(full_run, tmp_path):
+    wd, _ = full_run
+    bench = tmp_path / "benchmarks"
+    shutil.copytree(wd / "benchmarks", bench)
+    for name in ("finetuned_standard_bench", "evaluation_finetuned"):  # pretend phase 7 never ran
+        (bench / f"{name}.json").unlink()
+    found, missing = report.load_benchmarks(bench)
+    final = report.build_final_report(found, missing)
+    markdown = report.benchmark_markdown(final, {})
+
+    assert "finetuned_standard_bench" in missing and "evaluation_finetuned" in missing
+    rows = {row[0]: row for row in _table_rows(markdown, "| stage |")}
+    assert rows["Fine-tuned"][1].startswith("missing")
+    assert "## Evaluation" not in markdown  # nothing invented for the missing phase
+
+    columns = ["memory_mb", "weights_mb", "peak_memory_mb", "load_time_s", "latency_p50_s", "latency_p95_s",
+               "ttft_s", "tokens_per_s"]
+    for label, key in (("Baseline", "baseline_fp16"), ("INT4 quantized", "quantized_int4")):
+        rec = json.loads((bench / f"{key}.json").read_text())
+        after = rec["load"]["after_load"]
+        source = {
+            "memory_mb": after.get("torch_allocated_mb", after["process_rss_mb"]),
+            "weights_mb": rec["load"]["weights_footprint_mb"], "peak_memory_mb": rec["peak_memory_mb"],
+            "load_time_s": rec["load"]["load_time_s"], "latency_p50_s": rec["aggregate"]["latency_s"]["p50"],
+            "latency_p95_s": rec["aggregate"]["latency_s"]["p95"], "ttft_s": rec["aggregate"]["ttft_s"]["avg"],
+            "tokens_per_s": rec["aggregate"]["tokens_per_s"]["avg"]}
+        for column, cell in zip(columns, rows[label][1:9], strict=True):
+            assert abs(float(cell.replace(",", "")) - source[column]) <= 0.01 * max(1.0, abs(source[column])), \
+                (label, column, cell, source[column])
+    quant = json.loads((bench / "quantization_info.json").read_text())
+    size_cell = rows["INT4 quantized"][9]
+    assert abs(float(size_cell) - quant["size_on_disk_bytes"]["quantized"] / 1e9) < 1e-3
+
+    train = json.loads((bench / "training_metrics.json").read_text())
+    training = {row[0]: row[1] for row in _table_rows(markdown, "| item |")}
+    assert training["training samples"] == str(train["training_samples"])
+    assert training["steps / epochs"].startswith(str(train["global_step"]))
+    assert f"{train['trainable_params']:,}" in training["trainable parameters"]
+
+
+def test_posts_respect_their_limits(full_run):
+    wd, _ = full_run
+    found, missing = report.load_benchmarks(wd / "benchmarks")
+    long_post, short_post = report.content_draft(report.build_final_report(found, missing))
+    assert len(long_post.split()) < 200 and len(short_post) < 280
+    for post in (long_post, short_post):
+        assert "Qwen2.5-VL-7B" in post and "NF4" in post and "CPU" in post
+        assert not re.search(r"\b(I|we|my|our)\b", post, re.I)
+    assert "LoRA" in long_post and "random weights" in long_post
