@@ -46,7 +46,7 @@ from medvl.inference import (  # noqa: E402
     GenerationResult,
     InferenceEngine,
     decode_image,
-    parse_structured,
+    structured_result,
 )
 from medvl.prompts import EXTRACTION_PROMPT  # noqa: E402
 from medvl.settings import load_settings  # noqa: E402
@@ -147,9 +147,19 @@ class ModelInfo(BaseModel):
     device: str
 
 
+class FlagItem(BaseModel):
+    rule: str
+    item: str
+    value: str
+    reason: str
+    severity: Literal["info", "warning", "error"]
+
+
 class ExtractResponse(BaseModel):
     request_id: str
     structured: Structured
+    flags: list[FlagItem] = Field(description="plausibility and safety flags (medvl/flags.py)")
+    disclaimer: str
     parse_status: Literal["json", "repaired", "fallback"] = Field(
         description="json: the answer parsed as JSON; repaired: after fixing brackets/commas; "
                     "fallback: no JSON - drugs and conditions found in the raw text")
@@ -348,10 +358,9 @@ def create_app(config: ServerConfig, engine: InferenceEngine | None = None, mode
         require_ready()
         image = await read_upload(file)
         result = await run(GenerationRequest(image, EXTRACTION_PROMPT, config.max_new_tokens))
-        structured, status = parse_structured(result.text)
-        return ExtractResponse(request_id=uuid.uuid4().hex, structured=Structured(**structured),
-                               parse_status=status, raw_text=result.text, latency_s=result.latency_s,
-                               usage=usage(result), model=model_info())
+        extracted = structured_result(result.text)
+        return ExtractResponse(request_id=uuid.uuid4().hex, **extracted, raw_text=result.text,
+                               latency_s=result.latency_s, usage=usage(result), model=model_info())
 
     @app.post("/analyze", response_model=AnalyzeResponse, responses=ERROR_RESPONSES)
     async def analyze(file: Annotated[UploadFile, File(description="a document image")],

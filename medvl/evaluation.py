@@ -25,6 +25,7 @@ from tqdm import tqdm
 from medvl import benchmark, scoring
 from medvl.documents import generate_document, save_document
 from medvl.evalsuite import evaluation_documents
+from medvl.inference import structured_result
 from medvl.prompts import EXTRACTION_PROMPT
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,11 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
             images[case.image_path] = Image.open(case.image_path).convert("RGB")
         out = benchmark.generate_timed(model, processor, images[case.image_path], case.prompt, max_new_tokens)
         result = scoring.score(out["response"], case.expected)
+        extracted = structured_result(out["response"])
         rows.append({"case_id": case.case_id, "subset": case.subset, "prompt": case.prompt,
                      "response": out["response"], "generated_tokens": out["generated_tokens"],
-                     "latency_s": out["latency_s"], "ttft_s": out["ttft_s"], **result.to_dict()})
+                     "latency_s": out["latency_s"], "ttft_s": out["ttft_s"], **result.to_dict(),
+                     "parse_status": extracted["parse_status"], "flags": extracted["flags"]})
     peak = benchmark.peak_memory_mb()
     benchmark.unload(model)
     return {
@@ -115,7 +118,21 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
         "ttft_s": benchmark.summarize([r["ttft_s"] for r in rows]),
         "scores": {subset: aggregate_rows([r for r in rows if r["subset"] == subset])
                    for subset in sorted({r["subset"] for r in rows})},
+        "flagged_items": flagged_items(rows),
     }
+
+
+def flagged_items(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Error analysis of plausibility flags: how often each rule fired, with examples."""
+    by_rule = Counter(f["rule"] for r in rows for f in r["flags"])
+    examples: dict[str, list[str]] = {}
+    for r in rows:
+        for f in r["flags"]:
+            examples.setdefault(f["rule"], [])
+            if len(examples[f["rule"]]) < 3:
+                examples[f["rule"]].append(f"{r['case_id']}: {f['reason']}")
+    return {"cases_with_flags": sum(1 for r in rows if r["flags"]), "by_rule": dict(by_rule),
+            "examples": examples, "parse_status": dict(Counter(r["parse_status"] for r in rows))}
 
 
 def aggregate_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:

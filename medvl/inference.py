@@ -164,6 +164,15 @@ def parse_structured(text: str) -> tuple[dict[str, Any], str]:
     return lexicon_fallback(text), "fallback"
 
 
+def structured_result(text: str) -> dict[str, Any]:
+    """What /extract and the CLI return for one answer: record, how it was parsed, flags."""
+    from medvl import flags
+
+    structured, status = parse_structured(text)
+    return {"structured": structured, "parse_status": status, "flags": flags.check(structured),
+            "disclaimer": flags.DISCLAIMER}
+
+
 # --------------------------------------------------------------------------- the engine
 
 
@@ -308,6 +317,15 @@ class InferenceEngine:
         text = self.processor.apply_chat_template(request.messages, add_generation_prompt=True)
         images = [request.image] if request.image is not None else None
         return self.processor(text=[text], images=images, return_tensors="pt").to(input_device(self.model))
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the model is loaded; raise with the load error if it failed."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not self.ready.wait(0.2):
+            if self.error:
+                raise RuntimeError(f"the model failed to load: {self.error}")
+            if deadline is not None and time.perf_counter() > deadline:
+                raise TimeoutError(f"model not loaded after {timeout} s")
 
     def generate(self, image: Image.Image, prompt: str, max_new_tokens: int, timeout: float | None = None) -> GenerationResult:
         """Blocking convenience for the CLI and tests: submit and wait."""

@@ -117,6 +117,7 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
         "quantization": {k: quant.get(k) for k in ("method", "awq_error", "memory_reduction_pct", "size_reduction_pct",
                                                    "latency_change_pct", "quantize_time_s")} if quant else None,
         "evaluation": evaluation or None,
+        "flagged_items": (ev.get("models", {}).get("finetuned") or {}).get("flagged_items"),
         "api_validation": {"all_ok": api.get("all_ok"),
                            "endpoints": {k: {"ok": v.get("ok"), "status": v.get("status"),
                                              "latency_s": _round(v.get("latency_s"))}
@@ -290,6 +291,12 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
                 parts.append(f"| {subset} | {name} | " + " | ".join(_cell(s.get(k)) for k in (
                     "term_recall", "value_recall", "accuracy", "precision", "f1")) + " |")
         parts.append("")
+        flagged = report.get("flagged_items") or {}
+        if flagged:
+            parts += ["Plausibility flags on the fine-tuned model's answers: "
+                      f"{flagged.get('cases_with_flags', 0)} cases flagged; by rule "
+                      f"{json.dumps(flagged.get('by_rule', {}))}; parse status {json.dumps(flagged.get('parse_status', {}))}.",
+                      ""]
         tuned = evaluation.get("test", {}).get("finetuned") or {}
         if tuned.get("category_recall"):
             parts += ["Per-category recall of the fine-tuned model (test set): "

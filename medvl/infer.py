@@ -1,0 +1,167 @@
+"""Command-line inference on the same engine as the API.
+
+    python -m medvl.infer --image scan.png                    # one document, structured JSON
+    python -m medvl.infer --dir datasets/test_images --out results.jsonl
+    python -m medvl.infer --dir "scans/*.jpg"                 # a glob works too
+    python -m medvl.infer --interactive                       # image paths and prompts until EOF
+    python -m medvl.infer --image scan.png --prompt "List the medications."   # free text
+
+--model is a model folder (merged or base), a LoRA adapter folder (loaded on its base), or
+one of the keywords best (default: what the pipeline produced last), base, finetuned.
+Batch mode writes one JSON line per file, continues past unreadable files, lists them at
+the end and exits with status 1 if there were any. Every structured result carries
+plausibility flags; they are informational, not clinical advice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from medvl.inference import BadInput, InferenceEngine, decode_image, structured_result
+from medvl.prompts import EXTRACTION_PROMPT
+from medvl.settings import DEFAULT_PROFILE, SettingsError, load_settings
+from medvl.workdir import Workdir
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+MAX_BYTES = 20 * 2**20
+MAX_PIXELS = 40_000_000
+
+
+def resolve_model(choice: str, profile: str, workdir: str | None) -> Path:
+    settings = load_settings(profile)
+    wd = Workdir.at(workdir)
+    named = {
+        "base": [wd.nf4_model_dir(settings), wd.base_model_dir(settings)],
+        "finetuned": [wd.finetuned_nf4_dir(settings), wd.merged_model_dir(settings), wd.adapter_dir(settings)],
+    }
+    if choice in ("best", *named):
+        candidates = named["finetuned"] + named["base"] if choice == "best" else named[choice]
+        for path in candidates:
+            if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+                return path
+        raise SystemExit(f"error: no {choice} model under {wd.models}; run the pipeline or pass a folder")
+    path = Path(choice)
+    if not path.is_dir():
+        raise SystemExit(f"error: --model {choice}: not a folder nor one of best, base, finetuned")
+    return path
+
+
+def collect_files(target: str) -> list[Path]:
+    """A folder (its images, sorted) or a glob pattern."""
+    path = Path(target)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(Path(p) for p in glob.glob(target))
+
+
+def run_one(engine: InferenceEngine, path: Path, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
+    """Read, check and answer one file; raises BadInput/OSError for unusable files."""
+    image = decode_image(path.read_bytes(), MAX_BYTES, MAX_PIXELS)
+    result = engine.generate(image, prompt or EXTRACTION_PROMPT, max_new_tokens)
+    record: dict[str, Any] = {"file": str(path), "latency_s": round(result.latency_s, 4),
+                              "generated_tokens": result.generated_tokens}
+    if prompt:
+        record["text"] = result.text
+    else:
+        record.update(structured_result(result.text))
+        record["raw_text"] = result.text
+    return record
+
+
+def batch(engine: InferenceEngine, files: list[Path], prompt: str | None, max_new_tokens: int, out: TextIO) -> int:
+    failures: list[tuple[Path, str]] = []
+    for path in tqdm(files, desc="documents", unit="doc", file=sys.stderr):
+        try:
+            record = run_one(engine, path, prompt, max_new_tokens)
+        except (BadInput, OSError) as exc:
+            failures.append((path, str(exc)))
+            continue
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+    done = len(files) - len(failures)
+    print(f"{done} of {len(files)} documents processed", file=sys.stderr)
+    for path, reason in failures:
+        print(f"unreadable: {path}: {reason}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def interactive(engine: InferenceEngine, max_new_tokens: int, stdin: TextIO, out: TextIO) -> int:
+    """Ask for an image path, then a prompt (empty = structured extraction), until EOF."""
+    while True:
+        print("image path (Ctrl-D to quit)> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            return 0
+        path = Path(line.strip()).expanduser()
+        print("prompt (empty = structured extraction)> ", end="", file=sys.stderr, flush=True)
+        prompt = stdin.readline().strip() or None
+        try:
+            record = run_one(engine, path, prompt, max_new_tokens)
+        except (BadInput, OSError) as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            continue
+        out.write(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+        out.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medvl.infer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--image", help="one document image")
+    mode.add_argument("--dir", help="a folder of images or a glob pattern (batch, JSON lines)")
+    mode.add_argument("--interactive", action="store_true", help="ask for images and prompts until EOF")
+    parser.add_argument("--prompt", help="free-text question instead of structured extraction")
+    parser.add_argument("--model", default="best", help="model or adapter folder, or best/base/finetuned")
+    parser.add_argument("--profile", default=DEFAULT_PROFILE)
+    parser.add_argument("--workdir", default=None, help="where the pipeline wrote models/ (default: repo root)")
+    parser.add_argument("--out", help="batch output file (default: stdout)")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        settings = load_settings(args.profile)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = InferenceEngine(resolve_model(args.model, args.profile, args.workdir), settings, max_batch_size=1)
+    engine.start()
+    try:
+        engine.wait_ready()
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.image:
+            try:
+                record = run_one(engine, Path(args.image), args.prompt, args.max_new_tokens)
+            except (BadInput, OSError) as exc:
+                print(f"error: {args.image}: {exc}", file=sys.stderr)
+                return 1
+            print(json.dumps(record, ensure_ascii=False, indent=2))
+            return 0
+        if args.interactive:
+            return interactive(engine, args.max_new_tokens, sys.stdin, sys.stdout)
+        files = collect_files(args.dir)
+        if not files:
+            print(f"error: no images match {args.dir}", file=sys.stderr)
+            return 2
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as out:
+                return batch(engine, files, args.prompt, args.max_new_tokens, out)
+        return batch(engine, files, args.prompt, args.max_new_tokens, sys.stdout)
+    finally:
+        engine.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

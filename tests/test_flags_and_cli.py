@@ -1,0 +1,116 @@
+"""Plausibility flags and the inference CLI (single file, batch with a corrupt file, interactive)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from medvl import flags
+
+PLAUSIBLE = {"medications": [{"name": "Metformin", "dose": "500 mg", "route": "PO", "frequency": "BID"}],
+             "lab_values": [{"name": "Potassium", "value": "4.5", "unit": "mmol/L", "flag": ""}]}
+
+
+def rules(structured):
+    return [f["rule"] for f in flags.check(structured)]
+
+
+def test_tables_load_validate_and_name_their_source():
+    assert flags.dose_table()["source"] and flags.lab_table()["source"]
+    assert len(flags.interaction_table()) >= 10
+    assert rules(PLAUSIBLE) == []
+
+
+@pytest.mark.parametrize(("med", "rule"), [
+    ({"name": "Metformin", "dose": "50000 mg", "route": "PO", "frequency": "QD"}, "dose_above_max_single"),
+    ({"name": "Metformin", "dose": "1000 mg", "route": "PO", "frequency": "QID"}, "daily_dose_above_max"),
+    ({"name": "Acetaminophen", "dose": "1 g", "route": "PO", "frequency": "q4h PRN"}, "daily_dose_above_max"),
+    ({"name": "Warfarin", "dose": "0.005 mg", "route": "PO", "frequency": "QD"}, "dose_far_below_usual"),
+    ({"name": "Lisinopril", "dose": "10 mg", "route": "PO", "frequency": "every blue moon"}, "unknown_frequency"),
+])
+def test_each_dose_rule_fires_and_the_plausible_version_stays_silent(med, rule):
+    fired = flags.check({"medications": [med]})
+    assert rule in [f["rule"] for f in fired]
+    assert all(f["item"] == med["name"] and f["reason"] and f["value"] for f in fired)
+    plausible = {**med, "dose": "500 mg" if med["name"] == "Metformin" else
+                 {"Acetaminophen": "500 mg", "Warfarin": "5 mg", "Lisinopril": "10 mg"}[med["name"]],
+                 "frequency": "BID" if med["name"] == "Metformin" else "QD"}
+    assert rules({"medications": [plausible]}) == []
+
+
+def test_frequency_abbreviations_are_understood():
+    assert [flags.times_per_day(f) for f in ("BID", "TID", "QID", "QD", "q8h", "q6h PRN", "QHS", "")] == \
+        [2, 3, 4, 1, 3, 4, 1, None]
+    assert flags.dose_mg("1 g") == 1000 and flags.dose_mg("18 mcg") == pytest.approx(0.018)
+    assert flags.dose_mg("1 mg/kg") is None
+
+
+@pytest.mark.parametrize(("lab", "rule"), [
+    ({"name": "K+", "value": "45", "unit": "mmol/L"}, "lab_value_implausible"),
+    ({"name": "Sodium", "value": "14", "unit": "mmol/L"}, "lab_value_implausible"),
+    ({"name": "Glucose", "value": "9000", "unit": "mg/dL"}, "lab_value_implausible"),
+    ({"name": "Creatinine", "value": "1.1", "unit": "g/dL"}, "lab_unit_mismatch"),
+    ({"name": "Hemoglobin", "value": "250", "unit": "g/dL"}, "lab_value_implausible"),
+])
+def test_lab_rules_fire_and_the_plausible_version_stays_silent(lab, rule):
+    assert rules({"lab_values": [lab]}) == [rule]
+    plausible = {"K+": ("4.1", "mmol/L"), "Sodium": ("140", "mmol/L"), "Glucose": ("180", "mg/dL"),
+                 "Creatinine": ("1.1", "mg/dL"), "Hemoglobin": ("12.5", "g/dL")}[lab["name"]]
+    assert rules({"lab_values": [{**lab, "value": plausible[0], "unit": plausible[1]}]}) == []
+
+
+def test_interactions_fire_in_either_order_and_pairs_are_symmetric():
+    for a, b in (("Warfarin", "Ibuprofen"), ("Ibuprofen", "Warfarin"), ("omeprazole", "Clopidogrel")):
+        meds = [{"name": a, "dose": "", "route": "", "frequency": ""}, {"name": b, "dose": "", "route": "", "frequency": ""}]
+        fired = flags.check({"medications": meds})
+        assert [f["rule"] for f in fired] == ["drug_interaction"]
+    table = flags.interaction_table()
+    assert all(frozenset(reversed(sorted(pair))) in table for pair in table)
+    assert rules({"medications": [{"name": "Warfarin"}, {"name": "Metformin"}]}) == []
+
+
+def cli(workdir, *args, stdin=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "medvl.infer", "--workdir", str(workdir), "--max-new-tokens", "16",
+                           *args], cwd=REPO, env=env, input=stdin, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_single_file(phases_1_4):
+    page = sorted((phases_1_4 / "datasets" / "test_images").glob("*.png"))[0]
+    result = cli(phases_1_4, "--image", str(page))
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(result.stdout)
+    assert record["file"] == str(page) and "structured" in record and record["disclaimer"]
+    assert isinstance(record["flags"], list) and record["generated_tokens"] > 0
+
+
+def test_cli_batch_reports_the_corrupt_file_and_processes_the_rest(phases_1_4, tmp_path):
+    folder = tmp_path / "scans"
+    shutil.copytree(phases_1_4 / "datasets" / "test_images", folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "results.jsonl"
+    result = cli(phases_1_4, "--dir", str(folder), "--out", str(out))
+    assert result.returncode == 1
+    assert "unreadable: " in result.stderr and "broken.png" in result.stderr
+    assert "5 of 6 documents processed" in result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 5 and all("flags" in r for r in lines)
+
+
+def test_cli_interactive_through_stdin(phases_1_4):
+    page = sorted((phases_1_4 / "datasets" / "test_images").glob("*.png"))[0]
+    stdin = f"{page}\n\n{page}\nWhat is the diagnosis?\n/nonexistent.png\n\n"
+    result = cli(phases_1_4, "--interactive", stdin=stdin)
+    assert result.returncode == 0, result.stderr[-2000:]
+    decoder, text, records = json.JSONDecoder(), result.stdout.strip(), []
+    while text:
+        record, end = decoder.raw_decode(text)
+        records.append(record)
+        text = text[end:].strip()
+    assert len(records) == 2
+    assert "structured" in records[0] and "text" in records[1]
+    assert "error: /nonexistent.png" in result.stderr
