@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from medvl import flags
+
+from conftest import REPO
 
 PLAUSIBLE = {"medications": [{"name": "Metformin", "dose": "500 mg", "route": "PO", "frequency": "BID"}],
              "lab_values": [{"name": "Potassium", "value": "4.5", "unit": "mmol/L", "flag": ""}]}
