@@ -17,6 +17,7 @@ Options:
   --workdir DIR      where models/ datasets/ benchmarks/ docs/ logs/ go (default: repo root)
   --from N           start at phase N (even if its gate passes)
   --only N           run phase N alone
+  --to N             stop after phase N (with the resume or --from start)
   --force            with neither --from nor --only: rerun everything from phase 1
   -h, --help         this help
 
@@ -24,7 +25,7 @@ Environment: MEDVL_PYTHON=/path/to/python uses that interpreter instead of ./.ve
 TXT
 }
 
-profile=tiny; workdir=""; from=""; only=""; force=0; sets=()
+profile=tiny; workdir=""; from=""; only=""; to=9; force=0; sets=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) profile="${2:?--profile needs a value}"; shift 2 ;;
@@ -32,12 +33,13 @@ while [[ $# -gt 0 ]]; do
     --workdir) workdir="${2:?--workdir needs a folder}"; shift 2 ;;
     --from) from="${2:?--from needs a phase number}"; shift 2 ;;
     --only) only="${2:?--only needs a phase number}"; shift 2 ;;
+    --to) to="${2:?--to needs a phase number}"; shift 2 ;;
     --force) force=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-for n in "$from" "$only"; do
+for n in "$from" "$only" "$to"; do
   [[ -z "$n" || "$n" =~ ^[1-9]$ ]] || { echo "error: phase numbers are 1..9, got '$n'" >&2; exit 2; }
 done
 
@@ -50,14 +52,14 @@ common=(--profile "$profile" "${sets[@]}")
 if [[ -n "$only" ]]; then
   start="$only"; stop="$only"
 elif [[ -n "$from" ]]; then
-  start="$from"; stop=9
+  start="$from"; stop="$to"
 elif [[ "$force" == 1 ]]; then
-  start=1; stop=9
+  start=1; stop="$to"
 else
   start="$("$py" -m medvl.gates --first-failing "${common[@]}")"
-  stop=9
-  if [[ "$start" == 0 ]]; then
-    echo "All nine gates pass for profile $profile: nothing to do (--force reruns everything)."
+  stop="$to"
+  if [[ "$start" == 0 || "$start" -gt "$stop" ]]; then
+    echo "All gates up to phase $stop pass for profile $profile: nothing to do (--force reruns everything)."
     exit 0
   fi
   echo "First failing gate: phase $start. Running phases $start..$stop."

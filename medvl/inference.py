@@ -41,6 +41,9 @@ class BadInput(ValueError):
         self.code = code
 
 
+MAX_ASPECT_RATIO = 200
+
+
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     """Bytes -> RGB image, refusing empty, oversized, non-image, truncated and bomb inputs."""
     if not data:
@@ -53,6 +56,10 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             if width * height > max_pixels:
                 raise BadInput(f"the image is {width}x{height} = {width * height} pixels; the limit is "
                                f"{max_pixels}", 413, "image_too_large")
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                # Qwen2-VL's resizer refuses aspect ratios above 200; say so instead of failing later.
+                raise BadInput(f"the image is {width}x{height}; aspect ratios above {MAX_ASPECT_RATIO}:1 "
+                               "cannot be processed", 400, "bad_image")
             probe.verify()
         with Image.open(io.BytesIO(data)) as img:
             img.seek(0)  # first frame of animated images

@@ -82,7 +82,9 @@ def load_model(model_dir: Path, settings: Settings, quantization: str = "none",
 
     if dtype is None:
         dtype = half_dtype()[0]
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention_implementation(settings)}
+    # safetensors only (no pickle), and never trust_remote_code: the model code is transformers'.
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention_implementation(settings),
+                              "use_safetensors": True}
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
     if quantization == "nf4":

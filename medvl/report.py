@@ -303,6 +303,22 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
                       + ", ".join(f"{c} {_cell(v)}" for c, v in tuned["category_recall"].items()) + ".", ""]
         if "accuracy" in figures:
             parts += [f"![accuracy](figures/{figures['accuracy']})", ""]
+    reliability = report.get("reliability")
+    if reliability and reliability.get("summary"):
+        s, load = reliability["summary"], reliability.get("load") or {}
+        crash = reliability.get("crash_resume") or {}
+        parts += ["## Reliability", "", "| measure | value |", "|---|---|",
+                  f"| fuzz cases (schemathesis, from the OpenAPI schema) | {s['fuzz_cases']} |",
+                  f"| hostile uploads and requests | {s['hostile_requests']} |",
+                  f"| server errors (5xx) | {s['server_errors']} |",
+                  f"| answers outside the documented statuses/envelope | {s['undocumented_answers']} |",
+                  f"| load | {load.get('clients')} clients x {_cell(load.get('duration_s'))} s: {load.get('sent')} sent, "
+                  f"{load.get('answered')} answered, {load.get('failed')} failed, {load.get('lost')} lost |",
+                  f"| load latency p50 / p95 / p99 s | {_cell((load.get('latency_s') or {}).get('p50'))} / "
+                  f"{_cell((load.get('latency_s') or {}).get('p95'))} / {_cell((load.get('latency_s') or {}).get('p99'))} |",
+                  f"| server RSS growth under load MB | {_cell((load.get('server_rss_mb') or {}).get('growth'))} |",
+                  "| kill -9 and resume | " + (", ".join(f"phase {r['phase']}: {'ok' if r['ok'] else 'FAILED'}"
+                                                   for r in crash.get("phases", [])) or "not run") + " |", ""]
     api = report.get("api_validation")
     if api:
         parts += ["## API validation", "", "| check | status | ok | latency s |", "|---|---|---|---|"]
