@@ -18,6 +18,7 @@ Options:
   --from N           start at phase N (even if its gate passes)
   --only N           run phase N alone
   --to N             stop after phase N (with the resume or --from start)
+  --gpus N           train phase 6 data-parallel on N GPUs (accelerate launch; default 1)
   --force            with neither --from nor --only: rerun everything from phase 1
   -h, --help         this help
 
@@ -25,7 +26,7 @@ Environment: MEDVL_PYTHON=/path/to/python uses that interpreter instead of ./.ve
 TXT
 }
 
-profile=tiny; workdir=""; from=""; only=""; to=9; force=0; sets=()
+profile=tiny; workdir=""; from=""; only=""; to=9; force=0; gpus=1; sets=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) profile="${2:?--profile needs a value}"; shift 2 ;;
@@ -34,6 +35,7 @@ while [[ $# -gt 0 ]]; do
     --from) from="${2:?--from needs a phase number}"; shift 2 ;;
     --only) only="${2:?--only needs a phase number}"; shift 2 ;;
     --to) to="${2:?--to needs a phase number}"; shift 2 ;;
+    --gpus) gpus="${2:?--gpus needs a number}"; shift 2 ;;
     --force) force=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -42,6 +44,7 @@ done
 for n in "$from" "$only" "$to"; do
   [[ -z "$n" || "$n" =~ ^[1-9]$ ]] || { echo "error: phase numbers are 1..9, got '$n'" >&2; exit 2; }
 done
+[[ "$gpus" =~ ^[1-9][0-9]*$ ]] || { echo "error: --gpus needs a positive number, got '$gpus'" >&2; exit 2; }
 
 py="$("$root/scripts/ensure_venv.sh")"
 [[ -n "$workdir" ]] && workdir="$(realpath -m "$workdir")"
@@ -72,7 +75,12 @@ for ((n = start; n <= stop; n++)); do
     exit 1
   fi
   echo "=== phase $n: $(basename "${script[0]}") ==="
-  if ! "$py" "${script[0]}" "${common[@]}"; then
+  launcher=("$py")
+  if [[ $n == 6 && "$gpus" -gt 1 ]]; then
+    launcher=("$py" -m accelerate.commands.launch --multi_gpu --num_processes "$gpus" --num_machines 1
+              --mixed_precision no)
+  fi
+  if ! "${launcher[@]}" "${script[0]}" "${common[@]}"; then
     echo "Phase $n failed (see logs/phase$n.log). Fix it and rerun ./run_pipeline.sh: it resumes here." >&2
     exit 1
   fi

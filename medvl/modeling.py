@@ -76,8 +76,12 @@ def bnb_nf4_config(compute_dtype: torch.dtype, double_quant: bool = True) -> Any
 
 
 def load_model(model_dir: Path, settings: Settings, quantization: str = "none",
-               dtype: torch.dtype | None = None) -> Any:
-    """Load for inference or training: ``quantization`` is "none" or "nf4"."""
+               dtype: torch.dtype | None = None, device_map: Any = None) -> Any:
+    """Load for inference or training: ``quantization`` is "none" or "nf4".
+
+    ``device_map`` defaults to "auto" on a GPU (layers spread over what is visible); a
+    data-parallel rank passes its own device so each process holds a whole copy.
+    """
     from transformers import AutoModelForImageTextToText
 
     if dtype is None:
@@ -85,13 +89,15 @@ def load_model(model_dir: Path, settings: Settings, quantization: str = "none",
     # safetensors only (no pickle), and never trust_remote_code: the model code is transformers'.
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention_implementation(settings),
                               "use_safetensors": True}
-    if torch.cuda.is_available():
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif torch.cuda.is_available():
         kwargs["device_map"] = "auto"
     if quantization == "nf4":
         compute = torch.bfloat16 if (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else torch.float16
         kwargs["quantization_config"] = bnb_nf4_config(compute, settings.quant.nf4_double_quant)
         if not torch.cuda.is_available():
-            kwargs["device_map"] = {"": "cpu"}
+            kwargs.setdefault("device_map", {"": "cpu"})
     elif quantization != "none":
         raise ValueError(f"unknown quantization {quantization!r}")
     log.info("loading %s (%s, %s, attention %s)", model_dir, quantization, dtype, kwargs["attn_implementation"])

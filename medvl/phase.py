@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -70,7 +71,10 @@ def run_phase(number: int, main: PhaseMain, description: str | None = None,
     """Run phase ``number`` from the command line and exit with its gate's verdict."""
     args = phase_parser(description).parse_args(argv)
     wd = Workdir.at(args.workdir)
-    setup_logging(wd, f"phase{number}")
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(wd, f"phase{number}" if rank == 0 else f"phase{number}.rank{rank}")
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # data-parallel ranks: only problems
     phase = PHASES[number]
     try:
         settings = load_settings(args.profile, args.set)
@@ -99,6 +103,8 @@ def run_phase(number: int, main: PhaseMain, description: str | None = None,
         log.error("phase %d interrupted; rerun to resume", number)
         sys.exit(130)
 
+    if rank != 0:
+        return  # data-parallel ranks other than 0 neither write outputs nor judge them
     problems = check_phase(number, wd, settings)
     elapsed = time.perf_counter() - started
     if problems:

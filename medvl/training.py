@@ -183,6 +183,26 @@ def check_trainable(model: Any) -> dict[str, Any]:
             "trainable_pct": 100.0 * n_trainable / n_total, "lora_modules": len(lora_modules)}
 
 
+def world() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from the launcher's environment (1 process: 0, 0, 1)."""
+    import os
+
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def is_main_process() -> bool:
+    return world()[0] == 0
+
+
+def rank_device_map() -> Any:
+    """Under data parallelism each rank holds a whole model on its own device."""
+    rank, local_rank, size = world()
+    if size == 1:
+        return None
+    return {"": local_rank} if torch.cuda.is_available() else {"": "cpu"}
+
+
 def load_for_training(model_dir: Path, settings: Settings) -> Any:
     """NF4 base (bf16 compute), k-bit preparation, frozen vision, LoRA on the LLM only."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -191,7 +211,8 @@ def load_for_training(model_dir: Path, settings: Settings) -> Any:
 
     t = settings.train
     dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    model = load_model(model_dir, settings, "nf4" if t.quantize_4bit else "none", dtype=dtype)
+    model = load_model(model_dir, settings, "nf4" if t.quantize_4bit else "none", dtype=dtype,
+                       device_map=rank_device_map())
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if t.quantize_4bit:
         model = prepare_model_for_kbit_training(
@@ -225,11 +246,11 @@ class ConversationDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
+def last_complete_checkpoint(folder: Path, remove_incomplete: bool = True) -> Path | None:
     """The newest checkpoint-N whose trainer_state.json exists (written last by the Trainer).
 
-    A run killed while saving leaves a checkpoint without it; that one is removed so the
-    resume starts from the previous, complete checkpoint.
+    A run killed while saving leaves a checkpoint without it; that one is removed (by the
+    main process only) so the resume starts from the previous, complete checkpoint.
     """
     import shutil
 
@@ -238,8 +259,9 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     for checkpoint in candidates:
         if (checkpoint / "trainer_state.json").is_file() and any(checkpoint.glob("adapter_model.*")):
             return checkpoint
-        log.warning("removing incomplete checkpoint %s (the run was killed while saving it)", checkpoint.name)
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        if remove_incomplete:
+            log.warning("removing incomplete checkpoint %s (the run was killed while saving it)", checkpoint.name)
+            shutil.rmtree(checkpoint, ignore_errors=True)
     return None
 
 
@@ -288,6 +310,9 @@ def training_arguments(settings: Settings, output_dir: Path, has_eval: bool) -> 
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,  # every LoRA parameter is used in every step
+        use_cpu=not cuda,
+        ddp_backend="gloo" if not cuda and world()[2] > 1 else None,  # CPU data parallelism
         remove_unused_columns=False,  # the collator needs the raw rows
         dataloader_num_workers=4 if cuda else 0,
         report_to="none",
@@ -296,9 +321,19 @@ def training_arguments(settings: Settings, output_dir: Path, has_eval: bool) -> 
     )
 
 
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir: Path,
-                 checkpoint_dir: Path, fingerprint: str) -> dict[str, Any]:
-    """Train (resuming when a complete checkpoint exists) and save adapter + processor."""
+                 checkpoint_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """Train (resuming when a complete checkpoint exists) and save adapter + processor.
+
+    Under ``accelerate launch`` with N processes this trains data-parallel (DDP): each rank
+    holds the NF4 model on its own device, and only the main process saves and returns
+    metrics (the others return None).
+    """
     import shutil
     import time
 
@@ -318,11 +353,16 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
              f"{counts['trainable_params']:,}", f"{counts['total_params']:,}", counts["trainable_pct"],
              counts["lora_modules"])
 
-    resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint)
+    # Creating the arguments sets up the process group under a launcher (gloo on a CPU).
+    args = training_arguments(settings, checkpoint_dir, has_eval=len(val_set) > 0)
+    # The main process cleans stale/incomplete checkpoints; every rank then resumes from the same one.
+    if is_main_process():
+        prepare_checkpoint_dir(checkpoint_dir, fingerprint)
+    _barrier()
+    resume = last_complete_checkpoint(checkpoint_dir, remove_incomplete=False)
     resumed_step = int(resume.name.split("-")[-1]) if resume else 0
     if resume:
         log.info("resuming from %s (step %d)", resume.name, resumed_step)
-    args = training_arguments(settings, checkpoint_dir, has_eval=len(val_set) > 0)
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
                       eval_dataset=val_set if len(val_set) else None, data_collator=collator)
     if torch.cuda.is_available():
@@ -334,6 +374,8 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_s = time.perf_counter() - started
+    if not trainer.is_world_process_zero():
+        return None  # only the main process saves and reports
 
     staging = adapter_dir.with_name(adapter_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -370,6 +412,8 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
         "tokens_per_s": tokens_run / train_s if train_s > 0 else 0.0,
         "truncated_samples": collator.truncated,
         "peak_memory_mb": peak_memory_mb(),
+        "processes": world()[2],
+        "global_batch": settings.train.per_device_batch_size * settings.train.grad_accum_steps * world()[2],
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

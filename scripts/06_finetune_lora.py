@@ -6,7 +6,9 @@ LoRA on the language model's q/k/v/o/gate/up/down projections only, and trains o
 assistant answers only (see medvl/training.py). Checkpoints every train.save_steps
 (keeping train.save_total_limit); a rerun after a crash resumes from the last complete
 checkpoint. Saves the adapter and processor to models/<slug>-medical-lora/ and
-benchmarks/training_metrics.json.
+benchmarks/training_metrics.json. Started with `accelerate launch --num_processes N` (or
+`run_pipeline.sh --gpus N`) it trains data-parallel on N GPUs; the global batch is
+per_device_batch_size x grad_accum_steps x N.
 """
 
 import sys
@@ -30,6 +32,8 @@ def main(settings: Settings, wd: Workdir) -> dict:
             wd.models / f"{settings.model.slug}-medical-lora-checkpoints", fingerprint)
     except training.TruncationError as exc:
         raise PhaseError(str(exc)) from None
+    if metrics is None:  # a non-main data-parallel rank: the main process reports
+        return {}
     t = settings.train
     record = {**settings.record(PHASES[6].sections), "adapter_dir": str(wd.adapter_dir(settings).relative_to(wd.root)),
               "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
