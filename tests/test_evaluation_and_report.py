@@ -23,6 +23,7 @@ def test_evaluation_compares_base_finetuned_and_trivial(full_run):
     assert ev["cases"] == {"suite": 5, "test": 30}
     base, tuned = ev["models"]["base"], ev["models"]["finetuned"]
     assert len(base["cases"]) == len(tuned["cases"]) == 35
+    assert tuned["scores"]["test"]["term_recall"] > base["scores"]["test"]["term_recall"]
     assert tuned["scores"]["test"]["accuracy"] > base["scores"]["test"]["accuracy"]
     assert ev["trivial_baseline"]["answer"] and "test" in ev["trivial_baseline"]["scores"]
     # tiny compares both in full precision (quant.serve_quantized=false): the merged model is served

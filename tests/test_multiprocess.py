@@ -16,7 +16,7 @@ def test_two_process_training_writes_adapter_and_metrics_once(phases_1_5, tmp_pa
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", str(REPO / "scripts" / "06_finetune_lora.py"),
            "--workdir", str(wd), "--set", "train.max_steps=4", "--set", "train.save_steps=2",
-           "--set", "train.eval_steps=100", "--set", "train.logging_steps=1"]
+           "--set", "train.eval_steps=100", "--set", "train.logging_steps=1", "--set", "train.quantize_4bit=true"]
     result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
                             text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,6 +13,7 @@ from PIL import Image
 
 from medvl.gates import check_phase
 from medvl.modeling import load_processor
+from medvl.settings import load_settings
 from medvl.training import (
     IGNORE_INDEX,
     TruncationError,
@@ -93,8 +94,9 @@ def test_truncation_through_image_tokens_is_refused(processor, tmp_path):
     assert collator([row])["input_ids"].shape[1] == 290 and collator.truncated == 1
 
 
-def test_lora_sits_on_the_language_model_only_and_vision_is_frozen(tiny_model_dir, tiny_settings):
-    model = load_for_training(tiny_model_dir, tiny_settings)
+def test_lora_sits_on_the_language_model_only_and_vision_is_frozen(tiny_model_dir):
+    qlora = load_settings("tiny", ["train.quantize_4bit=true"])
+    model = load_for_training(tiny_model_dir, qlora)
     counts = check_trainable(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and "visual" not in n for n in trainable)
@@ -149,7 +151,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(phases_1_5, tmp_path):
 
     wd = tmp_path / "wd"
     shutil.copytree(phases_1_5, wd)
-    overrides = ["--set", "train.save_steps=8", "--set", "train.max_steps=32", "--set", "train.eval_steps=100"]
+    overrides = ["--set", "train.save_steps=8", "--set", "train.max_steps=32", "--set", "train.eval_steps=100",
+                 "--set", "train.quantize_4bit=true"]  # the QLoRA path, killed and resumed
     script = REPO / "scripts" / "06_finetune_lora.py"
     cmd = [sys.executable, str(script), "--workdir", str(wd), *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
