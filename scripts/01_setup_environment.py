@@ -22,7 +22,6 @@ from medvl.workdir import Workdir  # noqa: E402
 def main(settings: Settings, wd: Workdir) -> dict:
     env = environment.collect()
     env.update(settings.record(PHASES[1].sections))
-    atomic_write_json(wd.bench("environment"), env)
 
     hardware = environment.hardware_label(env)
     errors = env["import_errors"]
@@ -42,6 +41,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     ])
     for item in missing_extras:
         log.warning("not installed: %s", item)
+    atomic_write_json(wd.bench("environment"), env)  # last: its presence means phase 1 finished
     if broken:
         raise PhaseError("cannot import " + "; ".join(broken))
     if settings.model.require_cuda and not env["cuda"]["available"]:

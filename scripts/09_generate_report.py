@@ -24,7 +24,6 @@ from medvl.workdir import Workdir  # noqa: E402
 def main(settings: Settings, wd: Workdir) -> dict:
     benchmarks, missing = report.load_benchmarks(wd.benchmarks)
     final = {**settings.record(PHASES[9].sections), **report.build_final_report(benchmarks, missing)}
-    atomic_write_json(wd.bench("FINAL_REPORT"), final)
 
     figures = report.charts(final, wd.docs / "figures")
     atomic_write_text(wd.docs / "BENCHMARK_REPORT.md", report.benchmark_markdown(final, figures))
@@ -48,6 +47,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         + ("; README results table." if updated is not None else "."),
         f"Missing: {', '.join(missing)}." if missing else "Every benchmark file was present.",
     ])
+    atomic_write_json(wd.bench("FINAL_REPORT"), final)  # last: its presence means phase 9 finished
     return final
 
 
