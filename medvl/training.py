@@ -204,8 +204,17 @@ def rank_device_map() -> Any:
 
 
 def load_for_training(model_dir: Path, settings: Settings) -> Any:
-    """NF4 base (bf16 compute), k-bit preparation, frozen vision, LoRA on the LLM only."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    """NF4 base (bf16 compute), frozen in its own precision, LoRA on the language model only.
+
+    This is deliberately not ``peft.prepare_model_for_kbit_training``: that casts every
+    non-quantized weight (vision tower, embeddings, lm_head, norms: 2.3 B parameters) to
+    float32, which doubles their memory and runs them as float32 matmuls, to guard float16
+    training against overflow. Training here runs in bf16 (RMSNorm already computes in
+    float32 inside), so the frozen weights stay bf16 and the LoRA weights float32.
+    Gradient checkpointing covers the language model's layers only: the frozen vision
+    tower keeps no activations for backward in the first place.
+    """
+    from peft import get_peft_model
 
     from medvl.modeling import load_model
 
@@ -214,17 +223,50 @@ def load_for_training(model_dir: Path, settings: Settings) -> Any:
     model = load_model(model_dir, settings, "nf4" if t.quantize_4bit else "none", dtype=dtype,
                        device_map=rank_device_map())
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    if t.quantize_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=t.gradient_checkpointing,
+    model.requires_grad_(False)
+    if t.gradient_checkpointing:
+        model.model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    freeze_vision(model)
     model = get_peft_model(model, lora_config(settings))
     freeze_vision(model)  # belt and braces: PEFT must not have unfrozen anything visual
     return model
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def answer_only_loss(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Cross-entropy on the trained (answer) tokens, computing logits only where needed.
+
+    The usual causal-LM loss projects every position through the 152 k-way lm_head and
+    upcasts those logits to float32 (1024 positions: 0.6 GB per copy) although the collator
+    masks all but the answer. Here ``logits_to_keep`` selects the positions whose next token
+    is trained in any row of the batch, so lm_head and the softmax run on those alone. The
+    value is exactly the usual loss: the mean over non-masked targets of
+    ``-log softmax(logits[p])[labels[p + 1]]`` (``tests/test_training.py`` checks it).
+    """
+    targets = labels[:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+    logits = outputs.logits.float()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[:, keep].flatten(),
+                                             ignore_index=IGNORE_INDEX)
+    return loss, outputs
+
+
+def make_trainer(**kwargs: Any) -> Any:
+    """A transformers Trainer whose loss is :func:`answer_only_loss`."""
+    from transformers import Trainer
+
+    class AnswerOnlyTrainer(Trainer):
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            loss, outputs = answer_only_loss(model, inputs, labels)
+            return (loss, outputs) if return_outputs else loss
+
+    return AnswerOnlyTrainer(**kwargs)
 
 
 # --------------------------------------------------------------------------- data
@@ -300,8 +342,10 @@ def training_arguments(settings: Settings, output_dir: Path, has_eval: bool) -> 
         lr_scheduler_type="cosine",
         optim="paged_adamw_8bit" if cuda else "adamw_torch",
         bf16=bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # Checkpointing is set up on the language model by load_for_training, not by the Trainer
+        # (which would also wrap the frozen vision tower).
+        gradient_checkpointing=False,
+        prediction_loss_only=True,  # eval logits cover the answer positions only
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
@@ -337,8 +381,6 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     import shutil
     import time
 
-    from transformers import Trainer
-
     from medvl.benchmark import peak_memory_mb
     from medvl.modeling import load_processor
 
@@ -363,8 +405,8 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     resumed_step = int(resume.name.split("-")[-1]) if resume else 0
     if resume:
         log.info("resuming from %s (step %d)", resume.name, resumed_step)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set,
-                      eval_dataset=val_set if len(val_set) else None, data_collator=collator)
+    trainer = make_trainer(model=model, args=args, train_dataset=train_set,
+                           eval_dataset=val_set if len(val_set) else None, data_collator=collator)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     tokens_before = 0

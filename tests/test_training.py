@@ -18,6 +18,7 @@ from medvl.training import (
     IGNORE_INDEX,
     TruncationError,
     VisionChatCollator,
+    answer_only_loss,
     check_trainable,
     load_for_training,
 )
@@ -128,6 +129,38 @@ def test_loss_only_counts_answer_tokens(tiny_model_dir, tiny_settings, processor
         manual = torch.nn.functional.cross_entropy(logits[keep], target[keep])
     assert torch.allclose(out.loss, manual, atol=1e-5)
     assert int(keep.sum()) == len(processor.tokenizer("Aspirin 81 mg<|im_end|>", add_special_tokens=False)["input_ids"])
+
+
+def test_answer_only_loss_equals_the_full_loss_and_its_gradients(tiny_model_dir, tiny_settings, processor,
+                                                                  image_row):
+    """Logits on the trained positions only: same loss and same LoRA gradients as the full
+    causal-LM loss, on a batch whose rows have answers of different lengths and positions."""
+    torch.manual_seed(0)
+    model = load_for_training(tiny_model_dir, tiny_settings).eval()  # no LoRA dropout: comparable runs
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter a non-trivial value
+            torch.nn.init.normal_(param, std=0.05)
+    rows = [{"id": str(i), "image": "page.png", "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+        for i, (prompt, answer) in enumerate([("Read it.", "Aspirin 81 mg daily"),
+                                              ("List every medication on this page.", "None")])]
+    batch = VisionChatCollator(processor, 512, image_row)(rows)
+    labels = batch.pop("labels")
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full, full_grads = loss_and_grads(lambda: model(**batch, labels=labels).loss)
+    fast, fast_grads = loss_and_grads(lambda: answer_only_loss(model, batch, labels)[0])
+    assert torch.allclose(full, fast, rtol=1e-5, atol=1e-6)
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, fast_grads[name], rtol=1e-4, atol=1e-6), name
+    kept = answer_only_loss(model, batch, labels)[1].logits.shape[1]
+    assert kept < labels.shape[1] / 2  # the point: most positions never reach lm_head
 
 
 def test_phase6_trains_and_the_loss_falls(phases_1_6, tiny_settings):

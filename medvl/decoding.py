@@ -1,0 +1,247 @@
+"""Fast greedy decoding: a static KV cache and one compiled decoding step.
+
+Why this exists: plain ``model.generate`` spends most of each decoding step in Python (input
+preparation, logits processors, stopping criteria, cache bookkeeping). At batch 1 on a 7B
+model the GPU then waits on the CPU, and the speed swings with the host (10-46 tokens/s was
+measured on one kind of H100). Here the prompt runs once, eagerly and at any length, into a
+preallocated :class:`transformers.StaticCache`; every later step has the same shapes, so it
+is compiled with ``torch.compile(mode="reduce-overhead")``, which replays it as one CUDA
+graph. Compilation happens once per batch size in :meth:`StaticDecoder.warm_up` (the server
+calls it before it accepts traffic), never inside a request.
+
+It computes what plain greedy ``generate`` computes, step for step:
+
+- the same position ids: Qwen2.5-VL's M-RoPE rows (``get_rope_index``) plus the text row
+  from the attention mask, built exactly as ``generate`` builds them, then +1 per step;
+- the same argmax over the same next-token logits (upcast to float32, as generate does);
+- rows that produced an end-of-sequence token are fed the pad token afterwards.
+
+``tests/test_decoding.py`` checks identical tokens against ``generate`` on the tiny model on
+the CPU; ``scripts/perf_inference.py`` checks next-token logits on the GPU, where random 7B
+weights have near-ties and a flipped token alone proves nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLong(ValueError):
+    """The prompt plus the answer budget does not fit the static cache."""
+
+
+@dataclass
+class Decoded:
+    """One batch's result: new tokens per row (through the end-of-sequence token, if any)."""
+
+    sequences: list[list[int]]
+    prompt_tokens: list[int]
+    ttft_s: float
+    latency_s: float
+    step_logits: list[torch.Tensor] | None = None  # float32 [rows, vocab] per step, when kept
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generation_position_ids(model: Any, inputs: Any) -> torch.Tensor:
+    """[4, batch, length] position ids, as ``generate`` prepares them for Qwen2.5-VL.
+
+    Row 0 is the text position (attention-mask cumulative sum, 0 on padding); rows 1-3 are
+    the temporal/height/width M-RoPE positions (equal to the text position for text-only
+    prompts).
+    """
+    mask = inputs["attention_mask"]
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    grid = inputs.get("image_grid_thw")
+    kinds = inputs.get("mm_token_type_ids")
+    if grid is not None and kinds is not None:
+        vision, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=kinds,
+                                               image_grid_thw=grid, attention_mask=mask)
+    else:
+        vision = text.unsqueeze(0).expand(3, -1, -1)
+    return torch.cat([text.unsqueeze(0), vision.to(text.device)], dim=0)
+
+
+def _repeat_last_row(inputs: dict[str, Any], rows: int) -> dict[str, Any]:
+    """Pad a batch to ``rows`` by repeating its last sample (outputs of copies are dropped).
+
+    A compiled step exists per batch size, so odd batches are rounded up to a compiled size;
+    decoding is memory-bound, so the extra rows cost little.
+    """
+    have = inputs["input_ids"].shape[0]
+    if have == rows:
+        return inputs
+    extra = rows - have
+    out = dict(inputs)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in out and out[key] is not None:
+            out[key] = torch.cat([out[key], out[key][-1:].expand(extra, -1)])
+    grid = out.get("image_grid_thw")
+    if grid is not None and grid.shape[0] > 0:
+        # Each sample here carries one image: repeat the last image's patches and grid row.
+        patches = int(grid[-1].prod())
+        out["pixel_values"] = torch.cat([out["pixel_values"]] + [out["pixel_values"][-patches:]] * extra)
+        out["image_grid_thw"] = torch.cat([grid] + [grid[-1:]] * extra)
+    return out
+
+
+class StaticDecoder:
+    """Greedy decoding over a static KV cache, with the decoding step optionally compiled.
+
+    ``batch_sizes`` are the batch sizes a compiled step is built for; a batch is padded up
+    to the next one. Without compilation any batch size runs as is.
+    """
+
+    def __init__(self, model: Any, max_cache_len: int, compile_step: bool,
+                 batch_sizes: tuple[int, ...] = (1, 8)) -> None:
+        self.model = model
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.max_cache_len = max_cache_len
+        self.compiled = compile_step
+        self.batch_sizes = tuple(sorted(batch_sizes))
+        gen = self.base.generation_config
+        eos = gen.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else (self.eos_ids or [0])[0]
+        self.device = self.base.get_input_embeddings().weight.device
+        self._caches: dict[int, Any] = {}
+        self._eos = torch.tensor(self.eos_ids or [-1], device=self.device)
+        self.step = (torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+                     if compile_step else self._step)
+        self.compile_s: dict[int, float] = {}
+
+    # ---- the one compiled function
+    def _step(self, token: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+              cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1, :].float()
+        return logits.argmax(dim=-1), logits
+
+    # ---- bookkeeping
+    def rows_for(self, batch: int) -> int:
+        """The batch size actually run for ``batch`` requests."""
+        if not self.compiled:
+            return batch
+        for size in self.batch_sizes:
+            if size >= batch:
+                return size
+        raise ValueError(f"batch of {batch} is larger than the largest compiled size {self.batch_sizes[-1]}")
+
+    def _cache(self, rows: int) -> Any:
+        from transformers import StaticCache
+
+        if rows not in self._caches:
+            self._caches[rows] = StaticCache(config=self.base.config, max_cache_len=self.max_cache_len)
+        cache = self._caches[rows]
+        cache.reset()
+        return cache
+
+    def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
+        return prompt_len + max_new_tokens <= self.max_cache_len
+
+    # ---- decoding
+    @torch.inference_mode()
+    def generate(self, inputs: Any, max_new_tokens: int, stop_at_eos: bool = True,
+                 keep_logits: bool = False, streamer: Any = None) -> Decoded:
+        """Greedy-decode a left-padded batch (as the processor makes it).
+
+        ``stop_at_eos=False`` decodes exactly ``max_new_tokens`` (benchmarks with random weights).
+        """
+        batch, prompt_len = inputs["input_ids"].shape
+        if not self.fits(prompt_len, max_new_tokens):
+            raise PromptTooLong(f"{prompt_len} prompt + {max_new_tokens} new tokens exceed the static cache "
+                                f"of {self.max_cache_len}; raise decode.max_cache_len")
+        rows = self.rows_for(batch)
+        inputs = _repeat_last_row(dict(inputs), rows)
+        position_ids = generation_position_ids(self.base, inputs)
+        cache = self._cache(rows)
+        mask = torch.ones(rows, self.max_cache_len, dtype=inputs["attention_mask"].dtype, device=self.device)
+        mask[:, :prompt_len] = inputs["attention_mask"]
+        if streamer is not None:
+            streamer.put(inputs["input_ids"][:1].cpu())
+
+        _sync(self.device)
+        started = time.perf_counter()
+        # Prefill: eager, any prompt length; fills the static cache.
+        prompt = {k: v for k, v in inputs.items() if k != "attention_mask"}
+        out = self.model(**prompt, attention_mask=mask[:, :prompt_len], position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].float()
+        token = logits.argmax(dim=-1)
+        _sync(self.device)
+        ttft = time.perf_counter() - started
+        kept = [logits.clone()] if keep_logits else None
+        tokens = [token]
+        unfinished = ~torch.isin(token, self._eos) if stop_at_eos else torch.ones_like(token, dtype=torch.bool)
+        if streamer is not None:
+            streamer.put(token[:1].cpu())
+        position = position_ids[..., -1:].clone()
+        for step in range(1, max_new_tokens):
+            if stop_at_eos and step % 8 == 0 and not bool(unfinished[:batch].any()):
+                break
+            position += 1
+            if self.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            nxt, logits = self.step(token.unsqueeze(1), position, mask, cache)
+            if keep_logits:
+                kept.append(logits.clone())
+            token = torch.where(unfinished, nxt, torch.full_like(nxt, self.pad_id))
+            if stop_at_eos:
+                unfinished = unfinished & ~torch.isin(token, self._eos)
+            tokens.append(token)
+            if streamer is not None:
+                streamer.put(token[:1].cpu())
+                if stop_at_eos and not bool(unfinished[0]):
+                    break
+        generated = torch.stack(tokens, dim=1).cpu()
+        _sync(self.device)
+        latency = time.perf_counter() - started
+        if streamer is not None:
+            streamer.end()
+        return Decoded(sequences=[self._trim(generated[i].tolist(), stop_at_eos) for i in range(batch)],
+                       prompt_tokens=[int(n) for n in inputs["attention_mask"][:batch].sum(dim=1)],
+                       ttft_s=ttft, latency_s=latency,
+                       step_logits=[t[:batch] for t in kept] if kept is not None else None)
+
+    def _trim(self, ids: list[int], stop_at_eos: bool) -> list[int]:
+        """Cut after the first end-of-sequence token (what follows is padding)."""
+        if stop_at_eos:
+            for i, token in enumerate(ids):
+                if token in self.eos_ids:
+                    return ids[: i + 1]
+        return ids
+
+    def warm_up(self, inputs: Any, steps: int = 4) -> dict[int, float]:
+        """Compile (and capture) the step for every batch size; returns seconds per size.
+
+        Run once at start-up: the first call of each shape compiles, the next ones record the
+        CUDA graph; after this no request pays for compilation.
+        """
+        sizes = self.batch_sizes if self.compiled else (1,)
+        for rows in sizes:
+            started = time.perf_counter()
+            batch = _repeat_last_row(dict(inputs), rows) if rows >= inputs["input_ids"].shape[0] else inputs
+            for _ in range(2):
+                self.generate(batch, max_new_tokens=steps, stop_at_eos=False)
+            self.compile_s[rows] = time.perf_counter() - started
+            log.info("decode step for batch %d ready in %.1f s (%s)", rows, self.compile_s[rows],
+                     "compiled" if self.compiled else "eager")
+        return dict(self.compile_s)
+
+
+def should_compile(choice: str) -> bool:
+    """``decode.compile``: "auto" compiles on a GPU only (CPU compilation costs more than it saves)."""
+    if choice == "auto":
+        return torch.cuda.is_available()
+    return choice == "on"
