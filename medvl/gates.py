@@ -348,18 +348,20 @@ def gate_report(wd: Workdir, s: Settings) -> list[str]:
 
 # --------------------------------------------------------------------------- registry
 
-_ALL = ("model", "bench", "quant", "data", "train", "api")
+_ALL = ("model", "bench", "quant", "data", "train", "decode", "api")
 
 PHASES: dict[int, Phase] = {
     1: Phase(1, "setup environment", "01_setup_environment.py", (), ("model",), gate_environment),
     2: Phase(2, "download model", "02_download_model.py", (1,), ("model",), gate_model),
-    3: Phase(3, "benchmark baseline", "03_benchmark_baseline.py", (2,), ("model", "bench"), gate_baseline),
-    4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant"), gate_quantize),
+    3: Phase(3, "benchmark baseline", "03_benchmark_baseline.py", (2,), ("model", "bench", "decode"),
+                gate_baseline),
+    4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant", "decode"),
+                gate_quantize),
     5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (1,), ("data", "bench"), gate_datasets),
     6: Phase(6, "fine-tune LoRA", "06_finetune_lora.py", (2, 5), ("model", "bench", "data", "train"),
                 gate_finetune),
-    7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train"),
-                gate_evaluate),
+    7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train",
+                                                          "decode"), gate_evaluate),
     8: Phase(8, "deploy API", "08_deploy_api.py", (7,), _ALL, gate_api),
     9: Phase(9, "generate report", "09_generate_report.py", (1,), _ALL, gate_report),
 }

@@ -111,3 +111,32 @@ def run_phase(number: int, main: PhaseMain, description: str | None = None,
         log.error("phase %d gate FAILED after %.1f s:\n  - %s", number, elapsed, "\n  - ".join(problems))
         sys.exit(EXIT_FAILED)
     log.info("phase %d gate passed (%.1f s)", number, elapsed)
+
+
+def run_tool(name: str, needs: tuple[int, ...], main: Callable[[Settings, Workdir, argparse.Namespace], Any],
+             description: str | None = None, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+             argv: list[str] | None = None) -> None:
+    """Run a script that is not a phase (a benchmark, say) with a phase's checks: the same
+    options, settings validated first, and the phases it reads from checked by their gates."""
+    parser = phase_parser(description)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    wd = Workdir.at(args.workdir)
+    setup_logging(wd, name)
+    try:
+        settings = load_settings(args.profile, args.set)
+    except SettingsError as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_SETTINGS)
+    for upstream in needs:
+        problems = check_phase(upstream, wd, settings)
+        if problems:
+            log.error("%s needs phase %d (%s) first: %s. Run: python scripts/%s --profile %s", name, upstream,
+                      PHASES[upstream].name, "; ".join(problems), PHASES[upstream].script, settings.profile)
+            sys.exit(EXIT_UPSTREAM)
+    try:
+        main(settings, wd, args)
+    except PhaseError as exc:
+        log.error("%s failed: %s", name, exc)
+        sys.exit(EXIT_FAILED)

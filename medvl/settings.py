@@ -130,6 +130,20 @@ class TrainSettings:
 
 
 @dataclass
+class DecodeSettings:
+    """How answers are generated in benchmarks, evaluation, the API and the CLI.
+
+    The static-cache decoder (medvl/decoding.py) computes what plain greedy ``generate``
+    computes, with a compiled decoding step on a GPU.
+    """
+
+    static_cache: bool = True  # false = plain transformers generate everywhere
+    compile: str = "auto"  # auto (on a CUDA GPU only) | on | off
+    max_cache_len: int = 2048  # prompt + answer tokens per request; longer requests use plain generate
+    max_batch_size: int = 8  # steps are compiled for batch 1 and this; the API batches up to it
+
+
+@dataclass
 class ApiSettings:
     """Phase 8 and ``api/server.py`` defaults (env and CLI can override at serve time)."""
 
@@ -146,6 +160,7 @@ SECTIONS: dict[str, type] = {
     "quant": QuantSettings,
     "data": DataSettings,
     "train": TrainSettings,
+    "decode": DecodeSettings,
     "api": ApiSettings,
 }
 
@@ -160,6 +175,7 @@ class Settings:
     quant: QuantSettings = field(default_factory=QuantSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
 
     def to_dict(self) -> dict[str, Any]:
@@ -354,6 +370,10 @@ def _check_values(s: Settings) -> list[str]:
         p.append("train.max_length: must be >= 64")
     if not 0 <= t.warmup_ratio < 1:
         p.append("train.warmup_ratio: must lie in [0, 1)")
+    if s.decode.compile not in ("auto", "on", "off"):
+        p.append(f"decode.compile: one of auto, on, off, got {s.decode.compile!r}")
+    if s.decode.max_cache_len < 64 or s.decode.max_batch_size < 1:
+        p.append("decode.max_cache_len must be >= 64 and decode.max_batch_size >= 1")
     if not 1 <= s.api.port <= 65535:
         p.append("api.port: must lie in 1..65535")
     return p

@@ -1,0 +1,411 @@
+"""Real-scale performance: the seed's plain paths against the project's, in one run.
+
+Absolute speeds move between machines of the same kind (per-step CPU overhead dominates
+plain decoding), so every claim here is a ratio measured in the same process: baseline and
+project side by side, on the same weights, documents and batch sizes.
+
+- :func:`inference_report`: plain ``generate`` (bf16, and bitsandbytes NF4 as the seed
+  would serve 4-bit) against :class:`medvl.decoding.StaticDecoder` (bf16, and torchao int4),
+  at batch 1 and 8: TTFT, decode tokens/s, end-to-end latency, peak memory, the compile
+  cost, the share of the memory-bandwidth floor reached, and a logits check against plain
+  generate on the same weights.
+- :func:`training_report`: plain PEFT QLoRA (``prepare_model_for_kbit_training``, full
+  causal-LM loss) against :func:`medvl.training.load_for_training` +
+  :func:`medvl.training.answer_only_loss`, at growing batch sizes until memory runs out.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from medvl.benchmark import BenchSample, _StepClock, _sync, build_inputs, free_memory, summarize
+from medvl.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def copy_bandwidth_gbs(gib: int = 2, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written (GB/s)."""
+    src = torch.empty(gib * 2**30 // 4, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000
+    del src, dst
+    free_memory()
+    return 2 * gib * 2**30 * repeats / seconds / 1e9
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Storage bytes of a tensor, including quantized tensor subclasses (their inner tensors)."""
+    if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def decode_bytes_per_token(model: Any, context: int, batch: int) -> int:
+    """Bytes one decoding step must read: language-model layers, final norm, lm_head, and the
+    KV cache at ``context`` tokens for ``batch`` rows (the vision tower and the embedding
+    table, of which one row is read, are not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = base.model.language_model
+    weights = sum(tensor_bytes(p) for p in text.layers.parameters()) + sum(tensor_bytes(p) for p in text.norm.parameters())
+    weights += sum(tensor_bytes(p) for p in base.lm_head.parameters())
+    cfg = base.config.text_config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * batch * 2
+    return weights + kv
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _fixed_length_config(model: Any, max_new_tokens: int, keep_logits: bool) -> Any:
+    """Greedy, exactly ``max_new_tokens`` (random weights may emit EOS at any step)."""
+    config = copy.deepcopy(model.generation_config)
+    config.return_dict_in_generate = True
+    config.output_logits = keep_logits
+    config.do_sample = False
+    config.max_new_tokens = max_new_tokens
+    config.min_new_tokens = None
+    config.eos_token_id = None
+    config.temperature = config.top_p = config.top_k = None
+    return config
+
+
+def plain_generate(model: Any, inputs: Any, max_new_tokens: int, keep_logits: bool = False) -> dict[str, Any]:
+    """The seed's path: ``model.generate`` with the default dynamic cache, timed."""
+    clock = _StepClock()
+    _sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=_fixed_length_config(model, max_new_tokens, keep_logits),
+                             stopping_criteria=[clock])
+    _sync()
+    latency = time.perf_counter() - start
+    width = inputs["input_ids"].shape[1]
+    return {"latency_s": latency, "ttft_s": (clock.first or start) - start,
+            "tokens": out.sequences[:, width:].cpu(),
+            "logits": [t.float() for t in out.logits] if keep_logits else None}
+
+
+def project_generate(decoder: Any, inputs: Any, max_new_tokens: int, keep_logits: bool = False) -> dict[str, Any]:
+    """The project's path: the static-cache decoder, same inputs and token count."""
+    result = decoder.generate(inputs, max_new_tokens, stop_at_eos=False, keep_logits=keep_logits)
+    return {"latency_s": result.latency_s, "ttft_s": result.ttft_s,
+            "tokens": torch.tensor(result.sequences), "logits": result.step_logits}
+
+
+def time_runs(run: Callable[[Any], dict[str, Any]], batches: list[Any], max_new_tokens: int,
+              bytes_per_token: Callable[[int], int], bandwidth_gbs: float) -> dict[str, Any]:
+    """Warm up once, run every batch, and summarise speed against the bandwidth floor."""
+    run(batches[0])
+    torch.cuda.reset_peak_memory_stats()
+    rows = []
+    for inputs in batches:
+        r = run(inputs)
+        decode_s = r["latency_s"] - r["ttft_s"]
+        rows.append({"latency_s": r["latency_s"], "ttft_s": r["ttft_s"],
+                     "decode_tokens_per_s": (max_new_tokens - 1) / decode_s,
+                     "prompt_tokens": int(inputs["input_ids"].shape[1])})
+    batch = int(batches[0]["input_ids"].shape[0])
+    decode = summarize([r["decode_tokens_per_s"] for r in rows])
+    context = int(sum(r["prompt_tokens"] for r in rows) / len(rows)) + max_new_tokens // 2
+    floor = bandwidth_gbs * 1e9 / bytes_per_token(context)
+    return {
+        "batch_size": batch,
+        "runs": len(rows),
+        "new_tokens_per_row": max_new_tokens,
+        "ttft_s": summarize([r["ttft_s"] for r in rows]),
+        "latency_s": summarize([r["latency_s"] for r in rows]),
+        "decode_tokens_per_s_per_row": decode,
+        "decode_tokens_per_s_all_rows": decode["p50"] * batch,
+        "bandwidth_floor_steps_per_s": floor,
+        "fraction_of_bandwidth_floor": decode["p50"] / floor,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
+
+
+def compare_logits(reference: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+    """Next-token logits of the candidate against plain generate's, while their tokens agree.
+
+    Greedy paths diverge for good at the first flipped token, so steps are compared up to and
+    including the first disagreement; at that step the reference's top-2 gap says whether the
+    flip was a near-tie (a gap within the logits' own error) or a real difference.
+    """
+    ref_tokens, cand_tokens = reference["tokens"][0], candidate["tokens"][0]
+    errors, max_abs, flip = [], 0.0, None
+    for step, (ref, cand) in enumerate(zip(reference["logits"], candidate["logits"], strict=True)):
+        ref, cand = ref[0].float().cpu(), cand[0].float().cpu()
+        errors.append(float((cand - ref).norm() / ref.norm()))
+        max_abs = max(max_abs, float((cand - ref).abs().max()))
+        if int(ref_tokens[step]) != int(cand_tokens[step]):
+            top2 = ref.topk(2).values
+            flip = {"step": step, "reference_top2_gap": float(top2[0] - top2[1]),
+                    "abs_error_at_step": float((cand - ref).abs().max())}
+            break
+    return {"steps_compared": len(errors), "max_relative_error": max(errors), "mean_relative_error":
+            sum(errors) / len(errors), "max_abs_error": max_abs, "first_token_flip": flip,
+            "tokens_identical": flip is None,
+            "within_bf16_tolerance": max(errors) <= 2e-2 and (flip is None or flip["reference_top2_gap"]
+                                                             <= 2 * flip["abs_error_at_step"])}
+
+
+def make_batches(processor: Any, samples: list[BenchSample], batch_size: int, device: torch.device,
+                 count: int) -> list[Any]:
+    """``count`` batches of ``batch_size`` documents each (documents reused in turn)."""
+    images = [Image.open(s.image_path).convert("RGB") for s in samples]
+    batches = []
+    for b in range(count):
+        picks = [(b * batch_size + i) % len(samples) for i in range(batch_size)]
+        batches.append(build_inputs(processor, [images[i] for i in picks], [samples[i].prompt for i in picks], device))
+    return batches
+
+
+def measure_variant(label: str, model: Any, processor: Any, samples: list[BenchSample], settings: Settings,
+                    bandwidth_gbs: float, max_new_tokens: int, batch_sizes: tuple[int, ...],
+                    project: bool, baseline: bool) -> dict[str, Any]:
+    """Baseline (plain generate) and/or project (static decoder) on one loaded model."""
+    from medvl.decoding import StaticDecoder
+
+    device = model.get_input_embeddings().weight.device
+    record: dict[str, Any] = {"label": label, "weights_gb": sum(tensor_bytes(p) for p in model.parameters()) / 1e9}
+    batches = {b: make_batches(processor, samples, b, device, count=len(samples) if b == 1 else 3) for b in batch_sizes}
+
+    def per_token(batch: int) -> Callable[[int], int]:
+        return lambda context: decode_bytes_per_token(model, context, batch)
+
+    if baseline:
+        record["plain_generate"] = {f"batch_{b}": time_runs(lambda x: plain_generate(model, x, max_new_tokens),
+                                                            batches[b], max_new_tokens, per_token(b), bandwidth_gbs)
+                                    for b in batch_sizes}
+    if project:
+        longest = max(int(x["input_ids"].shape[1]) for bs in batches.values() for x in bs)
+        decoder = StaticDecoder(model, max_cache_len=max(settings.decode.max_cache_len, longest + max_new_tokens),
+                                compile_step=True, batch_sizes=batch_sizes)
+        record["compile_s_per_batch_size"] = decoder.warm_up(batches[1][0])
+        record["static_decoder"] = {f"batch_{b}": time_runs(lambda x: project_generate(decoder, x, max_new_tokens),
+                                                            batches[b], max_new_tokens, per_token(b), bandwidth_gbs)
+                                    for b in batch_sizes}
+        checks = []
+        for inputs in batches[1][:2]:
+            reference = plain_generate(model, inputs, max_new_tokens, keep_logits=True)
+            checks.append(compare_logits(reference, project_generate(decoder, inputs, max_new_tokens, keep_logits=True)))
+        record["logits_check_vs_plain_generate"] = checks
+        del decoder
+    free_memory()
+    return record
+
+
+def inference_report(model_dir: Path, settings: Settings, samples: list[BenchSample],
+                     max_new_tokens: int = 128, batch_sizes: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
+    """bf16 plain vs static decoder, NF4 plain (the seed's 4-bit), int4 static decoder."""
+    from medvl.modeling import load_model, load_processor
+    from medvl.quantize import int4_weight_only
+
+    processor = load_processor(model_dir, settings, padding_side="left")
+    bandwidth = copy_bandwidth_gbs()
+    log.info("device-to-device copy bandwidth: %.0f GB/s", bandwidth)
+    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "copy_bandwidth_gbs": bandwidth,
+                              "max_new_tokens": max_new_tokens, "batch_sizes": list(batch_sizes),
+                              "documents": [s.doc_id for s in samples], "variants": {}}
+
+    model = load_model(model_dir, settings, "none", dtype=torch.bfloat16)
+    report["variants"]["bf16"] = measure_variant("bf16", model, processor, samples, settings, bandwidth,
+                                                 max_new_tokens, batch_sizes, project=True, baseline=True)
+    started = time.perf_counter()
+    int4_weight_only(model)
+    torch.cuda.synchronize()
+    quantize_s = time.perf_counter() - started
+    free_memory()
+    report["variants"]["int4_torchao"] = measure_variant("int4 (torchao, tinygemm)", model, processor, samples,
+                                                         settings, bandwidth, max_new_tokens, batch_sizes,
+                                                         project=True, baseline=False)
+    report["variants"]["int4_torchao"]["quantize_s"] = quantize_s
+    del model
+    free_memory()
+
+    model = load_model(model_dir, settings, "nf4", dtype=torch.bfloat16)
+    report["variants"]["nf4_bitsandbytes"] = measure_variant("nf4 (bitsandbytes)", model, processor, samples,
+                                                             settings, bandwidth, max_new_tokens, batch_sizes,
+                                                             project=False, baseline=True)
+    del model
+    free_memory()
+    report["summary"] = inference_summary(report)
+    return report
+
+
+def inference_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline ratios, batch 1: project over baseline, and the bandwidth-floor share."""
+    v = report["variants"]
+
+    def tok_s(variant: str, path: str, batch: int = 1) -> float:
+        return v[variant][path][f"batch_{batch}"]["decode_tokens_per_s_per_row"]["p50"]
+
+    bf16_project = tok_s("bf16", "static_decoder")
+    return {
+        "bf16_plain_generate_tok_s": tok_s("bf16", "plain_generate"),
+        "bf16_static_decoder_tok_s": bf16_project,
+        "bf16_speedup": bf16_project / tok_s("bf16", "plain_generate"),
+        "bf16_fraction_of_bandwidth_floor": v["bf16"]["static_decoder"]["batch_1"]["fraction_of_bandwidth_floor"],
+        "nf4_plain_generate_tok_s": tok_s("nf4_bitsandbytes", "plain_generate"),
+        "int4_static_decoder_tok_s": tok_s("int4_torchao", "static_decoder"),
+        "int4_speedup_over_nf4_plain": tok_s("int4_torchao", "static_decoder") / tok_s("nf4_bitsandbytes", "plain_generate"),
+        "logits_within_bf16_tolerance": all(c["within_bf16_tolerance"] for name in ("bf16", "int4_torchao")
+                                            for c in v[name]["logits_check_vs_plain_generate"]),
+    }
+
+
+# --------------------------------------------------------------------------- training
+
+
+def load_plain_peft(model_dir: Path, settings: Settings) -> Any:
+    """What a plain PEFT QLoRA script does: NF4 load, ``prepare_model_for_kbit_training``
+    (float32 upcast of every non-quantized weight, gradient checkpointing with its defaults),
+    then LoRA on the same modules as the project's path (same trainable parameters)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from medvl.modeling import load_model
+    from medvl.training import lora_config
+
+    model = load_model(model_dir, settings, "nf4", dtype=torch.bfloat16)
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model)
+    return get_peft_model(model, lora_config(settings))
+
+
+def _plain_loss(model: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    return model(**batch, labels=labels).loss
+
+
+def _project_loss(model: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    from medvl.training import answer_only_loss
+
+    return answer_only_loss(model, batch, labels)[0]
+
+
+def time_training(model: Any, loss_fn: Callable[..., torch.Tensor], batches: list[dict[str, torch.Tensor]],
+                  warmup: int) -> dict[str, Any]:
+    """Optimizer steps under bf16 autocast (as the Trainer runs them); the first ``warmup`` untimed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    losses, tokens, started = [], 0, 0.0
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+        batch = {k: v.to("cuda") for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model, batch, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if i >= warmup:
+            tokens += int(batch["attention_mask"].sum())
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    steps = len(batches) - warmup
+    del optimizer
+    return {"steps_timed": steps, "seconds_per_step": seconds / steps, "tokens_per_s": tokens / seconds,
+            "tokens_per_step": tokens / steps, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "first_loss": losses[0], "losses": losses}
+
+
+def profile_step(model: Any, loss_fn: Callable[..., torch.Tensor], batch: dict[str, torch.Tensor],
+                 rows: int = 12) -> list[str]:
+    """One profiled training step: the operators that took the most GPU time (a text table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = {k: v.to("cuda") for k, v in batch.items()}
+    labels = batch.pop("labels")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model, batch, labels)
+        loss.backward()
+        torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows).splitlines()
+
+
+def training_report(model_dir: Path, data_dir: Path, settings: Settings, batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
+                    steps: int = 4, warmup: int = 1) -> dict[str, Any]:
+    """Plain PEFT QLoRA vs the project's path at each batch size, until memory runs out."""
+    import json
+
+    from medvl.modeling import load_processor
+    from medvl.training import VisionChatCollator, check_trainable, load_for_training
+
+    processor = load_processor(model_dir, settings, padding_side="right")
+    rows = json.loads((data_dir / "train.json").read_text())
+    collator = VisionChatCollator(processor, settings.train.max_length, data_dir)
+    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "max_length": settings.train.max_length,
+                              "lora_r": settings.train.lora_r, "gradient_checkpointing": settings.train.gradient_checkpointing,
+                              "optimizer": "torch AdamW on the LoRA weights (same for both paths)",
+                              "autocast": "bf16", "paths": {}}
+    paths = {"plain_peft": (load_plain_peft, _plain_loss), "project": (load_for_training, _project_loss)}
+    for name, (loader, loss_fn) in paths.items():
+        model = loader(model_dir, settings)
+        record: dict[str, Any] = {"trainable": check_trainable(model), "batches": {}}
+        record["profile_batch_1"] = profile_step(model, loss_fn, collator(rows[:1]))
+        log.info("%s, one step at batch 1, by GPU time:\n%s", name, "\n".join(record["profile_batch_1"]))
+        for size in batch_sizes:
+            torch.manual_seed(0)
+            batches = [collator([rows[(i * size + j) % len(rows)] for j in range(size)]) for i in range(warmup + steps)]
+            try:
+                record["batches"][f"batch_{size}"] = time_training(model, loss_fn, batches, warmup)
+            except torch.OutOfMemoryError:
+                record["batches"][f"batch_{size}"] = {"out_of_memory": True}
+                free_memory()
+                break
+            log.info("%s batch %d: %s", name, size, {k: v for k, v in record["batches"][f"batch_{size}"].items()
+                                                     if k != "losses"})
+            free_memory()
+        report["paths"][name] = record
+        del model
+        free_memory()
+    report["summary"] = training_summary(report)
+    return report
+
+
+def training_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Per batch size: speed-up and memory ratio; and best-vs-best within the baseline's peak."""
+    plain, project = report["paths"]["plain_peft"]["batches"], report["paths"]["project"]["batches"]
+    per_batch = {}
+    for key, base in plain.items():
+        mine = project.get(key, {})
+        if base.get("out_of_memory") or mine.get("out_of_memory") or not mine:
+            continue
+        per_batch[key] = {"speedup": mine["tokens_per_s"] / base["tokens_per_s"],
+                          "peak_memory_ratio": mine["peak_memory_gb"] / base["peak_memory_gb"]}
+    ok = [r for r in plain.values() if not r.get("out_of_memory")]
+    best_plain = max(ok, key=lambda r: r["tokens_per_s"])
+    within = [r for r in project.values() if not r.get("out_of_memory")
+              and r["peak_memory_gb"] <= best_plain["peak_memory_gb"]]
+    best_project = max(within, key=lambda r: r["tokens_per_s"]) if within else None
+    return {"per_batch": per_batch,
+            "best_plain_tokens_per_s": best_plain["tokens_per_s"], "best_plain_peak_gb": best_plain["peak_memory_gb"],
+            "best_project_within_that_peak_tokens_per_s": best_project["tokens_per_s"] if best_project else None,
+            "best_speedup_at_no_more_memory": (best_project["tokens_per_s"] / best_plain["tokens_per_s"]
+                                               if best_project else None)}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs on a lent H100 (see docs/results/h100/README.md): builds the 7b-random profile's inputs
+# (phases 1-3 and 5), then one or both perf scripts. Usage: gpu_perf.sh training|inference|both
+# Expects the bitsandbytes and torchao wheels under .whl/ (the GPU image lacks them).
+set -uo pipefail
+what="${1:-both}"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft, torchao, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'torchao', torchao.__version__, 'bitsandbytes', b.__version__)"
+wd=/tmp/perf-7b-random
+phases=(1 2 5); [[ $what != training ]] && phases=(1 2 3 5)
+for n in "${phases[@]}"; do
+  ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
+    || { tail -20 "$OUT/pipeline.log"; exit 1; }
+done
+for job in training inference; do
+  [[ $what == both || $what == "$job" ]] || continue
+  python3 scripts/perf_$job.py --profile 7b-random --workdir "$wd" 2>&1 | grep -v "it/s\]$" | tee "$OUT/perf_$job.log"
+  cp "$wd/benchmarks/perf_$job.json" "$OUT/" 2>/dev/null
+done

@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Decoding speed at real scale: plain transformers generate against the project's decoder.
+
+Side by side in one run, on the phase-3 documents, at batch 1 and --batch: bf16 plain
+``generate`` vs the static-cache decoder (compiled step), bitsandbytes NF4 plain ``generate``
+(the seed's 4-bit serving) vs torchao int4 through the same decoder. Records TTFT, decode
+tokens/s, latency p50/p95, peak memory, compile time, the share of the memory-bandwidth
+floor (copy bandwidth measured in the same run) and a next-token-logits check against plain
+generate on the same weights. Needs a CUDA GPU; run on 7b-random for real-scale figures:
+
+    python scripts/perf_inference.py --profile 7b-random
+
+Writes benchmarks/perf_inference.json.
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from medvl.benchmark import load_benchmark_samples  # noqa: E402
+from medvl.io import atomic_write_json  # noqa: E402
+from medvl.perf import inference_report  # noqa: E402
+from medvl.phase import PhaseError, log, run_tool  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=8, help="the batch size besides 1 (default: %(default)s)")
+
+
+def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
+    if not torch.cuda.is_available():
+        raise PhaseError("perf_inference measures GPU decoding and needs a CUDA GPU")
+    report = inference_report(wd.base_model_dir(settings), settings, load_benchmark_samples(wd.test_images),
+                              max_new_tokens=args.new_tokens, batch_sizes=(1, args.batch))
+    record = {**settings.record(("model", "decode")), "command": shlex.join(["python", *sys.argv]), **report}
+    atomic_write_json(wd.bench("perf_inference"), record)
+    log.info("summary: %s", report["summary"])
+    return record
+
+
+if __name__ == "__main__":
+    run_tool("perf_inference", (2, 3), main, __doc__, add_arguments)

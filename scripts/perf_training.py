@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""QLoRA training speed at real scale: plain PEFT against the project's training path.
+
+Side by side in one run, on the phase-5 training rows (full-page documents, the profile's
+max length): plain PEFT QLoRA (``prepare_model_for_kbit_training``, full causal-LM loss)
+vs ``medvl.training`` (frozen weights kept bf16, answer-only logits), each at batch 1, 2,
+4, ... until memory runs out. Records seconds per step, tokens/s and peak memory. Needs a
+CUDA GPU; run on 7b-random for real-scale figures:
+
+    python scripts/perf_training.py --profile 7b-random
+
+Writes benchmarks/perf_training.json.
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from medvl.io import atomic_write_json  # noqa: E402
+from medvl.perf import training_report  # noqa: E402
+from medvl.phase import PhaseError, log, run_tool  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batches", default="1,2,4,8", help="batch sizes to try, in order (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per batch size (default: %(default)s)")
+
+
+def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
+    if not torch.cuda.is_available():
+        raise PhaseError("perf_training measures GPU training and needs a CUDA GPU")
+    sizes = tuple(int(b) for b in args.batches.split(","))
+    report = training_report(wd.base_model_dir(settings), wd.datasets / "formatted", settings,
+                             batch_sizes=sizes, steps=args.steps)
+    record = {**settings.record(("model", "train")), "command": shlex.join(["python", *sys.argv]), **report}
+    atomic_write_json(wd.bench("perf_training"), record)
+    log.info("summary: %s", report["summary"])
+    return record
+
+
+if __name__ == "__main__":
+    run_tool("perf_training", (2, 5), main, __doc__, add_arguments)
