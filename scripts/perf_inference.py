@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from medvl.benchmark import load_benchmark_samples  # noqa: E402
 from medvl.io import atomic_write_json  # noqa: E402
-from medvl.perf import inference_report  # noqa: E402
+from medvl.perf import INFERENCE_VARIANTS, inference_report  # noqa: E402
 from medvl.phase import PhaseError, log, run_tool  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
@@ -33,17 +33,25 @@ from medvl.workdir import Workdir  # noqa: E402
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=8, help="the batch size besides 1 (default: %(default)s)")
+    parser.add_argument("--variants", default=",".join(INFERENCE_VARIANTS),
+                        help="which to measure, comma-separated (default: %(default)s); the summary "
+                        "needs all three from one run")
 
 
 def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
     if not torch.cuda.is_available():
         raise PhaseError("perf_inference measures GPU decoding and needs a CUDA GPU")
+    header = {**settings.record(("model", "decode")), "command": shlex.join(["python", *sys.argv])}
+
+    def save(report: dict) -> None:
+        atomic_write_json(wd.bench("perf_inference"), {**header, **report})
+
     report = inference_report(wd.base_model_dir(settings), settings, load_benchmark_samples(wd.test_images),
-                              max_new_tokens=args.new_tokens, batch_sizes=(1, args.batch))
-    record = {**settings.record(("model", "decode")), "command": shlex.join(["python", *sys.argv]), **report}
-    atomic_write_json(wd.bench("perf_inference"), record)
-    log.info("summary: %s", report["summary"])
-    return record
+                              max_new_tokens=args.new_tokens, batch_sizes=(1, args.batch),
+                              variants=tuple(args.variants.split(",")), save=save)
+    save(report)
+    log.info("summary: %s", report.get("summary", "(not all variants measured)"))
+    return report
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLI
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, torchao, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'torchao', torchao.__version__, 'bitsandbytes', b.__version__)"
 wd=/tmp/perf-7b-random
-phases=(1 2 5); [[ $what != training ]] && phases=(1 2 3 5)
+case $what in training) phases=(1 2 5);; inference) phases=(1 2 3);; *) phases=(1 2 3 5);; esac
 for n in "${phases[@]}"; do
   ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
     || { tail -20 "$OUT/pipeline.log"; exit 1; }
 done
 for job in training inference; do
   [[ $what == both || $what == "$job" ]] || continue
-  python3 scripts/perf_$job.py --profile 7b-random --workdir "$wd" 2>&1 | grep -v "it/s\]$" | tee "$OUT/perf_$job.log"
+  TORCH_LOGS=recompiles timeout "${PERF_TIMEOUT:-540}" python3 scripts/perf_$job.py --profile 7b-random \
+    --workdir "$wd" "${@:2}" 2>&1 | grep --line-buffered -v "it/s\]$" | tee "$OUT/perf_$job.log"
   cp "$wd/benchmarks/perf_$job.json" "$OUT/" 2>/dev/null
 done
