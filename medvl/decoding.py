@@ -116,10 +116,6 @@ class StaticDecoder:
         self.device = self.base.get_input_embeddings().weight.device
         self._caches: dict[int, Any] = {}
         self._eos = torch.tensor(self.eos_ids or [-1], device=self.device)
-        if compile_step:
-            # Tune the generated kernels' launch shapes (what gpt-fast and torchao's int4 recipe do):
-            # a longer compile, once, for faster skinny (batch-1) kernels on every step after.
-            torch._inductor.config.coordinate_descent_tuning = True
         self.step = (torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
                      if compile_step else self._step)
         self.compile_s: dict[int, float] = {}

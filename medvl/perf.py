@@ -75,6 +75,47 @@ def decode_bytes_per_token(model: Any, context: int, batch: int) -> int:
     return weights + kv
 
 
+def matmul_only_step_ms(model: Any, replays: int = 20) -> float:
+    """Time of the weight matmuls alone for one batch-1 decoding step, on this GPU.
+
+    Layer 0's seven projections run once per layer (each weight is far larger than L2, so
+    reusing it measures memory, not cache), then lm_head, captured as one CUDA graph so no
+    launch gaps count. This is the ceiling the matmul library allows: a decoding step cannot
+    beat it without faster matmul kernels, whatever happens around them.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = base.model.language_model
+    layer = text.layers[0]
+    linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+               layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    device = base.lm_head.weight.device
+    inputs = {m: torch.randn(1, m.in_features, dtype=torch.bfloat16, device=device) for m in [*linears, base.lm_head]}
+
+    def step() -> None:
+        for _ in range(len(text.layers)):
+            for module in linears:
+                module(inputs[module])
+        base.lm_head(inputs[base.lm_head])
+
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 # --------------------------------------------------------------------------- inference
 
 
@@ -240,6 +281,10 @@ def measure_variant(label: str, model: Any, processor: Any, samples: list[BenchS
                                                                batches[b], max_new_tokens, per_token(b), bandwidth_gbs)
             log.info("%s plain generate, batch %d: %s", label, b, _brief(record["plain_generate"][f"batch_{b}"]))
     if project:
+        record["matmul_only_step_ms"] = matmul_only_step_ms(model)
+        record["matmul_only_tokens_per_s"] = 1000 / record["matmul_only_step_ms"]
+        log.info("%s: weight matmuls alone take %.2f ms per batch-1 step (%.0f tokens/s ceiling)", label,
+                 record["matmul_only_step_ms"], record["matmul_only_tokens_per_s"])
         longest = max(int(x["input_ids"].shape[1]) for bs in batches.values() for x in bs)
         decoder = StaticDecoder(model, max_cache_len=max(settings.decode.max_cache_len, longest + max_new_tokens),
                                 compile_step=True, batch_sizes=batch_sizes)
@@ -340,8 +385,11 @@ def inference_summary(report: dict[str, Any]) -> dict[str, Any]:
         "bf16_static_decoder_tok_s": bf16_project,
         "bf16_speedup": bf16_project / tok_s("bf16", "plain_generate"),
         "bf16_fraction_of_bandwidth_floor": v["bf16"]["static_decoder"]["batch_1"]["fraction_of_bandwidth_floor"],
+        "bf16_matmul_only_ceiling_tok_s": v["bf16"]["matmul_only_tokens_per_s"],
+        "bf16_fraction_of_matmul_ceiling": bf16_project / v["bf16"]["matmul_only_tokens_per_s"],
         "nf4_plain_generate_tok_s": tok_s("nf4_bitsandbytes", "plain_generate"),
         "int4_static_decoder_tok_s": tok_s("int4_torchao", "static_decoder"),
+        "int4_matmul_only_ceiling_tok_s": v["int4_torchao"]["matmul_only_tokens_per_s"],
         "int4_speedup_over_nf4_plain": tok_s("int4_torchao", "static_decoder") / tok_s("nf4_bitsandbytes", "plain_generate"),
         **logits_verdict(v),
     }
