@@ -23,6 +23,7 @@ weights have near-ties and a flipped token alone proves nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -187,23 +188,17 @@ class StaticDecoder:
         if streamer is not None:
             streamer.put(token[:1].cpu())
         position = position_ids[..., -1:].clone()
-        for step in range(1, max_new_tokens):
-            if stop_at_eos and step % 8 == 0 and not bool(unfinished[:batch].any()):
-                break
-            position += 1
-            if self.compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            nxt, logits = self.step(token.unsqueeze(1), position, mask, cache)
-            if keep_logits:
-                kept.append(logits.clone())
-            token = torch.where(unfinished, nxt, torch.full_like(nxt, self.pad_id))
-            if stop_at_eos:
-                unfinished = unfinished & ~torch.isin(token, self._eos)
-            tokens.append(token)
-            if streamer is not None:
-                streamer.put(token[:1].cpu())
-                if stop_at_eos and not bool(unfinished[0]):
-                    break
+        # The model keeps the last prompt's rope deltas and returns them from every forward; the
+        # steps do not use them (positions are passed in), so clear them: a stale batch size
+        # would otherwise fail the compiled step's guards and recompile it.
+        self.base.model.rope_deltas = None
+        # Once a batch size is compiled, evaluate only the guards that tell compiled entries apart:
+        # full guard checks over ~200 (quantized) weight tensors cost CPU time on every step.
+        stance = (torch.compiler.set_stance(skip_guard_eval_unsafe=True) if rows in self.compile_s
+                  else contextlib.nullcontext())
+        with stance:
+            self._decode_steps(tokens, unfinished, position, mask, cache, batch, max_new_tokens,
+                               stop_at_eos, kept, streamer)
         generated = torch.stack(tokens, dim=1).cpu()
         _sync(self.device)
         latency = time.perf_counter() - started
@@ -213,6 +208,29 @@ class StaticDecoder:
                        prompt_tokens=[int(n) for n in inputs["attention_mask"][:batch].sum(dim=1)],
                        ttft_s=ttft, latency_s=latency,
                        step_logits=[t[:batch] for t in kept] if kept is not None else None)
+
+    def _decode_steps(self, tokens: list[torch.Tensor], unfinished: torch.Tensor, position: torch.Tensor,
+                      mask: torch.Tensor, cache: Any, batch: int, max_new_tokens: int, stop_at_eos: bool,
+                      kept: list[torch.Tensor] | None, streamer: Any) -> None:
+        """Every token after the first: one (compiled) step each, appended to ``tokens``."""
+        token = tokens[-1]
+        for step in range(1, max_new_tokens):
+            if stop_at_eos and step % 8 == 0 and not bool(unfinished[:batch].any()):
+                break
+            position += 1
+            if self.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            nxt, logits = self.step(token.unsqueeze(1), position, mask, cache)
+            if kept is not None:
+                kept.append(logits.clone())
+            token = torch.where(unfinished, nxt, torch.full_like(nxt, self.pad_id))
+            if stop_at_eos:
+                unfinished = unfinished & ~torch.isin(token, self._eos)
+            tokens.append(token)
+            if streamer is not None:
+                streamer.put(token[:1].cpu())
+                if stop_at_eos and not bool(unfinished[0]):
+                    break
 
     def _trim(self, ids: list[int], stop_at_eos: bool) -> list[int]:
         """Cut after the first end-of-sequence token (what follows is padding)."""
