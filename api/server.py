@@ -95,14 +95,31 @@ class ServerConfig:
         return cls(**vars(parser.parse_args(argv)))
 
 
+def int4_serving(settings: Any) -> bool:
+    """Serve 4-bit as torchao int4 (quantized at start-up from the bf16 checkpoint) rather than
+    bitsandbytes NF4: on a CUDA GPU, with the compiled static-cache decoder, when torchao is
+    installed. NF4 decodes at ~24 tokens/s on an H100 where int4 reaches ~227
+    (docs/results/h100/perf_inference*.json)."""
+    import importlib.util
+
+    import torch
+
+    return (settings.quant.serve_quantized and settings.decode.static_cache and torch.cuda.is_available()
+            and importlib.util.find_spec("torchao") is not None)
+
+
 def resolve_model(config: ServerConfig) -> tuple[Path, str]:
-    """The model to serve: --model-path, else the best the pipeline produced: fine-tuned NF4,
-    fine-tuned merged (profiles that serve full precision), base NF4, base."""
+    """The model to serve: --model-path, else the best the pipeline produced: fine-tuned int4
+    (see :func:`int4_serving`), fine-tuned NF4, fine-tuned merged (profiles that serve full
+    precision), base int4, base NF4, base."""
     settings = load_settings(config.profile)
     wd = Workdir.at(config.workdir or None)
     if config.model_path:
         return Path(config.model_path), "custom"
-    candidates = ((wd.finetuned_nf4_dir(settings), "finetuned-nf4"), (wd.merged_model_dir(settings), "finetuned"),
+    int4 = int4_serving(settings)
+    candidates = (*(((wd.merged_model_dir(settings), "finetuned-int4"),) if int4 else ()),
+                  (wd.finetuned_nf4_dir(settings), "finetuned-nf4"), (wd.merged_model_dir(settings), "finetuned"),
+                  *(((wd.base_model_dir(settings), "base-int4"),) if int4 else ()),
                   (wd.nf4_model_dir(settings), "base-nf4"), (wd.base_model_dir(settings), "base"))
     for path, kind in candidates:
         if (path / "config.json").is_file():
@@ -185,6 +202,8 @@ class HealthResponse(BaseModel):
     gpu_name: str | None
     gpu_memory_used_mb: float | None
     queue_depth: int
+    decoding: str = ""  # e.g. "static cache, compiled step, int4 (torchao)"
+    startup_s: dict[str, float] = {}  # load, quantize, decoder warm-up (compilation): paid once per start
     error: str | None = None
 
 
@@ -244,7 +263,8 @@ def create_app(config: ServerConfig, engine: InferenceEngine | None = None, mode
     """Build the app; the engine starts loading when the app starts (lifespan)."""
     if engine is None:
         model_dir, model_kind = resolve_model(config)
-        engine = InferenceEngine(model_dir, load_settings(config.profile), config.max_batch_size)
+        engine = InferenceEngine(model_dir, load_settings(config.profile), config.max_batch_size,
+                                 int4=model_kind.endswith("int4"))
     wd = Workdir.at(config.workdir or None)
     max_bytes = int(config.max_upload_mb * 2**20)
     registry = CollectorRegistry()
@@ -347,7 +367,8 @@ def create_app(config: ServerConfig, engine: InferenceEngine | None = None, mode
         status = "error" if engine.error else ("ok" if engine.ready.is_set() else "loading")
         body = HealthResponse(status=status, model_loaded=engine.ready.is_set(), model_path=str(engine.model_dir),
                               device=engine.device, gpu_name=gpu, gpu_memory_used_mb=used,
-                              queue_depth=engine.queue_depth(), error=engine.error)
+                              queue_depth=engine.queue_depth(), decoding=engine.decoding,
+                              startup_s=engine.startup_s, error=engine.error)
         metrics["loaded"].set(1 if engine.ready.is_set() else 0)
         return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503,
                             headers=None if status == "ok" else {"Retry-After": "5"})

@@ -123,19 +123,29 @@ def build_inputs(processor: Any, images: list[Image.Image], prompts: list[str], 
 
 
 def generate_timed(model: Any, processor: Any, image: Image.Image, prompt: str,
-                   max_new_tokens: int) -> dict[str, Any]:
-    """One request, timed end to end (preprocessing included, as a user would see it)."""
+                   max_new_tokens: int, decoder: Any = None) -> dict[str, Any]:
+    """One request, timed end to end (preprocessing included, as a user would see it).
+
+    With ``decoder`` (a :class:`medvl.decoding.StaticDecoder`) the answer comes from it, as the
+    API's does; without, or when the prompt does not fit its cache, from plain ``generate``.
+    """
     clock = _StepClock()
     _sync()
     start = time.perf_counter()
     inputs = build_inputs(processor, [image], [prompt], input_device(model))
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             stopping_criteria=StoppingCriteriaList([clock]))
+    prompt_len = inputs["input_ids"].shape[1]
+    if decoder is not None and decoder.fits(prompt_len, max_new_tokens):
+        prepared = time.perf_counter()
+        decoded = decoder.generate(inputs, max_new_tokens)
+        new_tokens = torch.tensor(decoded.sequences[0], dtype=torch.long)
+        clock.first = prepared + decoded.ttft_s
+    else:
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 stopping_criteria=StoppingCriteriaList([clock]))
+        new_tokens = out[0, prompt_len:]
     _sync()
     end = time.perf_counter()
-    prompt_len = inputs["input_ids"].shape[1]
-    new_tokens = out[0, prompt_len:]
     n_new = int(new_tokens.numel())
     latency = end - start
     ttft = (clock.first or end) - start
@@ -171,17 +181,36 @@ def timed_load(loader: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
                    "weights_footprint_mb": footprint}
 
 
+def make_decoder(model: Any, processor: Any, decode: Any, sample: BenchSample) -> tuple[Any, float | None]:
+    """The project's decoder for ``model`` per the ``decode`` settings, warmed up (compiled)
+    on ``sample``; (None, None) when the settings ask for plain generate."""
+    from medvl.decoding import StaticDecoder, should_compile
+
+    if decode is None or not decode.static_cache:
+        return None, None
+    started = time.perf_counter()
+    decoder = StaticDecoder(model, decode.max_cache_len, should_compile(decode.compile, model), batch_sizes=(1,))
+    image = Image.open(sample.image_path).convert("RGB")
+    decoder.warm_up(build_inputs(processor, [image], [sample.prompt], input_device(model)))
+    return decoder, time.perf_counter() - started
+
+
 def run_benchmark(model: Any, processor: Any, samples: list[BenchSample], max_new_tokens: int,
-                  warmup_runs: int, label: str) -> dict[str, Any]:
-    """Warm up, then time every sample; returns per-sample rows and aggregates."""
+                  warmup_runs: int, label: str, decode: Any = None) -> dict[str, Any]:
+    """Warm up, then time every sample; returns per-sample rows and aggregates.
+
+    ``decode`` (the settings' decode section) selects the project's static-cache decoder; its
+    one-off compilation is timed apart (``decoder_warm_up_s``), never inside a sample.
+    """
     images = {s.doc_id: Image.open(s.image_path).convert("RGB") for s in samples}
+    decoder, warm_up_s = make_decoder(model, processor, decode, samples[0])
     for _ in range(warmup_runs):
-        generate_timed(model, processor, images[samples[0].doc_id], samples[0].prompt, max_new_tokens)
+        generate_timed(model, processor, images[samples[0].doc_id], samples[0].prompt, max_new_tokens, decoder)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rows = []
     for sample in tqdm(samples, desc=f"benchmark {label}", unit="doc"):
-        row = generate_timed(model, processor, images[sample.doc_id], sample.prompt, max_new_tokens)
+        row = generate_timed(model, processor, images[sample.doc_id], sample.prompt, max_new_tokens, decoder)
         rows.append({"doc_id": sample.doc_id, "prompt": sample.prompt, **row})
         log.info("%s %-32s %5.2f s  ttft %5.3f s  %3d tok  %6.1f tok/s", label, sample.doc_id,
                  row["latency_s"], row["ttft_s"], row["generated_tokens"], row["tokens_per_s"])
@@ -196,6 +225,9 @@ def run_benchmark(model: Any, processor: Any, samples: list[BenchSample], max_ne
             "prompt_tokens": summarize([float(r["prompt_tokens"]) for r in rows]),
         },
         "peak_memory_mb": peak_memory_mb(),
+        "decoder": ("plain generate" if decoder is None else
+                    "static cache, compiled step" if decoder.compiled else "static cache"),
+        "decoder_warm_up_s": warm_up_s,
         "warmup_runs": warmup_runs,
         "max_new_tokens": max_new_tokens,
     }
@@ -266,11 +298,12 @@ def load_benchmark_samples(folder: Path) -> list[BenchSample]:
 
 
 def benchmark_variant(label: str, loader: Callable[[], Any], processor: Any,
-                      samples: list[BenchSample], max_new_tokens: int, warmup_runs: int) -> dict[str, Any]:
+                      samples: list[BenchSample], max_new_tokens: int, warmup_runs: int,
+                      decode: Any = None) -> dict[str, Any]:
     """Load a variant, benchmark it, free it: the record phases 3, 4 and 7 save."""
     model, load = timed_load(loader)
     device = str(input_device(model))
-    result = run_benchmark(model, processor, samples, max_new_tokens, warmup_runs, label)
+    result = run_benchmark(model, processor, samples, max_new_tokens, warmup_runs, label, decode)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result.update({"label": label, "load": load, "device": device, "gpu": gpu,
                    "memory_kind": memory_kind(), "dtype": str(getattr(model, "dtype", ""))})

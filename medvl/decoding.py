@@ -13,7 +13,10 @@ It computes what plain greedy ``generate`` computes, step for step:
 
 - the same position ids: Qwen2.5-VL's M-RoPE rows (``get_rope_index``) plus the text row
   from the attention mask, built exactly as ``generate`` builds them, then +1 per step;
-- the same argmax over the same next-token logits (upcast to float32, as generate does);
+- the same argmax over the same next-token logits (upcast to float32, as generate does),
+  after the generation config's repetition penalty, which generate applies even when greedy
+  (Qwen2.5-VL ships ``repetition_penalty=1.05``): every token id already in the row, prompt
+  and padding included, has its logit divided (or, if negative, multiplied) by it;
 - rows that produced an end-of-sequence token are fed the pad token afterwards.
 
 ``tests/test_decoding.py`` checks identical tokens against ``generate`` on the tiny model on
@@ -114,6 +117,7 @@ class StaticDecoder:
         eos = gen.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else (self.eos_ids or [0])[0]
+        self.repetition_penalty = float(gen.repetition_penalty or 1.0)
         self.device = self.base.get_input_embeddings().weight.device
         self._caches: dict[int, Any] = {}
         self._eos = torch.tensor(self.eos_ids or [-1], device=self.device)
@@ -123,11 +127,18 @@ class StaticDecoder:
 
     # ---- the one compiled function
     def _step(self, token: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-              cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+              cache: Any, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1, :].float()
-        return logits.argmax(dim=-1), logits
+        return self._pick(logits, seen), logits
+
+    def _pick(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """Greedy choice after the repetition penalty (``seen``: token ids already in each row)."""
+        p = self.repetition_penalty
+        if p != 1.0:
+            logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+        return logits.argmax(dim=-1)
 
     # ---- bookkeeping
     def rows_for(self, batch: int) -> int:
@@ -179,7 +190,10 @@ class StaticDecoder:
         out = self.model(**prompt, attention_mask=mask[:, :prompt_len], position_ids=position_ids,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :].float()
-        token = logits.argmax(dim=-1)
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
+        seen.scatter_(1, inputs["input_ids"], True)
+        token = self._pick(logits, seen)
+        seen.scatter_(1, token.unsqueeze(1), True)
         _sync(self.device)
         ttft = time.perf_counter() - started
         kept = [logits.clone()] if keep_logits else None
@@ -197,7 +211,7 @@ class StaticDecoder:
         stance = (torch.compiler.set_stance(skip_guard_eval_unsafe=True) if rows in self.compile_s
                   else contextlib.nullcontext())
         with stance:
-            self._decode_steps(tokens, unfinished, position, mask, cache, batch, max_new_tokens,
+            self._decode_steps(tokens, unfinished, position, mask, cache, seen, batch, max_new_tokens,
                                stop_at_eos, kept, streamer)
         generated = torch.stack(tokens, dim=1).cpu()
         _sync(self.device)
@@ -210,8 +224,8 @@ class StaticDecoder:
                        step_logits=[t[:batch] for t in kept] if kept is not None else None)
 
     def _decode_steps(self, tokens: list[torch.Tensor], unfinished: torch.Tensor, position: torch.Tensor,
-                      mask: torch.Tensor, cache: Any, batch: int, max_new_tokens: int, stop_at_eos: bool,
-                      kept: list[torch.Tensor] | None, streamer: Any) -> None:
+                      mask: torch.Tensor, cache: Any, seen: torch.Tensor, batch: int, max_new_tokens: int,
+                      stop_at_eos: bool, kept: list[torch.Tensor] | None, streamer: Any) -> None:
         """Every token after the first: one (compiled) step each, appended to ``tokens``."""
         token = tokens[-1]
         for step in range(1, max_new_tokens):
@@ -220,10 +234,11 @@ class StaticDecoder:
             position += 1
             if self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
-            nxt, logits = self.step(token.unsqueeze(1), position, mask, cache)
+            nxt, logits = self.step(token.unsqueeze(1), position, mask, cache, seen)
             if kept is not None:
                 kept.append(logits.clone())
             token = torch.where(unfinished, nxt, torch.full_like(nxt, self.pad_id))
+            seen.scatter_(1, token.unsqueeze(1), True)
             if stop_at_eos:
                 unfinished = unfinished & ~torch.isin(token, self._eos)
             tokens.append(token)
@@ -258,8 +273,12 @@ class StaticDecoder:
         return dict(self.compile_s)
 
 
-def should_compile(choice: str) -> bool:
-    """``decode.compile``: "auto" compiles on a GPU only (CPU compilation costs more than it saves)."""
+def should_compile(choice: str, model: Any = None) -> bool:
+    """``decode.compile``: "auto" compiles on a GPU only (CPU compilation costs more than it
+    saves), and never a bitsandbytes 4-bit model (its kernels do not compile into one graph;
+    int4 serving uses torchao instead)."""
+    if model is not None and getattr(model, "is_loaded_in_4bit", False):
+        return False
     if choice == "auto":
         return torch.cuda.is_available()
     return choice == "on"

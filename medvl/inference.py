@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from medvl.benchmark import build_inputs
+from medvl.decoding import StaticDecoder, should_compile
 from medvl.modeling import input_device, load_model, load_processor
 from medvl.settings import Settings
 
@@ -218,12 +219,15 @@ class InferenceEngine:
     Streaming requests and free-form chats run alone (tokens flow as they are produced).
     """
 
-    def __init__(self, model_dir: Path, settings: Settings, max_batch_size: int = 8) -> None:
+    def __init__(self, model_dir: Path, settings: Settings, max_batch_size: int = 8, int4: bool = False) -> None:
         self.model_dir = model_dir
         self.settings = settings
         self.max_batch_size = max_batch_size
+        self.int4 = int4  # quantize to torchao int4 at load (GPU serving of a bf16 checkpoint)
         self.model: Any = None
         self.processor: Any = None
+        self.decoder: StaticDecoder | None = None
+        self.startup_s: dict[str, float] = {}  # load, quantize, warm-up (compilation): paid once per start
         self.error: str | None = None
         self.ready = threading.Event()
         self.queue: queue.Queue[GenerationRequest] = queue.Queue()
@@ -238,11 +242,38 @@ class InferenceEngine:
         self._worker.start()
 
     def load(self) -> None:
+        """Load, quantize if asked, and compile the decoding step, all before accepting traffic."""
+        started = time.perf_counter()
         # The pixel budget saved with the model: the one it was trained with.
         self.processor = load_processor(self.model_dir, None, padding_side="left")
         self.model = load_model(self.model_dir, self.settings)
+        self.startup_s["load"] = time.perf_counter() - started
+        if self.int4:
+            from medvl.quantize import int4_weight_only
+
+            started = time.perf_counter()
+            int4_weight_only(self.model)
+            self.startup_s["quantize_int4"] = time.perf_counter() - started
+        decode = self.settings.decode
+        if decode.static_cache:
+            started = time.perf_counter()
+            self.decoder = StaticDecoder(self.model, decode.max_cache_len, should_compile(decode.compile, self.model),
+                                         batch_sizes=tuple(sorted({1, self.max_batch_size})))
+            blank = build_inputs(self.processor, [Image.new("RGB", (448, 448), "white")], ["Warm-up."],
+                                 input_device(self.model))
+            self.decoder.warm_up(blank)
+            self.startup_s["decoder_warm_up"] = time.perf_counter() - started
         self.ready.set()
-        log.info("model ready: %s", self.model_dir)
+        log.info("model ready: %s (%s; start-up %s)", self.model_dir, self.decoding,
+                 {k: round(v, 1) for k, v in self.startup_s.items()})
+
+    @property
+    def decoding(self) -> str:
+        """How answers are generated, in words (for /health and logs)."""
+        if self.decoder is None:
+            return "plain generate"
+        kind = "static cache, compiled step" if self.decoder.compiled else "static cache"
+        return kind + (", int4 (torchao)" if self.int4 else "")
 
     def stop(self) -> None:
         self._stop.set()
@@ -291,16 +322,10 @@ class InferenceEngine:
         try:
             inputs = self._inputs(batch)
             max_new = max(r.max_new_tokens for r in batch)
-            kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": False}
-            if batch[0].streamer is not None:
-                kwargs["streamer"] = batch[0].streamer
-            with torch.inference_mode():
-                out = self.model.generate(**inputs, **kwargs)
-            width = inputs["input_ids"].shape[1]
+            answers = self._answers(inputs, max_new, batch[0].streamer)
             eos = set(self.model.generation_config.eos_token_id or [])
             for i, request in enumerate(batch):
-                new = out[i, width:][: request.max_new_tokens]
-                ids = [t for t in new.tolist() if t != self.processor.tokenizer.pad_token_id]
+                ids = [t for t in answers[i][: request.max_new_tokens] if t != self.processor.tokenizer.pad_token_id]
                 finish = "stop" if ids and ids[-1] in eos else "length"
                 text = self.processor.decode(ids, skip_special_tokens=True)
                 self.tokens_generated += len(ids)
@@ -315,6 +340,19 @@ class InferenceEngine:
                     request.future.set_exception(exc)
             if batch[0].streamer is not None:
                 batch[0].streamer.end()
+
+    def _answers(self, inputs: Any, max_new: int, streamer: Any) -> list[list[int]]:
+        """New token ids per row: the static-cache decoder when the request fits its cache,
+        plain generate otherwise (both greedy, same tokens)."""
+        width = inputs["input_ids"].shape[1]
+        if self.decoder is not None and self.decoder.fits(width, max_new):
+            return self.decoder.generate(inputs, max_new, streamer=streamer).sequences
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": False}
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **kwargs)
+        return out[:, width:].tolist()
 
     def _inputs(self, batch: list[GenerationRequest]) -> Any:
         if all(r.messages is None for r in batch):

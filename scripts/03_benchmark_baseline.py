@@ -29,7 +29,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     processor = load_processor(model_dir, settings)
     result = benchmark.benchmark_variant(
         "baseline", lambda: load_model(model_dir, settings, "none", dtype), processor, samples,
-        settings.bench.max_new_tokens, settings.bench.warmup_runs)
+        settings.bench.max_new_tokens, settings.bench.warmup_runs, settings.decode)
     record = {**settings.record(PHASES[3].sections), "model_dir": str(model_dir.relative_to(wd.root)),
               "precision": precision, "attention": attention_implementation(settings),
               "quality_meaningful": settings.model.source == "hub", **result}

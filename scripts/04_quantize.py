@@ -49,7 +49,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     processor = load_processor(out_dir, settings)
     # The saved config carries its quantization_config, so a plain load restores 4-bit layers.
     result = benchmark.benchmark_variant("int4", lambda: load_model(out_dir, settings), processor, samples,
-                                         settings.bench.max_new_tokens, settings.bench.warmup_runs)
+                                         settings.bench.max_new_tokens, settings.bench.warmup_runs, settings.decode)
     quantized = {**settings.record(sections), "method": method,
                  "model_dir": str(out_dir.relative_to(wd.root)), **result}
     atomic_write_json(wd.bench("quantized_int4"), quantized)

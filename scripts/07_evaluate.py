@@ -60,7 +60,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     samples = benchmark.load_benchmark_samples(wd.test_images)
     standard = benchmark.benchmark_variant("finetuned", lambda: load_model(finetuned_dir, settings),
                                            load_processor(finetuned_dir, None), samples,
-                                           b.max_new_tokens, b.warmup_runs)
+                                           b.max_new_tokens, b.warmup_runs, settings.decode)
     standard_record = {**record, "model_dir": str(finetuned_dir.relative_to(wd.root)), "form": form, **standard}
     atomic_write_json(wd.bench("finetuned_standard_bench"), standard_record)
 

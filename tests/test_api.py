@@ -39,6 +39,12 @@ def test_every_endpoint_answers(server, page):
     assert all(c["ok"] for c in checks.values()), {k: v for k, v in checks.items() if not v["ok"]}
 
 
+def test_health_reports_the_decoder_and_its_one_off_start_up_cost(server):
+    body = httpx.get(f"{server}/health", timeout=5).json()
+    assert body["decoding"].startswith("static cache")  # the CPU: not compiled ("auto")
+    assert body["startup_s"]["load"] > 0 and body["startup_s"]["decoder_warm_up"] > 0
+
+
 def test_extract_returns_the_documented_envelope(server, page):
     r = httpx.post(f"{server}/extract", files={"file": ("p.png", page.read_bytes(), "image/png")}, timeout=120)
     body = r.json()

@@ -1,0 +1,86 @@
+"""The static-cache decoder computes what plain greedy generate computes (tiny model, CPU)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from medvl.benchmark import build_inputs
+from medvl.decoding import PromptTooLong, StaticDecoder
+from medvl.documents import benchmark_documents, render_document
+from medvl.modeling import load_model, load_processor
+from medvl.prompts import BENCHMARK_PROMPTS
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_model_dir, tiny_settings):
+    return load_model(tiny_model_dir, tiny_settings), load_processor(tiny_model_dir, tiny_settings)
+
+
+@pytest.fixture(scope="module")
+def pages():
+    docs = benchmark_documents(1234, 3)
+    return [render_document(d) for d in docs], [BENCHMARK_PROMPTS[d.kind] for d in docs]
+
+
+def plain_answers(model, inputs, max_new_tokens):
+    """New tokens per row from generate, cut after the first end-of-sequence token."""
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    eos = set(model.generation_config.eos_token_id)
+    answers = []
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        answers.append(row[:cut])
+    return answers
+
+
+def test_same_tokens_as_generate_batched_and_left_padded(model_and_processor, pages):
+    model, processor = model_and_processor
+    images, prompts = pages
+    prompts = [prompts[0], "Read this page.", prompts[2] + " Be brief."]  # different lengths: left padding
+    inputs = build_inputs(processor, images, prompts, torch.device("cpu"))
+    assert (inputs["attention_mask"] == 0).any()
+    decoder = StaticDecoder(model, max_cache_len=2048, compile_step=False)
+    assert decoder.generate(inputs, NEW_TOKENS).sequences == plain_answers(model, inputs, NEW_TOKENS)
+
+
+def test_end_of_sequence_stops_a_row_and_the_others_go_on(model_and_processor, pages):
+    """Make a token the first row emits early an end-of-sequence token: that row stops there
+    (and is fed padding after), the others run on, exactly as generate does."""
+    model, processor = model_and_processor
+    images, prompts = pages
+    inputs = build_inputs(processor, images[:2], prompts[:2], torch.device("cpu"))
+    first = StaticDecoder(model, 2048, False).generate(inputs, NEW_TOKENS).sequences
+    stop = first[0][3]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [*saved, stop]
+    try:
+        decoded = StaticDecoder(model, 2048, False).generate(inputs, NEW_TOKENS).sequences
+        expected = plain_answers(model, inputs, NEW_TOKENS)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert decoded == expected
+    assert decoded[0][-1] == stop and len(decoded[0]) <= 4
+
+
+def test_compiled_step_gives_the_same_tokens(model_and_processor, pages):
+    """The real thing: torch.compile'd decoding step (inductor on the CPU), batch 1 and a
+    batch of 3 padded up to the compiled size 4."""
+    model, processor = model_and_processor
+    images, prompts = pages
+    decoder = StaticDecoder(model, max_cache_len=1024, compile_step=True, batch_sizes=(1, 4))
+    one = build_inputs(processor, images[:1], prompts[:1], torch.device("cpu"))
+    compile_s = decoder.warm_up(one)
+    assert set(compile_s) == {1, 4}
+    assert decoder.generate(one, NEW_TOKENS).sequences == plain_answers(model, one, NEW_TOKENS)
+    three = build_inputs(processor, images, prompts, torch.device("cpu"))
+    assert decoder.generate(three, NEW_TOKENS).sequences == plain_answers(model, three, NEW_TOKENS)
+
+
+def test_a_prompt_longer_than_the_cache_is_refused(model_and_processor):
+    model, processor = model_and_processor
+    inputs = build_inputs(processor, [Image.new("RGB", (224, 224), "white")], ["Read."], torch.device("cpu"))
+    with pytest.raises(PromptTooLong, match="decode.max_cache_len"):
+        StaticDecoder(model, max_cache_len=64, compile_step=False).generate(inputs, 8)
