@@ -7,6 +7,7 @@ touches the network.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,48 +59,37 @@ def phases_1_2(tmp_path_factory) -> Path:
     return wd
 
 
-@pytest.fixture(scope="session")
-def phases_1_4(phases_1_2, tmp_path_factory) -> Path:
-    """A workdir where phases 1-4 ran on the tiny profile (read-only for tests)."""
-    import shutil
-
-    wd = tmp_path_factory.mktemp("run14") / "wd"
-    shutil.copytree(phases_1_2, wd)
-    for number in (3, 4):
+def extend_run(base: Path, phases: tuple[int, ...], tmp_path_factory, name: str) -> Path:
+    """A copy of the workdir ``base`` with ``phases`` run on top (each must pass)."""
+    wd = tmp_path_factory.mktemp(name) / "wd"
+    shutil.copytree(base, wd)
+    for number in phases:
         result = phase_script(number, wd)
         assert result.returncode == 0, result.stderr[-3000:]
     return wd
 
 
 @pytest.fixture(scope="session")
+def phases_1_4(phases_1_2, tmp_path_factory) -> Path:
+    """A workdir where phases 1-4 ran on the tiny profile (read-only for tests)."""
+    return extend_run(phases_1_2, (3, 4), tmp_path_factory, "run14")
+
+
+@pytest.fixture(scope="session")
 def phases_1_5(phases_1_4, tmp_path_factory) -> Path:
     """A workdir where phases 1-5 ran on the tiny profile, offline (read-only for tests)."""
-    import shutil
-
-    wd = tmp_path_factory.mktemp("run15") / "wd"
-    shutil.copytree(phases_1_4, wd)
-    result = phase_script(5, wd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return wd
+    return extend_run(phases_1_4, (5,), tmp_path_factory, "run15")
 
 
 @pytest.fixture(scope="session")
 def phases_1_6(phases_1_5, tmp_path_factory) -> Path:
     """A workdir where phases 1-6 ran on the tiny profile (read-only for tests)."""
-    import shutil
-
-    wd = tmp_path_factory.mktemp("run16") / "wd"
-    shutil.copytree(phases_1_5, wd)
-    result = phase_script(6, wd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return wd
+    return extend_run(phases_1_5, (6,), tmp_path_factory, "run16")
 
 
 @pytest.fixture(scope="session")
 def full_run(phases_1_6, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """phases_1_6 plus run_pipeline.sh, which must resume at phase 7 and finish phase 9."""
-    import shutil
-
     wd = tmp_path_factory.mktemp("runall") / "wd"
     shutil.copytree(phases_1_6, wd)
     (wd / "README.md").write_text("# run\n\n<!-- results:start -->\nold\n<!-- results:end -->\n")
