@@ -91,15 +91,19 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str,
 
 
 def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases: list[Case],
-                   max_new_tokens: int) -> dict[str, Any]:
-    """Generate an answer per case, score it, and time it with the shared harness."""
+                   max_new_tokens: int, decode: Any = None) -> dict[str, Any]:
+    """Generate an answer per case (through the project's decoder per ``decode``), score it,
+    and time it with the shared harness."""
     model, load = benchmark.timed_load(loader)
+    first = benchmark.BenchSample(cases[0].case_id, cases[0].image_path, cases[0].prompt)
+    decoder, warm_up_s = benchmark.make_decoder(model, processor, decode, first)
     rows = []
     images: dict[Path, Image.Image] = {}
     for case in tqdm(cases, desc=f"evaluate {label}", unit="case"):
         if case.image_path not in images:
             images[case.image_path] = Image.open(case.image_path).convert("RGB")
-        out = benchmark.generate_timed(model, processor, images[case.image_path], case.prompt, max_new_tokens)
+        out = benchmark.generate_timed(model, processor, images[case.image_path], case.prompt, max_new_tokens,
+                                       decoder)
         result = scoring.score(out["response"], case.expected)
         extracted = structured_result(out["response"])
         rows.append({"case_id": case.case_id, "subset": case.subset, "prompt": case.prompt,
@@ -111,6 +115,7 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
     return {
         "label": label,
         "load": load,
+        "decoder_warm_up_s": warm_up_s,
         "peak_memory_mb": peak,
         "memory_kind": benchmark.memory_kind(),
         "cases": rows,

@@ -49,9 +49,11 @@ def main(settings: Settings, wd: Workdir) -> dict:
     # ---- both models on the same cases
     models = {
         "base": evaluation.evaluate_model("base", lambda: load_model(base_dir, settings),
-                                          load_processor(base_dir, settings), cases, b.eval_max_new_tokens),
+                                          load_processor(base_dir, settings), cases, b.eval_max_new_tokens,
+                                          settings.decode),
         "finetuned": evaluation.evaluate_model("finetuned", lambda: load_model(finetuned_dir, settings),
-                                               load_processor(finetuned_dir, None), cases, b.eval_max_new_tokens),
+                                               load_processor(finetuned_dir, None), cases, b.eval_max_new_tokens,
+                                               settings.decode),
     }
     trivial = evaluation.score_fixed_answer(
         evaluation.most_common_answer(read_json(wd.datasets / "formatted" / "train.json")), cases)
