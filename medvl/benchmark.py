@@ -225,8 +225,7 @@ def run_benchmark(model: Any, processor: Any, samples: list[BenchSample], max_ne
             "prompt_tokens": summarize([float(r["prompt_tokens"]) for r in rows]),
         },
         "peak_memory_mb": peak_memory_mb(),
-        "decoder": ("plain generate" if decoder is None else
-                    "static cache, compiled step" if decoder.compiled else "static cache"),
+        "decoder": "plain generate" if decoder is None else decoder.description,
         "decoder_warm_up_s": warm_up_s,
         "warmup_runs": warmup_runs,
         "max_new_tokens": max_new_tokens,

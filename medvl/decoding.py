@@ -46,7 +46,6 @@ class Decoded:
     """One batch's result: new tokens per row (through the end-of-sequence token, if any)."""
 
     sequences: list[list[int]]
-    prompt_tokens: list[int]
     ttft_s: float
     latency_s: float
     step_logits: list[torch.Tensor] | None = None  # float32 [rows, vocab] per step, when kept
@@ -141,6 +140,11 @@ class StaticDecoder:
         return logits.argmax(dim=-1)
 
     # ---- bookkeeping
+    @property
+    def description(self) -> str:
+        """How this decoder runs, in words (for records, logs and /health)."""
+        return "static cache, compiled step" if self.compiled else "static cache"
+
     def rows_for(self, batch: int) -> int:
         """The batch size actually run for ``batch`` requests."""
         if not self.compiled:
@@ -219,7 +223,6 @@ class StaticDecoder:
         if streamer is not None:
             streamer.end()
         return Decoded(sequences=[self._trim(generated[i].tolist(), stop_at_eos) for i in range(batch)],
-                       prompt_tokens=[int(n) for n in inputs["attention_mask"][:batch].sum(dim=1)],
                        ttft_s=ttft, latency_s=latency,
                        step_logits=[t[:batch] for t in kept] if kept is not None else None)
 

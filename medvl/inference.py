@@ -272,8 +272,7 @@ class InferenceEngine:
         """How answers are generated, in words (for /health and logs)."""
         if self.decoder is None:
             return "plain generate"
-        kind = "static cache, compiled step" if self.decoder.compiled else "static cache"
-        return kind + (", int4 (torchao)" if self.int4 else "")
+        return self.decoder.description + (", int4 (torchao)" if self.int4 else "")
 
     def stop(self) -> None:
         self._stop.set()
