@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from medvl.benchmark import build_inputs
-from medvl.decoding import StaticDecoder, should_compile
+from medvl.decoding import StaticDecoder, fuse_projections, should_compile
 from medvl.modeling import input_device, load_model, load_processor
 from medvl.settings import Settings
 
@@ -252,6 +252,7 @@ class InferenceEngine:
             from medvl.quantize import int4_weight_only
 
             started = time.perf_counter()
+            fuse_projections(self.model)  # before quantizing: the decoder's fused matmuls get int4 weights
             int4_weight_only(self.model)
             self.startup_s["quantize_int4"] = time.perf_counter() - started
         decode = self.settings.decode

@@ -78,16 +78,15 @@ def decode_bytes_per_token(model: Any, context: int, batch: int) -> int:
 def matmul_only_step_ms(model: Any, replays: int = 20) -> float:
     """Time of the weight matmuls alone for one batch-1 decoding step, on this GPU.
 
-    Layer 0's seven projections run once per layer (each weight is far larger than L2, so
-    reusing it measures memory, not cache), then lm_head, captured as one CUDA graph so no
-    launch gaps count. This is the ceiling the matmul library allows: a decoding step cannot
-    beat it without faster matmul kernels, whatever happens around them.
+    Layer 0's projections (as the decoder runs them: fused, if it fused them) run once per
+    layer (each weight is far larger than L2, so reusing it measures memory, not cache), then
+    lm_head, captured as one CUDA graph so no launch gaps count. This is the ceiling the matmul
+    library allows: a decoding step cannot beat it without faster matmul kernels, whatever
+    happens around them.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     text = base.model.language_model
-    layer = text.layers[0]
-    linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-               layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    linears = [m for m in text.layers[0].modules() if isinstance(m, torch.nn.Linear)]
     device = base.lm_head.weight.device
     inputs = {m: torch.randn(1, m.in_features, dtype=torch.bfloat16, device=device) for m in [*linears, base.lm_head]}
 
@@ -255,6 +254,20 @@ def make_batches(processor: Any, samples: list[BenchSample], batch_size: int, de
 LOGIT_CHECK_STEPS = 32
 
 
+def profile_decode(decoder: Any, inputs: Any, max_new_tokens: int, rows: int = 20) -> list[str]:
+    """The GPU kernels of one answer by total time (a text table): where a decoding step's
+    time goes beyond the weight matmuls. The prompt's kernels are included (one forward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            decoder.generate(inputs, max_new_tokens, stop_at_eos=False)
+            torch.cuda.synchronize()
+    except RuntimeError as exc:  # profiling CUDA graphs is not supported everywhere: say so
+        return [f"profiling failed: {type(exc).__name__}: {exc}"[:300]]
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows).splitlines()
+
+
 def _brief(run: dict[str, Any]) -> str:
     return (f"decode {run['decode_tokens_per_s_per_row']['p50']:.1f} tok/s per row, TTFT {run['ttft_s']['p50']:.3f} s, "
             f"{100 * run['fraction_of_bandwidth_floor']:.0f}% of the bandwidth floor, peak {run['peak_memory_gb']:.1f} GB")
@@ -280,8 +293,15 @@ def measure_variant(label: str, model: Any, processor: Any, samples: list[BenchS
             record["plain_generate"][f"batch_{b}"] = time_runs(lambda x: plain_generate(model, x, max_new_tokens),
                                                                batches[b], max_new_tokens, per_token(b), bandwidth_gbs)
             log.info("%s plain generate, batch %d: %s", label, b, _brief(record["plain_generate"][f"batch_{b}"]))
+    # Plain generate's logits for the check, before the decoder fuses the model's projections.
+    plain_runs = [plain_generate(model, inputs, LOGIT_CHECK_STEPS, keep_logits=True)
+                  for inputs in batches[1][:2]] if project else []
     if project:
-        try:
+        longest = max(int(x["input_ids"].shape[1]) for bs in batches.values() for x in bs)
+        decoder = StaticDecoder(model, max_cache_len=max(settings.decode.max_cache_len, longest + max_new_tokens),
+                                compile_step=True, batch_sizes=batch_sizes)
+        record["fused_layers"] = decoder.fused_layers
+        try:  # on the decoder's (fused) weights
             record["matmul_only_step_ms"] = matmul_only_step_ms(model)
             record["matmul_only_tokens_per_s"] = 1000 / record["matmul_only_step_ms"]
             log.info("%s: weight matmuls alone take %.2f ms per batch-1 step (%.0f tokens/s ceiling)", label,
@@ -289,9 +309,6 @@ def measure_variant(label: str, model: Any, processor: Any, samples: list[BenchS
         except RuntimeError as exc:  # a kernel that cannot be captured: say so, measure the rest
             record["matmul_only_error"] = f"{type(exc).__name__}: {exc}"[:300]
             record["matmul_only_tokens_per_s"] = float("nan")
-        longest = max(int(x["input_ids"].shape[1]) for bs in batches.values() for x in bs)
-        decoder = StaticDecoder(model, max_cache_len=max(settings.decode.max_cache_len, longest + max_new_tokens),
-                                compile_step=True, batch_sizes=batch_sizes)
         log.info("%s: compiling the decoding step for batch sizes %s", label, batch_sizes)
         record["compile_s_per_batch_size"] = decoder.warm_up(batches[1][0])
         record["static_decoder"] = {}
@@ -299,10 +316,12 @@ def measure_variant(label: str, model: Any, processor: Any, samples: list[BenchS
             record["static_decoder"][f"batch_{b}"] = time_runs(lambda x: project_generate(decoder, x, max_new_tokens),
                                                                batches[b], max_new_tokens, per_token(b), bandwidth_gbs)
             log.info("%s static decoder, batch %d: %s", label, b, _brief(record["static_decoder"][f"batch_{b}"]))
+        record["kernels_batch_1"] = profile_decode(decoder, batches[1][0], max_new_tokens)
+        log.info("%s: GPU kernels of one batch-1 answer (prompt included):\n%s", label,
+                 "\n".join(record["kernels_batch_1"]))
         record["logits_check_vs_plain_generate"] = []
         runs = []
-        for inputs in batches[1][:2]:
-            plain = plain_generate(model, inputs, LOGIT_CHECK_STEPS, keep_logits=True)
+        for inputs, plain in zip(batches[1][:2], plain_runs, strict=True):
             mine = project_generate(decoder, inputs, LOGIT_CHECK_STEPS, keep_logits=True)
             runs.append((inputs, plain, mine))
             record["logits_check_vs_plain_generate"].append(compare_logits(plain, mine))
@@ -328,10 +347,11 @@ def inference_report(model_dir: Path, settings: Settings, samples: list[BenchSam
                      max_new_tokens: int = 128, batch_sizes: tuple[int, ...] = (1, 8),
                      variants: tuple[str, ...] = INFERENCE_VARIANTS,
                      save: Callable[[dict[str, Any]], None] = lambda report: None) -> dict[str, Any]:
-    """bf16 plain vs static decoder, int4 static decoder, NF4 plain (the seed's 4-bit).
+    """NF4 plain (the seed's 4-bit), bf16 plain vs static decoder, int4 static decoder.
 
     ``save`` is called with the report after each variant, so a run cut short keeps what it measured.
     """
+    from medvl.decoding import fuse_projections
     from medvl.modeling import load_model, load_processor
     from medvl.quantize import int4_weight_only
 
@@ -344,8 +364,18 @@ def inference_report(model_dir: Path, settings: Settings, samples: list[BenchSam
 
     def measured(name: str, record: dict[str, Any]) -> None:
         report["variants"][name] = record
+        report["summary"] = inference_summary(report)
+        log.info("summary so far: %s", report["summary"])
         save(report)
 
+    # The seed's 4-bit baseline first: the cheapest to measure, so a run cut short still has it.
+    if "nf4_bitsandbytes" in variants:
+        model = load_model(model_dir, settings, "nf4", dtype=torch.bfloat16)
+        measured("nf4_bitsandbytes", measure_variant("nf4 (bitsandbytes)", model, processor, samples, settings,
+                                                     bandwidth, max_new_tokens, batch_sizes, project=False,
+                                                     baseline=True))
+        del model
+        free_memory()
     if "bf16" in variants or "int4_torchao" in variants:
         model = load_model(model_dir, settings, "none", dtype=torch.bfloat16)
         if "bf16" in variants:
@@ -355,6 +385,7 @@ def inference_report(model_dir: Path, settings: Settings, samples: list[BenchSam
                                                                                dtype=torch.float32)))
         if "int4_torchao" in variants:
             started = time.perf_counter()
+            fuse_projections(model)  # as the server does: the fused weights are quantized (a no-op after bf16)
             int4_weight_only(model)
             torch.cuda.synchronize()
             quantize_s = time.perf_counter() - started
@@ -364,54 +395,48 @@ def inference_report(model_dir: Path, settings: Settings, samples: list[BenchSam
             measured("int4_torchao", {**record, "quantize_s": quantize_s})
         del model
         free_memory()
-    if "nf4_bitsandbytes" in variants:
-        model = load_model(model_dir, settings, "nf4", dtype=torch.bfloat16)
-        measured("nf4_bitsandbytes", measure_variant("nf4 (bitsandbytes)", model, processor, samples, settings,
-                                                     bandwidth, max_new_tokens, batch_sizes, project=False,
-                                                     baseline=True))
-        del model
-        free_memory()
-    if all(name in report["variants"] for name in INFERENCE_VARIANTS):
-        report["summary"] = inference_summary(report)
     return report
 
 
 def inference_summary(report: dict[str, Any]) -> dict[str, Any]:
-    """The headline ratios, batch 1: project over baseline, and the bandwidth-floor share."""
+    """The headline figures at batch 1 from the variants measured so far: project over
+    baseline, the share of the bandwidth floor and of the matmul-only ceiling, the logits verdicts."""
     v = report["variants"]
 
-    def tok_s(variant: str, path: str, batch: int = 1) -> float:
-        return v[variant][path][f"batch_{batch}"]["decode_tokens_per_s_per_row"]["p50"]
+    def tok_s(variant: str, path: str) -> float:
+        return v[variant][path]["batch_1"]["decode_tokens_per_s_per_row"]["p50"]
 
-    bf16_project = tok_s("bf16", "static_decoder")
-    return {
-        "bf16_plain_generate_tok_s": tok_s("bf16", "plain_generate"),
-        "bf16_static_decoder_tok_s": bf16_project,
-        "bf16_speedup": bf16_project / tok_s("bf16", "plain_generate"),
-        "bf16_fraction_of_bandwidth_floor": v["bf16"]["static_decoder"]["batch_1"]["fraction_of_bandwidth_floor"],
-        "bf16_matmul_only_ceiling_tok_s": v["bf16"]["matmul_only_tokens_per_s"],
-        "bf16_fraction_of_matmul_ceiling": bf16_project / v["bf16"]["matmul_only_tokens_per_s"],
-        "nf4_plain_generate_tok_s": tok_s("nf4_bitsandbytes", "plain_generate"),
-        "int4_static_decoder_tok_s": tok_s("int4_torchao", "static_decoder"),
-        "int4_matmul_only_ceiling_tok_s": v["int4_torchao"]["matmul_only_tokens_per_s"],
-        "int4_speedup_over_nf4_plain": tok_s("int4_torchao", "static_decoder") / tok_s("nf4_bitsandbytes", "plain_generate"),
-        **logits_verdict(v),
-    }
-
-
-def logits_verdict(variants: dict[str, Any]) -> dict[str, Any]:
-    """Within bf16 tolerance when the project's path is no farther from float32 than plain
-    generate is (bf16, x1.5 slack), and int4's distance from plain generate on the same int4
-    weights is within the same bf16 noise (x1.5 slack)."""
-    yardstick = variants["bf16"]["fp32_yardstick"]
-    noise = max(c["plain_vs_fp32_max"] for c in yardstick)
-    bf16_ok = all(c["project_vs_fp32_max"] <= 1.5 * c["plain_vs_fp32_max"] for c in yardstick)
-    int4_error = max(c["max_relative_error"] for c in variants["int4_torchao"]["logits_check_vs_plain_generate"])
-    return {"bf16_noise_plain_vs_fp32": noise,
+    summary: dict[str, Any] = {}
+    if "bf16" in v:
+        bf16 = tok_s("bf16", "static_decoder")
+        yardstick = v["bf16"]["fp32_yardstick"]
+        summary.update({
+            "bf16_plain_generate_tok_s": tok_s("bf16", "plain_generate"),
+            "bf16_static_decoder_tok_s": bf16,
+            "bf16_speedup": bf16 / tok_s("bf16", "plain_generate"),
+            "bf16_fraction_of_bandwidth_floor": v["bf16"]["static_decoder"]["batch_1"]["fraction_of_bandwidth_floor"],
+            "bf16_matmul_only_ceiling_tok_s": v["bf16"]["matmul_only_tokens_per_s"],
+            "bf16_fraction_of_matmul_ceiling": bf16 / v["bf16"]["matmul_only_tokens_per_s"],
+            # Within bf16 tolerance: no farther from float32 than plain generate is (x1.5 slack).
+            "bf16_noise_plain_vs_fp32": max(c["plain_vs_fp32_max"] for c in yardstick),
             "bf16_project_vs_fp32_max": max(c["project_vs_fp32_max"] for c in yardstick),
-            "bf16_logits_within_tolerance": bf16_ok,
-            "int4_project_vs_plain_max": int4_error,
-            "int4_logits_within_tolerance": int4_error <= 1.5 * noise}
+            "bf16_logits_within_tolerance": all(c["project_vs_fp32_max"] <= 1.5 * c["plain_vs_fp32_max"]
+                                                for c in yardstick),
+        })
+    if "int4_torchao" in v:
+        int4 = v["int4_torchao"]
+        summary["int4_static_decoder_tok_s"] = tok_s("int4_torchao", "static_decoder")
+        summary["int4_matmul_only_ceiling_tok_s"] = int4["matmul_only_tokens_per_s"]
+        # int4 against plain generate on the same int4 weights, within the bf16 noise above (x1.5).
+        summary["int4_project_vs_plain_max"] = max(c["max_relative_error"] for c in int4["logits_check_vs_plain_generate"])
+        if "bf16" in v:
+            summary["int4_logits_within_tolerance"] = (summary["int4_project_vs_plain_max"]
+                                                       <= 1.5 * summary["bf16_noise_plain_vs_fp32"])
+    if "nf4_bitsandbytes" in v:
+        summary["nf4_plain_generate_tok_s"] = tok_s("nf4_bitsandbytes", "plain_generate")
+        if "int4_torchao" in v:
+            summary["int4_speedup_over_nf4_plain"] = summary["int4_static_decoder_tok_s"] / summary["nf4_plain_generate_tok_s"]
+    return summary
 
 
 # --------------------------------------------------------------------------- training

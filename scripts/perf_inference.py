@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Decoding speed at real scale: plain transformers generate against the project's decoder.
 
-Side by side in one run, on the phase-3 documents, at batch 1 and --batch: bf16 plain
-``generate`` vs the static-cache decoder (compiled step), bitsandbytes NF4 plain ``generate``
-(the seed's 4-bit serving) vs torchao int4 through the same decoder. Records TTFT, decode
-tokens/s, latency p50/p95, peak memory, compile time, the share of the memory-bandwidth
-floor (copy bandwidth measured in the same run) and a next-token-logits check against plain
-generate on the same weights. Needs a CUDA GPU; run on 7b-random for real-scale figures:
+Side by side in one run, on the phase-3 documents, at batch 1 and --batch: bitsandbytes NF4
+plain ``generate`` (the seed's 4-bit serving), bf16 plain ``generate`` vs the static-cache
+decoder (compiled step, fused projections), and torchao int4 through the same decoder.
+Records TTFT, decode tokens/s, latency p50/p95, peak memory, compile time, the share of the
+memory-bandwidth floor (copy bandwidth measured in the same run) and a next-token-logits
+check against plain generate on the same weights. Needs a CUDA GPU; run on 7b-random for real-scale figures:
 
     python scripts/perf_inference.py --profile 7b-random
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from medvl.benchmark import load_benchmark_samples  # noqa: E402
+from medvl.benchmark import ensure_benchmark_documents  # noqa: E402
 from medvl.io import atomic_write_json  # noqa: E402
 from medvl.perf import INFERENCE_VARIANTS, inference_report  # noqa: E402
 from medvl.phase import PhaseError, log, run_tool  # noqa: E402
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="the batch size besides 1 (default: %(default)s)")
     parser.add_argument("--variants", default=",".join(INFERENCE_VARIANTS),
                         help="which to measure, comma-separated (default: %(default)s); the summary "
-                        "needs all three from one run")
+                        "covers those measured")
 
 
 def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
@@ -46,7 +46,9 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
     def save(report: dict) -> None:
         atomic_write_json(wd.bench("perf_inference"), {**header, **report})
 
-    report = inference_report(wd.base_model_dir(settings), settings, load_benchmark_samples(wd.test_images),
+    # Phase 3's documents (written here the same way if phase 3 has not run).
+    samples = ensure_benchmark_documents(wd.test_images, settings.bench.document_seed, settings.bench.num_documents)
+    report = inference_report(wd.base_model_dir(settings), settings, samples,
                               max_new_tokens=args.new_tokens, batch_sizes=(1, args.batch),
                               variants=tuple(args.variants.split(",")), save=save)
     save(report)
@@ -55,4 +57,4 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    run_tool("perf_inference", (2, 3), main, __doc__, add_arguments)
+    run_tool("perf_inference", (2,), main, __doc__, add_arguments)

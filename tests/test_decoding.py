@@ -1,11 +1,16 @@
-"""The static-cache decoder computes what plain greedy generate computes (tiny model, CPU)."""
+"""The static-cache decoder computes what plain greedy generate computes (tiny model, CPU).
+
+The decoder fuses its model's projections in place, so every comparison runs ``generate`` on
+a separately loaded, unfused model: the tests cover the fusion and the grouped attention too.
+"""
 
 import pytest
 import torch
 from PIL import Image
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from medvl.benchmark import build_inputs
-from medvl.decoding import PromptTooLong, StaticDecoder
+from medvl.decoding import PromptTooLong, StaticDecoder, fuse_projections, grouped_decode_attention
 from medvl.documents import benchmark_documents, render_document
 from medvl.modeling import load_model, load_processor
 from medvl.prompts import BENCHMARK_PROMPTS
@@ -15,7 +20,14 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def model_and_processor(tiny_model_dir, tiny_settings):
+    """The unfused model: plain ``generate`` runs on it, never a decoder."""
     return load_model(tiny_model_dir, tiny_settings), load_processor(tiny_model_dir, tiny_settings)
+
+
+@pytest.fixture(scope="module")
+def decoding_model(tiny_model_dir, tiny_settings):
+    """A second copy of the same weights, for the decoders (which fuse it)."""
+    return load_model(tiny_model_dir, tiny_settings)
 
 
 @pytest.fixture(scope="module")
@@ -36,41 +48,70 @@ def plain_answers(model, inputs, max_new_tokens):
     return answers
 
 
-def test_same_tokens_as_generate_batched_and_left_padded(model_and_processor, pages):
+def test_grouped_decode_attention_matches_sdpa():
+    """One query position, 8 query heads over 2 KV heads, a boolean mask hiding some cache
+    slots (as a static cache's unfilled tail): the same output as transformers' SDPA path."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., 7:] = False
+    mask[1, ..., :2] = False
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    got, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
+    torch.testing.assert_close(got, expected)
+
+
+def test_fused_projections_compute_the_same_logits(tiny_model_dir, tiny_settings, model_and_processor, pages):
+    model, processor = model_and_processor
+    images, prompts = pages
+    inputs = build_inputs(processor, images[:2], prompts[:2], torch.device("cpu"))
+    fused = load_model(tiny_model_dir, tiny_settings)
+    assert fuse_projections(fused) == model.config.text_config.num_hidden_layers
+    assert fuse_projections(fused) == 0  # already fused
+    layer = fused.model.language_model.layers[0]
+    assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "gate_proj")
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_same_tokens_as_generate_batched_and_left_padded(model_and_processor, decoding_model, pages):
     model, processor = model_and_processor
     images, prompts = pages
     prompts = [prompts[0], "Read this page.", prompts[2] + " Be brief."]  # different lengths: left padding
     inputs = build_inputs(processor, images, prompts, torch.device("cpu"))
     assert (inputs["attention_mask"] == 0).any()
-    decoder = StaticDecoder(model, max_cache_len=2048, compile_step=False)
+    decoder = StaticDecoder(decoding_model, max_cache_len=2048, compile_step=False)
+    assert decoder.fused_layers == model.config.text_config.num_hidden_layers
     assert decoder.generate(inputs, NEW_TOKENS).sequences == plain_answers(model, inputs, NEW_TOKENS)
 
 
-def test_end_of_sequence_stops_a_row_and_the_others_go_on(model_and_processor, pages):
+def test_end_of_sequence_stops_a_row_and_the_others_go_on(model_and_processor, decoding_model, pages):
     """Make a token the first row emits early an end-of-sequence token: that row stops there
     (and is fed padding after), the others run on, exactly as generate does."""
     model, processor = model_and_processor
     images, prompts = pages
     inputs = build_inputs(processor, images[:2], prompts[:2], torch.device("cpu"))
-    first = StaticDecoder(model, 2048, False).generate(inputs, NEW_TOKENS).sequences
+    first = StaticDecoder(decoding_model, 2048, False).generate(inputs, NEW_TOKENS).sequences
     stop = first[0][3]
     saved = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = [*saved, stop]
+    model.generation_config.eos_token_id = decoding_model.generation_config.eos_token_id = [*saved, stop]
     try:
-        decoded = StaticDecoder(model, 2048, False).generate(inputs, NEW_TOKENS).sequences
+        decoded = StaticDecoder(decoding_model, 2048, False).generate(inputs, NEW_TOKENS).sequences
         expected = plain_answers(model, inputs, NEW_TOKENS)
     finally:
-        model.generation_config.eos_token_id = saved
+        model.generation_config.eos_token_id = decoding_model.generation_config.eos_token_id = saved
     assert decoded == expected
     assert decoded[0][-1] == stop and len(decoded[0]) <= 4
 
 
-def test_compiled_step_gives_the_same_tokens(model_and_processor, pages):
+def test_compiled_step_gives_the_same_tokens(model_and_processor, decoding_model, pages):
     """The real thing: torch.compile'd decoding step (inductor on the CPU), batch 1 and a
     batch of 3 padded up to the compiled size 4."""
     model, processor = model_and_processor
     images, prompts = pages
-    decoder = StaticDecoder(model, max_cache_len=1024, compile_step=True, batch_sizes=(1, 4))
+    decoder = StaticDecoder(decoding_model, max_cache_len=1024, compile_step=True, batch_sizes=(1, 4))
     one = build_inputs(processor, images[:1], prompts[:1], torch.device("cpu"))
     compile_s = decoder.warm_up(one)
     assert set(compile_s) == {1, 4}
@@ -79,8 +120,8 @@ def test_compiled_step_gives_the_same_tokens(model_and_processor, pages):
     assert decoder.generate(three, NEW_TOKENS).sequences == plain_answers(model, three, NEW_TOKENS)
 
 
-def test_a_prompt_longer_than_the_cache_is_refused(model_and_processor):
+def test_a_prompt_longer_than_the_cache_is_refused(model_and_processor, decoding_model):
     model, processor = model_and_processor
     inputs = build_inputs(processor, [Image.new("RGB", (224, 224), "white")], ["Read."], torch.device("cpu"))
     with pytest.raises(PromptTooLong, match="decode.max_cache_len"):
-        StaticDecoder(model, max_cache_len=64, compile_step=False).generate(inputs, 8)
+        StaticDecoder(decoding_model, max_cache_len=64, compile_step=False).generate(inputs, 8)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a lent H100 (see docs/results/h100/README.md): builds the 7b-random profile's inputs
-# (phases 1-3 and 5), then one or both perf scripts. Usage: gpu_perf.sh training|inference|both
+# (phases 1-2, and 5 for training), then one or both perf scripts. Usage: gpu_perf.sh training|inference|both
 # Expects the bitsandbytes and torchao wheels under .whl/ (the GPU image lacks them).
 set -uo pipefail
 what="${1:-both}"
@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLI
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, torchao, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'torchao', torchao.__version__, 'bitsandbytes', b.__version__)"
 wd=/tmp/perf-7b-random
-case $what in training) phases=(1 2 5);; inference) phases=(1 2 3);; *) phases=(1 2 3 5);; esac
+case $what in training) phases=(1 2 5);; inference) phases=(1 2);; *) phases=(1 2 5);; esac
 for n in "${phases[@]}"; do
   ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
     || { tail -20 "$OUT/pipeline.log"; exit 1; }
