@@ -514,6 +514,30 @@ def profile_step(model: Any, loss_fn: Callable[..., torch.Tensor], batch: dict[s
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows).splitlines()
 
 
+def python_profile_step(model: Any, loss_fn: Callable[..., torch.Tensor], batch: dict[str, torch.Tensor],
+                        rows: int = 25) -> list[str]:
+    """One training step (forward, backward) under cProfile: where the host's time goes when
+    the GPU waits on it (batch 1). Sorted by time spent in each function itself."""
+    import cProfile
+    import io
+    import pstats
+
+    batch = {k: v.to("cuda") for k, v in batch.items()}
+    labels = batch.pop("labels")
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = loss_fn(model, batch, labels)
+    loss.backward()
+    torch.cuda.synchronize()
+    profiler.disable()
+    model.zero_grad(set_to_none=True)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    return [line for line in text.getvalue().splitlines() if line.strip()]
+
+
 def training_report(model_dir: Path, data_dir: Path, settings: Settings,
                     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32), steps: int = 4, warmup: int = 2) -> dict[str, Any]:
     """Plain PEFT QLoRA vs the project's path at each batch size, until memory runs out."""
@@ -539,6 +563,9 @@ def training_report(model_dir: Path, data_dir: Path, settings: Settings,
         record: dict[str, Any] = {"trainable": check_trainable(model), "batches": {}}
         record["profile_batch_1"] = profile_step(model, loss_fn, collator(rows[:1]))
         log.info("%s, one step at batch 1, by GPU time:\n%s", name, "\n".join(record["profile_batch_1"]))
+        record["python_profile_batch_1"] = python_profile_step(model, loss_fn, collator(rows[:1]))
+        log.info("%s, one step at batch 1, host time by function:\n%s", name,
+                 "\n".join(record["python_profile_batch_1"]))
         for size in batch_sizes:
             torch.manual_seed(0)
             batches = [collator([rows[(i * size + j) % len(rows)] for j in range(size)]) for i in range(warmup + steps)]
@@ -583,4 +610,17 @@ def training_summary(report: dict[str, Any]) -> dict[str, Any]:
                                                   "tokens_per_s": best["tokens_per_s"],
                                                   "peak_memory_gb": best["peak_memory_gb"]}
     summary["best_speedup_at_no_more_memory"] = best["tokens_per_s"] / best_plain["tokens_per_s"]
+    # For each plain batch size: the project's fastest configuration that fits in its memory.
+    summary["per_plain_batch_at_no_more_memory"] = {}
+    for key, mine in plain.items():
+        if not ran(mine):
+            continue
+        fits = [(n, r) for n, k, r in ((n, k, r) for n, p in report["paths"].items() if n != "plain_peft"
+                                       for k, r in p["batches"].items())
+                if ran(r) and r["peak_memory_gb"] <= mine["peak_memory_gb"]]
+        if fits:
+            name, best = max(fits, key=lambda c: c[1]["tokens_per_s"])
+            summary["per_plain_batch_at_no_more_memory"][key] = {
+                "path": name, "batch": best["batch_size"], "speedup": best["tokens_per_s"] / mine["tokens_per_s"],
+                "peak_memory_gb": best["peak_memory_gb"], "plain_peak_memory_gb": mine["peak_memory_gb"]}
     return summary
