@@ -505,6 +505,7 @@ def profile_step(model: Any, loss_fn: Callable[..., torch.Tensor], batch: dict[s
 
     batch = {k: v.to("cuda") for k, v in batch.items()}
     labels = batch.pop("labels")
+    model.train()  # as in training: dropout on, gradient checkpointing active
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(model, batch, labels)
@@ -524,6 +525,7 @@ def python_profile_step(model: Any, loss_fn: Callable[..., torch.Tensor], batch:
 
     batch = {k: v.to("cuda") for k, v in batch.items()}
     labels = batch.pop("labels")
+    model.train()
     profiler = cProfile.Profile()
     torch.cuda.synchronize()
     profiler.enable()
