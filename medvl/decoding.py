@@ -118,6 +118,12 @@ def _plain_linears(*modules: Any) -> bool:
     return all(type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter for m in modules)
 
 
+def fused_layer_count(model: Any) -> int:
+    """Language-model layers whose projections are fused."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return sum(isinstance(layer.self_attn, _FusedQKVAttention) for layer in base.model.language_model.layers)
+
+
 def fuse_projections(model: Any) -> int:
     """Fuse every language-model layer's q/k/v and gate/up projections, in place.
 
@@ -261,7 +267,8 @@ class StaticDecoder:
                  batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         self.model = model
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.fused_layers = fuse_projections(self.base)
+        fuse_projections(self.base)
+        self.fused_layers = fused_layer_count(self.base)  # fused here or before (int4 serving fuses first)
         self.max_cache_len = max_cache_len
         self.compiled = compile_step
         self.batch_sizes = tuple(sorted(batch_sizes))

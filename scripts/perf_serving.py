@@ -5,8 +5,9 @@ Starts :class:`medvl.inference.InferenceEngine` exactly as ``api/server.py`` doe
 (the bf16 base checkpoint quantized to torchao int4 at start-up unless --no-int4, fused
 projections, the decoding step compiled for batch 1 and --max-batch before the engine says
 ready), then sends the phase-3 documents one at a time and then all at once. Records the
-start-up cost per stage, each request's latency and tokens, and how many frames torch.compile
-compiled before and after the first request (equal: no request paid for compilation).
+start-up cost per stage, each request's latency and tokens, and how many graphs torch.compile
+had compiled when the engine said ready and after the last request (equal: no request paid
+for compilation).
 
     python scripts/perf_serving.py --profile 7b-random
 
@@ -38,11 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-int4", action="store_true", help="serve the bf16 checkpoint as is")
 
 
-def compiled_frames() -> int:
-    """Frames torch.compile has compiled in this process so far."""
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far."""
     from torch._dynamo.utils import counters
 
-    return int(counters["frames"]["ok"])
+    return int(counters["stats"]["unique_graphs"])
 
 
 def result_row(request: GenerationRequest) -> dict:
@@ -62,9 +63,9 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
                              int4=not args.no_int4)
     engine.start()
     engine.wait_ready(timeout=1800)
-    frames_at_ready = compiled_frames()
-    log.info("engine ready: %s; start-up %s s; %d frames compiled", engine.decoding,
-             {k: round(v, 1) for k, v in engine.startup_s.items()}, frames_at_ready)
+    graphs_at_ready = compiled_graphs()
+    log.info("engine ready: %s; start-up %s s; %d graphs compiled", engine.decoding,
+             {k: round(v, 1) for k, v in engine.startup_s.items()}, graphs_at_ready)
 
     def send(picks: list[int]) -> list[GenerationRequest]:
         requests = [GenerationRequest(images[i], samples[i].prompt, args.new_tokens) for i in picks]
@@ -79,7 +80,7 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
     report = {**settings.record(("model", "decode")), "command": shlex.join(["python", *sys.argv]),
               "gpu": torch.cuda.get_device_name(0) if cuda else None, "decoding": engine.decoding, "startup_s": engine.startup_s,
               "compile_s_per_batch_size": engine.decoder.compile_s if engine.decoder else None,
-              "frames_compiled_at_ready": frames_at_ready, "frames_compiled_after_requests": compiled_frames(),
+              "graphs_compiled_at_ready": graphs_at_ready, "graphs_compiled_after_requests": compiled_graphs(),
               "requests_one_at_a_time": one_at_a_time, "requests_all_at_once": all_at_once,
               "latency_s_one_at_a_time": summarize([r["latency_s"] for r in one_at_a_time]),
               "latency_s_all_at_once": summarize([r["latency_s"] for r in all_at_once]),
@@ -87,7 +88,7 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
     atomic_write_json(wd.bench("perf_serving"), report)
     log.info("one at a time: %s", one_at_a_time)
     log.info("all at once: %s", all_at_once)
-    log.info("frames compiled at ready %d, after all requests %d", frames_at_ready, report["frames_compiled_after_requests"])
+    log.info("graphs compiled at ready %d, after all requests %d", graphs_at_ready, report["graphs_compiled_after_requests"])
     return report
 
 
