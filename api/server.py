@@ -98,7 +98,7 @@ class ServerConfig:
 def int4_serving(settings: Any) -> bool:
     """Serve 4-bit as torchao int4 (quantized at start-up from the bf16 checkpoint) rather than
     bitsandbytes NF4: on a CUDA GPU, with the compiled static-cache decoder, when torchao is
-    installed. NF4 decodes at ~24 tokens/s on an H100 where int4 reaches ~227
+    installed. NF4 decodes at ~26-43 tokens/s on an H100 where int4 reaches ~264-271
     (docs/results/h100/perf_inference*.json)."""
     import importlib.util
 

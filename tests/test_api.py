@@ -3,6 +3,8 @@
 import base64
 import io
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,6 +16,8 @@ from api.server import ServerConfig, create_app
 from api.validate import running_server, validate
 from medvl.inference import InferenceEngine, parse_structured, repair_json
 from medvl.settings import load_settings
+
+from conftest import REPO, extend_run
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +162,25 @@ def test_structured_parsing_repairs_then_falls_back():
     assert repair_json('{"a": [1, 2') == {"a": [1, 2]}
     assert json.dumps(parse_structured("")[0]) == json.dumps(
         {"medications": [], "diagnoses": [], "procedures": [], "lab_values": [], "vitals": {}})
+
+
+def test_perf_serving_smoke_run_answers_without_compiling_per_request(phases_1_2, tmp_path_factory):
+    """scripts/perf_serving.py on the CPU (bf16 engine, --no-int4): the engine starts, answers
+    five documents one at a time and then as one batch, and records its start-up; int4 without
+    a GPU is refused with the flag to use."""
+    wd = extend_run(phases_1_2, (), tmp_path_factory, "serving")
+
+    def perf_serving(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/perf_serving.py", "--workdir", str(wd), *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    refused = perf_serving()
+    assert refused.returncode != 0 and "--no-int4" in refused.stderr
+    result = perf_serving("--no-int4", "--new-tokens", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((wd / "benchmarks" / "perf_serving.json").read_text())
+    assert report["graphs_compiled_after_requests"] == report["graphs_compiled_at_ready"]
+    assert {"load", "decoder_warm_up"} <= set(report["startup_s"])
+    assert len(report["requests_one_at_a_time"]) == len(report["requests_all_at_once"]) == 5
+    assert all(r["batch_size"] == 1 for r in report["requests_one_at_a_time"])
+    assert all(r["batch_size"] == 5 and 0 < r["generated_tokens"] <= 8 for r in report["requests_all_at_once"])
