@@ -114,8 +114,10 @@ def _concatenated(linears: list[torch.nn.Linear]) -> torch.nn.Linear:
 
 
 def _plain_linears(*modules: Any) -> bool:
-    """Only unquantized, unwrapped layers are fused (not LoRA wrappers or 4-bit weights)."""
-    return all(type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter for m in modules)
+    """Only unquantized, unwrapped, resident layers are fused: not LoRA wrappers, 4-bit
+    weights, or layers accelerate offloads (their weights live elsewhere until a hook loads them)."""
+    return all(type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter
+               and m.weight.device.type != "meta" and not hasattr(m, "_hf_hook") for m in modules)
 
 
 def fused_layer_count(model: Any) -> int:
@@ -132,7 +134,7 @@ def fuse_projections(model: Any) -> int:
     One q/k/v matmul and one gate/up matmul per layer read the same bytes in fewer, larger
     kernels. The model computes the same function afterwards (``generate`` works unchanged),
     but its state dict has the fused names: fuse a model for serving, never before saving.
-    Returns the number of layers fused (0 when already fused, quantized or LoRA-wrapped).
+    Returns the number of layers fused (0 when already fused, quantized, LoRA-wrapped or offloaded).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     fused = 0
