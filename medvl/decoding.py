@@ -193,16 +193,16 @@ class _FusedGateUpMLP(qwen.Qwen2MLP):
         return self.down_proj(self.act_fn(gate) * up)
 
 
-# --------------------------------------------------------------------------- the decoder
+# --------------------------------------------------------------------------- the slot decoder
 
 
 class PromptTooLong(ValueError):
-    """The prompt plus the answer budget does not fit the static cache."""
+    """The prompt plus the answer budget does not fit a cache slot."""
 
 
 @dataclass
 class Decoded:
-    """One batch's result: new tokens per row (through the end-of-sequence token, if any)."""
+    """One fixed batch's result: new tokens per row (through the end-of-sequence token, if any)."""
 
     sequences: list[list[int]]
     ttft_s: float
@@ -234,208 +234,274 @@ def generation_position_ids(model: Any, inputs: Any) -> torch.Tensor:
     return torch.cat([text.unsqueeze(0), vision.to(text.device)], dim=0)
 
 
-def _repeat_last_row(inputs: dict[str, Any], rows: int) -> dict[str, Any]:
-    """Pad a batch to ``rows`` by repeating its last sample (outputs of copies are dropped).
+def bucket_sizes(slots: int) -> tuple[int, ...]:
+    """Batch sizes a decoding step is compiled for: powers of two up to ``slots``, and ``slots``.
 
-    A compiled step exists per batch size, so odd batches are rounded up to a compiled size;
-    decoding is memory-bound, so the extra rows cost little.
+    A running batch of n rows runs the smallest bucket >= n (the extra rows are idle slots):
+    decoding is bound by reading the weights, so a few idle rows cost little, and a handful of
+    graphs cover every batch size.
     """
-    have = inputs["input_ids"].shape[0]
-    if have == rows:
-        return inputs
-    extra = rows - have
-    out = dict(inputs)
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if key in out and out[key] is not None:
-            out[key] = torch.cat([out[key], out[key][-1:].expand(extra, -1)])
-    grid = out.get("image_grid_thw")
-    if grid is not None and grid.shape[0] > 0:
-        # Each sample here carries one image: repeat the last image's patches and grid row.
-        patches = int(grid[-1].prod())
-        out["pixel_values"] = torch.cat([out["pixel_values"]] + [out["pixel_values"][-patches:]] * extra)
-        out["image_grid_thw"] = torch.cat([grid] + [grid[-1:]] * extra)
-    return out
+    sizes, size = [], 1
+    while size < slots:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, slots)
 
 
-class StaticDecoder:
-    """Greedy decoding over a static KV cache, with the decoding step optionally compiled.
+class _SlotCacheView:
+    """What the model's attention layers see during one decoding step: ``update`` writes each
+    row's new key/value at that row's own column and returns the first ``rows`` slots."""
 
-    ``batch_sizes`` are the batch sizes a compiled step is built for; a batch is padded up
-    to the next one. Without compilation any batch size runs as is. The model's projections
-    are fused in place (:func:`fuse_projections`) where its layers allow.
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write_at: torch.Tensor) -> None:
+        self.keys, self.values, self.write_at = keys, values, write_at
+        self.rows = torch.arange(write_at.shape[0], device=write_at.device)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        n = key.shape[0]
+        keys[self.rows, :, self.write_at] = key[:, :, 0]
+        values[self.rows, :, self.write_at] = value[:, :, 0]
+        return keys[:n], values[:n]
+
+
+class SlotDecoder:
+    """A KV cache of ``slots`` rows, each with its own length and position, and one decoding step.
+
+    Why slots: continuous batching needs rows that start and end independently. Each slot keeps
+    its own write column, M-RoPE position, attention mask over the cache, and the token ids it
+    has seen (for the repetition penalty), so a request can be prefilled into a free slot while
+    others are mid-answer, and leave without waiting for them. The rows of a step are slots
+    ``0..n-1``; the engine keeps running requests packed there (:meth:`move`).
+
+    What a row computes is what plain greedy ``generate`` computes for that prompt alone:
+
+    - the prompt runs eagerly (any length; several prompts left-padded together) and its keys
+      and values are copied into the slots; positions are built as ``generate`` builds them
+      (Qwen2.5-VL's M-RoPE rows from ``get_rope_index``), then +1 per step;
+    - each step's logits are float32, after the generation config's repetition penalty (Qwen2.5-VL
+      ships 1.05, which greedy ``generate`` applies): every token id already in the row has its
+      logit divided (or, if negative, multiplied) by it; padding is not counted as seen, so a row
+      prefilled beside longer prompts sees what it would see alone;
+    - a step's attention covers exactly the row's own filled columns (a boolean mask per slot).
+
+    The step is the one compiled function (``torch.compile``, ``reduce-overhead``: replayed as
+    a CUDA graph): one graph per bucket of :func:`bucket_sizes`, compiled in :meth:`warm_up`,
+    never inside a request.
     """
 
-    def __init__(self, model: Any, max_cache_len: int, compile_step: bool,
-                 batch_sizes: tuple[int, ...] = (1, 8)) -> None:
+    def __init__(self, model: Any, max_cache_len: int, slots: int, compile_step: bool) -> None:
         self.model = model
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         fuse_projections(self.base)
         self.fused_layers = fused_layer_count(self.base)  # fused here or before (int4 serving fuses first)
         self.max_cache_len = max_cache_len
+        self.slots = slots
+        self.buckets = bucket_sizes(slots)
         self.compiled = compile_step
-        self.batch_sizes = tuple(sorted(batch_sizes))
         gen = self.base.generation_config
         eos = gen.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else (self.eos_ids or [0])[0]
         self.repetition_penalty = float(gen.repetition_penalty or 1.0)
         self.device = self.base.get_input_embeddings().weight.device
-        self._caches: dict[int, Any] = {}
-        self._eos = torch.tensor(self.eos_ids or [-1], device=self.device)
-        self.step = (torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-                     if compile_step else self._step)
+        text = self.base.config.text_config
+        self.vocab = self.base.get_output_embeddings().weight.shape[0]
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        # Per-slot state, on the device; rows 0..n-1 of these are a step's inputs.
+        self.mask = torch.zeros(slots, max_cache_len, dtype=torch.bool, device=self.device)
+        self.write_at = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+        self.last_token = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._text_config = text
+        self._step = (torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=True)
+                      if compile_step else self._forward_step)
         self.compile_s: dict[int, float] = {}
-
-    # ---- the one compiled function
-    def _step(self, token: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-              cache: Any, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1, :].float()
-        return self._pick(logits, seen), logits
-
-    def _pick(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """Greedy choice after the repetition penalty (``seen``: token ids already in each row)."""
-        p = self.repetition_penalty
-        if p != 1.0:
-            logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
-        return logits.argmax(dim=-1)
 
     # ---- bookkeeping
     @property
     def description(self) -> str:
         """How this decoder runs, in words (for records, logs and /health)."""
         fused = ", fused projections" if self.fused_layers else ""
-        return ("static cache, compiled step" if self.compiled else "static cache") + fused
+        mode = "compiled step" if self.compiled else "eager step"
+        return f"continuous batching over {self.slots} cache slots, {mode}{fused}"
 
-    def rows_for(self, batch: int) -> int:
-        """The batch size actually run for ``batch`` requests."""
-        if not self.compiled:
-            return batch
-        for size in self.batch_sizes:
-            if size >= batch:
+    def bucket(self, rows: int) -> int:
+        """The batch size actually run for ``rows`` running rows."""
+        for size in self.buckets:
+            if size >= rows:
                 return size
-        raise ValueError(f"batch of {batch} is larger than the largest compiled size {self.batch_sizes[-1]}")
-
-    def _cache(self, rows: int) -> Any:
-        from transformers import StaticCache
-
-        if rows not in self._caches:
-            self._caches[rows] = StaticCache(config=self.base.config, max_cache_len=self.max_cache_len)
-        cache = self._caches[rows]
-        cache.reset()
-        return cache
+        raise ValueError(f"{rows} rows exceed the {self.slots} cache slots")
 
     def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
         return prompt_len + max_new_tokens <= self.max_cache_len
 
-    # ---- decoding
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if not self.fits(prompt_len, max_new_tokens):
+            raise PromptTooLong(f"{prompt_len} prompt tokens + {max_new_tokens} new tokens exceed the context of "
+                                f"{self.max_cache_len} tokens (decode.max_cache_len)")
+
+    def _allocate(self, like: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The cache itself, shaped after the first prompt's keys/values (dtype and device per layer)."""
+        for key, _ in like:
+            shape = (self.slots, key.shape[1], self.max_cache_len, key.shape[3])
+            self.keys.append(torch.zeros(shape, dtype=key.dtype, device=key.device))
+            self.values.append(torch.zeros(shape, dtype=key.dtype, device=key.device))
+        if self.compiled:  # fixed addresses: the CUDA graphs read and write these in place
+            for t in (*self.keys, *self.values, self.mask, self.write_at, self.position, self.seen):
+                torch._dynamo.mark_static_address(t)
+
+    def _penalize(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        p = self.repetition_penalty
+        if p == 1.0:
+            return logits
+        return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+
+    # ---- prefill
+    @torch.inference_mode()
+    def prefill(self, inputs: Any, slots: list[int]) -> torch.Tensor:
+        """Run left-padded prompts (as the processor makes them) into ``slots``; returns each row's
+        first-token logits (float32, penalized), ``[rows, vocab]``."""
+        from transformers import DynamicCache
+
+        batch, prompt_len = inputs["input_ids"].shape
+        if prompt_len > self.max_cache_len:
+            self.check_fits(prompt_len, 0)
+        attention = inputs["attention_mask"]
+        positions = generation_position_ids(self.base, inputs)
+        cache = DynamicCache(config=self.base.config)
+        prompt = {k: v for k, v in inputs.items() if k != "attention_mask"}
+        out = self.model(**prompt, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        self.base.model.rope_deltas = None  # positions are passed in; a stale batch size would confuse later calls
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        if not self.keys:
+            self._allocate(layers)
+        index = torch.tensor(slots, device=self.device)
+        for (key, value), keys, values in zip(layers, self.keys, self.values, strict=True):
+            keys[index.to(keys.device), :, :prompt_len] = key
+            values[index.to(keys.device), :, :prompt_len] = value
+        self.mask[index] = False
+        self.mask[index, :prompt_len] = attention.bool()
+        self.write_at[index] = prompt_len
+        self.position[index] = positions[1:, :, -1].amax(dim=0) + 1  # text after the prompt: all 3 rows equal
+        # Padding is not "seen": a row counts the tokens it would have alone (its last token stands in).
+        real = torch.where(attention.bool(), inputs["input_ids"], inputs["input_ids"][:, -1:])
+        seen = torch.zeros(batch, self.vocab, dtype=torch.bool, device=self.device).scatter_(1, real, True)
+        self.seen[index] = seen
+        return self._penalize(out.logits[:, -1, :].float(), seen)
+
+    # ---- decoding steps
+    def _forward_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The compiled function: one new token for each of the first ``len(tokens)`` slots."""
+        rows = tokens.shape[0]
+        positions = self.position[:rows].view(1, rows, 1).expand(3, rows, 1)
+        mask = {"full_attention": self.mask[:rows, None, None, :]}
+        out = self.model(input_ids=tokens.view(rows, 1), attention_mask=mask, position_ids=positions,
+                         past_key_values=_SlotCacheView(self.keys, self.values, self.write_at[:rows]), use_cache=True)
+        return self._penalize(out.logits[:, -1, :].float(), self.seen[:rows])
+
+    @torch.inference_mode()
+    def step(self, rows: int) -> torch.Tensor:
+        """Feed each of slots ``0..rows-1`` its last token; returns their next-token logits
+        ``[rows, vocab]`` (float32, penalized; valid until the next step)."""
+        bucket = self.bucket(rows)
+        live = torch.arange(rows, device=self.device)
+        self.mask[live, self.write_at[:rows]] = True  # the new token attends to itself
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        with _attention(self._text_config, DECODE_ATTENTION):
+            logits = self._step(self.last_token[:bucket])
+        self.write_at[:rows] += 1
+        self.position[:rows] += 1
+        return logits[:rows]
+
+    @torch.inference_mode()
+    def accept(self, slots: list[int] | int, tokens: torch.Tensor) -> None:
+        """Record the chosen tokens: the next step's inputs, and seen for the repetition penalty."""
+        index = torch.arange(slots, device=self.device) if isinstance(slots, int) else torch.tensor(slots, device=self.device)
+        self.last_token[index] = tokens
+        self.seen[index, tokens] = True
+
+    @torch.inference_mode()
+    def move(self, source: int, target: int) -> None:
+        """Copy slot ``source`` into slot ``target`` (keeps running rows packed at the front)."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[target] = keys[source]
+            values[target] = values[source]
+        for state in (self.mask, self.write_at, self.position, self.seen, self.last_token):
+            state[target] = state[source]
+
+    def reset(self) -> None:
+        """Forget every row (warm-up leaves its traces in the per-slot state)."""
+        for state in (self.mask, self.write_at, self.position, self.seen, self.last_token):
+            state.zero_()
+
+    # ---- a fixed batch, start to end (benchmarks, tests)
     @torch.inference_mode()
     def generate(self, inputs: Any, max_new_tokens: int, stop_at_eos: bool = True,
-                 keep_logits: bool = False, streamer: Any = None) -> Decoded:
-        """Greedy-decode a left-padded batch (as the processor makes it).
+                 keep_logits: bool = False) -> Decoded:
+        """Greedy-decode one left-padded batch in slots ``0..batch-1`` (nothing else may run).
 
         ``stop_at_eos=False`` decodes exactly ``max_new_tokens`` (benchmarks with random weights).
         """
         batch, prompt_len = inputs["input_ids"].shape
-        if not self.fits(prompt_len, max_new_tokens):
-            raise PromptTooLong(f"{prompt_len} prompt + {max_new_tokens} new tokens exceed the static cache "
-                                f"of {self.max_cache_len}; raise decode.max_cache_len")
-        rows = self.rows_for(batch)
-        inputs = _repeat_last_row(dict(inputs), rows)
-        position_ids = generation_position_ids(self.base, inputs)
-        cache = self._cache(rows)
-        mask = torch.ones(rows, self.max_cache_len, dtype=inputs["attention_mask"].dtype, device=self.device)
-        mask[:, :prompt_len] = inputs["attention_mask"]
-        if streamer is not None:
-            streamer.put(inputs["input_ids"][:1].cpu())
-
+        self.check_fits(prompt_len, max_new_tokens)
         _sync(self.device)
         started = time.perf_counter()
-        # Prefill: eager, any prompt length; fills the static cache.
-        prompt = {k: v for k, v in inputs.items() if k != "attention_mask"}
-        out = self.model(**prompt, attention_mask=mask[:, :prompt_len], position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :].float()
-        seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
-        seen.scatter_(1, inputs["input_ids"], True)
-        token = self._pick(logits, seen)
-        seen.scatter_(1, token.unsqueeze(1), True)
+        logits = self.prefill(inputs, list(range(batch)))
+        token = logits.argmax(dim=-1)
+        self.accept(batch, token)
         _sync(self.device)
         ttft = time.perf_counter() - started
         kept = [logits.clone()] if keep_logits else None
         tokens = [token]
-        unfinished = ~torch.isin(token, self._eos) if stop_at_eos else torch.ones_like(token, dtype=torch.bool)
-        if streamer is not None:
-            streamer.put(token[:1].cpu())
-        position = position_ids[..., -1:].clone()
-        # The model keeps the last prompt's rope deltas and returns them from every forward; the
-        # steps do not use them (positions are passed in), so clear them: a stale batch size
-        # would otherwise fail the compiled step's guards and recompile it.
-        self.base.model.rope_deltas = None
-        # Once a batch size is compiled, evaluate only the guards that tell compiled entries apart:
-        # full guard checks over ~200 (quantized) weight tensors cost CPU time on every step.
-        stance = (torch.compiler.set_stance(skip_guard_eval_unsafe=True) if rows in self.compile_s
-                  else contextlib.nullcontext())
-        with stance, _attention(self.base.config.text_config, DECODE_ATTENTION):
-            self._decode_steps(tokens, unfinished, position, mask, cache, seen, batch, max_new_tokens,
-                               stop_at_eos, kept, streamer)
-        generated = torch.stack(tokens, dim=1).cpu()
-        _sync(self.device)
-        latency = time.perf_counter() - started
-        if streamer is not None:
-            streamer.end()
-        return Decoded(sequences=[self._trim(generated[i].tolist(), stop_at_eos) for i in range(batch)],
-                       ttft_s=ttft, latency_s=latency,
-                       step_logits=[t[:batch] for t in kept] if kept is not None else None)
-
-    def _decode_steps(self, tokens: list[torch.Tensor], unfinished: torch.Tensor, position: torch.Tensor,
-                      mask: torch.Tensor, cache: Any, seen: torch.Tensor, batch: int, max_new_tokens: int,
-                      stop_at_eos: bool, kept: list[torch.Tensor] | None, streamer: Any) -> None:
-        """Every token after the first: one (compiled) step each, appended to ``tokens``."""
-        token = tokens[-1]
+        eos = torch.tensor(self.eos_ids or [-1], device=self.device)
+        finished = torch.isin(token, eos) if stop_at_eos else torch.zeros_like(token, dtype=torch.bool)
         for step in range(1, max_new_tokens):
-            if stop_at_eos and step % 8 == 0 and not bool(unfinished[:batch].any()):
+            if stop_at_eos and step % 8 == 0 and bool(finished.all()):
                 break
-            position += 1
-            if self.compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            nxt, logits = self.step(token.unsqueeze(1), position, mask, cache, seen)
+            logits = self.step(batch)
+            token = logits.argmax(dim=-1)
             if kept is not None:
                 kept.append(logits.clone())
-            token = torch.where(unfinished, nxt, torch.full_like(nxt, self.pad_id))
-            seen.scatter_(1, token.unsqueeze(1), True)
-            if stop_at_eos:
-                unfinished = unfinished & ~torch.isin(token, self._eos)
+            self.accept(batch, token)
             tokens.append(token)
-            if streamer is not None:
-                streamer.put(token[:1].cpu())
-                if stop_at_eos and not bool(unfinished[0]):
-                    break
+            if stop_at_eos:
+                finished |= torch.isin(token, eos)
+        generated = torch.stack(tokens, dim=1).cpu()
+        latency = time.perf_counter() - started
+        return Decoded(sequences=[self._trim(generated[i].tolist(), stop_at_eos) for i in range(batch)],
+                       ttft_s=ttft, latency_s=latency, step_logits=kept)
 
     def _trim(self, ids: list[int], stop_at_eos: bool) -> list[int]:
-        """Cut after the first end-of-sequence token (what follows is padding)."""
+        """Cut after the first end-of-sequence token (what follows is not part of the answer)."""
         if stop_at_eos:
             for i, token in enumerate(ids):
                 if token in self.eos_ids:
                     return ids[: i + 1]
         return ids
 
-    def warm_up(self, inputs: Any, steps: int = 4) -> dict[int, float]:
-        """Compile (and capture) the step for every batch size; returns seconds per size.
+    def warm_up(self, inputs: Any, steps: int = 3) -> dict[int, float]:
+        """Compile (and capture) the step for every bucket; returns seconds per bucket.
 
-        Run once at start-up: the first call of each shape compiles, the next ones record the
-        CUDA graph; after this no request pays for compilation.
+        Run once at start-up, smallest bucket first: the first call of a shape compiles, the
+        next records the CUDA graph; after this no request pays for compilation. torch.compile's
+        automatic dynamic shapes compile batch 1 on its own and one graph for every larger
+        bucket (the second size seen makes the batch dimension dynamic); each bucket still gets
+        its own CUDA graph recording.
         """
-        sizes = self.batch_sizes if self.compiled else (1,)
-        for rows in sizes:
+        self.prefill(inputs, [0])
+        for rows in self.buckets if self.compiled else (1,):
             started = time.perf_counter()
-            batch = _repeat_last_row(dict(inputs), rows) if rows >= inputs["input_ids"].shape[0] else inputs
-            for _ in range(2):
-                self.generate(batch, max_new_tokens=steps, stop_at_eos=False)
+            for _ in range(steps):
+                self.step(rows)
+            _sync(self.device)
             self.compile_s[rows] = time.perf_counter() - started
             log.info("decode step for batch %d ready in %.1f s (%s)", rows, self.compile_s[rows],
                      "compiled" if self.compiled else "eager")
+        self.reset()
         return dict(self.compile_s)
 
 

@@ -1,0 +1,443 @@
+"""The serving engine: continuous batching over the slot decoder, for every caller.
+
+Why: the API used to form a batch from the requests already waiting and run it until its
+longest row ended, so a row that finished early held its place and arrivals waited for the
+whole batch; chats and streams ran alone. On an H100 (``7b-random``, 680-token pages, 128
+new tokens) that served 1.0-4.2 requests/s with 32 clients. Here, as in vLLM and SGLang,
+requests join a running batch as rows free up and each row leaves at its own end:
+
+- a bounded waiting queue (past it :class:`Overloaded`, which the API answers with 503 and
+  ``Retry-After``);
+- each loop turn admits waiting requests into free cache slots (several arrivals prefilled
+  together, up to ``max_prefill_tokens``), then runs one decoding step for every running row;
+- a row ends at its end-of-sequence token, its own ``max_tokens`` or stop string, or when its
+  caller cancels it (timeout, hang-up); its slot is free for the next turn;
+- a failure in one request's prefill is retried alone, so it fails only that request.
+
+Prompts are prepared (chat template, image processor: ~26 ms of CPU per page) by the caller's
+thread in :meth:`Engine.prepare`, off the engine's loop. The API, the CLI, the benchmark
+harness and phase 7 all decode through this class.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from medvl.decoding import PromptTooLong, SlotDecoder
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full; the caller should retry later."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request's tokens are chosen and when it ends.
+
+    ``temperature`` 0 is greedy (the default: extraction answers should not vary run to run).
+    With ``seed`` set, sampling draws from a generator of its own: the same request gives the
+    same answer again.
+    """
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks on random weights: always max_tokens tokens
+
+
+@dataclass
+class Prompt:
+    """A prepared prompt: the processor's tensors for one request, on the CPU."""
+
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.tensors["input_ids"].shape[1])
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # stop | length | cancelled
+    queue_s: float  # waiting for a slot
+    ttft_s: float  # submit to first token
+    latency_s: float  # submit to last token
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class EngineMetrics:
+    """What the engine reports as it works; the API's Prometheus metrics subclass this."""
+
+    def prompt_tokens(self, n: int) -> None: ...
+    def generation_tokens(self, n: int) -> None: ...
+    def time_to_first_token(self, seconds: float) -> None: ...
+    def inter_token_latency(self, seconds: float) -> None: ...
+    def request_finished(self, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's life in the engine. ``on_text`` (streaming) is called from the engine's
+    thread with each new piece of text; it must not block."""
+
+    prompt: Prompt
+    params: SamplingParams
+    on_text: Callable[[str], None] | None = None
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    # set by the engine
+    admitted: float = 0.0
+    first_token: float = 0.0
+    last_token: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # detokenized so far (streams and stop strings only)
+    _read: int = 0  # tokens already turned into text
+    _prefix: int = 0  # where the last text piece started (for multi-token characters)
+    _sent: int = 0  # characters of ``text`` already passed to ``on_text``
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; its slot frees on the engine's next turn."""
+        self.cancelled = True
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities reach ``top_p``."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(descending=True)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # the first token is always kept
+    filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+    return filtered / filtered.sum()
+
+
+def choose_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Greedy argmax for greedy rows; temperature/top-p sampling (own generator) for the rest."""
+    tokens = logits.argmax(dim=-1)
+    for row, request in enumerate(requests):
+        params = request.params
+        if params.temperature <= 0:
+            continue
+        probs = _top_p_filter(torch.softmax(logits[row] / params.temperature, dim=-1), params.top_p)
+        tokens[row] = torch.multinomial(probs, 1, generator=request.generator)[0]
+    return tokens
+
+
+class Engine:
+    """Continuous batching over a :class:`SlotDecoder`; one thread runs the loop.
+
+    ``start()`` runs the loop in a worker thread (the API). Without it, :meth:`generate` runs
+    the loop in the calling thread until its request ends (CLI, harness, phase 7).
+    """
+
+    def __init__(self, model: Any, processor: Any, decoder: SlotDecoder, max_waiting: int,
+                 max_prefill_tokens: int, metrics: EngineMetrics | None = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.decoder = decoder
+        self.max_waiting = max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
+        self.metrics = metrics or EngineMetrics()
+        self.eos_ids = set(decoder.eos_ids)
+        self.device = decoder.device
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # running[i] decodes in cache slot i
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        # Rust tokenizers refuse concurrent use that changes their padding state ("Already
+        # borrowed"): callers prepare one at a time, and the loop detokenizes with its own copy.
+        self._prepare_lock = threading.Lock()
+        self._detokenizer = copy.deepcopy(processor.tokenizer)
+
+    # ---- what callers use
+    def prepare(self, image: Image.Image | None, prompt: str = "",
+                messages: list[dict[str, Any]] | None = None) -> Prompt:
+        """Chat template and image processing for one request (in the caller's thread).
+
+        ``messages``: a whole chat (Qwen format, ``{"type": "image"}`` parts); otherwise one user
+        turn of ``image`` and ``prompt``.
+        """
+        if messages is None:
+            content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+            messages = [{"role": "user", "content": content}]
+        with self._prepare_lock:
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            tensors = self.processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+        return Prompt(dict(tensors))
+
+    def submit(self, prompt: Prompt, params: SamplingParams, on_text: Callable[[str], None] | None = None) -> Request:
+        """Queue a request; raises :class:`PromptTooLong` or :class:`Overloaded` at once."""
+        self.decoder.check_fits(prompt.length, params.max_tokens)
+        request = Request(prompt, params, on_text)
+        if params.temperature > 0:
+            request.generator = torch.Generator(device=self.device)
+            if params.seed is not None:
+                request.generator.manual_seed(params.seed)
+            else:
+                request.generator.seed()
+        with self._wake:
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded(f"{len(self.waiting)} requests are waiting (the limit); retry shortly")
+            self.waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def generate(self, prompt: Prompt, params: SamplingParams) -> Result:
+        """Submit and wait; runs the loop here when no worker thread does."""
+        request = self.submit(prompt, params)
+        if self._thread is None:
+            while not request.future.done():
+                self.run_once()
+        return request.future.result()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of the cache's token capacity that running rows fill (0..1)."""
+        used = sum(r.prompt.length + len(r.tokens) for r in self.running)
+        return used / (self.decoder.slots * self.decoder.max_cache_len)
+
+    # ---- the worker thread
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._wake:
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                if not self.waiting and not self.running:
+                    self._wake.wait(timeout=0.5)
+                    continue
+            try:
+                self.run_once()
+            except Exception:  # a step that fails fails its rows (run_once does), never the loop
+                log.exception("engine step failed")
+
+    # ---- one turn: admit, prefill, decode
+    def run_once(self) -> None:
+        """Admit what fits, prefill it, then one decoding step for every running row."""
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        self._drop_cancelled()
+        if self.running:
+            rows = len(self.running)
+            try:
+                logits = self.decoder.step(rows)
+                tokens = choose_tokens(logits, self.running)
+                self.decoder.accept(rows, tokens)
+            except Exception as exc:
+                log.exception("decoding step failed for %d rows", rows)
+                for index in reversed(range(rows)):
+                    self._finish(index, error=exc)
+                return
+            self.steps += 1
+            self._advance(list(range(rows)), tokens.tolist())
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests that get a slot this turn (cancelled ones are dropped)."""
+        admitted: list[Request] = []
+        budget = self.max_prefill_tokens
+        with self._wake:
+            while self.waiting and len(self.running) + len(admitted) < self.decoder.slots:
+                head = self.waiting[0]
+                if head.cancelled:
+                    self.waiting.popleft()
+                    self._resolve(head, "cancelled")
+                    continue
+                if admitted and head.prompt.length > budget:
+                    break
+                budget -= head.prompt.length
+                admitted.append(self.waiting.popleft())
+        now = time.perf_counter()
+        for request in admitted:
+            request.admitted = now
+            if not request.future.set_running_or_notify_cancel():
+                request.cancelled = True
+        return [r for r in admitted if not r.cancelled]
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill ``requests`` together into the next free slots; if that fails, one at a time,
+        so that a bad request fails alone."""
+        first = len(self.running)
+        try:
+            logits = self.decoder.prefill(self._collate(requests), list(range(first, first + len(requests))))
+        except Exception as exc:
+            if len(requests) > 1:
+                log.warning("prefill of %d requests failed (%s); retrying one by one", len(requests), exc)
+                for request in requests:
+                    self._prefill([request])
+                return
+            log.exception("prefill failed")
+            self._resolve(requests[0], "error", exc)
+            return
+        tokens = choose_tokens(logits, requests)
+        slots = list(range(first, first + len(requests)))
+        self.decoder.accept(slots, tokens)
+        self.running.extend(requests)
+        for request in requests:
+            self.metrics.prompt_tokens(request.prompt.length)
+        self._advance(slots, tokens.tolist())
+
+    def _collate(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """Left-pad the prepared prompts into one batch on the model's device."""
+        width = max(r.prompt.length for r in requests)
+        pad = self.processor.tokenizer.pad_token_id or 0
+        batch: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+        for request in requests:
+            t = request.prompt.tensors
+            missing = width - request.prompt.length
+            for key, fill in (("input_ids", pad), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+                if key in t:
+                    batch[key].append(torch.nn.functional.pad(t[key], (missing, 0), value=fill))
+            for key in ("pixel_values", "image_grid_thw"):
+                if key in t:
+                    batch[key].append(t[key])
+        return {key: torch.cat(parts).to(self.device) for key, parts in batch.items()}
+
+    # ---- after each token
+    def _advance(self, slots: list[int], tokens: list[int]) -> None:
+        """Append each slot's new token; end the rows that are done (highest slot first, so
+        moving the last row into a freed slot keeps the others' indices)."""
+        now = time.perf_counter()
+        done: list[tuple[int, str]] = []
+        for slot, token in zip(slots, tokens, strict=True):
+            request = self.running[slot]
+            if request.tokens:
+                self.metrics.inter_token_latency(now - request.last_token)
+            else:
+                request.first_token = now
+                self.metrics.time_to_first_token(now - request.submitted)
+            request.tokens.append(token)
+            request.last_token = now
+            reason = self._end_reason(request, token)
+            if reason:
+                done.append((slot, reason))
+        for slot, reason in sorted(done, reverse=True):
+            self._finish(slot, reason)
+
+    def _end_reason(self, request: Request, token: int) -> str | None:
+        params = request.params
+        if token in self.eos_ids and not params.ignore_eos:
+            self._emit(request, final=True)
+            return "stop"
+        if request.on_text is not None or params.stop:
+            if self._emit(request):
+                return "stop"
+        if len(request.tokens) >= params.max_tokens:
+            self._emit(request, final=True)
+            return "length"
+        return None
+
+    def _emit(self, request: Request, final: bool = False) -> bool:
+        """Detokenize what is new (streams, stop strings); True when a stop string appeared.
+
+        Incremental, as TGI and vLLM do it: decode from the previous piece's start, so a
+        character spread over several tokens is sent once complete.
+        """
+        if request.on_text is None and not request.params.stop:
+            return False
+        decode = self._detokenizer.decode
+        before = decode(request.tokens[request._prefix:request._read], skip_special_tokens=True)
+        after = decode(request.tokens[request._prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return False
+        start = len(request.text)
+        request.text += after[len(before):]
+        request._prefix, request._read = request._read, len(request.tokens)
+        hold = 0
+        stopped = False
+        for stop in request.params.stop:
+            at = request.text.find(stop, max(0, start - len(stop)))
+            if at >= 0:
+                request.text, stopped = request.text[:at], True
+        if request.params.stop and not stopped and not final:
+            hold = max(len(s) for s in request.params.stop) - 1  # may be the start of a stop string
+        self._send(request, len(request.text) - hold)
+        return stopped
+
+    @staticmethod
+    def _send(request: Request, upto: int) -> None:
+        """Pass ``text`` up to ``upto`` to a streaming caller (what it has not had yet)."""
+        if request.on_text is not None and upto > request._sent:
+            request.on_text(request.text[request._sent:upto])
+            request._sent = upto
+
+    def _drop_cancelled(self) -> None:
+        for slot in reversed(range(len(self.running))):
+            if self.running[slot].cancelled:
+                self._finish(slot, "cancelled")
+
+    def _finish(self, slot: int, reason: str = "error", error: Exception | None = None) -> None:
+        """End the row in ``slot``, move the last running row into it, resolve the request."""
+        request = self.running[slot]
+        last = len(self.running) - 1
+        if slot != last:
+            self.decoder.move(last, slot)
+            self.running[slot] = self.running[last]
+        self.running.pop()
+        self._resolve(request, reason, error)
+
+    def _resolve(self, request: Request, reason: str, error: Exception | None = None) -> None:
+        self.metrics.request_finished(reason)
+        self.metrics.generation_tokens(len(request.tokens))
+        if request.future.done():
+            return
+        if error is not None:
+            request.future.set_exception(error)
+            return
+        if request.params.stop and reason == "stop" and request.text:
+            text = request.text
+        else:
+            text = self._detokenizer.decode(request.tokens, skip_special_tokens=True)
+            if request.params.stop:  # a stop string may also end a row that stopped otherwise
+                for stop in request.params.stop:
+                    text = text.split(stop, 1)[0]
+            request.text = text
+        self._send(request, len(request.text))  # what was held back for a possible stop string
+        now = time.perf_counter()
+        request.future.set_result(Result(
+            text=text, token_ids=list(request.tokens), prompt_tokens=request.prompt.length, finish_reason=reason,
+            queue_s=(request.admitted or now) - request.submitted,
+            ttft_s=(request.first_token or now) - request.submitted, latency_s=now - request.submitted))
+
+
+__all__ = ["Engine", "EngineMetrics", "Overloaded", "Prompt", "PromptTooLong", "Request", "Result", "SamplingParams"]
