@@ -5,8 +5,8 @@ only place that times generation:
 
 - warm-up runs first (kernel selection, allocator growth and lazy init stay out of numbers);
 - CUDA-synchronised timing around each request;
-- time to first token from a stopping-criteria hook that fires after each decoding step
-  (the first call comes right after prefill and the first sampled token);
+- every answer through the serving engine (:mod:`medvl.engine`), as the API gives it; time
+  to first token is preprocessing plus the engine's submit-to-first-token time;
 - per-sample latency, TTFT, generated tokens, tokens/s, and avg/min/max/p50/p95;
 - memory before load, after load and peak: torch allocator and NVML on a GPU, process RSS
   on a CPU (labelled), plus the weights' own footprint (``get_memory_footprint``).
@@ -28,7 +28,6 @@ import psutil
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from medvl.modeling import input_device
 from medvl.prompts import BENCHMARK_PROMPTS
@@ -101,65 +100,32 @@ def headline_memory_mb(snap: dict[str, float]) -> float:
 # --------------------------------------------------------------------------- timing
 
 
-class _StepClock(StoppingCriteria):
-    """Records when each decoding step finishes; never stops generation."""
+def generate_timed(engine: Any, image: Image.Image, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    """One request through the engine, timed end to end (preprocessing included, as a user
+    would see it); greedy, ending at the end-of-sequence token or ``max_new_tokens``."""
+    from medvl.engine import SamplingParams
 
-    def __init__(self) -> None:
-        self.first: float | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        if self.first is None:
-            _sync()
-            self.first = time.perf_counter()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def build_inputs(processor: Any, images: list[Image.Image], prompts: list[str], device: torch.device) -> Any:
-    """Chat template + processor for a batch of (image, prompt) user turns."""
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-        add_generation_prompt=True) for p in prompts]
-    return processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
-
-
-def generate_timed(model: Any, processor: Any, image: Image.Image, prompt: str,
-                   max_new_tokens: int, decoder: Any = None) -> dict[str, Any]:
-    """One request, timed end to end (preprocessing included, as a user would see it).
-
-    With ``decoder`` (a :class:`medvl.decoding.StaticDecoder`) the answer comes from it, as the
-    API's does; without, or when the prompt does not fit its cache, from plain ``generate``.
-    """
-    clock = _StepClock()
     _sync()
     start = time.perf_counter()
-    inputs = build_inputs(processor, [image], [prompt], input_device(model))
-    prompt_len = inputs["input_ids"].shape[1]
-    if decoder is not None and decoder.fits(prompt_len, max_new_tokens):
-        prepared = time.perf_counter()
-        decoded = decoder.generate(inputs, max_new_tokens)
-        new_tokens = torch.tensor(decoded.sequences[0], dtype=torch.long)
-        clock.first = prepared + decoded.ttft_s
-    else:
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 stopping_criteria=StoppingCriteriaList([clock]))
-        new_tokens = out[0, prompt_len:]
+    prepared = engine.prepare(image, prompt)
+    submitted = time.perf_counter()
+    result = engine.generate(prepared, SamplingParams(max_new_tokens))
     _sync()
-    end = time.perf_counter()
-    n_new = int(new_tokens.numel())
-    latency = end - start
-    ttft = (clock.first or end) - start
+    latency = time.perf_counter() - start
+    n_new = result.generated_tokens
+    ttft = (submitted - start) + result.ttft_s
     decode_time = latency - ttft
-    image_token_id = getattr(model.config, "image_token_id", None)
+    image_token_id = getattr(engine.model.config, "image_token_id", None)
+    input_ids = prepared.tensors["input_ids"]
     return {
-        "prompt_tokens": int(prompt_len),
-        "image_tokens": int((inputs["input_ids"] == image_token_id).sum()) if image_token_id is not None else None,
+        "prompt_tokens": prepared.length,
+        "image_tokens": int((input_ids == image_token_id).sum()) if image_token_id is not None else None,
         "generated_tokens": n_new,
         "latency_s": latency,
         "ttft_s": ttft,
         "tokens_per_s": n_new / latency if latency > 0 else 0.0,
         "decode_tokens_per_s": (n_new - 1) / decode_time if n_new > 1 and decode_time > 0 else 0.0,
-        "response": processor.decode(new_tokens, skip_special_tokens=True),
+        "response": result.text,
     }
 
 
@@ -181,36 +147,34 @@ def timed_load(loader: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
                    "weights_footprint_mb": footprint}
 
 
-def make_decoder(model: Any, processor: Any, decode: Any, sample: BenchSample) -> tuple[Any, float | None]:
-    """The project's decoder for ``model`` per the ``decode`` settings, warmed up (compiled)
-    on ``sample``; (None, None) when the settings ask for plain generate."""
-    from medvl.decoding import StaticDecoder, should_compile
+def make_engine(model: Any, processor: Any, decode: Any, sample: BenchSample) -> tuple[Any, float]:
+    """The serving engine over ``model`` (one cache slot: requests are timed one at a time),
+    warmed up (compiled, per ``decode.compile``) on ``sample``; returns it and the seconds
+    the warm-up took."""
+    from medvl.serving import build_engine, warm_up
 
-    if decode is None or not decode.static_cache:
-        return None, None
     started = time.perf_counter()
-    decoder = StaticDecoder(model, decode.max_cache_len, should_compile(decode.compile, model), batch_sizes=(1,))
-    image = Image.open(sample.image_path).convert("RGB")
-    decoder.warm_up(build_inputs(processor, [image], [sample.prompt], input_device(model)))
-    return decoder, time.perf_counter() - started
+    engine = build_engine(model, processor, decode, slots=1)
+    warm_up(engine, Image.open(sample.image_path).convert("RGB"), sample.prompt)
+    return engine, time.perf_counter() - started
 
 
 def run_benchmark(model: Any, processor: Any, samples: list[BenchSample], max_new_tokens: int,
-                  warmup_runs: int, label: str, decode: Any = None) -> dict[str, Any]:
+                  warmup_runs: int, label: str, decode: Any) -> dict[str, Any]:
     """Warm up, then time every sample; returns per-sample rows and aggregates.
 
-    ``decode`` (the settings' decode section) selects the project's static-cache decoder; its
-    one-off compilation is timed apart (``decoder_warm_up_s``), never inside a sample.
+    ``decode`` (the settings' decode section) configures the serving engine every answer goes
+    through; its one-off compilation is timed apart (``decoder_warm_up_s``), never inside a sample.
     """
     images = {s.doc_id: Image.open(s.image_path).convert("RGB") for s in samples}
-    decoder, warm_up_s = make_decoder(model, processor, decode, samples[0])
+    engine, warm_up_s = make_engine(model, processor, decode, samples[0])
     for _ in range(warmup_runs):
-        generate_timed(model, processor, images[samples[0].doc_id], samples[0].prompt, max_new_tokens, decoder)
+        generate_timed(engine, images[samples[0].doc_id], samples[0].prompt, max_new_tokens)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rows = []
     for sample in tqdm(samples, desc=f"benchmark {label}", unit="doc"):
-        row = generate_timed(model, processor, images[sample.doc_id], sample.prompt, max_new_tokens, decoder)
+        row = generate_timed(engine, images[sample.doc_id], sample.prompt, max_new_tokens)
         rows.append({"doc_id": sample.doc_id, "prompt": sample.prompt, **row})
         log.info("%s %-32s %5.2f s  ttft %5.3f s  %3d tok  %6.1f tok/s", label, sample.doc_id,
                  row["latency_s"], row["ttft_s"], row["generated_tokens"], row["tokens_per_s"])
@@ -225,7 +189,7 @@ def run_benchmark(model: Any, processor: Any, samples: list[BenchSample], max_ne
             "prompt_tokens": summarize([float(r["prompt_tokens"]) for r in rows]),
         },
         "peak_memory_mb": peak_memory_mb(),
-        "decoder": "plain generate" if decoder is None else decoder.description,
+        "decoder": engine.decoder.description,
         "decoder_warm_up_s": warm_up_s,
         "warmup_runs": warmup_runs,
         "max_new_tokens": max_new_tokens,
@@ -298,7 +262,7 @@ def load_benchmark_samples(folder: Path) -> list[BenchSample]:
 
 def benchmark_variant(label: str, loader: Callable[[], Any], processor: Any,
                       samples: list[BenchSample], max_new_tokens: int, warmup_runs: int,
-                      decode: Any = None) -> dict[str, Any]:
+                      decode: Any) -> dict[str, Any]:
     """Load a variant, benchmark it, free it: the record phases 3, 4 and 7 save."""
     model, load = timed_load(loader)
     device = str(input_device(model))

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from medvl import benchmark, scoring
 from medvl.documents import generate_document, save_document
 from medvl.evalsuite import evaluation_documents
-from medvl.inference import structured_result
 from medvl.prompts import EXTRACTION_PROMPT
+from medvl.records import structured_result
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +91,18 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str,
 
 
 def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases: list[Case],
-                   max_new_tokens: int, decode: Any = None) -> dict[str, Any]:
-    """Generate an answer per case (through the project's decoder per ``decode``), score it,
+                   max_new_tokens: int, decode: Any) -> dict[str, Any]:
+    """Generate an answer per case (through the serving engine, per ``decode``), score it,
     and time it with the shared harness."""
     model, load = benchmark.timed_load(loader)
     first = benchmark.BenchSample(cases[0].case_id, cases[0].image_path, cases[0].prompt)
-    decoder, warm_up_s = benchmark.make_decoder(model, processor, decode, first)
+    engine, warm_up_s = benchmark.make_engine(model, processor, decode, first)
     rows = []
     images: dict[Path, Image.Image] = {}
     for case in tqdm(cases, desc=f"evaluate {label}", unit="case"):
         if case.image_path not in images:
             images[case.image_path] = Image.open(case.image_path).convert("RGB")
-        out = benchmark.generate_timed(model, processor, images[case.image_path], case.prompt, max_new_tokens,
-                                       decoder)
+        out = benchmark.generate_timed(engine, images[case.image_path], case.prompt, max_new_tokens)
         result = scoring.score(out["response"], case.expected)
         extracted = structured_result(out["response"])
         rows.append({"case_id": case.case_id, "subset": case.subset, "prompt": case.prompt,

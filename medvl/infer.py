@@ -25,8 +25,11 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from medvl.inference import BadInput, InferenceEngine, decode_image, structured_result
+from medvl.engine import Engine, PromptTooLong, SamplingParams
+from medvl.images import BadInput, decode_image
 from medvl.prompts import EXTRACTION_PROMPT
+from medvl.records import structured_result
+from medvl.serving import ServedModel
 from medvl.settings import DEFAULT_PROFILE, SettingsError, load_settings
 from medvl.workdir import Workdir
 
@@ -62,10 +65,10 @@ def collect_files(target: str) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(target))
 
 
-def run_one(engine: InferenceEngine, path: Path, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
-    """Read, check and answer one file; raises BadInput/OSError for unusable files."""
+def run_one(engine: Engine, path: Path, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
+    """Read, check and answer one file; raises BadInput/OSError/PromptTooLong for unusable files."""
     image = decode_image(path.read_bytes(), MAX_BYTES, MAX_PIXELS)
-    result = engine.generate(image, prompt or EXTRACTION_PROMPT, max_new_tokens)
+    result = engine.generate(engine.prepare(image, prompt or EXTRACTION_PROMPT), SamplingParams(max_new_tokens))
     record: dict[str, Any] = {"file": str(path), "latency_s": round(result.latency_s, 4),
                               "generated_tokens": result.generated_tokens}
     if prompt:
@@ -76,12 +79,12 @@ def run_one(engine: InferenceEngine, path: Path, prompt: str | None, max_new_tok
     return record
 
 
-def batch(engine: InferenceEngine, files: list[Path], prompt: str | None, max_new_tokens: int, out: TextIO) -> int:
+def batch(engine: Engine, files: list[Path], prompt: str | None, max_new_tokens: int, out: TextIO) -> int:
     failures: list[tuple[Path, str]] = []
     for path in tqdm(files, desc="documents", unit="doc", file=sys.stderr):
         try:
             record = run_one(engine, path, prompt, max_new_tokens)
-        except (BadInput, OSError) as exc:
+        except (BadInput, OSError, PromptTooLong) as exc:
             failures.append((path, str(exc)))
             continue
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -93,7 +96,7 @@ def batch(engine: InferenceEngine, files: list[Path], prompt: str | None, max_ne
     return 1 if failures else 0
 
 
-def interactive(engine: InferenceEngine, max_new_tokens: int, stdin: TextIO, out: TextIO) -> int:
+def interactive(engine: Engine, max_new_tokens: int, stdin: TextIO, out: TextIO) -> int:
     """Ask for an image path, then a prompt (empty = structured extraction), until EOF."""
     while True:
         print("image path (Ctrl-D to quit)> ", end="", file=sys.stderr, flush=True)
@@ -105,7 +108,7 @@ def interactive(engine: InferenceEngine, max_new_tokens: int, stdin: TextIO, out
         prompt = stdin.readline().strip() or None
         try:
             record = run_one(engine, path, prompt, max_new_tokens)
-        except (BadInput, OSError) as exc:
+        except (BadInput, OSError, PromptTooLong) as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             continue
         out.write(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
@@ -133,18 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine = InferenceEngine(resolve_model(args.model, args.profile, args.workdir), settings, max_batch_size=1)
-    engine.start()
+    served = ServedModel(resolve_model(args.model, args.profile, args.workdir), settings, slots=1)
     try:
-        engine.wait_ready()
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        served.load()  # the engine's loop then runs in this thread, one document at a time
+    except Exception as exc:
+        print(f"error: the model failed to load: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    engine = served.engine
     try:
         if args.image:
             try:
                 record = run_one(engine, Path(args.image), args.prompt, args.max_new_tokens)
-            except (BadInput, OSError) as exc:
+            except (BadInput, OSError, PromptTooLong) as exc:
                 print(f"error: {args.image}: {exc}", file=sys.stderr)
                 return 1
             print(json.dumps(record, ensure_ascii=False, indent=2))
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 return batch(engine, files, args.prompt, args.max_new_tokens, out)
         return batch(engine, files, args.prompt, args.max_new_tokens, sys.stdout)
     finally:
-        engine.stop()
+        served.stop()
 
 
 if __name__ == "__main__":

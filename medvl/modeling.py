@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from medvl.settings import Settings
+from medvl.vision import batch_window_attention
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,14 @@ def bnb_nf4_config(compute_dtype: torch.dtype, double_quant: bool = True) -> Any
 
 
 def load_model(model_dir: Path, settings: Settings, quantization: str = "none",
-               dtype: torch.dtype | None = None, device_map: Any = None) -> Any:
+               dtype: torch.dtype | None = None, device_map: Any = None, batched_vision: bool = True) -> Any:
     """Load for inference or training: ``quantization`` is "none" or "nf4".
 
     ``device_map`` defaults to "auto" on a GPU (layers spread over what is visible); a
     data-parallel rank passes its own device so each process holds a whole copy.
+    ``batched_vision`` runs the vision tower's attention windows in one kernel per layer
+    (:mod:`medvl.vision`; the same function); perf baselines turn it off to measure plain
+    transformers.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -102,6 +106,8 @@ def load_model(model_dir: Path, settings: Settings, quantization: str = "none",
         raise ValueError(f"unknown quantization {quantization!r}")
     log.info("loading %s (%s, %s, attention %s)", model_dir, quantization, dtype, kwargs["attn_implementation"])
     model = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs)
+    if batched_vision:
+        batch_window_attention(model)
     model.eval()
     return model
 

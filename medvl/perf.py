@@ -5,7 +5,7 @@ plain decoding), so every claim here is a ratio measured in the same process: ba
 project side by side, on the same weights, documents and batch sizes.
 
 - :func:`inference_report`: plain ``generate`` (bf16, and bitsandbytes NF4 as the seed
-  would serve 4-bit) against :class:`medvl.decoding.StaticDecoder` (bf16, and torchao int4),
+  would serve 4-bit) against :class:`medvl.decoding.SlotDecoder` (bf16, and torchao int4),
   at batch 1 and 8: TTFT, decode tokens/s, end-to-end latency, peak memory, the compile
   cost, the share of the memory-bandwidth floor reached, and a logits check against plain
   generate on the same weights.
@@ -278,7 +278,7 @@ def measure_variant(label: str, model: Any, processor: Any, samples: list[BenchS
                     project: bool, baseline: bool, fp32_reference: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Baseline (plain generate) and/or project (static decoder) on one loaded model; with
     ``fp32_reference`` (a loader) the logits are also compared with a float32 run."""
-    from medvl.decoding import StaticDecoder
+    from medvl.decoding import SlotDecoder
 
     device = model.get_input_embeddings().weight.device
     record: dict[str, Any] = {"label": label, "weights_gb": sum(tensor_bytes(p) for p in model.parameters()) / 1e9}
@@ -298,8 +298,8 @@ def measure_variant(label: str, model: Any, processor: Any, samples: list[BenchS
                   for inputs in batches[1][:2]] if project else []
     if project:
         longest = max(int(x["input_ids"].shape[1]) for bs in batches.values() for x in bs)
-        decoder = StaticDecoder(model, max_cache_len=max(settings.decode.max_cache_len, longest + max_new_tokens),
-                                compile_step=True, batch_sizes=batch_sizes)
+        decoder = SlotDecoder(model, max_cache_len=max(settings.decode.max_cache_len, longest + max_new_tokens),
+                              slots=max(batch_sizes), compile_step=True)
         record["fused_layers"] = decoder.fused_layers
         try:  # on the decoder's (fused) weights
             record["matmul_only_step_ms"] = matmul_only_step_ms(model)
@@ -370,7 +370,7 @@ def inference_report(model_dir: Path, settings: Settings, samples: list[BenchSam
 
     # The seed's 4-bit baseline first: the cheapest to measure, so a run cut short still has it.
     if "nf4_bitsandbytes" in variants:
-        model = load_model(model_dir, settings, "nf4", dtype=torch.bfloat16)
+        model = load_model(model_dir, settings, "nf4", dtype=torch.bfloat16, batched_vision=False)
         measured("nf4_bitsandbytes", measure_variant("nf4 (bitsandbytes)", model, processor, samples, settings,
                                                      bandwidth, max_new_tokens, batch_sizes, project=False,
                                                      baseline=True))
@@ -451,7 +451,7 @@ def load_plain_peft(model_dir: Path, settings: Settings) -> Any:
     from medvl.modeling import load_model
     from medvl.training import lora_config
 
-    model = load_model(model_dir, settings, "nf4", dtype=torch.bfloat16)
+    model = load_model(model_dir, settings, "nf4", dtype=torch.bfloat16, batched_vision=False)
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model)
     return get_peft_model(model, lora_config(settings))

@@ -131,16 +131,15 @@ class TrainSettings:
 
 @dataclass
 class DecodeSettings:
-    """How answers are generated in benchmarks, evaluation, the API and the CLI.
+    """How answers are generated in benchmarks, evaluation, the API and the CLI: one engine
+    (medvl/engine.py), continuous batching over a slot KV cache (medvl/decoding.py)."""
 
-    The static-cache decoder (medvl/decoding.py) computes what plain greedy ``generate``
-    computes, with a compiled decoding step on a GPU.
-    """
-
-    static_cache: bool = True  # false = plain transformers generate everywhere
-    compile: str = "auto"  # auto (on a CUDA GPU only) | on | off
-    max_cache_len: int = 2048  # prompt + answer tokens per request; longer requests use plain generate
-    max_batch_size: int = 8  # steps are compiled for batch 1 and this; the API batches up to it
+    compile: str = "auto"  # the decoding step: auto (on a CUDA GPU only) | on | off
+    # Prompt + answer tokens one request may hold; longer requests are refused (API: 400).
+    max_cache_len: int = 2048
+    max_batch_size: int = 8  # cache slots: requests decoding at once (steps compiled for powers of two up to it)
+    max_waiting: int = 64  # requests queued for a slot; past it the API answers 503 with Retry-After
+    max_prefill_tokens: int = 8192  # prompt tokens prefilled together in one engine turn
 
 
 @dataclass
@@ -374,6 +373,8 @@ def _check_values(s: Settings) -> list[str]:
         p.append(f"decode.compile: one of auto, on, off, got {s.decode.compile!r}")
     if s.decode.max_cache_len < 64 or s.decode.max_batch_size < 1:
         p.append("decode.max_cache_len must be >= 64 and decode.max_batch_size >= 1")
+    if s.decode.max_waiting < 1 or s.decode.max_prefill_tokens < 64:
+        p.append("decode.max_waiting must be >= 1 and decode.max_prefill_tokens >= 64")
     if not 1 <= s.api.port <= 65535:
         p.append("api.port: must lie in 1..65535")
     return p

@@ -1,0 +1,114 @@
+"""The server's settings (flags and ``MEDVL_*`` environment variables) and the model it serves."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medvl.settings import load_settings
+from medvl.workdir import Workdir
+
+DESCRIPTION = """The medvl HTTP API: structured extraction, free analysis, OpenAI-compatible chat.
+
+Every option also reads a MEDVL_<NAME> environment variable (the flag wins). The model loads
+in the background: until it is ready every inference route answers 503 with Retry-After.
+"""
+
+
+@dataclass
+class ServerConfig:
+    """Every server setting; each has a MEDVL_<NAME> environment variable and a --flag."""
+
+    model_path: str = ""  # default: the best model the pipeline produced (see resolve_model)
+    profile: str = "tiny"
+    workdir: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: float = 20.0
+    max_image_pixels: int = 40_000_000
+    cors_origins: list[str] = field(default_factory=list)
+    api_key: str = ""
+    request_timeout_s: float = 120.0
+    max_batch_size: int = 0  # requests decoding at once; 0 = the profile's decode.max_batch_size
+    max_new_tokens: int = 512  # answer length for /extract, /analyze, and chat without max_tokens
+    weights: str = "auto"  # auto | bf16 | int4: the served form of the weights (see resolve_model)
+    served_model_name: str = "medvl"  # the model id /v1/models lists and chat requests name
+
+    HELP = {
+        "model_path": "model folder to serve (default: the best the pipeline produced)",
+        "max_batch_size": "requests decoding at once (0: the profile's decode.max_batch_size)",
+        "max_new_tokens": "answer tokens for /extract and /analyze, and chat's default max_tokens",
+        "weights": "auto (int4 on a GPU when quant.serve_quantized), bf16 (the checkpoint as is), int4 (torchao, GPU)",
+        "request_timeout_s": "a request's limit, queue included; past it 504 and its slot is freed",
+    }
+
+    @classmethod
+    def from_env_and_args(cls, argv: list[str] | None = None) -> ServerConfig:
+        defaults = cls()
+        parser = argparse.ArgumentParser(prog="python -m api.server", description=DESCRIPTION,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        for name, value in asdict(defaults).items():
+            env_name = f"MEDVL_{name.upper()}"
+            env = os.environ.get(env_name)
+            flag = f"--{name.replace('_', '-')}"
+            about = cls.HELP.get(name, "")
+            if isinstance(value, list):
+                default = [o for o in env.split(",") if o] if env is not None else value
+                parser.add_argument(flag, default=default, type=lambda s: [o for o in s.split(",") if o],
+                                    help=f"comma-separated {about} (env {env_name})")
+            else:
+                kind = type(value)
+                parser.add_argument(flag, type=kind, default=kind(env) if env is not None else value,
+                                    help=f"{about} (env {env_name}, default %(default)r)".strip())
+        config = cls(**vars(parser.parse_args(argv)))
+        if config.weights not in ("auto", "bf16", "int4"):
+            parser.error(f"--weights: one of auto, bf16, int4, got {config.weights!r}")
+        return config
+
+
+def torchao_int4_available() -> bool:
+    """torchao int4 serving needs a CUDA GPU and torchao installed."""
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("torchao") is not None
+
+
+def serve_int4(config: ServerConfig, settings: Any) -> bool:
+    """Whether to quantize the served bf16 checkpoint to torchao int4 at start-up.
+
+    ``--weights auto`` does so on a GPU with torchao when the profile serves quantized weights
+    (``quant.serve_quantized``); ``int4`` insists (and fails on a CPU); ``bf16`` never does.
+    """
+    if config.weights == "bf16":
+        return False
+    if config.weights == "int4":
+        if not torchao_int4_available():
+            raise SystemExit("--weights int4 needs a CUDA GPU and torchao")
+        return True
+    return settings.quant.serve_quantized and torchao_int4_available()
+
+
+def resolve_model(config: ServerConfig) -> tuple[Path, str]:
+    """The model to serve: --model-path, else the best the pipeline produced: fine-tuned merged
+    (quantized to int4 at start-up per :func:`serve_int4`), fine-tuned NF4, fine-tuned merged
+    in full precision, then the same for the base model."""
+    settings = load_settings(config.profile)
+    wd = Workdir.at(config.workdir or None)
+    int4 = serve_int4(config, settings)
+    if config.model_path:  # served as saved unless int4 is asked for by name (an NF4 folder cannot be)
+        return Path(config.model_path), "custom-int4" if config.weights == "int4" else "custom"
+    full = config.weights == "bf16"
+    candidates = (*(((wd.merged_model_dir(settings), "finetuned-int4"),) if int4 else ()),
+                  *(() if full else ((wd.finetuned_nf4_dir(settings), "finetuned-nf4"),)),
+                  (wd.merged_model_dir(settings), "finetuned"),
+                  *(((wd.base_model_dir(settings), "base-int4"),) if int4 else ()),
+                  *(() if full else ((wd.nf4_model_dir(settings), "base-nf4"),)),
+                  (wd.base_model_dir(settings), "base"))
+    for path, kind in candidates:
+        if (path / "config.json").is_file():
+            return path, kind
+    raise SystemExit(f"no model found under {wd.models}; run the pipeline first or pass --model-path")

@@ -1,0 +1,89 @@
+"""The medvl routes: /extract, /analyze, /health, /benchmark, /metrics (chat: api/openai_chat.py)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from api.errors import ERROR_RESPONSES
+from api.schemas import AnalyzeResponse, ExtractResponse, HealthResponse
+from api.state import ServerState, State, check_prompt, usage
+from medvl.engine import SamplingParams
+from medvl.prompts import EXTRACTION_PROMPT
+from medvl.records import structured_result
+
+router = APIRouter()
+
+
+async def read_image(state: ServerState, file: UploadFile) -> Any:
+    return state.decode_image(await file.read(state.max_bytes + 1))
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+async def health(state: State):
+    """200 once the model serves; 503 (with Retry-After) while it loads or after it failed."""
+    import torch
+
+    served = state.served
+    engine = served.engine if served.ready.is_set() else None
+    status = "error" if served.error else ("ok" if engine is not None else "loading")
+    body = HealthResponse(
+        status=status, model_loaded=engine is not None, model_path=str(served.model_dir), device=served.device,
+        gpu_name=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        gpu_memory_used_mb=torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        requests_running=engine.num_running if engine else 0, requests_waiting=engine.num_waiting if engine else 0,
+        decoding=served.decoding, startup_s=served.startup_s, error=served.error)
+    return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503,
+                        headers=None if status == "ok" else {"Retry-After": "5"})
+
+
+@router.post("/extract", response_model=ExtractResponse, responses=ERROR_RESPONSES)
+async def extract(http: Request, state: State,
+                  file: Annotated[UploadFile, File(description="a document image (PNG, JPEG, ...)")]):
+    """Structured medical record from a document image."""
+    state.engine()
+    image = await read_image(state, file)
+    prompt = await state.prepare(image, EXTRACTION_PROMPT)
+    result = await state.generate(prompt, SamplingParams(state.config.max_new_tokens), http)
+    return ExtractResponse(request_id=uuid.uuid4().hex, **structured_result(result.text), raw_text=result.text,
+                           latency_s=result.latency_s, usage=usage(result), model=state.model_info())
+
+
+@router.post("/analyze", response_model=AnalyzeResponse, responses=ERROR_RESPONSES)
+async def analyze(http: Request, state: State, file: Annotated[UploadFile, File(description="a document image")],
+                  prompt: Annotated[str, Form()] = "Describe this medical document."):
+    """Free-text answer to a prompt about a document image."""
+    state.engine()
+    prompt = check_prompt(prompt)
+    image = await read_image(state, file)
+    prepared = await state.prepare(image, prompt)
+    result = await state.generate(prepared, SamplingParams(state.config.max_new_tokens), http)
+    return AnalyzeResponse(request_id=uuid.uuid4().hex, text=result.text, latency_s=result.latency_s,
+                           usage=usage(result), model=state.model_info())
+
+
+@router.get("/benchmark")
+async def benchmark_files(state: State):
+    """Every benchmark JSON of the run, by name (settings blocks left out)."""
+    out: dict[str, Any] = {}
+    for path in sorted(state.workdir.benchmarks.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict):
+            data.pop("settings", None)
+        out[path.stem] = data
+    return out
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def prometheus_metrics(state: State):
+    engine = state.served.engine if state.served.ready.is_set() else None
+    text = state.metrics.render(engine.num_running if engine else 0, engine.num_waiting if engine else 0,
+                                engine.kv_cache_usage if engine else 0.0, engine is not None)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

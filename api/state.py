@@ -1,0 +1,99 @@
+"""What every route reads: the settings, the served model, the metrics; and how a route runs a
+request through the engine (timeouts and hang-ups cancel the request and free its slot)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from api.config import ServerConfig
+from api.errors import ApiError
+from api.metrics import ServerMetrics
+from api.schemas import ModelInfo, Usage
+from medvl.engine import Engine, Prompt, Result, SamplingParams
+from medvl.engine import Request as EngineRequest
+from medvl.images import BadInput, decode_image
+from medvl.serving import ServedModel
+from medvl.workdir import Workdir
+
+log = logging.getLogger("medvl.api")
+
+MAX_PROMPT_CHARS = 4000
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    served: ServedModel
+    model_kind: str
+    metrics: ServerMetrics
+    workdir: Workdir
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.config.max_upload_mb * 2**20)
+
+    def engine(self) -> Engine:
+        """The engine, or a 503 while it is not ready."""
+        if self.served.error:
+            raise ApiError(503, "model_failed", f"the model failed to load: {self.served.error}")
+        if not self.served.ready.is_set():
+            raise ApiError(503, "model_loading", "the model is still loading; retry shortly", {"Retry-After": "5"})
+        return self.served.engine
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(path=str(self.served.model_dir), kind=self.model_kind, device=self.served.device)
+
+    def decode_image(self, data: bytes) -> Any:
+        return decode_image(data, self.max_bytes, self.config.max_image_pixels)
+
+    async def prepare(self, image: Any, prompt: str = "", messages: list[dict[str, Any]] | None = None) -> Prompt:
+        """Template and image processing, in a worker thread (off the event loop and the engine)."""
+        engine = self.engine()
+        return await run_in_threadpool(engine.prepare, image, prompt, messages)
+
+    async def wait(self, request: EngineRequest, http: Request) -> Result:
+        """The request's result; on timeout (504) or client hang-up the request is cancelled."""
+        loop = asyncio.get_running_loop()
+        future = asyncio.wrap_future(request.future)
+        deadline = loop.time() + self.config.request_timeout_s
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                request.cancel()
+                raise ApiError(504, "timeout", f"no answer within {self.config.request_timeout_s:.0f} s")
+            done, _ = await asyncio.wait({future}, timeout=min(DISCONNECT_POLL_S, remaining))
+            if done:
+                return future.result()
+            if await http.is_disconnected():
+                request.cancel()
+                raise ApiError(499, "client_closed", "the client closed the connection")
+
+    async def generate(self, prompt: Prompt, params: SamplingParams, http: Request) -> Result:
+        return await self.wait(self.engine().submit(prompt, params), http)
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.medvl
+
+
+State = Annotated[ServerState, Depends(server_state)]  # what a route declares to get the state
+
+
+def check_prompt(prompt: str) -> str:
+    if not prompt.strip():
+        raise BadInput("the prompt is empty", 400, "bad_prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise BadInput(f"the prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}", 400, "bad_prompt")
+    return prompt
+
+
+def usage(result: Result) -> Usage:
+    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.generated_tokens,
+                 total_tokens=result.prompt_tokens + result.generated_tokens)

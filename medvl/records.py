@@ -1,0 +1,116 @@
+"""The extraction record: its shape, and turning a model answer into it.
+
+/extract, the CLI and phase 7 all go through :func:`structured_result`, so a record has one
+shape and one parsing path: the answer as JSON, else repaired JSON, else (free text) the
+documented lexicon fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+STRUCTURED_KEYS = ("medications", "diagnoses", "procedures", "lab_values", "vitals")
+
+
+def empty_structured() -> dict[str, Any]:
+    return {"medications": [], "diagnoses": [], "procedures": [], "lab_values": [], "vitals": {}}
+
+
+def _json_candidate(text: str) -> str | None:
+    text = re.sub(r"```(?:json)?", "", text)
+    start = text.find("{")
+    if start < 0:
+        return None
+    return text[start:]
+
+
+def repair_json(text: str) -> Any:
+    """Best-effort repair of a model's almost-JSON: fences, trailing commas, unclosed brackets."""
+    candidate = _json_candidate(text)
+    if candidate is None:
+        raise ValueError("no JSON object in the answer")
+    candidate = re.sub(r",\s*([}\]])", r"\1", candidate)
+    stack: list[str] = []
+    in_string = escaped = False
+    end = len(candidate)
+    for i, ch in enumerate(candidate):
+        if in_string:
+            escaped = (ch == "\\") and not escaped
+            if ch == '"' and not escaped:
+                in_string = False
+            continue
+        if ch == '"':
+            in_string = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]":
+            if not stack:
+                end = i
+                break
+            stack.pop()
+            if not stack:
+                end = i + 1
+                break
+    body = candidate[:end] + ('"' if in_string else "")
+    body = re.sub(r",\s*$", "", body) + "".join(reversed(stack))
+    return json.loads(re.sub(r",\s*([}\]])", r"\1", body))
+
+
+def normalize_structured(data: Any) -> dict[str, Any]:
+    """Coerce a parsed answer into the documented shape (unknown keys dropped)."""
+    out = empty_structured()
+    if not isinstance(data, dict):
+        raise ValueError("the JSON answer is not an object")
+    for key in ("medications", "lab_values"):
+        items = data.get(key) or []
+        out[key] = [{k: str(v) for k, v in item.items()} for item in items if isinstance(item, dict)] \
+            if isinstance(items, list) else []
+    for key in ("diagnoses", "procedures"):
+        items = data.get(key) or []
+        out[key] = [str(i) for i in items if isinstance(i, (str, int, float))] if isinstance(items, list) else []
+    vitals = data.get("vitals") or {}
+    out["vitals"] = {str(k): str(v) for k, v in vitals.items()} if isinstance(vitals, dict) else {}
+    return out
+
+
+def lexicon_fallback(text: str) -> dict[str, Any]:
+    """The documented last resort: drugs (with a following dose) and conditions found in plain text."""
+    from medvl.documents import CONDITIONS, DRUGS
+
+    out = empty_structured()
+    for name, *_ in DRUGS:
+        match = re.search(rf"\b{re.escape(name)}\b\s*(\d+(?:\.\d+)?\s?(?:mg|mcg|g|units))?", text, re.I)
+        if match:
+            out["medications"].append({"name": name, "dose": match.group(1) or "", "route": "", "frequency": ""})
+    for full, abbr in CONDITIONS:
+        for word in (full, abbr):
+            if word and re.search(rf"\b{re.escape(word)}\b", text):
+                out["diagnoses"].append(word)
+                break
+    return out
+
+
+def parse_structured(text: str) -> tuple[dict[str, Any], str]:
+    """Answer text -> (structured record, how it was obtained: json | repaired | fallback)."""
+    candidate = _json_candidate(text)
+    if candidate is not None:
+        try:
+            return normalize_structured(json.loads(candidate[: candidate.rfind("}") + 1])), "json"
+        except (ValueError, json.JSONDecodeError):
+            pass
+        try:
+            return normalize_structured(repair_json(text)), "repaired"
+        except (ValueError, json.JSONDecodeError):
+            pass
+    return lexicon_fallback(text), "fallback"
+
+
+def structured_result(text: str) -> dict[str, Any]:
+    """What /extract and the CLI return for one answer: record, how it was parsed, flags."""
+    from medvl import flags
+
+    structured, status = parse_structured(text)
+    return {"structured": structured, "parse_status": status, "flags": flags.check(structured),
+            "disclaimer": flags.DISCLAIMER}

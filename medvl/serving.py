@@ -1,0 +1,116 @@
+"""A served model: load it, build the engine, compile the decoding steps, then take traffic.
+
+The API (and ``scripts/perf_serving.py``, the CLI) start one :class:`ServedModel`. Loading
+runs in a background thread so that the server can answer ``/health`` (503, loading) at once;
+everything slow (weights, int4 quantization, compiling a CUDA graph per batch bucket) happens
+before :attr:`ready` is set, never inside a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from medvl.decoding import SlotDecoder, fuse_projections, should_compile
+from medvl.engine import Engine, EngineMetrics
+from medvl.modeling import input_device, load_model, load_processor
+from medvl.settings import DecodeSettings, Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(model: Any, processor: Any, decode: DecodeSettings, slots: int | None = None,
+                 metrics: EngineMetrics | None = None, compile_step: bool | None = None) -> Engine:
+    """The engine over a loaded model, per the ``decode`` settings (``slots`` overrides
+    ``decode.max_batch_size``; ``compile_step`` overrides ``decode.compile``)."""
+    compiled = should_compile(decode.compile, model) if compile_step is None else compile_step
+    decoder = SlotDecoder(model, decode.max_cache_len, slots or decode.max_batch_size, compiled)
+    return Engine(model, processor, decoder, decode.max_waiting, decode.max_prefill_tokens, metrics)
+
+
+def warm_up(engine: Engine, image: Image.Image | None = None, prompt: str = "Warm-up.") -> dict[int, float]:
+    """Compile and capture every batch bucket's step on a page (a blank one by default);
+    returns seconds per bucket."""
+    blank = engine.prepare(image or Image.new("RGB", (448, 448), "white"), prompt)
+    inputs = {k: v.to(engine.device) for k, v in blank.tensors.items()}
+    return engine.decoder.warm_up(inputs)
+
+
+class ServedModel:
+    """The model the API serves, loaded in the background; :attr:`engine` once :attr:`ready`."""
+
+    def __init__(self, model_dir: Path, settings: Settings, int4: bool = False, slots: int | None = None,
+                 metrics: EngineMetrics | None = None) -> None:
+        self.model_dir = model_dir
+        self.settings = settings
+        self.int4 = int4  # quantize to torchao int4 at load (GPU serving of a bf16 checkpoint)
+        self.slots = slots
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.startup_s: dict[str, float] = {}  # load, quantize, warm-up (compilation): paid once per start
+        self.error: str | None = None
+        self.ready = threading.Event()
+
+    def start(self) -> None:
+        """Load, quantize if asked, compile, then run the engine's loop; all in the background."""
+        threading.Thread(target=self._load_and_serve, name="model-loader", daemon=True).start()
+
+    def _load_and_serve(self) -> None:
+        try:
+            self.load()
+        except Exception as exc:  # reported by /health; the server stays up to say so
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("model failed to load")
+            return
+        self.engine.start()
+        self.ready.set()
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        # The pixel budget saved with the model: the one it was trained with.
+        processor = load_processor(self.model_dir, None, padding_side="left")
+        model = load_model(self.model_dir, self.settings)
+        self.startup_s["load"] = time.perf_counter() - started
+        if self.int4:
+            from medvl.quantize import int4_weight_only
+
+            started = time.perf_counter()
+            fuse_projections(model)  # before quantizing: the decoder's fused matmuls get int4 weights
+            int4_weight_only(model)
+            self.startup_s["quantize_int4"] = time.perf_counter() - started
+        started = time.perf_counter()
+        self.engine = build_engine(model, processor, self.settings.decode, self.slots, self.metrics)
+        warm_up(self.engine)
+        self.startup_s["decoder_warm_up"] = time.perf_counter() - started
+        log.info("model ready: %s (%s; start-up %s)", self.model_dir, self.decoding,
+                 {k: round(v, 1) for k, v in self.startup_s.items()})
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    def wait_ready(self, timeout: float | None = None) -> Engine:
+        """Block until the engine serves; raise with the load error if loading failed."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not self.ready.wait(0.2):
+            if self.error:
+                raise RuntimeError(f"the model failed to load: {self.error}")
+            if deadline is not None and time.perf_counter() > deadline:
+                raise TimeoutError(f"model not loaded after {timeout} s")
+        return self.engine
+
+    @property
+    def decoding(self) -> str:
+        """How answers are generated, in words (for /health and logs)."""
+        if self.engine is None:
+            return ""
+        return self.engine.decoder.description + (", int4 (torchao)" if self.int4 else "")
+
+    @property
+    def device(self) -> str:
+        return str(input_device(self.engine.model)) if self.engine is not None else "unloaded"
