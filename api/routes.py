@@ -35,6 +35,7 @@ async def health(state: State):
         status=status, model_loaded=engine is not None, model_path=str(served.model_dir), device=served.device,
         gpu_name=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         gpu_memory_used_mb=torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        gpu_memory_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         requests_running=engine.num_running if engine else 0, requests_waiting=engine.num_waiting if engine else 0,
         decoding=served.decoding, startup_s=served.startup_s, error=served.error)
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503,

@@ -78,6 +78,7 @@ class HealthResponse(BaseModel):
     device: str
     gpu_name: str | None
     gpu_memory_used_mb: float | None
+    gpu_memory_peak_mb: float | None  # torch's high-water mark since start (weights, cache, activations)
     requests_running: int
     requests_waiting: int
     decoding: str = ""  # e.g. "continuous batching over 32 cache slots, compiled step, int4 (torchao)"

@@ -31,8 +31,10 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(workdir: Path, profile: str = "tiny", extra_args: list[str] | None = None,
-                   env: dict[str, str] | None = None, ready_timeout_s: float = 300.0):
-    """Yield the base URL of a server started on a free loopback port; stop it afterwards."""
+                   env: dict[str, str] | None = None, ready_timeout_s: float = 300.0,
+                   timing: dict[str, float] | None = None):
+    """Yield the base URL of a server started on a free loopback port; stop it afterwards.
+    ``timing``, if given, receives ``ready_s``: process start to the first /health 200."""
     port = free_port()
     log_path = workdir / "logs" / "api_server_stdout.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +45,9 @@ def running_server(workdir: Path, profile: str = "tiny", extra_args: list[str] |
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, proc, ready_timeout_s, log_path)
+        ready_s = wait_ready(base, proc, ready_timeout_s, log_path)
+        if timing is not None:
+            timing["ready_s"] = ready_s
         yield base
     finally:
         proc.terminate()

@@ -1,94 +1,210 @@
 #!/usr/bin/env python3
-"""Serving start-up and request latency of the API's engine: compilation is paid once.
+"""Serving under load: closed-loop clients against the real HTTP server, as vLLM's serving
+benchmark measures it.
 
-Starts :class:`medvl.inference.InferenceEngine` exactly as ``api/server.py`` does on a GPU
-(the bf16 base checkpoint quantized to torchao int4 at start-up unless --no-int4, fused
-projections, the decoding step compiled for batch 1 and --max-batch before the engine says
-ready), then sends the phase-3 documents one at a time and then all at once. Records the
-start-up cost per stage, each request's latency and tokens, and how many graphs torch.compile
-had compiled when the engine said ready and after the last request (equal: no request paid
-for compilation).
+Starts ``python -m api.server`` on the run's base model (``--weights`` picks the served form),
+times process start to the first /health 200, then for each route and each client count runs
+that many clients for ``--seconds``, each sending its next request as soon as the last one
+answers. Requests are a phase-3 lab-report page (``/extract``, or OpenAI chat streamed with
+``ignore_eos`` so that every answer is ``--max-tokens`` long). Per (route, clients) record:
+requests/s, output tokens/s, end-to-end latency p50/p95, time to first token and inter-token
+latency p50/p95 (client-side, from the stream; /extract answers whole, so its TTFT and ITL are
+the server's own means over the window, from /metrics), errors by status, and the server's
+peak GPU memory. The issue's figures for the engine this one replaced are kept as the baseline.
 
-    python scripts/perf_serving.py --profile 7b-random
+    python scripts/perf_serving.py --profile 7b-random --weights bf16
 
-Writes benchmarks/perf_serving.json. Needs a CUDA GPU, but for a smoke run with --no-int4.
+Writes benchmarks/perf_serving.json (or --out). Runs on a CPU too (tiny: a smoke run).
 """
 
 import argparse
+import asyncio
+import base64
+import json
+import re
 import shlex
 import sys
-from concurrent.futures import wait
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import httpx  # noqa: E402
 
+from api.validate import running_server  # noqa: E402
 from medvl.benchmark import ensure_benchmark_documents, summarize  # noqa: E402
-from medvl.inference import GenerationRequest, InferenceEngine  # noqa: E402
 from medvl.io import atomic_write_json  # noqa: E402
-from medvl.phase import PhaseError, log, run_tool  # noqa: E402
+from medvl.phase import log, run_tool  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
 
+# The engine this one replaced, same H100 and page (issue 17): (form, route, clients) -> (requests/s, p50 s).
+BASELINE = {
+    "source": "issue 17, measured on one H100 80GB with 7b-random before the continuous-batching engine",
+    "rows": [{"weights": w, "route": r, "clients": c, "requests_per_s": rps, "latency_p50_s": p50}
+             for w, r, c, rps, p50 in (("int4", "chat", 1, 0.98, 1.01), ("int4", "extract", 8, 1.43, 5.6),
+                                       ("int4", "chat", 8, 0.98, 8.1), ("int4", "extract", 32, 1.70, 18.5),
+                                       ("bf16", "chat", 1, 1.02, 0.95), ("bf16", "extract", 8, 2.84, 2.8),
+                                       ("bf16", "extract", 32, 4.17, 7.5))],
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--new-tokens", type=int, default=128, help="max new tokens per request (default: %(default)s)")
-    parser.add_argument("--max-batch", type=int, default=8, help="the engine's largest batch (default: %(default)s)")
-    parser.add_argument("--no-int4", action="store_true", help="serve the bf16 checkpoint as is")
+    parser.add_argument("--weights", default="auto", choices=("auto", "bf16", "int4"), help="the served form")
+    parser.add_argument("--clients", default="1,8,32,64", help="client counts (default: %(default)s)")
+    parser.add_argument("--routes", default="extract,chat", help="extract and/or chat (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per level (default: %(default)s)")
+    parser.add_argument("--warm-up-s", type=float, default=3.0, help="unmeasured seconds before each level")
+    parser.add_argument("--max-tokens", type=int, default=128, help="answer tokens per request (default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=int, default=0, help="server's running batch (0: the profile's)")
+    parser.add_argument("--warm-restart", action="store_true",
+                        help="then restart the server once and time it (compilation caches warm)")
+    parser.add_argument("--out", default="", help="output JSON (default: benchmarks/perf_serving.json)")
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile has compiled in this process so far."""
-    from torch._dynamo.utils import counters
+class Level:
+    """What the clients of one level observed."""
 
-    return int(counters["stats"]["unique_graphs"])
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.ttfts: list[float] = []
+        self.itls: list[float] = []
+        self.tokens = 0
+        self.errors: dict[str, int] = {}
+
+    def error(self, what: str) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
 
 
-def result_row(request: GenerationRequest) -> dict:
-    r = request.future.result()
-    return {"latency_s": r.latency_s, "queue_s": r.queue_s, "batch_size": r.batch_size,
-            "prompt_tokens": r.prompt_tokens, "generated_tokens": r.generated_tokens,
-            "tokens_per_s": r.generated_tokens / max(r.latency_s - r.queue_s, 1e-9)}
+async def extract_once(client: httpx.AsyncClient, page: bytes, level: Level) -> None:
+    started = time.perf_counter()
+    r = await client.post("/extract", files={"file": ("page.png", page, "image/png")})
+    if r.status_code != 200:
+        level.error(str(r.status_code))
+        return
+    level.latencies.append(time.perf_counter() - started)
+    level.tokens += r.json()["usage"]["completion_tokens"]
+
+
+async def chat_once(client: httpx.AsyncClient, payload: dict, level: Level) -> None:
+    started = time.perf_counter()
+    arrivals: list[float] = []
+    usage = None
+    async with client.stream("POST", "/v1/chat/completions", json=payload) as r:
+        if r.status_code != 200:
+            level.error(str(r.status_code))
+            return
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                level.error(chunk["error"]["code"])
+                return
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                arrivals.append(time.perf_counter())
+    level.latencies.append(time.perf_counter() - started)
+    if arrivals:
+        level.ttfts.append(arrivals[0] - started)
+        level.itls.extend(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+    level.tokens += usage["completion_tokens"] if usage else len(arrivals)
+
+
+async def run_level(base: str, route: str, clients: int, seconds: float, warm_up_s: float, page: bytes,
+                    max_tokens: int) -> Level:
+    payload = {"model": "medvl", "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+               "stream_options": {"include_usage": True},
+               "messages": [{"role": "user", "content": [
+                   {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(page).decode()}},
+                   {"type": "text", "text": "List every lab value with its unit and flag."}]}]}
+    level, discard = Level(), Level()
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        measure_from = time.perf_counter() + warm_up_s
+        stop_at = measure_from + seconds
+
+        async def one_client() -> None:
+            while time.perf_counter() < stop_at:
+                target = level if time.perf_counter() >= measure_from else discard
+                try:
+                    if route == "extract":
+                        await extract_once(client, page, target)
+                    else:
+                        await chat_once(client, payload, target)
+                except httpx.HTTPError as exc:
+                    target.error(type(exc).__name__)
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+    return level
+
+
+def server_means(metrics_text: str) -> dict[str, float]:
+    """Sums and counts of the server's TTFT and ITL histograms (for deltas over a level)."""
+    out = {}
+    for name in ("medvl_time_to_first_token_seconds", "medvl_inter_token_latency_seconds"):
+        for kind in ("sum", "count"):
+            match = re.search(rf"^{name}_{kind} (\S+)$", metrics_text, re.M)
+            out[f"{name}_{kind}"] = float(match.group(1)) if match else 0.0
+    return out
+
+
+def level_record(route: str, clients: int, seconds: float, level: Level, before: dict, after: dict,
+                 health: dict) -> dict:
+    done = len(level.latencies)
+    record = {"route": route, "clients": clients, "seconds": seconds, "requests": done,
+              "errors": sum(level.errors.values()), "errors_by_kind": level.errors,
+              "requests_per_s": done / seconds, "output_tokens_per_s": level.tokens / seconds,
+              "tokens_per_request": level.tokens / done if done else 0.0,
+              "latency_s": summarize(level.latencies), "ttft_s": summarize(level.ttfts),
+              "itl_s": summarize(level.itls), "ttft_itl_source": "client (stream)" if route == "chat" else "server mean"}
+    if route == "extract":
+        def mean(name: str) -> float:
+            count = after[f"{name}_count"] - before[f"{name}_count"]
+            return (after[f"{name}_sum"] - before[f"{name}_sum"]) / count if count else 0.0
+        record["ttft_s"] = {"avg": mean("medvl_time_to_first_token_seconds")}
+        record["itl_s"] = {"avg": mean("medvl_inter_token_latency_seconds")}
+    record["server_peak_gpu_memory_mb"] = health.get("gpu_memory_peak_mb")
+    return record
 
 
 def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.no_int4:
-        raise PhaseError("int4 serving needs a CUDA GPU; on a CPU pass --no-int4 (a smoke run of the same engine)")
     samples = ensure_benchmark_documents(wd.test_images, settings.bench.document_seed, settings.bench.num_documents)
-    images = [Image.open(s.image_path).convert("RGB") for s in samples]
-    engine = InferenceEngine(wd.base_model_dir(settings), settings, max_batch_size=args.max_batch,
-                             int4=not args.no_int4)
-    engine.start()
-    engine.wait_ready(timeout=1800)
-    graphs_at_ready = compiled_graphs()
-    log.info("engine ready: %s; start-up %s s; %d graphs compiled", engine.decoding,
-             {k: round(v, 1) for k, v in engine.startup_s.items()}, graphs_at_ready)
-
-    def send(picks: list[int]) -> list[GenerationRequest]:
-        requests = [GenerationRequest(images[i], samples[i].prompt, args.new_tokens) for i in picks]
-        for request in requests:
-            engine.submit(request)
-        wait([r.future for r in requests])
-        return requests
-
-    one_at_a_time = [result_row(send([i])[0]) for i in range(len(samples))]
-    all_at_once = [result_row(r) for r in send(list(range(len(samples))))]
-    engine.stop()
+    sample = next((s for s in samples if "lab" in s.doc_id), samples[0])
+    page = sample.image_path.read_bytes()
+    out = Path(args.out) if args.out else wd.bench("perf_serving")
     report = {**settings.record(("model", "decode")), "command": shlex.join(["python", *sys.argv]),
-              "gpu": torch.cuda.get_device_name(0) if cuda else None, "decoding": engine.decoding, "startup_s": engine.startup_s,
-              "compile_s_per_batch_size": engine.decoder.compile_s if engine.decoder else None,
-              "graphs_compiled_at_ready": graphs_at_ready, "graphs_compiled_after_requests": compiled_graphs(),
-              "requests_one_at_a_time": one_at_a_time, "requests_all_at_once": all_at_once,
-              "latency_s_one_at_a_time": summarize([r["latency_s"] for r in one_at_a_time]),
-              "latency_s_all_at_once": summarize([r["latency_s"] for r in all_at_once]),
-              "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
-    atomic_write_json(wd.bench("perf_serving"), report)
-    log.info("one at a time: %s", one_at_a_time)
-    log.info("all at once: %s", all_at_once)
-    log.info("graphs compiled at ready %d, after all requests %d", graphs_at_ready, report["graphs_compiled_after_requests"])
+              "weights": args.weights, "page": sample.doc_id,
+              "max_tokens": args.max_tokens, "baseline": BASELINE, "levels": []}
+    timing: dict[str, float] = {}
+    server_args = ["--weights", args.weights, "--max-new-tokens", str(args.max_tokens),
+                   "--max-batch-size", str(args.max_batch_size), "--request-timeout-s", "600"]
+    with running_server(wd.root, settings.profile, server_args, ready_timeout_s=1800, timing=timing) as base:
+        health = httpx.get(f"{base}/health", timeout=10).json()
+        report.update({"startup_to_health_200_s": timing["ready_s"], "startup_s": health["startup_s"],
+                       "decoding": health["decoding"], "device": health["device"], "gpu": health["gpu_name"]})
+        log.info("server ready after %.1f s: %s %s", timing["ready_s"], health["decoding"], health["startup_s"])
+        for route in args.routes.split(","):
+            for clients in (int(c) for c in args.clients.split(",")):
+                before = server_means(httpx.get(f"{base}/metrics", timeout=10).text)
+                level = asyncio.run(run_level(base, route, clients, args.seconds, args.warm_up_s, page, args.max_tokens))
+                after = server_means(httpx.get(f"{base}/metrics", timeout=10).text)
+                health = httpx.get(f"{base}/health", timeout=10).json()
+                record = level_record(route, clients, args.seconds, level, before, after, health)
+                report["levels"].append(record)
+                log.info("%-7s %3d clients: %6.2f req/s  %7.1f tok/s  p50 %.2f s  p95 %.2f s  ttft p50 %.3f  "
+                         "itl p50 %.4f  errors %d", route, clients, record["requests_per_s"],
+                         record["output_tokens_per_s"], record["latency_s"]["p50"], record["latency_s"]["p95"],
+                         record["ttft_s"].get("p50", record["ttft_s"].get("avg", 0.0)),
+                         record["itl_s"].get("p50", record["itl_s"].get("avg", 0.0)), record["errors"])
+                atomic_write_json(out, report)  # after every level: a run cut short keeps what it measured
+    if args.warm_restart:
+        with running_server(wd.root, settings.profile, server_args, ready_timeout_s=1800, timing=timing) as base:
+            report["warm_restart"] = {"to_health_200_s": timing["ready_s"],
+                                      "startup_s": httpx.get(f"{base}/health", timeout=10).json()["startup_s"]}
+        log.info("warm restart: /health 200 after %.1f s", timing["ready_s"])
+        atomic_write_json(out, report)
     return report
 
 
