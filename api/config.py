@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medvl.settings import load_settings
+from medvl.settings import Settings, SettingsError, load_settings
 from medvl.workdir import Workdir
 
 DESCRIPTION = """The medvl HTTP API: structured extraction, free analysis, OpenAI-compatible chat.
@@ -37,6 +37,7 @@ class ServerConfig:
     max_new_tokens: int = 512  # answer length for /extract, /analyze, and chat without max_tokens
     weights: str = "auto"  # auto | bf16 | int4: the served form of the weights (see resolve_model)
     served_model_name: str = "medvl"  # the model id /v1/models lists and chat requests name
+    set: list[str] = field(default_factory=list)  # profile overrides, section.key=value (as the pipeline takes)
 
     HELP = {
         "model_path": "model folder to serve (default: the best the pipeline produced)",
@@ -44,6 +45,7 @@ class ServerConfig:
         "max_new_tokens": "answer tokens for /extract and /analyze, and chat's default max_tokens",
         "weights": "auto (int4 on a GPU when quant.serve_quantized), bf16 (the checkpoint as is), int4 (torchao, GPU)",
         "request_timeout_s": "a request's limit, queue included; past it 504 and its slot is freed",
+        "set": "override a profile setting, e.g. decode.max_waiting=128 (repeatable)",
     }
 
     @classmethod
@@ -56,7 +58,10 @@ class ServerConfig:
             env = os.environ.get(env_name)
             flag = f"--{name.replace('_', '-')}"
             about = cls.HELP.get(name, "")
-            if isinstance(value, list):
+            if name == "set":
+                parser.add_argument(flag, action="append", default=env.split(",") if env else [],
+                                    metavar="SECTION.KEY=VALUE", help=f"{about} (env {env_name}, comma-separated)")
+            elif isinstance(value, list):
                 default = [o for o in env.split(",") if o] if env is not None else value
                 parser.add_argument(flag, default=default, type=lambda s: [o for o in s.split(",") if o],
                                     help=f"comma-separated {about} (env {env_name})")
@@ -67,7 +72,15 @@ class ServerConfig:
         config = cls(**vars(parser.parse_args(argv)))
         if config.weights not in ("auto", "bf16", "int4"):
             parser.error(f"--weights: one of auto, bf16, int4, got {config.weights!r}")
+        try:
+            config.settings()
+        except SettingsError as exc:
+            parser.error(str(exc))
         return config
+
+    def settings(self) -> Settings:
+        """The profile with ``--set`` overrides applied: what the engine and the model choice use."""
+        return load_settings(self.profile, self.set)
 
 
 def torchao_int4_available() -> bool:
@@ -96,7 +109,7 @@ def resolve_model(config: ServerConfig) -> tuple[Path, str]:
     """The model to serve: --model-path, else the best the pipeline produced: fine-tuned merged
     (quantized to int4 at start-up per :func:`serve_int4`), fine-tuned NF4, fine-tuned merged
     in full precision, then the same for the base model."""
-    settings = load_settings(config.profile)
+    settings = config.settings()
     wd = Workdir.at(config.workdir or None)
     int4 = serve_int4(config, settings)
     if config.model_path:  # served as saved unless int4 is asked for by name (an NF4 folder cannot be)

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from medvl.engine import EngineMetrics
+from medvl.engine import EngineMetrics, EngineStats
+
+ENGINE_STATS = {
+    "prefills": "Prefill batches run", "prefill_rows": "Requests prefilled", "prefill_tokens": "Prompt tokens prefilled",
+    "prefill_s": "Seconds in prefill (wall)", "steps": "Decoding steps launched",
+    "step_rows": "Rows over all decoding steps", "step_launch_s": "Seconds spent queueing decoding steps (wall)",
+}
 
 ROUTES = ("/extract", "/analyze", "/health", "/benchmark", "/metrics", "/v1/chat/completions", "/v1/models")
 
@@ -31,6 +37,8 @@ class ServerMetrics(EngineMetrics):
                              registry=r, buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2))
         self.prompt = Counter("medvl_prompt_tokens_total", "Prompt tokens prefilled", registry=r)
         self.generation = Counter("medvl_generation_tokens_total", "Tokens generated", registry=r)
+        # The engine loop's own accounting (medvl.engine.EngineStats), cumulative since start.
+        self.engine = {name: Gauge(f"medvl_engine_{name}", about, registry=r) for name, about in ENGINE_STATS.items()}
         self.finished = Counter("medvl_request_success_total", "Requests the engine ended, by reason",
                                 ["finished_reason"], registry=r)
 
@@ -56,10 +64,13 @@ class ServerMetrics(EngineMetrics):
         self.requests.labels(known, str(status)).inc()
         self.latency.labels(known).observe(seconds)
 
-    def render(self, running: int, waiting: int, kv_usage: float, loaded: bool) -> str:
+    def render(self, running: int, waiting: int, kv_usage: float, loaded: bool, stats: EngineStats | None) -> str:
         for gauge, value in ((self.running, running), (self.waiting, waiting), (self.kv_usage, kv_usage),
                              (self.loaded, int(loaded))):
             gauge.set(value)
+        if stats is not None:
+            for name, gauge in self.engine.items():
+                gauge.set(getattr(stats, name))
         return generate_latest(self.registry).decode()
 
 

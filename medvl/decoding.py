@@ -234,14 +234,17 @@ def generation_position_ids(model: Any, inputs: Any) -> torch.Tensor:
     return torch.cat([text.unsqueeze(0), vision.to(text.device)], dim=0)
 
 
-def bucket_sizes(slots: int) -> tuple[int, ...]:
-    """Batch sizes a decoding step is compiled for: powers of two up to ``slots``, and ``slots``.
+def bucket_sizes(slots: int, compiled: bool) -> tuple[int, ...]:
+    """Batch sizes a decoding step runs at: powers of two up to ``slots``, and ``slots``.
 
     A running batch of n rows runs the smallest bucket >= n (the extra rows are idle slots):
     decoding is bound by reading the weights, so a few idle rows cost little, and a handful of
-    graphs cover every batch size.
+    CUDA graphs cover every batch size. Compiled, the smallest bucket is 2: the step is
+    compiled once with a dynamic batch dimension (torch.compile specializes a size of 1, so a
+    bucket of 1 would be a second compilation: 72 s of an H100's start-up for batch 1 alone,
+    against 94 s for the dynamic one), and one row decodes beside an idle one.
     """
-    sizes, size = [], 1
+    sizes, size = [], 2 if compiled and slots > 1 else 1
     while size < slots:
         sizes.append(size)
         size *= 2
@@ -297,8 +300,8 @@ class SlotDecoder:
         self.fused_layers = fused_layer_count(self.base)  # fused here or before (int4 serving fuses first)
         self.max_cache_len = max_cache_len
         self.slots = slots
-        self.buckets = bucket_sizes(slots)
         self.compiled = compile_step
+        self.buckets = bucket_sizes(slots, compile_step)
         gen = self.base.generation_config
         eos = gen.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -409,10 +412,13 @@ class SlotDecoder:
         bucket = self.bucket(rows)
         live = torch.arange(rows, device=self.device)
         self.mask[live, self.write_at[:rows]] = True  # the new token attends to itself
+        tokens = self.last_token[:bucket]
         if self.compiled:
+            if bucket > 1:
+                torch._dynamo.mark_dynamic(tokens, 0)  # one compiled graph for every bucket (a CUDA graph each)
             torch.compiler.cudagraph_mark_step_begin()
         with _attention(self._text_config, DECODE_ATTENTION):
-            logits = self._step(self.last_token[:bucket])
+            logits = self._step(tokens)
         self.write_at[:rows] += 1
         self.position[:rows] += 1
         return logits[:rows]
@@ -486,11 +492,8 @@ class SlotDecoder:
     def warm_up(self, inputs: Any, steps: int = 3) -> dict[int, float]:
         """Compile (and capture) the step for every bucket; returns seconds per bucket.
 
-        Run once at start-up, smallest bucket first: the first call of a shape compiles, the
-        next records the CUDA graph; after this no request pays for compilation. torch.compile's
-        automatic dynamic shapes compile batch 1 on its own and one graph for every larger
-        bucket (the second size seen makes the batch dimension dynamic); each bucket still gets
-        its own CUDA graph recording.
+        Run once at start-up: the first call compiles the step (batch dimension dynamic), each
+        bucket's first calls record its CUDA graph; after this no request pays for compilation.
         """
         self.prefill(inputs, [0])
         for rows in self.buckets if self.compiled else (1,):

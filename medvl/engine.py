@@ -96,6 +96,31 @@ class EngineMetrics:
     def request_finished(self, reason: str) -> None: ...
 
 
+@dataclass
+class EngineStats:
+    """Where the engine loop's time goes (host wall clock, as the loop sees it; a prefill's
+    includes waiting for the step in flight). Read by /metrics and the load benchmark."""
+
+    prefills: int = 0
+    prefill_rows: int = 0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    steps: int = 0
+    step_rows: int = 0
+    step_launch_s: float = 0.0  # CPU time to queue steps (the GPU runs them meanwhile)
+
+    def prefill(self, rows: int, tokens: int, seconds: float) -> None:
+        self.prefills += 1
+        self.prefill_rows += rows
+        self.prefill_tokens += tokens
+        self.prefill_s += seconds
+
+    def step(self, rows: int, seconds: float) -> None:
+        self.steps += 1
+        self.step_rows += rows
+        self.step_launch_s += seconds
+
+
 @dataclass(eq=False)
 class Request:
     """One request's life in the engine. ``on_text`` (streaming) is called from the engine's
@@ -117,6 +142,7 @@ class Request:
     _prefix: int = 0  # where the last text piece started (for multi-token characters)
     _sent: int = 0  # characters of ``text`` already passed to ``on_text``
     generator: torch.Generator | None = None
+    slot: int = -1  # the cache slot while running
 
     def cancel(self) -> None:
         """Ask the engine to drop this request; its slot frees on the engine's next turn."""
@@ -153,12 +179,13 @@ class Engine:
     """
 
     def __init__(self, model: Any, processor: Any, decoder: SlotDecoder, max_waiting: int,
-                 max_prefill_tokens: int, metrics: EngineMetrics | None = None) -> None:
+                 max_prefill_tokens: int, metrics: EngineMetrics | None = None, prefill_wait_s: float = 0.0) -> None:
         self.model = model
         self.processor = processor
         self.decoder = decoder
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_wait_s = prefill_wait_s
         self.metrics = metrics or EngineMetrics()
         self.eos_ids = set(decoder.eos_ids)
         self.device = decoder.device
@@ -167,7 +194,8 @@ class Engine:
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.steps = 0
+        self.stats = EngineStats()
+        self._in_flight: tuple[list[Request], Any] | None = None  # a launched step not yet read
         # Rust tokenizers refuse concurrent use that changes their padding state ("Already
         # borrowed"): callers prepare one at a time, and the loop detokenizes with its own copy.
         self._prepare_lock = threading.Lock()
@@ -212,7 +240,14 @@ class Engine:
         if self._thread is None:
             while not request.future.done():
                 self.run_once()
+            self.drain()
         return request.future.result()
+
+    def drain(self) -> None:
+        """Read the step still in flight (its rows all ended; nothing is appended)."""
+        if self._in_flight is not None:
+            self._collect(*self._in_flight)
+            self._in_flight = None
 
     @property
     def num_waiting(self) -> int:
@@ -253,29 +288,66 @@ class Engine:
 
     # ---- one turn: admit, prefill, decode
     def run_once(self) -> None:
-        """Admit what fits, prefill it, then one decoding step for every running row."""
+        """Admit what fits and prefill it; launch one decoding step for every running row; then
+        read the previous step's tokens while this one runs on the GPU.
+
+        Why one step ahead: reading a step's tokens back is a GPU sync, and the CPU work after it
+        (end checks, detokenizing, streaming, starting new rows: ~1-2 ms of Python, more when
+        request threads hold the GIL) would otherwise leave the GPU idle between steps. The next
+        step needs nothing from the CPU (each row's last token stays on the GPU), so it is
+        queued before the CPU looks at the previous one. A row that ended in the previous step
+        has one wasted token computed, which is dropped.
+        """
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
         self._drop_cancelled()
-        if self.running:
-            rows = len(self.running)
-            try:
-                logits = self.decoder.step(rows)
-                tokens = choose_tokens(logits, self.running)
-                self.decoder.accept(rows, tokens)
-            except Exception as exc:
-                log.exception("decoding step failed for %d rows", rows)
-                for index in reversed(range(rows)):
-                    self._finish(index, error=exc)
-                return
-            self.steps += 1
-            self._advance(list(range(rows)), tokens.tolist())
+        launched = self._launch_step() if self.running else None
+        if self._in_flight is not None:
+            self._collect(*self._in_flight)
+        self._in_flight = launched
+
+    def _launch_step(self) -> tuple[list[Request], Any] | None:
+        rows = list(self.running)
+        try:
+            started = time.perf_counter()
+            logits = self.decoder.step(len(rows))
+            tokens = choose_tokens(logits, rows)
+            self.decoder.accept(len(rows), tokens)
+            self.stats.step(len(rows), time.perf_counter() - started)
+        except Exception as exc:
+            log.exception("decoding step failed for %d rows", len(rows))
+            for request in rows:
+                self._finish(request, "error", exc)
+            return None
+        return rows, self._to_host(tokens)
+
+    @staticmethod
+    def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying ``tokens`` to the CPU without waiting (pinned memory on a GPU); the
+        event marks the copy's end in the stream, so reading waits for this step only."""
+        if tokens.device.type != "cuda":
+            return tokens, None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True).copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def _collect(self, rows: list[Request], host: tuple[torch.Tensor, torch.cuda.Event | None]) -> None:
+        """Take a launched step's tokens (waits for that step only) and advance its rows."""
+        tokens, done = host
+        if done is not None:
+            done.synchronize()
+        self._advance(rows, tokens.tolist())
 
     def _admit(self) -> list[Request]:
         """Waiting requests that get a slot this turn (cancelled ones are dropped)."""
         admitted: list[Request] = []
         budget = self.max_prefill_tokens
+        free = self.decoder.slots - len(self.running)
+        if (self.prefill_wait_s and self.running and len(self.waiting) < free and self.waiting
+                and time.perf_counter() - self.waiting[0].submitted < self.prefill_wait_s):
+            return admitted  # let a few more arrive: one prefill for several pauses the running rows once
         with self._wake:
             while self.waiting and len(self.running) + len(admitted) < self.decoder.slots:
                 head = self.waiting[0]
@@ -298,6 +370,7 @@ class Engine:
         """Prefill ``requests`` together into the next free slots; if that fails, one at a time,
         so that a bad request fails alone."""
         first = len(self.running)
+        started = time.perf_counter()
         try:
             logits = self.decoder.prefill(self._collate(requests), list(range(first, first + len(requests))))
         except Exception as exc:
@@ -310,12 +383,14 @@ class Engine:
             self._resolve(requests[0], "error", exc)
             return
         tokens = choose_tokens(logits, requests)
-        slots = list(range(first, first + len(requests)))
-        self.decoder.accept(slots, tokens)
-        self.running.extend(requests)
-        for request in requests:
+        self.decoder.accept(list(range(first, first + len(requests))), tokens)
+        for slot, request in enumerate(requests, start=first):
+            request.slot = slot
+            self.running.append(request)
             self.metrics.prompt_tokens(request.prompt.length)
-        self._advance(slots, tokens.tolist())
+        first_tokens = tokens.tolist()
+        self.stats.prefill(len(requests), sum(r.prompt.length for r in requests), time.perf_counter() - started)
+        self._advance(requests, first_tokens)
 
     def _collate(self, requests: list[Request]) -> dict[str, torch.Tensor]:
         """Left-pad the prepared prompts into one batch on the model's device."""
@@ -334,13 +409,13 @@ class Engine:
         return {key: torch.cat(parts).to(self.device) for key, parts in batch.items()}
 
     # ---- after each token
-    def _advance(self, slots: list[int], tokens: list[int]) -> None:
-        """Append each slot's new token; end the rows that are done (highest slot first, so
-        moving the last row into a freed slot keeps the others' indices)."""
+    def _advance(self, requests: list[Request], tokens: list[int]) -> None:
+        """Append each request's new token (requests that ended meanwhile are skipped) and end
+        the rows that are done."""
         now = time.perf_counter()
-        done: list[tuple[int, str]] = []
-        for slot, token in zip(slots, tokens, strict=True):
-            request = self.running[slot]
+        for request, token in zip(requests, tokens, strict=True):
+            if request.slot < 0:  # ended after this step was launched: its token is not part of the answer
+                continue
             if request.tokens:
                 self.metrics.inter_token_latency(now - request.last_token)
             else:
@@ -350,9 +425,7 @@ class Engine:
             request.last_token = now
             reason = self._end_reason(request, token)
             if reason:
-                done.append((slot, reason))
-        for slot, reason in sorted(done, reverse=True):
-            self._finish(slot, reason)
+                self._finish(request, reason)
 
     def _end_reason(self, request: Request, token: int) -> str | None:
         params = request.params
@@ -402,18 +475,19 @@ class Engine:
             request._sent = upto
 
     def _drop_cancelled(self) -> None:
-        for slot in reversed(range(len(self.running))):
-            if self.running[slot].cancelled:
-                self._finish(slot, "cancelled")
+        for request in [r for r in self.running if r.cancelled]:
+            self._finish(request, "cancelled")
 
-    def _finish(self, slot: int, reason: str = "error", error: Exception | None = None) -> None:
-        """End the row in ``slot``, move the last running row into it, resolve the request."""
-        request = self.running[slot]
-        last = len(self.running) - 1
-        if slot != last:
-            self.decoder.move(last, slot)
-            self.running[slot] = self.running[last]
+    def _finish(self, request: Request, reason: str = "error", error: Exception | None = None) -> None:
+        """End ``request``'s row: the last running row moves into its slot (rows stay packed at
+        the front of the cache); resolve the request."""
+        slot, last = request.slot, self.running[-1]
+        if last is not request:
+            self.decoder.move(last.slot, slot)
+            self.running[slot] = last
+            last.slot = slot
         self.running.pop()
+        request.slot = -1
         self._resolve(request, reason, error)
 
     def _resolve(self, request: Request, reason: str, error: Exception | None = None) -> None:

@@ -8,9 +8,10 @@ that many clients for ``--seconds``, each sending its next request as soon as th
 answers. Requests are a phase-3 lab-report page (``/extract``, or OpenAI chat streamed with
 ``ignore_eos`` so that every answer is ``--max-tokens`` long). Per (route, clients) record:
 requests/s, output tokens/s, end-to-end latency p50/p95, time to first token and inter-token
-latency p50/p95 (client-side, from the stream; /extract answers whole, so its TTFT and ITL are
-the server's own means over the window, from /metrics), errors by status, and the server's
-peak GPU memory. The issue's figures for the engine this one replaced are kept as the baseline.
+latency (per token, from the server's histograms over the window; the chat stream's client-side
+chunk timings beside them), errors by status, the engine loop's accounting (prefill batches,
+rows per step, time in prefill) and the server's peak GPU memory; ``--set`` overrides reach
+the server too. The issue's figures for the engine this one replaced are kept as the baseline.
 
     python scripts/perf_serving.py --profile 7b-random --weights bf16
 
@@ -140,32 +141,61 @@ async def run_level(base: str, route: str, clients: int, seconds: float, warm_up
     return level
 
 
-def server_means(metrics_text: str) -> dict[str, float]:
-    """Sums and counts of the server's TTFT and ITL histograms (for deltas over a level)."""
+HISTOGRAMS = {"ttft_s": "medvl_time_to_first_token_seconds", "itl_s": "medvl_inter_token_latency_seconds"}
+
+
+def server_counters(metrics_text: str) -> dict[str, float]:
+    """The server's cumulative figures a level's deltas come from: TTFT/ITL histogram sums,
+    counts and buckets, and the engine loop's accounting (medvl_engine_*)."""
     out = {}
-    for name in ("medvl_time_to_first_token_seconds", "medvl_inter_token_latency_seconds"):
-        for kind in ("sum", "count"):
-            match = re.search(rf"^{name}_{kind} (\S+)$", metrics_text, re.M)
-            out[f"{name}_{kind}"] = float(match.group(1)) if match else 0.0
+    for line in metrics_text.splitlines():
+        match = re.match(r"^(medvl_(?:time_to_first_token_seconds|inter_token_latency_seconds|engine_\w+?)"
+                         r"(?:_(?:sum|count|bucket))?)(\{le=\"([^\"]+)\"\})? (\S+)$", line)
+        if match:
+            out[match.group(1) + (f"@{match.group(3)}" if match.group(3) else "")] = float(match.group(4))
     return out
 
 
-def level_record(route: str, clients: int, seconds: float, level: Level, before: dict, after: dict,
-                 health: dict) -> dict:
+def histogram_summary(name: str, delta: dict[str, float]) -> dict[str, float]:
+    """Mean and bucket-interpolated p50/p95 of a server histogram over a level."""
+    count = delta.get(f"{name}_count", 0.0)
+    if not count:
+        return {"avg": 0.0, "p50": 0.0, "p95": 0.0, "n": 0}
+    buckets = sorted((float(k.split("@")[1]), v) for k, v in delta.items() if k.startswith(f"{name}_bucket@"))
+
+    def quantile(q: float) -> float:
+        lower, below = 0.0, 0.0
+        for upper, cumulative in buckets:
+            if cumulative >= q * count:
+                if upper == float("inf"):
+                    return lower
+                return lower + (upper - lower) * (q * count - below) / max(cumulative - below, 1e-9)
+            lower, below = upper, cumulative
+        return lower
+
+    return {"avg": delta[f"{name}_sum"] / count, "p50": quantile(0.5), "p95": quantile(0.95), "n": int(count)}
+
+
+def level_record(route: str, clients: int, seconds: float, window_s: float, level: Level, before: dict,
+                 after: dict, health: dict) -> dict:
+    """One level's figures; the server's (histograms, engine) cover ``window_s``, warm-up included."""
     done = len(level.latencies)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    engine = {k.removeprefix("medvl_engine_"): v for k, v in delta.items() if k.startswith("medvl_engine_")}
     record = {"route": route, "clients": clients, "seconds": seconds, "requests": done,
               "errors": sum(level.errors.values()), "errors_by_kind": level.errors,
               "requests_per_s": done / seconds, "output_tokens_per_s": level.tokens / seconds,
               "tokens_per_request": level.tokens / done if done else 0.0,
-              "latency_s": summarize(level.latencies), "ttft_s": summarize(level.ttfts),
-              "itl_s": summarize(level.itls), "ttft_itl_source": "client (stream)" if route == "chat" else "server mean"}
-    if route == "extract":
-        def mean(name: str) -> float:
-            count = after[f"{name}_count"] - before[f"{name}_count"]
-            return (after[f"{name}_sum"] - before[f"{name}_sum"]) / count if count else 0.0
-        record["ttft_s"] = {"avg": mean("medvl_time_to_first_token_seconds")}
-        record["itl_s"] = {"avg": mean("medvl_inter_token_latency_seconds")}
-    record["server_peak_gpu_memory_mb"] = health.get("gpu_memory_peak_mb")
+              "latency_s": summarize(level.latencies),
+              # per token, from the server's histograms (bucket-interpolated percentiles)
+              **{key: histogram_summary(name, delta) for key, name in HISTOGRAMS.items()},
+              "engine": {**engine, "rows_per_prefill": engine.get("prefill_rows", 0) / max(engine.get("prefills", 0), 1),
+                         "rows_per_step": engine.get("step_rows", 0) / max(engine.get("steps", 0), 1),
+                         "window_s": window_s, "prefill_share_of_window": engine.get("prefill_s", 0) / window_s},
+              "server_peak_gpu_memory_mb": health.get("gpu_memory_peak_mb")}
+    if route == "chat":  # as the client saw the stream: text chunks (tokens that decode to no text send none)
+        record["client_ttft_s"] = summarize(level.ttfts)
+        record["client_chunk_gap_s"] = summarize(level.itls)
     return record
 
 
@@ -179,7 +209,8 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
               "max_tokens": args.max_tokens, "baseline": BASELINE, "levels": []}
     timing: dict[str, float] = {}
     server_args = ["--weights", args.weights, "--max-new-tokens", str(args.max_tokens),
-                   "--max-batch-size", str(args.max_batch_size), "--request-timeout-s", "600"]
+                   "--max-batch-size", str(args.max_batch_size), "--request-timeout-s", "600",
+                   *(f"--set={item}" for item in args.set)]
     with running_server(wd.root, settings.profile, server_args, ready_timeout_s=1800, timing=timing) as base:
         health = httpx.get(f"{base}/health", timeout=10).json()
         report.update({"startup_to_health_200_s": timing["ready_s"], "startup_s": health["startup_s"],
@@ -187,17 +218,17 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
         log.info("server ready after %.1f s: %s %s", timing["ready_s"], health["decoding"], health["startup_s"])
         for route in args.routes.split(","):
             for clients in (int(c) for c in args.clients.split(",")):
-                before = server_means(httpx.get(f"{base}/metrics", timeout=10).text)
+                before = server_counters(httpx.get(f"{base}/metrics", timeout=10).text)
                 level = asyncio.run(run_level(base, route, clients, args.seconds, args.warm_up_s, page, args.max_tokens))
-                after = server_means(httpx.get(f"{base}/metrics", timeout=10).text)
+                after = server_counters(httpx.get(f"{base}/metrics", timeout=10).text)
                 health = httpx.get(f"{base}/health", timeout=10).json()
-                record = level_record(route, clients, args.seconds, level, before, after, health)
+                record = level_record(route, clients, args.seconds, args.seconds + args.warm_up_s, level, before, after, health)
                 report["levels"].append(record)
                 log.info("%-7s %3d clients: %6.2f req/s  %7.1f tok/s  p50 %.2f s  p95 %.2f s  ttft p50 %.3f  "
                          "itl p50 %.4f  errors %d", route, clients, record["requests_per_s"],
                          record["output_tokens_per_s"], record["latency_s"]["p50"], record["latency_s"]["p95"],
-                         record["ttft_s"].get("p50", record["ttft_s"].get("avg", 0.0)),
-                         record["itl_s"].get("p50", record["itl_s"].get("avg", 0.0)), record["errors"])
+                         record["ttft_s"]["p50"], record["itl_s"]["p50"], record["errors"])
+                log.info("        engine: %s", {k: round(v, 3) for k, v in record["engine"].items()})
                 atomic_write_json(out, report)  # after every level: a run cut short keeps what it measured
     if args.warm_restart:
         with running_server(wd.root, settings.profile, server_args, ready_timeout_s=1800, timing=timing) as base:

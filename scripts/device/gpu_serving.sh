@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs on a lent H100 (see docs/results/h100/README.md): builds the 7b-random stand-in (phases
-# 1-2), then the HTTP load benchmark (scripts/perf_serving.py) once per served form.
-# Usage: gpu_serving.sh "bf16 int4" [perf_serving args]. Expects the server's wheels
-# (fastapi, starlette, pydantic, uvicorn, ..., torchao) under .whl/ (the GPU image lacks them).
+# 1-2), then the HTTP load benchmark (scripts/perf_serving.py) once per run spec, each
+# "NAME:ARGS" (e.g. "bf16:--weights bf16 --seconds 15"), writing $OUT/perf_serving_NAME.json.
+# Expects the server's wheels (fastapi, starlette, pydantic, uvicorn, ..., torchao,
+# bitsandbytes) under .whl/ (the GPU image lacks them).
 set -uo pipefail
-forms="${1:-bf16}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -14,9 +14,11 @@ for n in 1 2; do
   ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
     || { tail -20 "$OUT/pipeline.log"; exit 1; }
 done
-for form in $forms; do
+for spec in "$@"; do
+  name="${spec%%:*}"
+  read -r -a args <<< "${spec#*:}"
   timeout "${PERF_TIMEOUT:-540}" python3 scripts/perf_serving.py --profile 7b-random --workdir "$wd" \
-    --weights "$form" --out "$OUT/perf_serving_$form.json" "${@:2}" 2>&1 | grep --line-buffered -v "it/s\]$" \
-    | tee "$OUT/perf_serving_$form.log"
-  grep -v "it/s\]$" "$wd/logs/api_server_stdout.log" | tail -40 > "$OUT/server_$form.log"
+    --out "$OUT/perf_serving_$name.json" "${args[@]}" 2>&1 | grep --line-buffered -v "it/s\]$" \
+    | tee "$OUT/perf_serving_$name.log"
+  grep -v "it/s\]$" "$wd/logs/api_server_stdout.log" | tail -30 > "$OUT/server_$name.log"
 done
