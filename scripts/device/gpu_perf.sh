@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a lent H100 (see docs/results/h100/README.md): builds the 7b-random profile's inputs
-# (phases 1-2, and 5 for training), then perf scripts. Usage: gpu_perf.sh training|inference|serving|all [args]
+# (phases 1-2, and 5 for training), then perf scripts. Usage: gpu_perf.sh training|inference|serving|prefill|all [args]
 # Expects the bitsandbytes and torchao wheels under .whl/ (the GPU image lacks them).
 set -uo pipefail
 what="${1:-all}"
@@ -10,12 +10,12 @@ export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLI
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, torchao, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'torchao', torchao.__version__, 'bitsandbytes', b.__version__)"
 wd=/tmp/perf-7b-random
-case $what in inference|serving) phases=(1 2);; *) phases=(1 2 5);; esac
+case $what in inference|serving|prefill) phases=(1 2);; *) phases=(1 2 5);; esac
 for n in "${phases[@]}"; do
   ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
     || { tail -20 "$OUT/pipeline.log"; exit 1; }
 done
-for job in training inference serving; do
+for job in training inference serving prefill; do
   [[ $what == all || $what == "$job" ]] || continue
   TORCH_LOGS=recompiles timeout "${PERF_TIMEOUT:-540}" python3 scripts/perf_$job.py --profile 7b-random \
     --workdir "$wd" "${@:2}" 2>&1 | grep --line-buffered -v "it/s\]$" | tee "$OUT/perf_$job.log"

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Where a page's prefill time goes: the processor, the vision tower, the M-RoPE positions and
+the language model, per batch size, with the vision tower's windows batched (medvl.vision) and
+as transformers runs them (one SDPA call per window). GPU times from CUDA events, host times
+from the wall clock; then a profiler table of one batch-8 prefill.
+
+    python scripts/perf_prefill.py --profile 7b-random
+
+Writes benchmarks/perf_prefill.json. Needs a CUDA GPU.
+"""
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from medvl.benchmark import ensure_benchmark_documents  # noqa: E402
+from medvl.decoding import generation_position_ids  # noqa: E402
+from medvl.io import atomic_write_json  # noqa: E402
+from medvl.modeling import load_model, load_processor  # noqa: E402
+from medvl.phase import PhaseError, log, run_tool  # noqa: E402
+from medvl.serving import build_engine  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.vision import batch_window_attention  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batches", default="1,4,8", help="prefill batch sizes (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3)
+
+
+def gpu_ms(fn, repeats: int) -> tuple[float, float]:
+    """(GPU ms by CUDA events, host wall ms) of ``fn``, best of ``repeats`` after one warm-up."""
+    fn()
+    best_gpu, best_wall = float("inf"), float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        best_wall = min(best_wall, (time.perf_counter() - wall) * 1000)
+        best_gpu = min(best_gpu, start.elapsed_time(end))
+    return best_gpu, best_wall
+
+
+def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
+    if not torch.cuda.is_available():
+        raise PhaseError("needs a CUDA GPU")
+    samples = ensure_benchmark_documents(wd.test_images, settings.bench.document_seed, settings.bench.num_documents)
+    model_dir = wd.base_model_dir(settings)
+    processor = load_processor(model_dir, None, padding_side="left")
+    model = load_model(model_dir, settings, batched_vision=False)
+    engine = build_engine(model, processor, settings.decode, slots=8, compile_step=False)
+    images = [Image.open(s.image_path).convert("RGB") for s in samples]
+    report = {"command": shlex.join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0), "rows": []}
+    started = time.perf_counter()
+    prompts = [engine.prepare(images[i % len(images)], samples[i % len(samples)].prompt) for i in range(8)]
+    report["processor_ms_per_page"] = (time.perf_counter() - started) * 1000 / 8
+    visual = model.model.visual
+    for vision in ("per_window", "batched"):
+        if vision == "batched":
+            batch_window_attention(model)
+        for b in (int(x) for x in args.batches.split(",")):
+            reqs = [type("R", (), {"prompt": p})() for p in prompts[:b]]
+            inputs = engine._collate(reqs)
+            row = {"vision": vision, "batch": b, "tokens": int(inputs["input_ids"].numel())}
+            with torch.inference_mode():
+                row["collate_ms"] = gpu_ms(lambda reqs=reqs: engine._collate(reqs), args.repeats)
+                row["vision_tower_ms"] = gpu_ms(lambda inputs=inputs: visual(
+                    inputs["pixel_values"].to(visual.dtype), grid_thw=inputs["image_grid_thw"]), args.repeats)
+                row["positions_ms"] = gpu_ms(lambda inputs=inputs: generation_position_ids(model, inputs), args.repeats)
+                row["prefill_ms"] = gpu_ms(lambda inputs=inputs, b=b: engine.decoder.prefill(inputs, list(range(b))),
+                                           args.repeats)
+            row["prefill_ms_per_page"] = row["prefill_ms"][0] / b
+            report["rows"].append(row)
+            log.info("%s", row)
+            atomic_write_json(wd.bench("perf_prefill"), report)
+    reqs = [type("R", (), {"prompt": p})() for p in prompts[:8]]
+    inputs = engine._collate(reqs)
+    with torch.inference_mode(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.decoder.prefill(inputs, list(range(8)))
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    log.info("\n%s\n%s", table, cpu_table)
+    report["profile_batch_8"] = table.splitlines()
+    report["profile_batch_8_cpu"] = cpu_table.splitlines()
+    atomic_write_json(wd.bench("perf_prefill"), report)
+    return report
+
+
+if __name__ == "__main__":
+    run_tool("perf_prefill", (2,), main, __doc__, add_arguments)
