@@ -47,6 +47,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
+from medvl.vision import align_vision_mlp
+
 log = logging.getLogger(__name__)
 
 
@@ -296,7 +298,9 @@ class SlotDecoder:
     def __init__(self, model: Any, max_cache_len: int, slots: int, compile_step: bool) -> None:
         self.model = model
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # Serving-only rewrites (same function, other parameter shapes: never save after them).
         fuse_projections(self.base)
+        align_vision_mlp(self.base)
         self.fused_layers = fused_layer_count(self.base)  # fused here or before (int4 serving fuses first)
         self.max_cache_len = max_cache_len
         self.slots = slots
@@ -317,6 +321,10 @@ class SlotDecoder:
         self.position = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
         self.last_token = torch.zeros(slots, dtype=torch.long, device=self.device)
+        # Written with index_put_ from this device tensor, never a Python True: a CPU value is
+        # copied to the GPU from pageable memory, which waits for the whole stream (the step in
+        # flight) every time.
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self._text_config = text
         self._step = (torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=True)
                       if compile_step else self._forward_step)
@@ -363,9 +371,9 @@ class SlotDecoder:
 
     # ---- prefill
     @torch.inference_mode()
-    def prefill(self, inputs: Any, slots: list[int]) -> torch.Tensor:
-        """Run left-padded prompts (as the processor makes them) into ``slots``; returns each row's
-        first-token logits (float32, penalized), ``[rows, vocab]``."""
+    def prefill(self, inputs: Any, first: int) -> torch.Tensor:
+        """Run left-padded prompts (as the processor makes them) into slots ``first``, ``first+1``,
+        ...; returns each row's first-token logits (float32, penalized), ``[rows, vocab]``."""
         from transformers import DynamicCache
 
         batch, prompt_len = inputs["input_ids"].shape
@@ -381,18 +389,18 @@ class SlotDecoder:
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         if not self.keys:
             self._allocate(layers)
-        index = torch.tensor(slots, device=self.device)
+        rows = slice(first, first + batch)
         for (key, value), keys, values in zip(layers, self.keys, self.values, strict=True):
-            keys[index.to(keys.device), :, :prompt_len] = key
-            values[index.to(keys.device), :, :prompt_len] = value
-        self.mask[index] = False
-        self.mask[index, :prompt_len] = attention.bool()
-        self.write_at[index] = prompt_len
-        self.position[index] = positions[1:, :, -1].amax(dim=0) + 1  # text after the prompt: all 3 rows equal
+            keys[rows, :, :prompt_len] = key
+            values[rows, :, :prompt_len] = value
+        self.mask[rows] = False
+        self.mask[rows, :prompt_len] = attention.bool()
+        self.write_at[rows] = prompt_len
+        self.position[rows] = positions[1:, :, -1].amax(dim=0) + 1  # text after the prompt: all 3 rows equal
         # Padding is not "seen": a row counts the tokens it would have alone (its last token stands in).
         real = torch.where(attention.bool(), inputs["input_ids"], inputs["input_ids"][:, -1:])
         seen = torch.zeros(batch, self.vocab, dtype=torch.bool, device=self.device).scatter_(1, real, True)
-        self.seen[index] = seen
+        self.seen[rows] = seen
         return self._penalize(out.logits[:, -1, :].float(), seen)
 
     # ---- decoding steps
@@ -411,7 +419,7 @@ class SlotDecoder:
         ``[rows, vocab]`` (float32, penalized; valid until the next step)."""
         bucket = self.bucket(rows)
         live = torch.arange(rows, device=self.device)
-        self.mask[live, self.write_at[:rows]] = True  # the new token attends to itself
+        self.mask.index_put_((live, self.write_at[:rows]), self._true)  # the new token attends to itself
         tokens = self.last_token[:bucket]
         if self.compiled:
             if bucket > 1:
@@ -424,11 +432,12 @@ class SlotDecoder:
         return logits[:rows]
 
     @torch.inference_mode()
-    def accept(self, slots: list[int] | int, tokens: torch.Tensor) -> None:
-        """Record the chosen tokens: the next step's inputs, and seen for the repetition penalty."""
-        index = torch.arange(slots, device=self.device) if isinstance(slots, int) else torch.tensor(slots, device=self.device)
-        self.last_token[index] = tokens
-        self.seen[index, tokens] = True
+    def accept(self, first: int, tokens: torch.Tensor) -> None:
+        """Record the chosen tokens of slots ``first``, ``first+1``, ...: the next step's inputs,
+        and seen for the repetition penalty."""
+        rows = torch.arange(first, first + tokens.shape[0], device=self.device)
+        self.last_token[rows] = tokens
+        self.seen.index_put_((rows, tokens), self._true)
 
     @torch.inference_mode()
     def move(self, source: int, target: int) -> None:
@@ -456,9 +465,9 @@ class SlotDecoder:
         self.check_fits(prompt_len, max_new_tokens)
         _sync(self.device)
         started = time.perf_counter()
-        logits = self.prefill(inputs, list(range(batch)))
+        logits = self.prefill(inputs, 0)
         token = logits.argmax(dim=-1)
-        self.accept(batch, token)
+        self.accept(0, token)
         _sync(self.device)
         ttft = time.perf_counter() - started
         kept = [logits.clone()] if keep_logits else None
@@ -472,7 +481,7 @@ class SlotDecoder:
             token = logits.argmax(dim=-1)
             if kept is not None:
                 kept.append(logits.clone())
-            self.accept(batch, token)
+            self.accept(0, token)
             tokens.append(token)
             if stop_at_eos:
                 finished |= torch.isin(token, eos)
@@ -495,7 +504,7 @@ class SlotDecoder:
         Run once at start-up: the first call compiles the step (batch dimension dynamic), each
         bucket's first calls record its CUDA graph; after this no request pays for compilation.
         """
-        self.prefill(inputs, [0])
+        self.prefill(inputs, 0)
         for rows in self.buckets if self.compiled else (1,):
             started = time.perf_counter()
             for _ in range(steps):

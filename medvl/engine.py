@@ -189,6 +189,7 @@ class Engine:
         self.metrics = metrics or EngineMetrics()
         self.eos_ids = set(decoder.eos_ids)
         self.device = decoder.device
+        self.vision_dtype = decoder.base.model.visual.dtype
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # running[i] decodes in cache slot i
         self._wake = threading.Condition()
@@ -214,8 +215,15 @@ class Engine:
             messages = [{"role": "user", "content": content}]
         with self._prepare_lock:
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-            tensors = self.processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
-        return Prompt(dict(tensors))
+            tensors = dict(self.processor(text=[text], images=[image] if image is not None else None,
+                                          return_tensors="pt"))
+        if "pixel_values" in tensors:  # the vision tower's dtype now (the model casts to it first thing)
+            tensors["pixel_values"] = tensors["pixel_values"].to(self.vision_dtype)
+        if self.device.type == "cuda":
+            # Pinned: the engine's copies to the GPU (a page is ~6 MB) then neither wait for the
+            # stream nor stall the loop (pageable host-to-device copies synchronize the stream).
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return Prompt(tensors)
 
     def submit(self, prompt: Prompt, params: SamplingParams, on_text: Callable[[str], None] | None = None) -> Request:
         """Queue a request; raises :class:`PromptTooLong` or :class:`Overloaded` at once."""
@@ -313,7 +321,7 @@ class Engine:
             started = time.perf_counter()
             logits = self.decoder.step(len(rows))
             tokens = choose_tokens(logits, rows)
-            self.decoder.accept(len(rows), tokens)
+            self.decoder.accept(0, tokens)
             self.stats.step(len(rows), time.perf_counter() - started)
         except Exception as exc:
             log.exception("decoding step failed for %d rows", len(rows))
@@ -372,7 +380,7 @@ class Engine:
         first = len(self.running)
         started = time.perf_counter()
         try:
-            logits = self.decoder.prefill(self._collate(requests), list(range(first, first + len(requests))))
+            logits = self.decoder.prefill(self._collate(requests), first)
         except Exception as exc:
             if len(requests) > 1:
                 log.warning("prefill of %d requests failed (%s); retrying one by one", len(requests), exc)
@@ -383,7 +391,7 @@ class Engine:
             self._resolve(requests[0], "error", exc)
             return
         tokens = choose_tokens(logits, requests)
-        self.decoder.accept(list(range(first, first + len(requests))), tokens)
+        self.decoder.accept(first, tokens)
         for slot, request in enumerate(requests, start=first):
             request.slot = slot
             self.running.append(request)
@@ -393,12 +401,13 @@ class Engine:
         self._advance(requests, first_tokens)
 
     def _collate(self, requests: list[Request]) -> dict[str, torch.Tensor]:
-        """Left-pad the prepared prompts into one batch on the model's device."""
+        """Left-pad the prepared prompts into one batch on the model's device (copied first, from
+        pinned memory on a GPU, so the copies do not wait for the step in flight)."""
         width = max(r.prompt.length for r in requests)
         pad = self.processor.tokenizer.pad_token_id or 0
         batch: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
         for request in requests:
-            t = request.prompt.tensors
+            t = {k: v.to(self.device, non_blocking=True) for k, v in request.prompt.tensors.items()}
             missing = width - request.prompt.length
             for key, fill in (("input_ids", pad), ("attention_mask", 0), ("mm_token_type_ids", 0)):
                 if key in t:
@@ -406,7 +415,7 @@ class Engine:
             for key in ("pixel_values", "image_grid_thw"):
                 if key in t:
                     batch[key].append(t[key])
-        return {key: torch.cat(parts).to(self.device) for key, parts in batch.items()}
+        return {key: torch.cat(parts) for key, parts in batch.items()}
 
     # ---- after each token
     def _advance(self, requests: list[Request], tokens: list[int]) -> None:

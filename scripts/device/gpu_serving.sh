@@ -9,11 +9,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-wd=/tmp/serve-7b-random
-for n in 1 2; do
-  ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
-    || { tail -20 "$OUT/pipeline.log"; exit 1; }
-done
+wd=/tmp/perf-7b-random  # gpu_perf.sh's: phases it already ran are not run again
+./run_pipeline.sh --profile 7b-random --workdir "$wd" --to 2 > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
+  || { tail -20 "$OUT/pipeline.log"; exit 1; }
 for spec in "$@"; do
   name="${spec%%:*}"
   read -r -a args <<< "${spec#*:}"
