@@ -25,11 +25,38 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria
 
-from medvl.benchmark import BenchSample, _StepClock, _sync, build_inputs, free_memory, summarize
+from medvl.benchmark import BenchSample, free_memory, summarize
 from medvl.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepClock(StoppingCriteria):
+    """Records when each decoding step finishes; never stops generation."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.first is None:
+            sync()
+            self.first = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def build_inputs(processor: Any, images: list[Image.Image], prompts: list[str], device: torch.device) -> Any:
+    """Chat template + processor for a batch of (image, prompt) user turns."""
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+        add_generation_prompt=True) for p in prompts]
+    return processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
 
 
 # --------------------------------------------------------------------------- the machine
@@ -133,13 +160,13 @@ def _fixed_length_config(model: Any, max_new_tokens: int, keep_logits: bool) -> 
 
 def plain_generate(model: Any, inputs: Any, max_new_tokens: int, keep_logits: bool = False) -> dict[str, Any]:
     """The seed's path: ``model.generate`` with the default dynamic cache, timed."""
-    clock = _StepClock()
-    _sync()
+    clock = StepClock()
+    sync()
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**inputs, generation_config=_fixed_length_config(model, max_new_tokens, keep_logits),
                              stopping_criteria=[clock])
-    _sync()
+    sync()
     latency = time.perf_counter() - start
     width = inputs["input_ids"].shape[1]
     return {"latency_s": latency, "ttft_s": (clock.first or start) - start,

@@ -1,4 +1,5 @@
-"""The static-cache decoder computes what plain greedy generate computes (tiny model, CPU).
+"""The slot decoder computes, for each row, what plain greedy generate computes for that
+prompt alone (tiny model, CPU).
 
 The decoder fuses its model's projections in place, so every comparison runs ``generate`` on
 a separately loaded, unfused model: the tests cover the fusion and the grouped attention too.
@@ -9,10 +10,10 @@ import torch
 from PIL import Image
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from medvl.benchmark import build_inputs
-from medvl.decoding import PromptTooLong, StaticDecoder, fuse_projections, grouped_decode_attention
+from medvl.decoding import PromptTooLong, SlotDecoder, bucket_sizes, fuse_projections, grouped_decode_attention
 from medvl.documents import benchmark_documents, render_document
 from medvl.modeling import load_model, load_processor
+from medvl.perf import build_inputs
 from medvl.prompts import BENCHMARK_PROMPTS
 
 NEW_TOKENS = 24
@@ -34,6 +35,11 @@ def decoding_model(tiny_model_dir, tiny_settings):
 def pages():
     docs = benchmark_documents(1234, 3)
     return [render_document(d) for d in docs], [BENCHMARK_PROMPTS[d.kind] for d in docs]
+
+
+def alone(processor, images, prompts):
+    """Each (image, prompt) as its own unpadded batch of one."""
+    return [build_inputs(processor, [i], [p], torch.device("cpu")) for i, p in zip(images, prompts, strict=True)]
 
 
 def plain_answers(model, inputs, max_new_tokens):
@@ -76,30 +82,33 @@ def test_fused_projections_compute_the_same_logits(tiny_model_dir, tiny_settings
         torch.testing.assert_close(fused(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_same_tokens_as_generate_batched_and_left_padded(model_and_processor, decoding_model, pages):
+def test_each_row_of_a_left_padded_batch_gets_its_tokens_alone(model_and_processor, decoding_model, pages):
+    """Three prompts of different lengths prefilled together (left padding) and decoded in one
+    batch: each row's tokens are what generate gives that prompt alone."""
     model, processor = model_and_processor
     images, prompts = pages
     prompts = [prompts[0], "Read this page.", prompts[2] + " Be brief."]  # different lengths: left padding
     inputs = build_inputs(processor, images, prompts, torch.device("cpu"))
     assert (inputs["attention_mask"] == 0).any()
-    decoder = StaticDecoder(decoding_model, max_cache_len=2048, compile_step=False)
+    decoder = SlotDecoder(decoding_model, max_cache_len=2048, slots=4, compile_step=False)
     assert decoder.fused_layers == model.config.text_config.num_hidden_layers
-    assert decoder.generate(inputs, NEW_TOKENS).sequences == plain_answers(model, inputs, NEW_TOKENS)
+    expected = [plain_answers(model, one, NEW_TOKENS)[0] for one in alone(processor, images, prompts)]
+    assert decoder.generate(inputs, NEW_TOKENS).sequences == expected
 
 
 def test_end_of_sequence_stops_a_row_and_the_others_go_on(model_and_processor, decoding_model, pages):
-    """Make a token the first row emits early an end-of-sequence token: that row stops there
-    (and is fed padding after), the others run on, exactly as generate does."""
+    """Make a token the first row emits early an end-of-sequence token: that row stops there,
+    the others run on, exactly as generate does."""
     model, processor = model_and_processor
     images, prompts = pages
     inputs = build_inputs(processor, images[:2], prompts[:2], torch.device("cpu"))
-    first = StaticDecoder(decoding_model, 2048, False).generate(inputs, NEW_TOKENS).sequences
+    first = SlotDecoder(decoding_model, 2048, 2, False).generate(inputs, NEW_TOKENS).sequences
     stop = first[0][3]
     saved = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = decoding_model.generation_config.eos_token_id = [*saved, stop]
     try:
-        decoded = StaticDecoder(decoding_model, 2048, False).generate(inputs, NEW_TOKENS).sequences
-        expected = plain_answers(model, inputs, NEW_TOKENS)
+        decoded = SlotDecoder(decoding_model, 2048, 2, False).generate(inputs, NEW_TOKENS).sequences
+        expected = [plain_answers(model, one, NEW_TOKENS)[0] for one in alone(processor, images[:2], prompts[:2])]
     finally:
         model.generation_config.eos_token_id = decoding_model.generation_config.eos_token_id = saved
     assert decoded == expected
@@ -107,21 +116,23 @@ def test_end_of_sequence_stops_a_row_and_the_others_go_on(model_and_processor, d
 
 
 def test_compiled_step_gives_the_same_tokens(model_and_processor, decoding_model, pages):
-    """The real thing: torch.compile'd decoding step (inductor on the CPU), batch 1 and a
-    batch of 3 padded up to the compiled size 4."""
+    """The real thing: the torch.compile'd decoding step (inductor on the CPU), one graph with a
+    dynamic batch dimension for the buckets 2 and 4; one row runs in bucket 2, three in 4."""
     model, processor = model_and_processor
     images, prompts = pages
-    decoder = StaticDecoder(decoding_model, max_cache_len=1024, compile_step=True, batch_sizes=(1, 4))
+    assert bucket_sizes(4, compiled=True) == (2, 4) and bucket_sizes(4, compiled=False) == (1, 2, 4)
+    decoder = SlotDecoder(decoding_model, max_cache_len=1024, slots=4, compile_step=True)
     one = build_inputs(processor, images[:1], prompts[:1], torch.device("cpu"))
     compile_s = decoder.warm_up(one)
-    assert set(compile_s) == {1, 4}
+    assert set(compile_s) == {2, 4}
     assert decoder.generate(one, NEW_TOKENS).sequences == plain_answers(model, one, NEW_TOKENS)
     three = build_inputs(processor, images, prompts, torch.device("cpu"))
-    assert decoder.generate(three, NEW_TOKENS).sequences == plain_answers(model, three, NEW_TOKENS)
+    expected = [plain_answers(model, x, NEW_TOKENS)[0] for x in alone(processor, images, prompts)]
+    assert decoder.generate(three, NEW_TOKENS).sequences == expected
 
 
 def test_a_prompt_longer_than_the_cache_is_refused(model_and_processor, decoding_model):
     model, processor = model_and_processor
     inputs = build_inputs(processor, [Image.new("RGB", (224, 224), "white")], ["Read."], torch.device("cpu"))
     with pytest.raises(PromptTooLong, match="decode.max_cache_len"):
-        StaticDecoder(decoding_model, max_cache_len=64, compile_step=False).generate(inputs, 8)
+        SlotDecoder(decoding_model, max_cache_len=64, slots=1, compile_step=False).generate(inputs, 8)
