@@ -7,11 +7,11 @@ import importlib.util
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from medvl.settings import Settings, SettingsError, load_settings
 from medvl.workdir import Workdir
 
+WEIGHTS = ("bf16", "int4", "nf4")
 DESCRIPTION = """The medvl HTTP API: structured extraction, free analysis, OpenAI-compatible chat.
 
 Every option also reads a MEDVL_<NAME> environment variable (the flag wins). The model loads
@@ -35,7 +35,7 @@ class ServerConfig:
     request_timeout_s: float = 120.0
     max_batch_size: int = 0  # requests decoding at once; 0 = the profile's decode.max_batch_size
     max_new_tokens: int = 512  # answer length for /extract, /analyze, and chat without max_tokens
-    weights: str = "auto"  # auto | bf16 | int4: the served form of the weights (see resolve_model)
+    weights: str = "bf16"  # bf16 | int4 | nf4: the served form of the weights (see resolve_model)
     served_model_name: str = "medvl"  # the model id /v1/models lists and chat requests name
     set: list[str] = field(default_factory=list)  # profile overrides, section.key=value (as the pipeline takes)
 
@@ -43,7 +43,8 @@ class ServerConfig:
         "model_path": "model folder to serve (default: the best the pipeline produced)",
         "max_batch_size": "requests decoding at once (0: the profile's decode.max_batch_size)",
         "max_new_tokens": "answer tokens for /extract and /analyze, and chat's default max_tokens",
-        "weights": "auto (int4 on a GPU when quant.serve_quantized), bf16 (the checkpoint as is), int4 (torchao, GPU)",
+        "weights": "bf16 (the full-precision checkpoint; best under load), int4 (torchao at start-up, GPU: least "
+                   "memory, fastest single stream, slow prefill), nf4 (the bitsandbytes checkpoint phases 4/7 wrote)",
         "request_timeout_s": "a request's limit, queue included; past it 504 and its slot is freed",
         "set": "override a profile setting, e.g. decode.max_waiting=128 (repeatable)",
     }
@@ -70,8 +71,8 @@ class ServerConfig:
                 parser.add_argument(flag, type=kind, default=kind(env) if env is not None else value,
                                     help=f"{about} (env {env_name}, default %(default)r)".strip())
         config = cls(**vars(parser.parse_args(argv)))
-        if config.weights not in ("auto", "bf16", "int4"):
-            parser.error(f"--weights: one of auto, bf16, int4, got {config.weights!r}")
+        if config.weights not in WEIGHTS:
+            parser.error(f"--weights: one of {', '.join(WEIGHTS)}, got {config.weights!r}")
         try:
             config.settings()
         except SettingsError as exc:
@@ -90,38 +91,28 @@ def torchao_int4_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("torchao") is not None
 
 
-def serve_int4(config: ServerConfig, settings: Any) -> bool:
-    """Whether to quantize the served bf16 checkpoint to torchao int4 at start-up.
-
-    ``--weights auto`` does so on a GPU with torchao when the profile serves quantized weights
-    (``quant.serve_quantized``); ``int4`` insists (and fails on a CPU); ``bf16`` never does.
-    """
-    if config.weights == "bf16":
-        return False
-    if config.weights == "int4":
-        if not torchao_int4_available():
-            raise SystemExit("--weights int4 needs a CUDA GPU and torchao")
-        return True
-    return settings.quant.serve_quantized and torchao_int4_available()
-
-
 def resolve_model(config: ServerConfig) -> tuple[Path, str]:
-    """The model to serve: --model-path, else the best the pipeline produced: fine-tuned merged
-    (quantized to int4 at start-up per :func:`serve_int4`), fine-tuned NF4, fine-tuned merged
-    in full precision, then the same for the base model."""
+    """The model to serve and its kind: --model-path, else the best the pipeline produced
+    (fine-tuned if phase 7 ran, else base) in the form ``--weights`` names.
+
+    Why bf16 by default: measured under load on an H100 with ``7b-random``
+    (docs/results/h100/perf_serving*.json), bf16 served 12.8 requests/s at 32 clients where
+    torchao int4 served 0-2.7 (tinygemm's prefill takes ~3 s for a batch of 8 pages); int4
+    only wins at one stream (2.6 vs 7.5 ms per token) and in memory. NF4 (bitsandbytes)
+    decodes eagerly, uncompiled: it is there to serve what phase 7 scored on the 7b profiles.
+    """
     settings = config.settings()
     wd = Workdir.at(config.workdir or None)
-    int4 = serve_int4(config, settings)
-    if config.model_path:  # served as saved unless int4 is asked for by name (an NF4 folder cannot be)
+    if config.weights == "int4" and not torchao_int4_available():
+        raise SystemExit("--weights int4 needs a CUDA GPU and torchao")
+    if config.model_path:  # served as saved unless int4 is asked for (an NF4 folder cannot be)
         return Path(config.model_path), "custom-int4" if config.weights == "int4" else "custom"
-    full = config.weights == "bf16"
-    candidates = (*(((wd.merged_model_dir(settings), "finetuned-int4"),) if int4 else ()),
-                  *(() if full else ((wd.finetuned_nf4_dir(settings), "finetuned-nf4"),)),
-                  (wd.merged_model_dir(settings), "finetuned"),
-                  *(((wd.base_model_dir(settings), "base-int4"),) if int4 else ()),
-                  *(() if full else ((wd.nf4_model_dir(settings), "base-nf4"),)),
-                  (wd.base_model_dir(settings), "base"))
+    candidates = {
+        "bf16": ((wd.merged_model_dir(settings), "finetuned"), (wd.base_model_dir(settings), "base")),
+        "int4": ((wd.merged_model_dir(settings), "finetuned-int4"), (wd.base_model_dir(settings), "base-int4")),
+        "nf4": ((wd.finetuned_nf4_dir(settings), "finetuned-nf4"), (wd.nf4_model_dir(settings), "base-nf4")),
+    }[config.weights]
     for path, kind in candidates:
         if (path / "config.json").is_file():
             return path, kind
-    raise SystemExit(f"no model found under {wd.models}; run the pipeline first or pass --model-path")
+    raise SystemExit(f"no {config.weights} model found under {wd.models}; run the pipeline first or pass --model-path")

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 
+from api.config import WEIGHTS  # noqa: E402
 from api.validate import running_server  # noqa: E402
 from medvl.benchmark import ensure_benchmark_documents, summarize  # noqa: E402
 from medvl.io import atomic_write_json  # noqa: E402
@@ -51,7 +52,7 @@ BASELINE = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", default="auto", choices=("auto", "bf16", "int4"), help="the served form")
+    parser.add_argument("--weights", default="bf16", choices=WEIGHTS, help="the served form (default: %(default)s)")
     parser.add_argument("--clients", default="1,8,32,64", help="client counts (default: %(default)s)")
     parser.add_argument("--routes", default="extract,chat", help="extract and/or chat (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per level (default: %(default)s)")

@@ -14,7 +14,8 @@ from PIL import Image
 
 from api.server import ServerConfig, create_app
 from api.validate import running_server, validate
-from medvl.inference import InferenceEngine, parse_structured, repair_json
+from medvl.records import parse_structured, repair_json
+from medvl.serving import ServedModel
 from medvl.settings import load_settings
 
 from conftest import REPO, extend_run
@@ -22,7 +23,7 @@ from conftest import REPO, extend_run
 
 @pytest.fixture(scope="module")
 def server(phases_1_4):
-    """The server on the phase-4 NF4 tiny model, short answers so the suite stays quick."""
+    """The server on the tiny base model (phases 1-4 ran), short answers so the suite stays quick."""
     with running_server(phases_1_4, extra_args=["--max-new-tokens", "24", "--max-upload-mb", "8"]) as base:
         yield base
 
@@ -45,7 +46,7 @@ def test_every_endpoint_answers(server, page):
 
 def test_health_reports_the_decoder_and_its_one_off_start_up_cost(server):
     body = httpx.get(f"{server}/health", timeout=5).json()
-    assert body["decoding"].startswith("static cache")  # the CPU: not compiled ("auto")
+    assert body["decoding"].startswith("continuous batching")  # the CPU: not compiled ("auto")
     assert body["startup_s"]["load"] > 0 and body["startup_s"]["decoder_warm_up"] > 0
 
 
@@ -56,7 +57,7 @@ def test_extract_returns_the_documented_envelope(server, page):
     assert set(body["structured"]) == {"medications", "diagnoses", "procedures", "lab_values", "vitals"}
     assert body["parse_status"] in ("json", "repaired", "fallback")
     assert body["usage"]["completion_tokens"] > 0 and body["latency_s"] > 0
-    assert body["model"]["kind"] == "base-nf4"
+    assert body["model"]["kind"] == "base"  # bf16 (here float32) by default; NF4 only with --weights nf4
 
 
 def test_openai_chat_non_streaming_payload(server, page):
@@ -138,10 +139,9 @@ def test_api_key_guards_every_route_but_health(phases_1_4):
 
 
 def test_inference_routes_answer_503_until_the_model_is_loaded(phases_1_4):
-    settings = load_settings("tiny")
-    engine = InferenceEngine(phases_1_4 / "models" / "tiny-qwen25-vl-bnb-nf4", settings)
-    app = create_app(ServerConfig(workdir=str(phases_1_4)), engine=engine)
-    client = TestClient(app)  # no lifespan: the engine is never started, as in the first seconds
+    served = ServedModel(phases_1_4 / "models" / "tiny-qwen25-vl-bnb-nf4", load_settings("tiny"))
+    app = create_app(ServerConfig(workdir=str(phases_1_4)), served=served)
+    client = TestClient(app)  # no lifespan: the model never starts loading, as in the first seconds
     r = client.get("/health")
     assert r.status_code == 503 and r.json()["model_loaded"] is False
     r = client.post("/extract", files={"file": ("p.png", png(Image.new("RGB", (64, 64))), "image/png")})
@@ -164,23 +164,22 @@ def test_structured_parsing_repairs_then_falls_back():
         {"medications": [], "diagnoses": [], "procedures": [], "lab_values": [], "vitals": {}})
 
 
-def test_perf_serving_smoke_run_answers_without_compiling_per_request(phases_1_2, tmp_path_factory):
-    """scripts/perf_serving.py on the CPU (bf16 engine, --no-int4): the engine starts, answers
-    five documents one at a time and then as one batch, and records its start-up; int4 without
-    a GPU is refused with the flag to use."""
+def test_perf_serving_smoke_run_measures_every_level_over_http(phases_1_2, tmp_path_factory):
+    """scripts/perf_serving.py on the CPU: the real server, closed-loop clients per route and
+    count, one record per level with the fields the README quotes, no errors."""
     wd = extend_run(phases_1_2, (), tmp_path_factory, "serving")
-
-    def perf_serving(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "scripts/perf_serving.py", "--workdir", str(wd), *args],
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
-
-    refused = perf_serving()
-    assert refused.returncode != 0 and "--no-int4" in refused.stderr
-    result = perf_serving("--no-int4", "--new-tokens", "8")
+    result = subprocess.run([sys.executable, "scripts/perf_serving.py", "--workdir", str(wd), "--clients", "1,3",
+                             "--seconds", "2", "--warm-up-s", "0.5", "--max-tokens", "8"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((wd / "benchmarks" / "perf_serving.json").read_text())
-    assert report["graphs_compiled_after_requests"] == report["graphs_compiled_at_ready"]
-    assert {"load", "decoder_warm_up"} <= set(report["startup_s"])
-    assert len(report["requests_one_at_a_time"]) == len(report["requests_all_at_once"]) == 5
-    assert all(r["batch_size"] == 1 for r in report["requests_one_at_a_time"])
-    assert all(r["batch_size"] == 5 and 0 < r["generated_tokens"] <= 8 for r in report["requests_all_at_once"])
+    assert report["startup_to_health_200_s"] > 0 and "decoder_warm_up" in report["startup_s"]
+    assert [(r["route"], r["clients"]) for r in report["levels"]] == [("extract", 1), ("extract", 3),
+                                                                       ("chat", 1), ("chat", 3)]
+    for level in report["levels"]:
+        assert level["errors"] == 0 and level["requests"] > 0 and level["requests_per_s"] > 0
+        if level["route"] == "chat":  # ignore_eos: every answer is max_tokens long
+            assert level["tokens_per_request"] == 8
+        else:  # /extract ends at the end-of-sequence token or the server's 8
+            assert 0 < level["tokens_per_request"] <= 8
+        assert level["ttft_s"]["n"] > 0 and level["engine"]["steps"] > 0

@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from medvl.decoding import PromptTooLong, SlotDecoder, bucket_sizes, fuse_projections, grouped_decode_attention
+from medvl.decoding import (
+    PromptTooLong,
+    SlotDecoder,
+    bucket_sizes,
+    fuse_projections,
+    grouped_decode_attention,
+)
 from medvl.documents import benchmark_documents, render_document
 from medvl.modeling import load_model, load_processor
 from medvl.perf import build_inputs

@@ -1,0 +1,147 @@
+"""The continuous-batching engine on the tiny model (CPU): rows join and leave independently and
+each gets exactly what it gets alone; cancelled requests free their slots; sampling repeats."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from medvl.documents import benchmark_documents, render_document
+from medvl.engine import Overloaded, PromptTooLong, SamplingParams
+from medvl.modeling import load_model, load_processor
+from medvl.prompts import BENCHMARK_PROMPTS
+from medvl.serving import build_engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tiny_settings):
+    model = load_model(tiny_model_dir, tiny_settings)
+    return build_engine(model, load_processor(tiny_model_dir, None), tiny_settings.decode, slots=4)
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    docs = benchmark_documents(1234, 3)
+    return [engine.prepare(render_document(d), BENCHMARK_PROMPTS[d.kind]) for d in docs]
+
+
+def run(engine, requests):
+    """Drive the loop in this thread until every request has ended."""
+    while not all(r.future.done() for r in requests):
+        engine.run_once()
+    engine.drain()
+    return [r.future.result() for r in requests]
+
+
+def test_a_request_that_joins_mid_answer_gets_its_tokens_alone(engine, prompts):
+    alone = [engine.generate(p, SamplingParams(30)).token_ids for p in prompts]
+    first = engine.submit(prompts[0], SamplingParams(30))
+    for _ in range(6):  # the first is mid-answer when the others arrive, one of them later still
+        engine.run_once()
+    second = engine.submit(prompts[1], SamplingParams(30))
+    engine.run_once()
+    engine.run_once()
+    third = engine.submit(prompts[2], SamplingParams(30))
+    results = run(engine, [first, second, third])
+    assert [r.token_ids for r in results] == alone
+
+
+def test_rows_of_different_lengths_end_independently(engine, prompts):
+    """Three rows with their own max_tokens: each ends at its own length (the others go on), and
+    the request arriving after the short one ended takes its slot and still gets its own answer."""
+    alone = engine.generate(prompts[2], SamplingParams(25, ignore_eos=True)).token_ids
+    requests = [engine.submit(p, SamplingParams(n, ignore_eos=True)) for p, n in zip(prompts, (3, 25, 12), strict=True)]
+    while not requests[0].future.done():
+        engine.run_once()
+    assert not requests[1].future.done() and engine.num_running == 2
+    late = engine.submit(prompts[2], SamplingParams(25, ignore_eos=True))
+    results = run(engine, [*requests, late])
+    assert [r.generated_tokens for r in results] == [3, 25, 12, 25]
+    assert [r.finish_reason for r in results] == ["length"] * 4
+    assert results[3].token_ids == alone
+
+
+def test_stop_strings_end_a_row_before_the_string(engine, prompts):
+    full = engine.generate(prompts[0], SamplingParams(20, ignore_eos=True)).text
+    stop = full[6:9]
+    result = engine.generate(prompts[0], SamplingParams(20, ignore_eos=True, stop=(stop,)))
+    assert result.finish_reason == "stop" and result.text == full[: full.find(stop)]
+
+
+def test_seeded_sampling_repeats_and_other_seeds_differ(engine, prompts):
+    def sample(seed):
+        return engine.generate(prompts[1], SamplingParams(20, temperature=1.0, top_p=0.9, seed=seed)).token_ids
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_cancelled_requests_free_their_slots(engine, prompts):
+    """Fill every slot with long answers from a worker thread, cancel them all: the next 16
+    requests are all answered, and no slot is left running."""
+    engine.start()
+    try:
+        long = [engine.submit(prompts[i % 3], SamplingParams(600, ignore_eos=True)) for i in range(4)]
+        deadline = time.monotonic() + 60
+        while engine.num_running < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.num_running == 4
+        for request in long:
+            request.cancel()
+        results = [engine.submit(prompts[i % 3], SamplingParams(5)).future.result(timeout=120) for i in range(16)]
+        assert len(results) == 16 and all(0 < r.generated_tokens <= 5 for r in results)
+        assert [r.future.result().finish_reason for r in long] == ["cancelled"] * 4
+        assert all(len(r.future.result().token_ids) < 600 for r in long)
+    finally:
+        engine.stop()
+        engine._thread = None  # the other tests drive the loop themselves
+    assert engine.num_running == 0
+
+
+def test_a_full_queue_and_a_too_long_request_are_refused_at_once(engine, prompts):
+    with pytest.raises(PromptTooLong, match="decode.max_cache_len"):
+        engine.submit(prompts[0], SamplingParams(engine.decoder.max_cache_len))
+    queued = [engine.submit(prompts[0], SamplingParams(2)) for _ in range(engine.max_waiting)]
+    with pytest.raises(Overloaded):
+        engine.submit(prompts[0], SamplingParams(2))
+    run(engine, queued)
+
+
+def test_a_failing_prefill_fails_only_its_own_request(engine, prompts):
+    """A prompt whose image tensors are broken is prefilled beside two good ones: the batch is
+    retried one by one, the broken request fails and the others answer as alone."""
+    alone = [engine.generate(p, SamplingParams(8)).token_ids for p in prompts[:2]]
+    broken = type(prompts[2])({**prompts[2].tensors, "pixel_values": prompts[2].tensors["pixel_values"][:7]})
+    requests = [engine.submit(prompts[0], SamplingParams(8)), engine.submit(broken, SamplingParams(8)),
+                engine.submit(prompts[1], SamplingParams(8))]
+    while not all(r.future.done() for r in requests):
+        engine.run_once()
+    engine.drain()
+    assert requests[1].future.exception() is not None
+    assert [requests[0].future.result().token_ids, requests[2].future.result().token_ids] == alone
+
+
+def test_streaming_text_is_the_answer(engine, prompts):
+    pieces: list[str] = []
+    lock = threading.Lock()
+
+    def on_text(piece):
+        with lock:
+            pieces.append(piece)
+
+    request = engine.submit(prompts[0], SamplingParams(20, ignore_eos=True), on_text)
+    (result,) = run(engine, [request])
+    assert "".join(pieces) == result.text and len(pieces) > 1
+
+
+def test_engine_matches_plain_generate(tiny_model_dir, tiny_settings, engine, prompts):
+    """The engine's greedy answer is transformers' greedy generate on the same prompt."""
+    model = load_model(tiny_model_dir, tiny_settings, batched_vision=False)
+    inputs = prompts[0].tensors
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    expected = out[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = set(model.generation_config.eos_token_id)
+    expected = expected[: next((i + 1 for i, t in enumerate(expected) if t in eos), len(expected))]
+    assert engine.generate(prompts[0], SamplingParams(20)).token_ids == expected

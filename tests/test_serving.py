@@ -1,0 +1,181 @@
+"""The server under concurrent clients, and its OpenAI surface through the official `openai`
+client (tiny model, CPU, the real server in a subprocess)."""
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from api.validate import running_server
+
+TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module")
+def server(phases_1_2):
+    with running_server(phases_1_2, extra_args=["--max-new-tokens", "16", "--max-batch-size", "4",
+                                                "--request-timeout-s", str(TIMEOUT_S)]) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def page_png():
+    buffer = io.BytesIO()
+    Image.effect_noise((320, 320), 40).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def messages(page_png):
+    url = "data:image/png;base64," + base64.b64encode(page_png).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "List the medications."}]}]
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list()] == ["medvl"]
+
+
+def test_max_tokens_applies_per_request(client, messages):
+    short = client.chat.completions.create(model="medvl", messages=messages, max_tokens=3, extra_body={"ignore_eos": True})
+    longer = client.chat.completions.create(model="medvl", messages=messages, max_tokens=9, extra_body={"ignore_eos": True})
+    assert (short.usage.completion_tokens, short.choices[0].finish_reason) == (3, "length")
+    assert (longer.usage.completion_tokens, longer.choices[0].finish_reason) == (9, "length")
+
+
+def test_seeded_sampling_repeats(client, messages):
+    def sample(seed):
+        return client.chat.completions.create(model="medvl", messages=messages, max_tokens=12, temperature=1.0,
+                                              top_p=0.95, seed=seed).choices[0].message.content
+
+    assert sample(11) == sample(11)
+    assert sample(11) != sample(12)
+    greedy = client.chat.completions.create(model="medvl", messages=messages, max_tokens=12)
+    assert sample(11) != greedy.choices[0].message.content  # temperature is applied, not ignored
+
+
+def test_stop_strings_cut_the_answer(client, messages):
+    full = client.chat.completions.create(model="medvl", messages=messages, max_tokens=16,
+                                          extra_body={"ignore_eos": True}).choices[0].message.content
+    stop = full[5:8]
+    cut = client.chat.completions.create(model="medvl", messages=messages, max_tokens=16, stop=[stop],
+                                         extra_body={"ignore_eos": True}).choices[0]
+    assert cut.message.content == full[: full.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_stream_with_include_usage_ends_with_usage(client, messages):
+    whole = client.chat.completions.create(model="medvl", messages=messages, max_tokens=10)
+    chunks = list(client.chat.completions.create(model="medvl", messages=messages, max_tokens=10, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("params, name", [
+    ({"n": 2}, "n"),
+    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"extra_body": {"best_of": 2}}, "best_of"),
+])
+def test_parameters_not_honoured_are_refused_by_name(client, messages, params, name):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="medvl", messages=messages, max_tokens=4, **params)
+    assert refused.value.body["param"] == name and name in refused.value.body["message"]
+
+
+def test_a_request_longer_than_the_context_is_a_400_naming_the_limit(client, messages):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="medvl", messages=messages, max_tokens=5000)
+    assert refused.value.body["code"] == "context_length_exceeded" and "decode.max_cache_len" in str(refused.value)
+
+
+def test_an_unknown_model_is_a_404(client, messages):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=4)
+
+
+def test_64_concurrent_requests_over_every_route_all_answer(server, page_png, messages):
+    chat = {"model": "medvl", "max_tokens": 8, "messages": messages}
+
+    def one(i: int) -> int:
+        with httpx.Client(base_url=server, timeout=120) as http:
+            kind = i % 4
+            if kind == 0:
+                r = http.post("/extract", files={"file": ("p.png", page_png, "image/png")})
+            elif kind == 1:
+                r = http.post("/analyze", files={"file": ("p.png", page_png, "image/png")}, data={"prompt": "Summarise."})
+            elif kind == 2:
+                r = http.post("/v1/chat/completions", json=chat)
+            else:
+                with http.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as r:
+                    lines = [line for line in r.iter_lines() if line]
+                    assert lines[-1] == "data: [DONE]"
+            return r.status_code
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        statuses = list(pool.map(one, range(64)))
+    assert statuses == [200] * 64
+
+
+def test_timed_out_and_abandoned_requests_free_their_slots(server, client):
+    """Every slot is filled with answers longer than the request timeout: they end in 504 (and a
+    stream whose client hangs up ends too), then the next 16 requests all answer."""
+    text_only = [{"role": "user", "content": "Write a long discharge summary."}]
+
+    def too_long(_):
+        try:
+            client.chat.completions.create(model="medvl", messages=text_only, max_tokens=900,
+                                           extra_body={"ignore_eos": True})
+        except openai.APIStatusError as exc:
+            return exc.status_code
+        return 200
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        hung_up = pool.submit(hang_up_mid_stream, server, text_only)
+        statuses = list(pool.map(too_long, range(3)))
+        hung_up.result()
+    assert statuses == [504] * 3
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server}/health", timeout=5).json()["requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(f"{server}/health", timeout=5).json()["requests_running"] == 0
+    answers = [client.chat.completions.create(model="medvl", messages=text_only, max_tokens=4) for _ in range(16)]
+    assert all(a.usage.completion_tokens > 0 for a in answers)
+
+
+def hang_up_mid_stream(server: str, messages: list) -> None:
+    body = {"model": "medvl", "messages": messages, "max_tokens": 900, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=server, timeout=30) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                break  # closing the connection here cancels the request
+
+
+def test_overload_is_a_503_with_retry_after(phases_1_2):
+    """One slot and a waiting queue of one: of eight simultaneous long requests, those that find
+    the queue full are told to come back, none waits without bound."""
+    args = ["--max-batch-size", "1", "--set", "decode.max_waiting=1", "--max-new-tokens", "200"]
+    with running_server(phases_1_2, extra_args=args) as base:
+        def one(_):
+            r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+                "model": "medvl", "max_tokens": 200, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Write a long note."}]})
+            return r.status_code, r.headers.get("retry-after"), r.json()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(one, range(8)))
+    refused = [r for r in results if r[0] == 503]
+    assert refused and all(r[1] and r[2]["error"]["code"] == "overloaded" for r in refused)
+    assert {r[0] for r in results} <= {200, 503} and any(r[0] == 200 for r in results)
