@@ -1,23 +1,23 @@
-"""Fast greedy decoding: a static KV cache and one compiled decoding step.
+"""Fast greedy decoding over a KV cache of independent slots, with one compiled decoding step.
 
 Why this exists: plain ``model.generate`` spends most of each decoding step in Python (input
 preparation, logits processors, stopping criteria, cache bookkeeping). At batch 1 on a 7B
 model the GPU then waits on the CPU, and the speed swings with the host (10-46 tokens/s was
-measured on one kind of H100). Here the prompt runs once, eagerly and at any length, into a
-preallocated :class:`transformers.StaticCache`; every later step has the same shapes, so it
-is compiled with ``torch.compile(mode="reduce-overhead")``, which replays it as one CUDA
-graph. Compilation happens once per batch size in :meth:`StaticDecoder.warm_up` (the server
-calls it before it accepts traffic), never inside a request.
+measured on one kind of H100). Here prompts run once, eagerly and at any length, and their
+keys and values go into preallocated cache slots; every later step has fixed shapes per batch
+bucket, so it is compiled with ``torch.compile(mode="reduce-overhead")`` and replayed as a CUDA
+graph. Compilation happens in :meth:`SlotDecoder.warm_up` (the server calls it before it
+accepts traffic), never inside a request. Each slot keeps its own length and position, so the
+serving engine (:mod:`medvl.engine`) admits and ends requests one by one (continuous batching).
 
-It computes what plain greedy ``generate`` computes, step for step:
+For each row it computes what plain greedy ``generate`` computes for that prompt alone:
 
-- the same position ids: Qwen2.5-VL's M-RoPE rows (``get_rope_index``) plus the text row
-  from the attention mask, built exactly as ``generate`` builds them, then +1 per step;
+- the same position ids: Qwen2.5-VL's M-RoPE rows (``get_rope_index``), built exactly as
+  ``generate`` builds them, then +1 per step;
 - the same argmax over the same next-token logits (upcast to float32, as generate does),
   after the generation config's repetition penalty, which generate applies even when greedy
-  (Qwen2.5-VL ships ``repetition_penalty=1.05``): every token id already in the row, prompt
-  and padding included, has its logit divided (or, if negative, multiplied) by it;
-- rows that produced an end-of-sequence token are fed the pad token afterwards.
+  (Qwen2.5-VL ships ``repetition_penalty=1.05``): every token id already in the row has its
+  logit divided (or, if negative, multiplied) by it.
 
 Two changes make the compiled step cheaper without changing what it computes (at batch 1 a
 step is bound by reading the weights, so every extra byte or kernel shows):
@@ -26,11 +26,12 @@ step is bound by reading the weights, so every extra byte or kernel shows):
   another (the same weights, concatenated): 4 weight matmuls per layer instead of 7;
 - :func:`grouped_decode_attention`: attention for the one new token per row reads the KV
   cache once per key/value head, where transformers' SDPA path copies it for each of the
-  query heads sharing it whenever an attention mask is present (always, with a static cache).
+  query heads sharing it whenever an attention mask is present (always, with a cache of slots).
 
-``tests/test_decoding.py`` checks identical tokens against ``generate`` on the tiny model on
-the CPU; ``scripts/perf_inference.py`` checks next-token logits on the GPU, where random 7B
-weights have near-ties and a flipped token alone proves nothing.
+``tests/test_decoding.py`` and ``tests/test_engine.py`` check identical tokens against
+``generate`` on the tiny model on the CPU; ``scripts/perf_inference.py`` checks next-token
+logits on the GPU, where random 7B weights have near-ties and a flipped token alone proves
+nothing.
 """
 
 from __future__ import annotations
