@@ -79,10 +79,11 @@ class QuantSettings:
     awq_group_size: int = 128
     awq_zero_point: bool = True
     nf4_double_quant: bool = True
-    # Serve (and evaluate) the fine-tuned model re-quantized to NF4 after the merge. The 7b
-    # profiles do; tiny does not: at width 128, NF4 rounding error is as large as the LoRA
-    # deltas and wipes out what training learned (measured), so tiny compares both models
-    # in full precision instead.
+    # Phase 7 evaluates the fine-tuned model re-quantized to NF4 after the merge (and writes
+    # that NF4 checkpoint, which `api.server --weights nf4` serves). The 7b profiles do; tiny
+    # does not: at width 128, NF4 rounding error is as large as the LoRA deltas and wipes out
+    # what training learned (measured), so tiny compares both models in full precision. The
+    # server's default form is bf16 whatever this says (measured under load: README).
     serve_quantized: bool = True
 
 
