@@ -18,8 +18,7 @@ TIMEOUT_S = 3
 
 @pytest.fixture(scope="module")
 def server(phases_1_2):
-    with running_server(phases_1_2, extra_args=["--max-new-tokens", "16", "--max-batch-size", "4",
-                                                "--request-timeout-s", str(TIMEOUT_S)]) as base:
+    with running_server(phases_1_2, extra_args=["--max-new-tokens", "16", "--max-batch-size", "4"]) as base:
         yield base
 
 
@@ -130,9 +129,19 @@ def test_64_concurrent_requests_over_every_route_all_answer(server, page_png, me
     assert statuses == [200] * 64
 
 
-def test_timed_out_and_abandoned_requests_free_their_slots(server, client):
+@pytest.fixture(scope="module")
+def impatient_server(phases_1_2):
+    """Four slots and a request timeout shorter than a 900-token answer takes on a CPU."""
+    args = ["--max-new-tokens", "16", "--max-batch-size", "4", "--request-timeout-s", str(TIMEOUT_S)]
+    with running_server(phases_1_2, extra_args=args) as base:
+        yield base
+
+
+def test_timed_out_and_abandoned_requests_free_their_slots(impatient_server):
     """Every slot is filled with answers longer than the request timeout: they end in 504 (and a
     stream whose client hangs up ends too), then the next 16 requests all answer."""
+    server = impatient_server
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
     text_only = [{"role": "user", "content": "Write a long discharge summary."}]
 
     def too_long(_):
