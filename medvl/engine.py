@@ -159,14 +159,22 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum()
 
 
+# Temperatures below this are greedy: dividing float32 logits by 1e-300 (a fuzzer sent it)
+# divides by a rounded 0 and gives nan; at 1e-4 the distribution is one-hot anyway.
+GREEDY_BELOW = 1e-4
+
+
 def choose_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """Greedy argmax for greedy rows; temperature/top-p sampling (own generator) for the rest."""
     tokens = logits.argmax(dim=-1)
     for row, request in enumerate(requests):
         params = request.params
-        if params.temperature <= 0:
+        if params.temperature < GREEDY_BELOW:
             continue
-        probs = _top_p_filter(torch.softmax(logits[row] / params.temperature, dim=-1), params.top_p)
+        # Shifted so the largest logit is 0: a small temperature then sends the others to -inf
+        # (a one-hot distribution), never to inf - inf = nan.
+        scaled = (logits[row] - logits[row].max()) / params.temperature
+        probs = _top_p_filter(torch.softmax(scaled, dim=-1), params.top_p)
         tokens[row] = torch.multinomial(probs, 1, generator=request.generator)[0]
     return tokens
 
@@ -380,8 +388,8 @@ class Engine:
         first = len(self.running)
         started = time.perf_counter()
         try:
-            logits = self.decoder.prefill(self._collate(requests), first)
-        except Exception as exc:
+            tokens = choose_tokens(self.decoder.prefill(self._collate(requests), first), requests)
+        except Exception as exc:  # every admitted request is answered, with its error if need be
             if len(requests) > 1:
                 log.warning("prefill of %d requests failed (%s); retrying one by one", len(requests), exc)
                 for request in requests:
@@ -390,7 +398,6 @@ class Engine:
             log.exception("prefill failed")
             self._resolve(requests[0], "error", exc)
             return
-        tokens = choose_tokens(logits, requests)
         self.decoder.accept(first, tokens)
         for slot, request in enumerate(requests, start=first):
             request.slot = slot

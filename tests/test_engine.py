@@ -77,6 +77,13 @@ def test_seeded_sampling_repeats_and_other_seeds_differ(engine, prompts):
     assert sample(7) != sample(8)
 
 
+def test_a_temperature_near_zero_samples_the_greedy_token(engine, prompts):
+    """temperature=1e-300 (a fuzzer sent it) divides logits into +-inf: sampling must stay
+    defined, and then it is the argmax."""
+    greedy = engine.generate(prompts[1], SamplingParams(10)).token_ids
+    assert engine.generate(prompts[1], SamplingParams(10, temperature=1e-300, seed=1)).token_ids == greedy
+
+
 def test_cancelled_requests_free_their_slots(engine, prompts):
     """Fill every slot with long answers from a worker thread, cancel them all: the next 16
     requests are all answered, and no slot is left running."""
