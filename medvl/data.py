@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 
 from medvl.documents import MedicalDocument, benchmark_documents, corpus, load_font, render_document
 from medvl.prompts import DESCRIPTION_PROMPTS, TRAINING_PROMPTS
-from medvl.settings import Settings
+from medvl.settings import DataSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class Sample:
     prompt: str
     answer: str
     text: str  # the text whose length and hash decide filtering and de-duplication
+    # Samples cut from one source document (the pages of a transcription) share a group and
+    # always land in the same split, so no test page has its neighbours in training.
+    group: str = ""
 
     def content_hash(self) -> str:
         return text_hash(self.text)
@@ -130,7 +133,14 @@ def parse_roco_row(row: dict[str, Any], rng: random.Random, min_chars: int) -> S
 
 def parse_pubmedvision_row(row: dict[str, Any], rng: random.Random, min_chars: int,
                            read_image: Callable[[str], bytes | None]) -> Sample:
-    """PubMedVision: {"id", "image": [path, ...], "conversations": [{"from", "value"}, ...]}."""
+    """PubMedVision: {"id", "image": [path, ...], "conversations": [{"from", "value"}, ...]}.
+
+    Rows with several images are discarded ("several images"): their question and answer
+    may describe any of them, and every image costs up to the profile's visual-token budget
+    (640 tokens for 7b), so two would not fit train.max_length 1024 beside the answer.
+    A row without an ``id`` gets one from a hash of its content (else every such sample
+    would be ``pmv-None`` and their images would overwrite one another).
+    """
     turns = row.get("conversations") or []
     human = next((t["value"] for t in turns if t.get("from") == "human"), "")
     answer = check_text(next((t["value"] for t in turns if t.get("from") == "gpt"), ""), min_chars)
@@ -139,26 +149,60 @@ def parse_pubmedvision_row(row: dict[str, Any], rng: random.Random, min_chars: i
         paths = [paths]
     if not paths:
         raise Rejected("missing image")
+    if len(paths) > 1:
+        raise Rejected("several images")
     data = verified_image(read_image(paths[0]))
     prompt = human.replace("<image>", "").strip() or rng.choice(DESCRIPTION_PROMPTS)
-    return Sample(f"pmv-{row.get('id')}", "pubmedvision", data, prompt, answer, answer)
+    row_id = row.get("id") or hashlib.sha256(json.dumps([paths, turns], sort_keys=True).encode()).hexdigest()[:12]
+    return Sample(f"pmv-{row_id}", "pubmedvision", data, prompt, answer, answer)
 
 
-def parse_mtsamples_row(row: dict[str, Any], rng: random.Random, min_chars: int) -> Sample:
+def parse_mtsamples_row(row: dict[str, Any], rng: random.Random, min_chars: int, page_chars: int,
+                        max_pages: int) -> list[Sample]:
     """MTSamples as on the hub (argilla/medical-domain): {"id", "text", "prediction": [{"label"}]}.
 
     The Kaggle-style schema ({"transcription", "medical_specialty", "description"}) is read too.
+    A transcription (up to ~2,400 characters in most rows, far more in some) is cut at line or
+    word boundaries into pages of at most ``page_chars`` characters, each rendered and answered
+    on its own, so that every answer fits train.max_length beside its page image (a whole
+    transcription, ~600 tokens, plus a ~616-token page does not fit 1024). The first
+    ``max_pages`` pages are kept: more would let MTSamples outnumber the image sources.
     """
     text = check_text(row.get("text") or row.get("transcription") or "", min_chars)
     prediction = row.get("prediction") or []
     specialty = (prediction[0].get("label") if prediction else None) or row.get("medical_specialty") or "Unknown"
     specialty = str(specialty).strip()
-    page_text = text[:2400]
-    image = render_transcription(page_text, specialty)
-    answer = f"Medical specialty: {specialty}\nTranscription:\n{page_text}"
-    sid = row.get("id") or hashlib.sha256(text.encode()).hexdigest()[:12]
-    return Sample(f"mts-{sid}", "mtsamples", png_bytes(image),
-                  "Transcribe this medical document and name its medical specialty.", answer, text)
+    base = f"mts-{row.get('id') or hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    pages = paginate(text, page_chars)[:max_pages]
+    samples = []
+    for number, page_text in enumerate(pages, start=1):
+        answer = f"Medical specialty: {specialty}\nTranscription:\n{page_text}"
+        sample_id = base if len(pages) == 1 else f"{base}-p{number}"
+        samples.append(Sample(sample_id, "mtsamples", png_bytes(render_transcription(page_text, specialty)),
+                              "Transcribe this medical document and name its medical specialty.", answer,
+                              page_text, group=base))
+    return samples
+
+
+def paginate(text: str, max_chars: int) -> list[str]:
+    """Cut text into pages of at most ``max_chars`` characters, at line breaks where possible,
+    else between words; nothing is dropped but the whitespace at a cut."""
+    lines: list[str] = []
+    for line in text.strip().splitlines():
+        lines.extend(textwrap.wrap(line, max_chars, break_long_words=True, replace_whitespace=False)
+                     if len(line) > max_chars else [line])
+    pages: list[str] = []
+    current = ""
+    for line in lines:
+        joined = f"{current}\n{line}" if current else line
+        if len(joined) <= max_chars:
+            current = joined
+            continue
+        pages.append(current)
+        current = line
+    if current.strip():
+        pages.append(current)
+    return [page for page in pages if page.strip()]
 
 
 def render_transcription(text: str, specialty: str) -> Image.Image:
@@ -271,7 +315,7 @@ def fetch_source(name: str, settings: Settings, rng: random.Random, raw_dir: Pat
         try:
             rows = stream_rows(repo, config, split, limit, undecoded_image=(name == "roco"))
             reader = RemoteZipImages(repo) if name == "pubmedvision" else None
-            samples = parse_rows(name, rows, rng, d.min_text_chars, report, reader)
+            samples = parse_rows(name, rows, rng, d, report, reader)
         except Exception as exc:  # network, auth, schema drift: try the next mirror
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             report.attempts.append({"repo": repo, "error": reason})
@@ -284,7 +328,7 @@ def fetch_source(name: str, settings: Settings, rng: random.Random, raw_dir: Pat
     return []
 
 
-def parse_rows(name: str, rows: Iterable[dict[str, Any]], rng: random.Random, min_chars: int,
+def parse_rows(name: str, rows: Iterable[dict[str, Any]], rng: random.Random, d: DataSettings,
                report: SourceReport, read_image: Callable[[str], bytes | None] | None = None) -> list[Sample]:
     """Parse rows of one source's schema, counting every discarded row by reason."""
     samples = []
@@ -292,11 +336,12 @@ def parse_rows(name: str, rows: Iterable[dict[str, Any]], rng: random.Random, mi
         report.rows_read += 1
         try:
             if name == "roco":
-                samples.append(parse_roco_row(row, rng, min_chars))
+                samples.append(parse_roco_row(row, rng, d.min_text_chars))
             elif name == "pubmedvision":
-                samples.append(parse_pubmedvision_row(row, rng, min_chars, read_image or (lambda _: None)))
+                samples.append(parse_pubmedvision_row(row, rng, d.min_text_chars, read_image or (lambda _: None)))
             else:
-                samples.append(parse_mtsamples_row(row, rng, min_chars))
+                samples.extend(parse_mtsamples_row(row, rng, d.min_text_chars, d.mtsamples_page_chars,
+                                                   d.mtsamples_pages_per_row))
         except Rejected as why:
             report.discarded[str(why)] += 1
     report.kept = len(samples)
@@ -351,14 +396,62 @@ def deduplicate(samples: list[Sample], protected: set[str], counts: Counter) -> 
     return kept
 
 
+def drop_too_long(samples: list[Sample], processor: Any, max_length: int) -> tuple[list[Sample], dict[str, Any]]:
+    """Keep the samples whose prompt, image and answer fit ``max_length``; report the rest.
+
+    Counted once, here, with the training processor's arithmetic (:func:`medvl.training.token_count`),
+    rather than in the collator, which runs in dataloader worker processes and on every epoch.
+    A sample that does not fit is dropped rather than cut: a cut answer never trains its
+    closing ``<|im_end|>``, so the model would learn not to stop.
+    """
+    from tqdm import tqdm
+
+    from medvl.benchmark import summarize
+    from medvl.training import token_count
+
+    kept: list[Sample] = []
+    lengths, trained = [], []
+    too_long: Counter = Counter()
+    examples = []
+    for sample in tqdm(samples, desc="counting tokens", unit="sample", mininterval=5):
+        with Image.open(io.BytesIO(sample.image_bytes)) as img:
+            size = img.size
+        total, answer = token_count(processor, conversation(sample, "")["messages"], size)
+        lengths.append(float(total))
+        trained.append(float(answer))
+        if total <= max_length:
+            kept.append(sample)
+            continue
+        too_long[sample.source] += 1
+        if len(examples) < 5:
+            examples.append({"id": sample.sample_id, "tokens": total})
+    dropped = sum(too_long.values())
+    return kept, {"max_length": max_length, "samples_checked": len(samples), "too_long": dropped,
+                  "too_long_fraction": dropped / len(samples) if samples else 0.0,
+                  "too_long_by_source": dict(too_long), "too_long_examples": examples,
+                  "policy": "dropped, never cut (a cut answer never trains its closing <|im_end|>)",
+                  "tokens": summarize(lengths), "answer_tokens": summarize(trained)}
+
+
 def split(samples: list[Sample], seed: int, val_fraction: float, test_fraction: float) -> dict[str, list[Sample]]:
-    """Shuffle with ``seed`` (order-independent: sorted by id first) and cut train/val/test."""
-    ordered = sorted(samples, key=lambda s: s.sample_id)
+    """Shuffle with ``seed`` (order-independent: sorted by id first) and cut train/val/test.
+
+    Whole groups move together (the pages of one transcription), so a split holds either all
+    of a source document or none of it; test and val take groups until they reach their share.
+    """
+    groups: dict[str, list[Sample]] = {}
+    for sample in sorted(samples, key=lambda s: s.sample_id):
+        groups.setdefault(sample.group or sample.sample_id, []).append(sample)
+    ordered = [groups[key] for key in sorted(groups)]
     random.Random(seed).shuffle(ordered)
-    n = len(ordered)
-    n_val = max(1, round(n * val_fraction)) if n >= 3 else 0
-    n_test = max(1, round(n * test_fraction)) if n >= 3 else 0
-    return {"test": ordered[:n_test], "val": ordered[n_test:n_test + n_val], "train": ordered[n_test + n_val:]}
+    n = len(samples)
+    wanted = {"test": max(1, round(n * test_fraction)) if n >= 3 else 0,
+              "val": max(1, round(n * val_fraction)) if n >= 3 else 0}
+    out: dict[str, list[Sample]] = {"test": [], "val": [], "train": []}
+    for group in ordered:
+        name = next((k for k in ("test", "val") if len(out[k]) < wanted[k]), "train")
+        out[name].extend(group)
+    return out
 
 
 def conversation(sample: Sample, image_rel: str) -> dict[str, Any]:

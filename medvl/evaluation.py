@@ -67,27 +67,67 @@ def test_split_cases(formatted: Path, limit: int) -> list[Case]:
     return cases
 
 
+class MergeError(RuntimeError):
+    """The adapter does not fit the base, or merging it changed nothing."""
+
+
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """LoRA merged into a full-precision base (bf16 on GPU, fp32 on CPU), saved whole."""
+    """LoRA merged into a full-precision base (bf16 on GPU, fp32 on CPU), saved whole.
+
+    Checked on the way, because PEFT only warns: an adapter key that finds no module of the
+    base, or a LoRA module the adapter has no weights for, is a :class:`MergeError`; so is a
+    merge that changed none of the targeted weights (a mismatched or untrained adapter would
+    otherwise be evaluated as "fine-tuned == base").
+    """
     import time
 
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     started = time.perf_counter()
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     base = AutoModelForImageTextToText.from_pretrained(
         base_dir, dtype=dtype, device_map="auto" if torch.cuda.is_available() else None)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    model = PeftModel(base, PeftConfig.from_pretrained(adapter_dir))
+    loaded = model.load_adapter(adapter_dir, "default")
+    if loaded.missing_keys or loaded.unexpected_keys:
+        raise MergeError(
+            f"adapter {adapter_dir.name} does not fit base {base_dir.name}: {len(loaded.missing_keys)} LoRA weights "
+            f"missing (e.g. {loaded.missing_keys[:2]}), {len(loaded.unexpected_keys)} adapter weights with no place "
+            f"in the base (e.g. {loaded.unexpected_keys[:2]}); was it trained on another model?")
+    changed, targeted = merge_lora_in_place(model)
+    if not changed:
+        raise MergeError(f"merging {adapter_dir.name} changed none of the {targeted} targeted weights in {dtype}: "
+                         "the adapter is zero (untrained) or its update is below the weights' precision")
+    if changed < targeted:
+        log.warning("merging changed %d of %d targeted weights; the rest are unchanged in %s", changed, targeted, dtype)
+    merged = model.unload()  # the LoRA layers' base weights now hold the merge
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging, safe_serialization=True)
     AutoProcessor.from_pretrained(adapter_dir).save_pretrained(staging)
-    del merged, base
+    del merged, model, base
     benchmark.free_memory()
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
-    return {"merge_time_s": time.perf_counter() - started, "merged_dtype": str(dtype)}
+    return {"merge_time_s": time.perf_counter() - started, "merged_dtype": str(dtype),
+            "targeted_weights": targeted, "changed_weights": changed}
+
+
+def merge_lora_in_place(model: Any) -> tuple[int, int]:
+    """Merge every LoRA layer into its base weight (refusing NaN/inf); returns (changed, targeted)."""
+    from peft.tuners.lora import LoraLayer
+
+    changed = targeted = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        weight = module.get_base_layer().weight
+        before = weight.detach().clone()
+        module.merge(safe_merge=True)
+        targeted += 1
+        changed += int(not torch.equal(before, weight.detach()))
+    return changed, targeted
 
 
 def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases: list[Case],

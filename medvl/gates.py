@@ -228,6 +228,8 @@ def gate_datasets(wd: Workdir, s: Settings) -> list[str]:
             problems.append(f"{name} split is empty")
     if summary is not None and summary.get("counts", {}).get("train") != len(splits["train"]):
         problems.append("data_summary.json counts do not match train.json")
+    if summary is not None and not isinstance(summary.get("length_check"), dict):
+        problems.append("data_summary.json: no length_check (sample lengths against train.max_length)")
     rng = random.Random(s.fingerprint(PHASES[5].sections))
     for row in rng.sample(splits["train"], min(3, len(splits["train"]))):
         try:
@@ -265,6 +267,8 @@ def gate_finetune(wd: Workdir, s: Settings) -> list[str]:
     if not isinstance(pct, (int, float)) or not lo <= pct <= hi:
         problems.append(f"training_metrics.json: trainable {pct}% outside the expected {lo}-{hi}%")
     positive(metrics, "train_time_s", problems, "training_metrics.json")
+    if not isinstance(metrics.get("steady_state"), dict):
+        problems.append("training_metrics.json: no steady_state timing")
     return problems
 
 
@@ -357,7 +361,9 @@ PHASES: dict[int, Phase] = {
                 gate_baseline),
     4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant", "decode"),
                 gate_quantize),
-    5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (1,), ("data", "bench"), gate_datasets),
+    # Phase 5 measures each sample with the phase-2 processor against train.max_length.
+    5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (2,), ("model", "data", "bench", "train.max_length"),
+                gate_datasets),
     6: Phase(6, "fine-tune LoRA", "06_finetune_lora.py", (2, 5), ("model", "bench", "data", "train"),
                 gate_finetune),
     7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train",

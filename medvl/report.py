@@ -112,7 +112,9 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
         "stages": stage_table(b),
         "training": {k: train.get(k) for k in ("train_time_s", "initial_loss", "final_loss", "global_step", "epochs",
                                                "trainable_params", "total_params", "trainable_pct", "training_samples",
-                                               "tokens_per_s", "seconds_per_step", "peak_memory_mb", "lora")} if train else None,
+                                               "steady_state", "whole_run", "warmup", "evaluation",
+                                               "checkpoint_saving", "length_check", "peak_memory_mb", "lora")}
+                     if train else None,
         "loss_curve": train.get("loss_curve", []),
         "quantization": {k: quant.get(k) for k in ("method", "awq_error", "memory_reduction_pct", "size_reduction_pct",
                                                    "latency_change_pct", "quantize_time_s")} if quant else None,
@@ -124,6 +126,19 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
                                          for k, v in (api.get("endpoints") or {}).items()}} if api else None,
         "reliability": b.get("reliability"),
     }
+
+
+def training_speed_rows(train: dict[str, Any]) -> list[str]:
+    """Steady-state speed first, then where the rest of the whole run's time went."""
+    steady, whole = train.get("steady_state") or {}, train.get("whole_run") or {}
+    lengths = train.get("length_check") or {}
+    return [f"| steady state | {_cell(steady.get('seconds_per_step'))} s/step, {_cell(steady.get('tokens_per_s'))} "
+            f"tokens/s over {steady.get('steps')} steps |",
+            f"| whole run | {_cell(whole.get('seconds'))} s ({_cell(whole.get('seconds_per_step'))} s/step, "
+            f"{_cell(whole.get('tokens_per_s'))} tokens/s): warm-up {_cell((train.get('warmup') or {}).get('seconds'))} s, "
+            f"evaluation {_cell((train.get('evaluation') or {}).get('seconds'))} s, saving "
+            f"{_cell((train.get('checkpoint_saving') or {}).get('seconds'))} s |",
+            f"| samples too long (dropped in phase 5) | {lengths.get('too_long')} of {lengths.get('samples_checked')} |"]
 
 
 # --------------------------------------------------------------------------- findings
@@ -271,8 +286,7 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
                   f"| training samples | {train['training_samples']} |",
                   f"| steps / epochs | {train['global_step']} / {_cell(train['epochs'])} |",
                   f"| loss initial -> final | {_cell(train['initial_loss'])} -> {_cell(train['final_loss'])} |",
-                  f"| time | {_cell(train['train_time_s'])} s ({_cell(train['seconds_per_step'])} s/step) |",
-                  f"| tokens/s | {_cell(train['tokens_per_s'])} |",
+                  *training_speed_rows(train),
                   f"| peak memory MB | {_cell(train['peak_memory_mb'])} |", ""]
         if "loss" in figures:
             parts += [f"![training loss](figures/{figures['loss']})", ""]

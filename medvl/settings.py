@@ -97,6 +97,17 @@ class DataSettings:
     mtsamples_max: int = 0  # 0 = all rows
     synthetic_documents: int = 300
     min_text_chars: int = 50
+    # MTSamples transcriptions (up to ~2,400 characters, ~600 tokens) are split into pages of
+    # at most this many characters, each its own sample, so that page image (~616 visual
+    # tokens at the 7b pixel budget), prompt and answer fit train.max_length 1024.
+    mtsamples_page_chars: int = 1000
+    # Pages kept per transcription (its first ones): more would let MTSamples (~5,000 rows,
+    # ~3 pages each) outnumber the image sources in the 7b training set.
+    mtsamples_pages_per_row: int = 1
+    # Samples whose prompt + image + answer exceed train.max_length are dropped (a cut answer
+    # never trains its closing <|im_end|>, so the model learns not to stop); phase 5 fails
+    # when more than this share of the samples would be dropped.
+    max_too_long_fraction: float = 0.02
     min_train_samples: int = 100
     split_seed: int = 42
     val_fraction: float = 0.1
@@ -125,6 +136,9 @@ class TrainSettings:
     logging_steps: int = 10
     gradient_checkpointing: bool = True
     seed: int = 42
+    # Where training curves go: "tensorboard" (logs/tensorboard/), "wandb", both
+    # comma-separated, or "none".
+    report_to: str = "tensorboard"
     # Gate 6: the trainable share of parameters this profile should land in (percent).
     expected_trainable_pct_min: float = 1.0
     expected_trainable_pct_max: float = 5.0
@@ -185,10 +199,14 @@ class Settings:
         return dataclasses.asdict(self)
 
     def fingerprint(self, sections: typing.Iterable[str] | None = None) -> str:
-        """A short hash of the named sections (all when None), for telling stale outputs."""
+        """A short hash of the named sections (all when None), for telling stale outputs.
+
+        A name may also be one setting (``"train.max_length"``), for a phase that depends on
+        it but not on the rest of its section.
+        """
         data = self.to_dict()
         chosen = sorted(sections) if sections is not None else sorted(SECTIONS)
-        payload = {name: data[name] for name in chosen}
+        payload = {name: _lookup(data, name) for name in chosen}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -199,6 +217,13 @@ class Settings:
             "settings_hash": self.fingerprint(sections),
             "settings": self.to_dict(),
         }
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    value: Any = data
+    for key in dotted.split("."):
+        value = value[key]
+    return value
 
 
 # --------------------------------------------------------------------------- loading
@@ -355,6 +380,10 @@ def _check_values(s: Settings) -> list[str]:
         p.append("quant.awq_w_bit: only 4-bit AWQ is supported")
     if not 0 < d.val_fraction < 0.5 or not 0 < d.test_fraction < 0.5:
         p.append("data.val_fraction/test_fraction: each must lie in (0, 0.5)")
+    if d.mtsamples_page_chars < 200 or d.mtsamples_pages_per_row < 1:
+        p.append("data.mtsamples_page_chars must be >= 200 and data.mtsamples_pages_per_row >= 1")
+    if not 0 <= d.max_too_long_fraction < 1:
+        p.append("data.max_too_long_fraction: must lie in [0, 1)")
     if d.min_text_chars < 0 or d.min_train_samples < 1:
         p.append("data.min_text_chars must be >= 0 and data.min_train_samples >= 1")
     if t.lora_r < 1 or t.lora_alpha < 1:
@@ -371,6 +400,9 @@ def _check_values(s: Settings) -> list[str]:
             p.append(f"train.{name}: must be >= 1")
     if t.max_length < 64:
         p.append("train.max_length: must be >= 64")
+    unknown = set(report_destinations(t.report_to)) - {"tensorboard", "wandb"}
+    if t.report_to.strip() != "none" and (unknown or not report_destinations(t.report_to)):
+        p.append(f"train.report_to: 'none' or a comma-separated list of tensorboard, wandb; got {t.report_to!r}")
     if not 0 <= t.warmup_ratio < 1:
         p.append("train.warmup_ratio: must lie in [0, 1)")
     if s.decode.compile not in ("auto", "on", "off"):
@@ -382,3 +414,9 @@ def _check_values(s: Settings) -> list[str]:
     if not 1 <= s.api.port <= 65535:
         p.append("api.port: must lie in 1..65535")
     return p
+
+
+def report_destinations(report_to: str) -> list[str]:
+    """``train.report_to`` as the list the Trainer takes ("none" -> [])."""
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    return [] if names == ["none"] else names

@@ -7,8 +7,10 @@ The four classic mistakes and where this module prevents each:
 2. LoRA on the vision tower, because ``q/k/v/o/gate/up/down_proj`` also name vision modules
    -> :data:`LORA_TARGET_REGEX` matches language-model projections only, and
    :func:`freeze_vision` freezes every ``visual`` parameter; :func:`check_trainable` asserts both.
-3. Truncation through image tokens (the model then sees fewer placeholders than features)
-   -> the collator refuses with :class:`TruncationError`.
+3. Truncated samples (a cut through image tokens breaks the model; a cut answer never trains
+   its closing ``<|im_end|>``, so the model learns not to stop) -> phase 5 counts every
+   sample's tokens with :func:`token_count` and drops those over ``train.max_length``; the
+   collator refuses any that still would be cut, with :class:`TruncationError`.
 4. A pixel budget that differs between training and serving -> the processor carries the
    profile's min/max pixels and is saved next to the adapter, which the server loads.
 
@@ -41,7 +43,7 @@ LORA_TARGET_REGEX = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up
 
 
 class TruncationError(ValueError):
-    """A sample would be cut inside its image tokens; raise max_length or shrink max_pixels."""
+    """A sample longer than max_length reached the collator (phase 5 drops those)."""
 
 
 # --------------------------------------------------------------------------- the collator
@@ -64,8 +66,9 @@ class VisionChatCollator:
 
     So ``labels[i] == input_ids[i]`` exactly on the answer tokens and the ``<|im_end|>`` that
     closes them, and -100 everywhere else; a conversation with several assistant turns
-    trains on each answer. Sequences longer than ``max_length`` are cut at the end (inside
-    the answer), except that a cut through image tokens raises :class:`TruncationError`.
+    trains on each answer. Nothing is ever cut: a sample longer than ``max_length`` raises
+    :class:`TruncationError` (phase 5 has dropped those, counted, with :func:`token_count`,
+    which gives the length this encoding produces without processing the image).
     """
 
     processor: Any
@@ -76,9 +79,7 @@ class VisionChatCollator:
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
         self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
-        self.image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
-        self.header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-        self.truncated = 0
+        self.header = answer_header(tok)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         encoded = [self.encode(row) for row in rows]
@@ -91,21 +92,15 @@ class VisionChatCollator:
         text = self.processor.apply_chat_template(row["messages"], tokenize=False)
         enc = self.processor(text=[text], images=[image], return_tensors="pt")
         ids = enc["input_ids"][0]
-        labels = assistant_labels(ids, self.header, self.im_end)
         if ids.numel() > self.max_length:
-            image_positions = (ids == self.image_pad).nonzero()
-            last_image = int(image_positions.max()) if image_positions.numel() else -1
-            if last_image >= self.max_length - 1:
-                raise TruncationError(
-                    f"sample {row.get('id')}: {ids.numel()} tokens with image tokens up to position "
-                    f"{last_image}; max_length={self.max_length} would cut through the image. "
-                    "Raise train.max_length or lower model.max_pixels.")
-            self.truncated += 1
-        keep = min(ids.numel(), self.max_length)
-        out = {"input_ids": ids[:keep], "attention_mask": enc["attention_mask"][0][:keep], "labels": labels[:keep],
+            raise TruncationError(
+                f"sample {row.get('id')}: {ids.numel()} tokens > train.max_length={self.max_length}; "
+                "phase 5 drops samples that do not fit: rerun it with the current settings.")
+        out = {"input_ids": ids, "attention_mask": enc["attention_mask"][0],
+               "labels": assistant_labels(ids, self.header, self.im_end),
                "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
         if "mm_token_type_ids" in enc:
-            out["mm_token_type_ids"] = enc["mm_token_type_ids"][0][:keep]
+            out["mm_token_type_ids"] = enc["mm_token_type_ids"][0]
         return out
 
     def pad(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -122,6 +117,30 @@ class VisionChatCollator:
         batch["pixel_values"] = torch.cat([e["pixel_values"] for e in encoded])
         batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encoded])
         return batch
+
+
+def answer_header(tokenizer: Any) -> list[int]:
+    """The tokens that open an assistant turn; what follows them up to <|im_end|> is trained."""
+    return tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+
+
+def token_count(processor: Any, messages: list[dict[str, Any]], image_size: tuple[int, int]) -> tuple[int, int]:
+    """(tokens, trained tokens) of one single-image conversation as the collator encodes it.
+
+    Computed from the image's size with the processor's own arithmetic (resize to the pixel
+    budget, 14x14 patches merged 2x2 into one visual token) instead of processing the pixels,
+    so phase 5 can measure thousands of samples in seconds; a test checks it against the
+    collator token for token.
+    """
+    tok = processor.tokenizer
+    text = processor.apply_chat_template(messages, tokenize=False)
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    width, height = image_size
+    image_processor = processor.image_processor
+    visual = image_processor.get_number_of_image_patches(height, width, {}) // image_processor.merge_size ** 2
+    trained = int((assistant_labels(ids, answer_header(tok), tok.convert_tokens_to_ids("<|im_end|>"))
+                   != IGNORE_INDEX).sum())
+    return ids.numel() - 1 + visual, trained
 
 
 def assistant_labels(ids: torch.Tensor, header: list[int], im_end: int) -> torch.Tensor:
@@ -235,36 +254,153 @@ def load_for_training(model_dir: Path, settings: Settings) -> Any:
 # --------------------------------------------------------------------------- the loss
 
 
-def answer_only_loss(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Cross-entropy on the trained (answer) tokens, computing logits only where needed.
+def answer_only_loss(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                     num_items: torch.Tensor | int | None = None) -> tuple[torch.Tensor, Any]:
+    """Cross-entropy summed over the trained (answer) tokens, divided by ``num_items``.
+
+    ``num_items`` is the number of trained tokens of the whole optimizer step (every
+    accumulation micro-batch, every rank), as the Trainer counts it, so each answer token
+    weighs the same whatever micro-batch it fell in; without it (evaluation), this batch's
+    own count. A batch without a trained token gives 0, not NaN.
 
     The usual causal-LM loss projects every position through the 152 k-way lm_head and
     upcasts those logits to float32 (1024 positions: 0.6 GB per copy) although the collator
     masks all but the answer. Here ``logits_to_keep`` selects the positions whose next token
-    is trained in any row of the batch, so lm_head and the softmax run on those alone. The
-    value is exactly the usual loss: the mean over non-masked targets of
-    ``-log softmax(logits[p])[labels[p + 1]]`` (``tests/test_training.py`` checks it).
+    is trained in any row of the batch, so lm_head and the softmax run on those alone; the
+    sum is exactly the usual one (``tests/test_training.py`` checks it).
     """
     targets = labels[:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-    logits = outputs.logits.float()
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[:, keep].flatten(),
-                                             ignore_index=IGNORE_INDEX)
-    return loss, outputs
+    total = torch.nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), targets[:, keep].flatten(),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (targets != IGNORE_INDEX).sum() if num_items is None else num_items
+    return total / torch.as_tensor(count, device=total.device).clamp(min=1), outputs
 
 
-def make_trainer(**kwargs: Any) -> Any:
-    """A transformers Trainer whose loss is :func:`answer_only_loss`."""
-    from transformers import Trainer
+class StepTimer:
+    """Per optimizer step: wall time, tokens, and the evaluation and saving kept apart.
+
+    The Trainer's own ``train_runtime`` and tokens/s include warm-up, every evaluation pass
+    and every checkpoint save (on an H100, ``7b-random`` batch 2, 16 steps: 3.07 s/step and
+    546 tokens/s from the whole run, while steady steps took ~1.0-1.3 s). A step here runs
+    from the end of the previous one to its own end, so it includes waiting for data, minus
+    any evaluation or saving in between; the first :attr:`WARMUP_STEPS` of a run are
+    reported as warm-up. CUDA is synchronised at step ends so the times are the GPU's.
+    """
+
+    WARMUP_STEPS = 2
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.evaluation_s: list[float] = []
+        self.save_s: list[float] = []
+        self._last_end = 0.0
+        self._excluded = 0.0
+        self._tokens = 0
+
+    def start(self, tokens_seen: int) -> None:
+        self._last_end, self._tokens, self._excluded = self._now(), tokens_seen, 0.0
+
+    def exclude(self, seconds: float, kind: str) -> None:
+        """Time spent evaluating or saving between two steps (not part of either)."""
+        self._excluded += seconds
+        (self.evaluation_s if kind == "evaluation" else self.save_s).append(seconds)
+
+    def step_end(self, step: int, tokens_seen: int) -> None:
+        now = self._now()
+        self.steps.append({"step": step, "seconds": now - self._last_end - self._excluded,
+                           "tokens": tokens_seen - self._tokens})
+        self._last_end, self._tokens, self._excluded = now, tokens_seen, 0.0
+
+    def recent_tokens_per_s(self, steps: int) -> float | None:
+        """Tokens/s over the last ``steps`` steps (logged beside the loss)."""
+        recent = self.steps[-steps:]
+        seconds = sum(s["seconds"] for s in recent)
+        return sum(s["tokens"] for s in recent) / seconds if recent and seconds > 0 else None
+
+    def summary(self, whole_run_s: float) -> dict[str, Any]:
+        warm, steady = self.steps[:self.WARMUP_STEPS], self.steps[self.WARMUP_STEPS:]
+        steady_s = sum(s["seconds"] for s in steady)
+        tokens = sum(s["tokens"] for s in steady)
+        return {
+            "steady_state": {
+                "steps": len(steady),
+                "seconds_per_step": steady_s / len(steady) if steady else None,
+                "tokens_per_s": tokens / steady_s if steady and steady_s > 0 else None,
+                "tokens_per_step": tokens / len(steady) if steady else None,
+                "note": f"optimizer steps after the first {self.WARMUP_STEPS}, data loading included, "
+                        "evaluation and checkpoint saving excluded",
+            },
+            "warmup": {"steps": len(warm), "seconds": sum(s["seconds"] for s in warm)},
+            "evaluation": {"passes": len(self.evaluation_s), "seconds": sum(self.evaluation_s)},
+            "checkpoint_saving": {"saves": len(self.save_s), "seconds": sum(self.save_s)},
+            "whole_run": {"seconds": whole_run_s, "steps": len(self.steps),
+                          "seconds_per_step": whole_run_s / len(self.steps) if self.steps else None,
+                          "tokens_per_s": sum(s["tokens"] for s in self.steps) / whole_run_s if whole_run_s > 0 else None},
+        }
+
+    @staticmethod
+    def _now() -> float:
+        import time
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def make_trainer(timer: StepTimer, **kwargs: Any) -> Any:
+    """A transformers Trainer with :func:`answer_only_loss` (token mean over the optimizer
+    step) that times its steps, evaluations and saves with ``timer``."""
+    import time
+
+    from transformers import Trainer, TrainerCallback
+
+    class TimerCallback(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            timer.start(state.num_input_tokens_seen)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            timer.step_end(state.global_step, state.num_input_tokens_seen)
 
     class AnswerOnlyTrainer(Trainer):
+        def __init__(self, **trainer_kwargs: Any) -> None:
+            super().__init__(**trainer_kwargs)
+            # Qwen2.5-VL says it does not take num_items_in_batch (accepts_loss_kwargs=False),
+            # so the Trainer would average per-micro-batch means; this loss does take it.
+            self.model_accepts_loss_kwargs = True
+            self.add_callback(TimerCallback())
+
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             inputs = dict(inputs)
             labels = inputs.pop("labels")
-            loss, outputs = answer_only_loss(model, inputs, labels)
+            loss, outputs = answer_only_loss(model, inputs, labels, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # num_items counts every rank's tokens; DDP then averages the ranks' gradients.
+                loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
+
+        def evaluate(self, *args: Any, **eval_kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return super().evaluate(*args, **eval_kwargs)
+            finally:
+                timer.exclude(time.perf_counter() - started, "evaluation")
+
+        def _save_checkpoint(self, *args: Any, **save_kwargs: Any) -> None:
+            started = time.perf_counter()
+            try:
+                super()._save_checkpoint(*args, **save_kwargs)
+            finally:
+                timer.exclude(time.perf_counter() - started, "save")
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs:  # a training log: add the speed of the steps since the last one
+                rate = timer.recent_tokens_per_s(self.args.logging_steps)
+                if rate is not None:
+                    logs["step_tokens_per_s"] = rate
+            super().log(logs, start_time)
 
     return AnswerOnlyTrainer(**kwargs)
 
@@ -326,6 +462,8 @@ def prepare_checkpoint_dir(folder: Path, fingerprint: str) -> Path | None:
 def training_arguments(settings: Settings, output_dir: Path, has_eval: bool) -> Any:
     from transformers import TrainingArguments
 
+    from medvl.settings import report_destinations
+
     t = settings.train
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
@@ -359,7 +497,8 @@ def training_arguments(settings: Settings, output_dir: Path, has_eval: bool) -> 
         ddp_backend="gloo" if not cuda and world()[2] > 1 else None,  # CPU data parallelism
         remove_unused_columns=False,  # the collator needs the raw rows
         dataloader_num_workers=4 if cuda else 0,
-        report_to="none",
+        # TensorBoard is attached by run_training (its writer goes to logs/tensorboard/).
+        report_to=[d for d in report_destinations(t.report_to) if d != "tensorboard"] or "none",
         seed=t.seed,
         disable_tqdm=False,
     )
@@ -370,8 +509,35 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def curve_callbacks(settings: Settings, tensorboard_dir: Path) -> list[Any]:
+    """The TensorBoard writer (when train.report_to names it), logging to ``tensorboard_dir``;
+    W&B goes through the Trainer's report_to. A destination whose package is missing is an
+    error here, before the model loads."""
+    import importlib.util
+
+    from medvl.settings import report_destinations
+
+    wanted = report_destinations(settings.train.report_to)
+    missing = [name for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"))
+               if name in wanted and importlib.util.find_spec(module) is None]
+    if missing:
+        raise TrainingSetupError(f"train.report_to={settings.train.report_to!r} needs {' and '.join(missing)}: "
+                                 f"pip install {' '.join(missing)}, or --set train.report_to=none")
+    if "tensorboard" not in wanted:
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(tensorboard_dir)
+    return [callback]
+
+
+class TrainingSetupError(RuntimeError):
+    """Training cannot start as configured (one line for the user)."""
+
+
 def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir: Path,
-                 checkpoint_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+                 checkpoint_dir: Path, fingerprint: str, tensorboard_dir: Path) -> dict[str, Any] | None:
     """Train (resuming when a complete checkpoint exists) and save adapter + processor.
 
     Under ``accelerate launch`` with N processes this trains data-parallel (DDP): each rank
@@ -384,6 +550,7 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     from medvl.benchmark import peak_memory_mb
     from medvl.modeling import load_processor
 
+    callbacks = curve_callbacks(settings, tensorboard_dir)
     processor = load_processor(base_dir, settings, padding_side="right")
     train_set = ConversationDataset(data_dir / "train.json")
     val_set = ConversationDataset(data_dir / "val.json")
@@ -405,7 +572,8 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     resumed_step = int(resume.name.split("-")[-1]) if resume else 0
     if resume:
         log.info("resuming from %s (step %d)", resume.name, resumed_step)
-    trainer = make_trainer(model=model, args=args, train_dataset=train_set,
+    timer = StepTimer()
+    trainer = make_trainer(timer, model=model, args=args, train_dataset=train_set, callbacks=callbacks,
                            eval_dataset=val_set if len(val_set) else None, data_collator=collator)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -433,7 +601,7 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     history = trainer.state.log_history
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     eval_losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    tokens_run = int(trainer.state.num_input_tokens_seen) - tokens_before
+    timing = timer.summary(train_s)
     return {
         **counts,
         "train_time_s": train_s,
@@ -442,20 +610,21 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
         "resumed_from_step": resumed_step,
         "epochs": trainer.state.epoch,
         "steps_this_run": trainer.state.global_step - resumed_step,
-        "seconds_per_step": train_s / max(1, trainer.state.global_step - resumed_step),
+        **timing,
         "initial_loss": losses[0][1] if losses else None,
         "final_loss": losses[-1][1] if losses else None,
+        "loss": "token mean over each optimizer step (all micro-batches and ranks)",
         "loss_curve": [{"step": s, "loss": v} for s, v in losses],
         "eval_loss_curve": [{"step": s, "eval_loss": v} for s, v in eval_losses],
         "learning_rate": settings.train.learning_rate,
         "training_samples": len(train_set),
         "validation_samples": len(val_set),
-        "tokens_seen_this_run": tokens_run,
-        "tokens_per_s": tokens_run / train_s if train_s > 0 else 0.0,
-        "truncated_samples": collator.truncated,
+        "tokens_seen_this_run": int(trainer.state.num_input_tokens_seen) - tokens_before,
         "peak_memory_mb": peak_memory_mb(),
         "processes": world()[2],
         "global_batch": settings.train.per_device_batch_size * settings.train.grad_accum_steps * world()[2],
+        "curves": {"report_to": settings.train.report_to,
+                   "tensorboard_dir": str(tensorboard_dir) if callbacks else None},
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

@@ -5,9 +5,11 @@ Tries the three hub sources (ROCO radiology, PubMedVision alignment VQA, MTSampl
 limited and streamed) and always adds synthetic medical documents with structured JSON
 answers; with no hub reachable, the synthetic corpus is the whole set (labelled as such).
 Discards unreadable images and short texts, de-duplicates, keeps every phase-3 test and
-phase-7 evaluation document out, shuffles with the split seed and writes 80/10/10 splits
-as Qwen2.5-VL conversations to datasets/formatted/, plus download_summary.json and
-data_summary.json.
+phase-7 evaluation document out, drops (counts, never cuts) samples longer than
+train.max_length with the phase-2 model's processor and fails when more than
+data.max_too_long_fraction would be dropped, shuffles with the split seed and writes
+80/10/10 splits as Qwen2.5-VL conversations to datasets/formatted/, plus
+download_summary.json and data_summary.json.
 """
 
 import random
@@ -21,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from medvl import data  # noqa: E402
 from medvl.gates import PHASES  # noqa: E402
 from medvl.io import append_build_log, atomic_write_json  # noqa: E402
-from medvl.phase import log, run_phase  # noqa: E402
+from medvl.modeling import load_processor  # noqa: E402
+from medvl.phase import PhaseError, log, run_phase  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
 
@@ -54,6 +57,14 @@ def main(settings: Settings, wd: Workdir) -> dict:
     # ---- filter, split, write (into a fresh folder swapped in whole)
     dropped: Counter = Counter()
     kept = data.deduplicate(samples, data.protected_hashes(settings), dropped)
+    kept, lengths = data.drop_too_long(kept, load_processor(wd.base_model_dir(settings), settings),
+                                       settings.train.max_length)
+    if lengths["too_long_fraction"] > settings.data.max_too_long_fraction:
+        raise PhaseError(
+            f"{lengths['too_long']} of {lengths['samples_checked']} samples ({lengths['too_long_by_source']}) "
+            f"exceed train.max_length={settings.train.max_length} tokens (e.g. {lengths['too_long_examples'][:2]}), "
+            f"more than data.max_too_long_fraction={settings.data.max_too_long_fraction}: raise train.max_length, "
+            "lower model.max_pixels or data.mtsamples_page_chars")
     splits = data.split(kept, settings.data.split_seed, settings.data.val_fraction, settings.data.test_fraction)
     formatted = wd.datasets / "formatted"
     staging = wd.datasets / "formatted.partial"
@@ -68,6 +79,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     summary = {**record, "offline_fallback": offline, "fallback_note": fallback_note,
                "discarded": {"filtering": {n: dict(r.discarded) for n, r in reports.items()},
                              "deduplication": dict(dropped)},
+               "length_check": lengths,
                **data.summarize_splits(rows)}
     atomic_write_json(staging / "data_summary.json", summary)
     shutil.rmtree(formatted, ignore_errors=True)
@@ -84,6 +96,9 @@ def main(settings: Settings, wd: Workdir) -> dict:
         f"Fallback: {fallback_note}." if offline else f"Hub sources used: {', '.join(hub_ok)}.",
         f"Splits (seed {settings.data.split_seed}): train {counts['train']}, val {counts['val']}, "
         f"test {counts['test']}; discarded {dict(dropped) or 'none'} after filtering.",
+        f"Length check at train.max_length={lengths['max_length']}: {lengths['too_long']} of "
+        f"{lengths['samples_checked']} samples too long, dropped ({lengths['too_long_by_source'] or 'none'}); "
+        f"tokens per sample p50 {lengths['tokens']['p50']:.0f}, max {lengths['tokens']['max']:.0f}.",
     ])
     return summary
 

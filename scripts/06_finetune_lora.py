@@ -5,8 +5,10 @@ Loads the base in bitsandbytes NF4 (bf16 compute), freezes the whole vision towe
 LoRA on the language model's q/k/v/o/gate/up/down projections only, and trains on the
 assistant answers only (see medvl/training.py). Checkpoints every train.save_steps
 (keeping train.save_total_limit); a rerun after a crash resumes from the last complete
-checkpoint. Saves the adapter and processor to models/<slug>-medical-lora/ and
-benchmarks/training_metrics.json. Started with `accelerate launch --num_processes N` (or
+checkpoint. The loss is a token mean over each optimizer step; samples too long for
+train.max_length were dropped (and counted) by phase 5. Saves the adapter and processor to
+models/<slug>-medical-lora/ and benchmarks/training_metrics.json (steady-state speed beside
+the whole run); training curves go to logs/tensorboard/ (`tensorboard --logdir logs/tensorboard`). Started with `accelerate launch --num_processes N` (or
 `run_pipeline.sh --gpus N`) it trains data-parallel on N GPUs; the global batch is
 per_device_batch_size x grad_accum_steps x N.
 """
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from medvl import training  # noqa: E402
 from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json  # noqa: E402
+from medvl.io import append_build_log, atomic_write_json, read_json  # noqa: E402
 from medvl.phase import PhaseError, log, run_phase  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
@@ -26,11 +28,12 @@ from medvl.workdir import Workdir  # noqa: E402
 
 def main(settings: Settings, wd: Workdir) -> dict:
     fingerprint = settings.fingerprint(PHASES[6].sections)
+    formatted = wd.datasets / "formatted"
     try:
         metrics = training.run_training(
-            settings, wd.base_model_dir(settings), wd.datasets / "formatted", wd.adapter_dir(settings),
-            wd.models / f"{settings.model.slug}-medical-lora-checkpoints", fingerprint)
-    except training.TruncationError as exc:
+            settings, wd.base_model_dir(settings), formatted, wd.adapter_dir(settings),
+            wd.models / f"{settings.model.slug}-medical-lora-checkpoints", fingerprint, wd.logs / "tensorboard")
+    except (training.TruncationError, training.TrainingSetupError) as exc:
         raise PhaseError(str(exc)) from None
     if metrics is None:  # a non-main data-parallel rank: the main process reports
         return {}
@@ -40,11 +43,11 @@ def main(settings: Settings, wd: Workdir) -> dict:
                        "target_modules": training.LORA_TARGET_REGEX, "quantized_base": "nf4" if t.quantize_4bit else None},
               "batch": {"per_device": t.per_device_batch_size, "grad_accum": t.grad_accum_steps,
                         "max_length": t.max_length},
+              "length_check": read_json(formatted / "data_summary.json")["length_check"],
               **metrics}
     atomic_write_json(wd.bench("training_metrics"), record)
-    log.info("loss %.4f -> %.4f over %d steps (%.2f s/step, %.0f tokens/s, peak %.0f MB)",
-             metrics["initial_loss"], metrics["final_loss"], metrics["global_step"],
-             metrics["seconds_per_step"], metrics["tokens_per_s"], metrics["peak_memory_mb"])
+    log.info("loss %.4f -> %.4f over %d steps; %s; peak %.0f MB", metrics["initial_loss"], metrics["final_loss"],
+             metrics["global_step"], speed_line(metrics), metrics["peak_memory_mb"])
     append_build_log(wd.build_log, 6, "QLoRA fine-tuning", [
         f"LoRA r={t.lora_r}, alpha={t.lora_alpha}, dropout={t.lora_dropout} on the language model's "
         f"projections only; base {'NF4' if t.quantize_4bit else 'unquantized'}; vision tower frozen.",
@@ -52,11 +55,20 @@ def main(settings: Settings, wd: Workdir) -> dict:
         f"({metrics['trainable_pct']:.2f}%).",
         f"{metrics['global_step']} steps on {metrics['training_samples']} samples"
         + (f" (resumed from step {metrics['resumed_from_step']})" if metrics["resumed_from_step"] else "")
-        + f"; loss {metrics['initial_loss']:.4f} -> {metrics['final_loss']:.4f}; "
-        f"{metrics['seconds_per_step']:.2f} s/step; {metrics['tokens_per_s']:.0f} tokens/s; "
-        f"peak memory {metrics['peak_memory_mb']:.0f} MB on {metrics['gpu'] or 'CPU'}.",
+        + f"; loss {metrics['initial_loss']:.4f} -> {metrics['final_loss']:.4f} (token mean per optimizer step); "
+        f"{speed_line(metrics)}; peak memory {metrics['peak_memory_mb']:.0f} MB on {metrics['gpu'] or 'CPU'}.",
+        f"Samples too long for max_length {t.max_length}: {record['length_check']['too_long']} dropped in phase 5.",
     ])
     return record
+
+
+def speed_line(metrics: dict) -> str:
+    """Steady-state speed with the whole run beside it (warm-up, evaluation, saving apart)."""
+    steady, whole = metrics["steady_state"], metrics["whole_run"]
+    head = (f"steady {steady['seconds_per_step']:.2f} s/step, {steady['tokens_per_s']:.0f} tokens/s over "
+            f"{steady['steps']} steps" if steady["steps"] else "too few steps for a steady-state figure")
+    return (f"{head}; whole run {whole['seconds']:.1f} s (warm-up {metrics['warmup']['seconds']:.1f} s, "
+            f"evaluation {metrics['evaluation']['seconds']:.1f} s, saving {metrics['checkpoint_saving']['seconds']:.1f} s)")
 
 
 if __name__ == "__main__":

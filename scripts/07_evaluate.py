@@ -22,7 +22,7 @@ from medvl import benchmark, evaluation, quantize  # noqa: E402
 from medvl.gates import PHASES  # noqa: E402
 from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json  # noqa: E402
 from medvl.modeling import load_model, load_processor  # noqa: E402
-from medvl.phase import log, run_phase  # noqa: E402
+from medvl.phase import PhaseError, log, run_phase  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
 
@@ -37,7 +37,10 @@ def main(settings: Settings, wd: Workdir) -> dict:
     # ---- the fine-tuned model in its deployment form: merged in full precision, then NF4
     # (quant.serve_quantized); the control is the base model in the same form.
     merged_dir = wd.merged_model_dir(settings)
-    merge = evaluation.merge_adapter(wd.base_model_dir(settings), wd.adapter_dir(settings), merged_dir)
+    try:
+        merge = evaluation.merge_adapter(wd.base_model_dir(settings), wd.adapter_dir(settings), merged_dir)
+    except evaluation.MergeError as exc:
+        raise PhaseError(str(exc)) from None
     if settings.quant.serve_quantized:
         form, base_dir, finetuned_dir = "nf4", wd.nf4_model_dir(settings), wd.finetuned_nf4_dir(settings)
         merge.update(quantize.save_nf4(merged_dir, finetuned_dir, settings))
@@ -75,6 +78,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         "quality_meaningful": settings.model.source == "hub",
         "deployment_form": form,
         "merge": {"merge_time_s": merge["merge_time_s"], "merged_dtype": merge["merged_dtype"],
+                  "targeted_weights": merge["targeted_weights"], "changed_weights": merge["changed_weights"],
                   "merged_dir": str(merged_dir.relative_to(wd.root)),
                   "served_dir": str(finetuned_dir.relative_to(wd.root)), "served_size_bytes": merge["size_bytes"],
                   "quantize_time_s": merge.get("time_s")},

@@ -12,6 +12,7 @@ from medvl import data
 from medvl.documents import benchmark_documents, generate_document
 from medvl.evalsuite import evaluation_documents
 from medvl.gates import check_phase
+from medvl.settings import DataSettings
 from medvl.workdir import Workdir
 
 LONG_CAPTION = "Axial CT of the chest shows a 3 cm spiculated mass in the right upper lobe."
@@ -33,7 +34,7 @@ def test_roco_rows_in_hub_schema():
         {"image": None, "image_id": "ROCO_00004", "caption": LONG_CAPTION},
     ]
     report = data.SourceReport("roco")
-    samples = data.parse_rows("roco", rows, random.Random(0), 50, report)
+    samples = data.parse_rows("roco", rows, random.Random(0), DataSettings(), report)
     assert [s.sample_id for s in samples] == ["roco-ROCO_00001"]
     assert samples[0].answer == LONG_CAPTION and samples[0].prompt
     assert report.rows_read == 4 and report.kept == 1
@@ -65,10 +66,31 @@ def test_pubmedvision_rows_with_images_from_the_zip_archive(tmp_path):
              "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "Edema."}]},
         ]
         report = data.SourceReport("pubmedvision")
-        samples = data.parse_rows("pubmedvision", rows, random.Random(0), 50, report, read_image)
+        samples = data.parse_rows("pubmedvision", rows, random.Random(0), DataSettings(), report, read_image)
     assert [s.sample_id for s in samples] == ["pmv-a1"]
     assert samples[0].prompt == "What does the radiograph show?" and samples[0].answer == answer
     assert report.discarded == Counter({"unreadable image": 1, "missing image": 1, "text too short": 1})
+
+
+def test_pubmedvision_rows_with_several_images_or_no_id():
+    """Several images: discarded and counted (one image per sample fits the token budget).
+    No id: one from the row's content, distinct per row and stable."""
+    answer = "The axial CT shows a hypodense lesion in the right hepatic lobe with rim enhancement."
+
+    def row(paths, text=answer):
+        return {"image": paths, "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                                                  {"from": "gpt", "value": text}]}
+
+    rows = [row(["images/a.jpg", "images/b.jpg"]), row(["images/a.jpg"]), row(["images/b.jpg"]),
+            row(["images/a.jpg"], answer + " No ascites.")]
+    report = data.SourceReport("pubmedvision")
+    samples = data.parse_rows("pubmedvision", rows, random.Random(0), DataSettings(), report, lambda _: jpeg_bytes())
+    assert report.discarded == Counter({"several images": 1})
+    ids = [s.sample_id for s in samples]
+    assert len(ids) == 3 and len(set(ids)) == 3 and all(i.startswith("pmv-") and "None" not in i for i in ids)
+    again = data.parse_rows("pubmedvision", rows, random.Random(0), DataSettings(), data.SourceReport("p"),
+                            lambda _: jpeg_bytes())
+    assert [s.sample_id for s in again] == ids
 
 
 def test_mtsamples_rows_are_rendered_to_pages():
@@ -80,12 +102,42 @@ def test_mtsamples_rows_are_rendered_to_pages():
         {"id": "m2", "text": "Too short.", "prediction": [{"label": "Surgery", "score": 1.0}]},
     ]
     report = data.SourceReport("mtsamples")
-    samples = data.parse_rows("mtsamples", rows, random.Random(0), 50, report)
+    samples = data.parse_rows("mtsamples", rows, random.Random(0), DataSettings(), report)
     assert len(samples) == 1 and report.discarded == Counter({"text too short": 1})
     page = Image.open(io.BytesIO(samples[0].image_bytes))
     assert page.size[0] == 1000 and page.convert("L").getextrema()[0] < 100  # real ink on a white page
     assert samples[0].answer.startswith("Medical specialty: Surgery")
     assert "Laparoscopic appendectomy" in samples[0].answer
+
+
+def test_a_long_transcription_becomes_pages_that_fit(tiny_model_dir, tiny_settings):
+    """An MTSamples row of 2,400 characters (the longest ~45% of the 7b set had) becomes
+    pages whose answers all fit max_length beside the page image; none is cut, and pages of one
+    transcription stay in one split."""
+    from medvl.modeling import load_processor
+
+    sentence = "The patient is a 67-year-old male with hypertension, on lisinopril 10 mg daily. "
+    transcription = "HISTORY OF PRESENT ILLNESS:\n" + sentence * 30  # 2,400+ characters
+    rows = [{"id": "m9", "text": transcription, "prediction": [{"label": "Cardiology"}]}]
+    settings = DataSettings(mtsamples_page_chars=600, mtsamples_pages_per_row=10)
+    samples = data.parse_rows("mtsamples", rows, random.Random(0), settings, data.SourceReport("mtsamples"))
+    assert len(samples) >= 4 and len({s.group for s in samples}) == 1
+    pages = [s.answer.split("Transcription:\n", 1)[1] for s in samples]
+    assert all(len(page) <= 600 for page in pages)
+    assert " ".join(" ".join(pages).split()) == " ".join(transcription.split())  # nothing dropped
+    processor = load_processor(tiny_model_dir, tiny_settings, padding_side="right")
+    kept, report = data.drop_too_long(samples, processor, max_length=1024)
+    assert report["too_long"] == 0 and len(kept) == len(samples)
+    # The whole transcription on one page does not fit: that sample is dropped, not cut.
+    whole = DataSettings(mtsamples_page_chars=5000)
+    one = data.parse_rows("mtsamples", rows, random.Random(0), whole, data.SourceReport("mtsamples"))
+    kept, report = data.drop_too_long(one, processor, max_length=1024)
+    assert kept == [] and report["too_long"] == 1 and report["too_long_by_source"] == {"mtsamples": 1}
+    # Pages of one transcription never straddle splits.
+    others = [s for _, s in data.synthetic_samples(30, random.Random(2))]
+    splits = data.split(others + samples, 42, 0.1, 0.1)
+    holding = [name for name, part in splits.items() if any(s.group == samples[0].group for s in part)]
+    assert len(holding) == 1
 
 
 def test_protected_and_duplicate_documents_never_enter_a_split(tiny_settings):
@@ -122,6 +174,10 @@ def test_phase5_offline_writes_labelled_synthetic_splits(phases_1_5, tiny_settin
         assert download["sources"][name]["status"] == "failed" and download["sources"][name]["attempts"]
     summary = json.loads((wd.datasets / "formatted" / "data_summary.json").read_text())
     assert summary["offline_fallback"] is True
+    lengths = summary["length_check"]
+    assert lengths["max_length"] == tiny_settings.train.max_length and lengths["too_long"] == 0
+    assert lengths["samples_checked"] >= sum(summary["counts"].values())
+    assert 0 < lengths["tokens"]["max"] <= tiny_settings.train.max_length
     assert len(summary["prompt_distribution"]) >= 10
     protected = data.protected_hashes(tiny_settings)
     for name in ("train", "val", "test"):

@@ -1,4 +1,4 @@
-"""Phase 6: the label mask, LoRA placement, truncation guard, and kill-and-resume."""
+"""Phase 6: the label mask, LoRA placement, sample lengths, the token-mean loss, merging, kill-and-resume."""
 
 import json
 import os
@@ -16,11 +16,16 @@ from medvl.modeling import load_processor
 from medvl.settings import load_settings
 from medvl.training import (
     IGNORE_INDEX,
+    ConversationDataset,
+    StepTimer,
     TruncationError,
     VisionChatCollator,
     answer_only_loss,
     check_trainable,
     load_for_training,
+    make_trainer,
+    token_count,
+    training_arguments,
 )
 from medvl.workdir import Workdir
 
@@ -84,15 +89,65 @@ def test_padding_is_masked_and_images_are_stacked(processor, image_row):
     assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(dim=1).sum())
 
 
-def test_truncation_through_image_tokens_is_refused(processor, tmp_path):
+def conversation_row(sample_id, image, answer, prompt="Read it."):
+    return {"id": sample_id, "image": image, "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+
+def test_token_count_matches_the_collator(processor, tmp_path):
+    """Phase 5 measures lengths without processing pixels; they must be the collator's."""
+    sizes = [(112, 56), (448, 448), (1000, 1294), (640, 200)]
+    rows = []
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, "white").save(tmp_path / f"p{i}.png")
+        rows.append(conversation_row(str(i), f"p{i}.png", "Aspirin 81 mg PO QD. " * (i + 1)))
+    collator = VisionChatCollator(processor, 4096, tmp_path)
+    for row, size in zip(rows, sizes, strict=True):
+        encoded = collator.encode(row)
+        total, trained = token_count(processor, row["messages"], size)
+        assert total == encoded["input_ids"].numel()
+        assert trained == int((encoded["labels"] != IGNORE_INDEX).sum())
+
+
+def test_a_sample_longer_than_max_length_is_refused_never_cut(processor, tmp_path):
     Image.new("RGB", (448, 448), "white").save(tmp_path / "big.png")  # 256 visual tokens
-    row = {"id": "too-long", "image": "big.png", "messages": [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Aspirin 81 mg PO QD"}]}]}
-    with pytest.raises(TruncationError, match="cut through the image"):
-        VisionChatCollator(processor, 128, tmp_path)([row])
-    collator = VisionChatCollator(processor, 290, tmp_path)  # cuts inside the answer only: allowed
-    assert collator([row])["input_ids"].shape[1] == 290 and collator.truncated == 1
+    row = conversation_row("too-long", "big.png", "Aspirin 81 mg PO QD")
+    total, _ = token_count(processor, row["messages"], (448, 448))
+    with pytest.raises(TruncationError, match="phase 5 drops"):
+        VisionChatCollator(processor, total - 1, tmp_path)([row])
+    assert VisionChatCollator(processor, total, tmp_path)([row])["input_ids"].shape[1] == total
+
+
+def test_too_long_samples_are_counted_once_and_none_reach_dataloader_workers(processor, tmp_path):
+    """The count is made once, before training (phase 5), not in the collator, which runs in
+    worker processes on a GPU (their counts never reach the main process) and every epoch."""
+    import random
+
+    from medvl import data
+
+    pages = [Image.new("RGB", (112 + 28 * i, 112), "white") for i in range(6)]
+    samples = [data.Sample(f"s{i}", "synthetic", data.png_bytes(page), "Read it.", "Metformin 500 mg BID. " * (1 + 12 * (i % 3)),
+                           f"text {i}") for i, page in enumerate(pages)]
+    lengths = [token_count(processor, data.conversation(s, "")["messages"], p.size)[0]
+               for s, p in zip(samples, pages, strict=True)]
+    max_length = sorted(lengths)[3]  # exactly two samples are longer
+    kept, report = data.drop_too_long(samples, processor, max_length)
+    assert report["too_long"] == 2 == sum(length > max_length for length in lengths)
+    assert report["too_long_by_source"] == {"synthetic": 2} and len(kept) == 4
+    rows = data.write_splits({"train": kept}, tmp_path / "formatted")["train"]
+    random.Random(0).shuffle(rows)
+    collator = VisionChatCollator(processor, max_length, tmp_path / "formatted")
+    loader = torch.utils.data.DataLoader(rows, batch_size=2, num_workers=2, collate_fn=collator)
+    seen = 0
+    for _epoch in range(2):
+        for batch in loader:
+            assert batch["input_ids"].shape[1] <= max_length
+            ends = batch["attention_mask"].sum(dim=1) - 2  # each row's closing <|im_end|> (then "\n")
+            assert all(int(batch["labels"][r, e]) == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+                       for r, e in enumerate(ends))
+            seen += batch["input_ids"].shape[0]
+    assert seen == 2 * len(kept)
 
 
 def test_lora_sits_on_the_language_model_only_and_vision_is_frozen(tiny_model_dir):
@@ -169,7 +224,20 @@ def test_phase6_trains_and_the_loss_falls(phases_1_6, tiny_settings):
     metrics = json.loads(wd.bench("training_metrics").read_text())
     assert metrics["final_loss"] < metrics["initial_loss"]
     assert metrics["eval_loss_curve"][-1]["eval_loss"] < metrics["eval_loss_curve"][0]["eval_loss"]
-    assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_mb"] > 0
+    assert metrics["peak_memory_mb"] > 0
+    steady, whole = metrics["steady_state"], metrics["whole_run"]
+    assert steady["steps"] == metrics["global_step"] - StepTimer.WARMUP_STEPS and steady["tokens_per_s"] > 0
+    assert metrics["evaluation"]["passes"] >= 1 and metrics["checkpoint_saving"]["saves"] >= 1
+    # Steady steps exclude warm-up, evaluation and saving: they add up to less than the whole run.
+    assert steady["seconds_per_step"] * steady["steps"] + metrics["evaluation"]["seconds"] < whole["seconds"]
+    assert metrics["length_check"]["too_long"] == 0
+    events = list((wd.logs / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and metrics["curves"]["tensorboard_dir"] == str(wd.logs / "tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(wd.logs / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/step_tokens_per_s",
+            "eval/loss"} <= set(tags)
     adapter = wd.adapter_dir(tiny_settings)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == tiny_settings.train.lora_r and "visual" in config["target_modules"]
@@ -212,3 +280,97 @@ def test_killed_training_resumes_from_its_last_checkpoint(phases_1_5, tmp_path):
     assert steps == sorted(set(steps)) and steps[0] == 1
     assert any(step <= metrics["resumed_from_step"] for step in steps)
     assert any(step > metrics["resumed_from_step"] for step in steps)
+
+
+def adapter_with_random_b(tiny_model_dir, settings):
+    torch.manual_seed(0)
+    model = load_for_training(tiny_model_dir, settings)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter a non-trivial value
+            torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
+def test_grad_accumulation_matches_full_batch(tiny_model_dir, processor, image_row, tmp_path):
+    """Through the real Trainer: two micro-batches of different answer lengths, accumulated,
+    give the gradient of one batch holding both (the loss is a token mean over the optimizer
+    step, not a mean of per-micro-batch means)."""
+    settings = load_settings("tiny", ["train.lora_dropout=0", "train.max_steps=1", "train.report_to=none"])
+    answers = ["None", "Lisinopril 10 mg PO QD, Atorvastatin 40 mg PO QHS, Metformin 500 mg PO BID, "
+                       "Aspirin 81 mg PO QD"]
+    (tmp_path / "rows.json").write_text(json.dumps(
+        [conversation_row(str(i), "page.png", answer) for i, answer in enumerate(answers)]))
+    dataset = ConversationDataset(tmp_path / "rows.json")
+    collator = VisionChatCollator(processor, 512, image_row)
+
+    class Grads:
+        from transformers import TrainerCallback
+
+        class Capture(TrainerCallback):
+            def __init__(self):
+                self.grads = None
+
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def step_gradient(batch_size, accumulation):
+        settings.train.per_device_batch_size, settings.train.grad_accum_steps = batch_size, accumulation
+        args = training_arguments(settings, tmp_path / f"out{batch_size}", has_eval=False)
+        args.max_grad_norm = 0.0  # no clipping: compare raw gradients
+        capture = Grads.Capture()
+        trainer = make_trainer(StepTimer(), model=adapter_with_random_b(tiny_model_dir, settings), args=args,
+                               train_dataset=dataset, data_collator=collator, callbacks=[capture])
+        trainer.train()
+        return capture.grads
+
+    whole = step_gradient(2, 1)
+    accumulated = step_gradient(1, 2)
+    assert whole.keys() == accumulated.keys() and whole
+    for name, grad in whole.items():
+        assert torch.allclose(grad, accumulated[name], rtol=1e-4, atol=1e-5), name
+
+    # The test can fail: a mean of the two micro-batch means gives a different gradient.
+    model = adapter_with_random_b(tiny_model_dir, settings)
+    for row in dataset.rows:
+        batch = collator([row])
+        labels = batch.pop("labels")
+        (answer_only_loss(model, batch, labels)[0] / 2).backward()
+    naive = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert max(float((whole[n] - naive[n]).abs().max()) for n in whole) > 1e-2
+
+
+def test_an_all_masked_micro_batch_gives_a_finite_zero_loss(tiny_model_dir, tiny_settings, processor, image_row):
+    model = adapter_with_random_b(tiny_model_dir, tiny_settings)
+    batch = VisionChatCollator(processor, 512, image_row)([conversation_row("x", "page.png", "Aspirin 81 mg")])
+    labels = torch.full_like(batch.pop("labels"), IGNORE_INDEX)
+    for num_items in (None, 0, torch.tensor(7)):
+        loss, _ = answer_only_loss(model, batch, labels, num_items)
+        assert torch.isfinite(loss) and float(loss) == 0.0
+        loss.backward()  # still part of the graph (DDP expects every LoRA weight to get a gradient)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_a_mismatched_or_untrained_adapter_fails_the_merge(tiny_model_dir, tiny_settings, processor, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from medvl.evaluation import MergeError, merge_adapter
+
+    untrained = tmp_path / "untrained"
+    load_for_training(tiny_model_dir, tiny_settings).save_pretrained(untrained)  # lora_B still zero
+    with pytest.raises(MergeError, match="changed none of the"):
+        merge_adapter(tiny_model_dir, untrained, tmp_path / "merged")
+
+    mismatched = tmp_path / "mismatched"
+    adapter_with_random_b(tiny_model_dir, tiny_settings).save_pretrained(mismatched)
+    weights = load_file(mismatched / "adapter_model.safetensors")
+    moved = {key.replace("layers.0.", "layers.99."): value for key, value in weights.items()}  # another model's layer
+    save_file(moved, mismatched / "adapter_model.safetensors")
+    with pytest.raises(MergeError, match="does not fit base"):
+        merge_adapter(tiny_model_dir, mismatched, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+    good = tmp_path / "good"
+    adapter_with_random_b(tiny_model_dir, tiny_settings).save_pretrained(good)
+    processor.save_pretrained(good)  # phase 6 saves it beside the adapter
+    result = merge_adapter(tiny_model_dir, good, tmp_path / "merged")
+    assert result["changed_weights"] == result["targeted_weights"] > 0

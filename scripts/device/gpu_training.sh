@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs on a lent H100 (issue 19): a short phase-6 run on the 7b-random profile, then
+# scripts/perf_training.py at the same batch, then compares their steady-state tokens/s.
+# Usage: gpu_training.sh phase6|perf|both. Phases 1, 2 and 5 run first where their gates fail
+# (a warm machine keeps them). Expects the bitsandbytes wheel under .whl/ (the GPU image lacks it).
+set -uo pipefail
+what="${1:-both}"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+wd=/tmp/train-7b-random
+batch="${BATCH:-2}"
+./run_pipeline.sh --profile 7b-random --workdir "$wd" --to 5 > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
+  || { tail -20 "$OUT/pipeline.log"; exit 1; }
+cp "$wd/datasets/formatted/data_summary.json" "$OUT/"
+if [[ $what == phase6 || $what == both ]]; then
+  ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only 6 --set train.max_steps="${MAX_STEPS:-40}" \
+    --set train.per_device_batch_size="$batch" --set train.grad_accum_steps=1 --set train.eval_steps=20 \
+    --set train.save_steps=20 --set train.logging_steps=5 2>&1 | grep --line-buffered -v "it/s\]$" \
+    | tee -a "$OUT/phase6.log" | grep -E "phase 6|loss|steady|ERROR" | tail -8
+  cp "$wd/benchmarks/training_metrics.json" "$OUT/"
+  ls -la "$wd/logs/tensorboard" > "$OUT/tensorboard_listing.txt"
+fi
+if [[ $what == perf || $what == both ]]; then
+  timeout "${PERF_TIMEOUT:-400}" python3 scripts/perf_training.py --profile 7b-random --workdir "$wd" \
+    --batches "$batch" --steps 10 2>&1 | grep --line-buffered -v "it/s\]$" > "$OUT/perf_training.log"
+  tail -3 "$OUT/perf_training.log"
+  cp "$wd/benchmarks/perf_training.json" "$OUT/"
+fi
+[[ -f $wd/benchmarks/training_metrics.json && -f $wd/benchmarks/perf_training.json ]] \
+  && python3 scripts/device/compare_training.py "$wd/benchmarks/training_metrics.json" \
+       "$wd/benchmarks/perf_training.json" "$OUT/training_vs_perf.json"
+exit 0
