@@ -139,6 +139,12 @@ class TrainSettings:
     # Where training curves go: "tensorboard" (logs/tensorboard/), "wandb", both
     # comma-separated, or "none".
     report_to: str = "tensorboard"
+    # The Trainer's optimizer by name; "auto": paged 8-bit AdamW (bitsandbytes) on a GPU,
+    # as QLoRA does, torch AdamW on a CPU.
+    optimizer: str = "auto"
+    # Processes that load and collate batches (the Qwen processor resizes each page) while
+    # the GPU trains; 0 collates in the training process.
+    dataloader_workers: int = 4
     # Gate 6: the trainable share of parameters this profile should land in (percent).
     expected_trainable_pct_min: float = 1.0
     expected_trainable_pct_max: float = 5.0
@@ -394,6 +400,8 @@ def _check_values(s: Settings) -> list[str]:
         p.append("train.learning_rate: must be > 0")
     if t.epochs <= 0 and t.max_steps <= 0:
         p.append("train.epochs: must be > 0 unless train.max_steps > 0")
+    if t.dataloader_workers < 0:
+        p.append("train.dataloader_workers: must be >= 0")
     for name in ("per_device_batch_size", "grad_accum_steps", "save_steps", "save_total_limit",
                  "eval_steps", "logging_steps"):
         if getattr(t, name) < 1:

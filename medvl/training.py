@@ -478,7 +478,7 @@ def training_arguments(settings: Settings, output_dir: Path, has_eval: bool) -> 
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
         weight_decay=t.weight_decay,
         lr_scheduler_type="cosine",
-        optim="paged_adamw_8bit" if cuda else "adamw_torch",
+        optim=t.optimizer if t.optimizer != "auto" else "paged_adamw_8bit" if cuda else "adamw_torch",
         bf16=bf16,
         # Checkpointing is set up on the language model by load_for_training, not by the Trainer
         # (which would also wrap the frozen vision tower).
@@ -496,7 +496,7 @@ def training_arguments(settings: Settings, output_dir: Path, has_eval: bool) -> 
         use_cpu=not cuda,
         ddp_backend="gloo" if not cuda and world()[2] > 1 else None,  # CPU data parallelism
         remove_unused_columns=False,  # the collator needs the raw rows
-        dataloader_num_workers=4 if cuda else 0,
+        dataloader_num_workers=t.dataloader_workers,
         # TensorBoard is attached by run_training (its writer goes to logs/tensorboard/).
         report_to=[d for d in report_destinations(t.report_to) if d != "tensorboard"] or "none",
         seed=t.seed,
@@ -509,21 +509,33 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def curve_callbacks(settings: Settings, tensorboard_dir: Path) -> list[Any]:
-    """The TensorBoard writer (when train.report_to names it), logging to ``tensorboard_dir``;
-    W&B goes through the Trainer's report_to. A destination whose package is missing is an
-    error here, before the model loads."""
+def check_setup(settings: Settings) -> None:
+    """Problems the Trainer would only find after the model has loaded, raised at once: an
+    unknown optimizer, or a curve destination whose package is missing."""
     import importlib.util
+
+    from transformers.training_args import OptimizerNames
 
     from medvl.settings import report_destinations
 
-    wanted = report_destinations(settings.train.report_to)
-    missing = [name for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"))
-               if name in wanted and importlib.util.find_spec(module) is None]
+    t = settings.train
+    known = sorted(o.value for o in OptimizerNames)
+    if t.optimizer != "auto" and t.optimizer not in known:
+        raise TrainingSetupError(f"train.optimizer={t.optimizer!r} is not a Trainer optimizer; 'auto' or one of "
+                                 f"{', '.join(known)}")
+    wanted = report_destinations(t.report_to)
+    missing = [name for name in ("tensorboard", "wandb") if name in wanted and importlib.util.find_spec(name) is None]
     if missing:
-        raise TrainingSetupError(f"train.report_to={settings.train.report_to!r} needs {' and '.join(missing)}: "
+        raise TrainingSetupError(f"train.report_to={t.report_to!r} needs {' and '.join(missing)}: "
                                  f"pip install {' '.join(missing)}, or --set train.report_to=none")
-    if "tensorboard" not in wanted:
+
+
+def curve_callbacks(settings: Settings, tensorboard_dir: Path) -> list[Any]:
+    """The TensorBoard writer, logging to ``tensorboard_dir``, when train.report_to names it
+    (W&B goes through the Trainer's own report_to)."""
+    from medvl.settings import report_destinations
+
+    if "tensorboard" not in report_destinations(settings.train.report_to):
         return []
     from transformers.integrations import TensorBoardCallback
 
@@ -550,6 +562,7 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     from medvl.benchmark import peak_memory_mb
     from medvl.modeling import load_processor
 
+    check_setup(settings)
     callbacks = curve_callbacks(settings, tensorboard_dir)
     processor = load_processor(base_dir, settings, padding_side="right")
     train_set = ConversationDataset(data_dir / "train.json")

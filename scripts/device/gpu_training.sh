@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on a lent H100 (issue 19): a short phase-6 run on the 7b-random profile, then
 # scripts/perf_training.py at the same batch, then compares their steady-state tokens/s.
-# Usage: gpu_training.sh phase6|perf|both. Phases 1, 2 and 5 run first where their gates fail
+# Usage: gpu_training.sh phase6|perf|both|probe. "probe" runs 20-step phase-6 runs (no evaluation
+# or saving) under each override set of $VARIANTS (";"-separated) into $OUT/probe_<n>.json. Phases 1, 2 and 5 run first where their gates fail
 # (a warm machine keeps them). Expects the bitsandbytes wheel under .whl/ (the GPU image lacks it).
 set -uo pipefail
 what="${1:-both}"
@@ -22,7 +23,21 @@ if [[ $what == phase6 || $what == both ]]; then
   cp "$wd/benchmarks/training_metrics.json" "$OUT/"
   ls -la "$wd/logs/tensorboard" > "$OUT/tensorboard_listing.txt"
 fi
-if [[ $what == perf || $what == both ]]; then
+if [[ $what == probe ]]; then
+  IFS=';' read -ra variants <<< "${VARIANTS:-}"
+  n=0
+  for variant in "${variants[@]}"; do
+    n=$((n + 1))
+    sets=(); for kv in $variant; do sets+=(--set "$kv"); done
+    ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only 6 --set train.max_steps=20 \
+      --set train.per_device_batch_size="$batch" --set train.grad_accum_steps=1 --set train.eval_steps=1000 \
+      --set train.save_steps=1000 --set train.logging_steps=5 "${sets[@]}" 2>&1 | grep --line-buffered -v "it/s\]$" \
+      >> "$OUT/probe.log"
+    python3 -c "import json,sys; m=json.load(open(sys.argv[1])); m['variant']=sys.argv[2]; json.dump(m, open(sys.argv[3],'w'), indent=1); print(sys.argv[2], m['steady_state'])" \
+      "$wd/benchmarks/training_metrics.json" "$variant" "$OUT/probe_$n.json"
+  done
+fi
+if [[ $what == perf || $what == both || -n ${WITH_PERF:-} ]]; then
   timeout "${PERF_TIMEOUT:-400}" python3 scripts/perf_training.py --profile 7b-random --workdir "$wd" \
     --batches "$batch" --steps 10 2>&1 | grep --line-buffered -v "it/s\]$" > "$OUT/perf_training.log"
   tail -3 "$OUT/perf_training.log"
