@@ -297,7 +297,7 @@ class StepTimer:
         self.steps: list[dict[str, float]] = []
         self.evaluation_s: list[float] = []
         self.save_s: list[float] = []
-        self._last_end = 0.0
+        self._last_end = self._begin = 0.0
         self._excluded = 0.0
         self._tokens = 0
 
@@ -309,9 +309,14 @@ class StepTimer:
         self._excluded += seconds
         (self.evaluation_s if kind == "evaluation" else self.save_s).append(seconds)
 
+    def step_begin(self) -> None:
+        """The batches of the step are in hand: the time since the last step was data loading."""
+        self._begin = self._now()
+
     def step_end(self, step: int, tokens_seen: int) -> None:
         now = self._now()
         self.steps.append({"step": step, "seconds": now - self._last_end - self._excluded,
+                           "data_wait_s": max(0.0, self._begin - self._last_end - self._excluded),
                            "tokens": tokens_seen - self._tokens})
         self._last_end, self._tokens, self._excluded = now, tokens_seen, 0.0
 
@@ -335,8 +340,8 @@ class StepTimer:
                         "evaluation and checkpoint saving excluded",
             },
             "warmup": {"steps": len(warm), "seconds": sum(s["seconds"] for s in warm)},
-            "step_times": [{"step": s["step"], "seconds": round(s["seconds"], 4), "tokens": s["tokens"]}
-                           for s in self.steps],
+            "step_times": [{"step": s["step"], "seconds": round(s["seconds"], 4),
+                            "data_wait_s": round(s["data_wait_s"], 4), "tokens": s["tokens"]} for s in self.steps],
             "evaluation": {"passes": len(self.evaluation_s), "seconds": sum(self.evaluation_s)},
             "checkpoint_saving": {"saves": len(self.save_s), "seconds": sum(self.save_s)},
             "whole_run": {"seconds": whole_run_s, "steps": len(self.steps),
@@ -363,6 +368,9 @@ def make_trainer(timer: StepTimer, **kwargs: Any) -> Any:
     class TimerCallback(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             timer.start(state.num_input_tokens_seen)
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            timer.step_begin()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             timer.step_end(state.global_step, state.num_input_tokens_seen)
