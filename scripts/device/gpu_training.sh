@@ -12,8 +12,13 @@ export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLI
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 wd=/tmp/train-7b-random
 batch="${BATCH:-2}"
-./run_pipeline.sh --profile 7b-random --workdir "$wd" --to 5 > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
-  || { tail -20 "$OUT/pipeline.log"; exit 1; }
+for n in 1 2 5; do  # the inputs of phase 6, each run only where its gate fails
+  python3 -c "import sys; from medvl.gates import check_phase; from medvl.settings import load_settings
+from medvl.workdir import Workdir; sys.exit(bool(check_phase($n, Workdir.at('$wd'), load_settings('7b-random'))))" \
+    && continue
+  ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
+    || { tail -20 "$OUT/pipeline.log"; exit 1; }
+done
 cp "$wd/datasets/formatted/data_summary.json" "$OUT/"
 if [[ $what == phase6 || $what == both ]]; then
   ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only 6 --set train.max_steps="${MAX_STEPS:-40}" \
