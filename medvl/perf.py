@@ -574,7 +574,7 @@ def training_report(model_dir: Path, data_dir: Path, settings: Settings,
 
     processor = load_processor(model_dir, settings, padding_side="right")
     rows = json.loads((data_dir / "train.json").read_text())
-    collator = VisionChatCollator(processor, settings.train.max_length, data_dir)
+    collator = VisionChatCollator(processor, settings.train.max_length, data_dir, settings.train.pad_to_multiple_of)
     report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "max_length": settings.train.max_length,
                               "lora_r": settings.train.lora_r, "gradient_checkpointing": settings.train.gradient_checkpointing,
                               "optimizer": "torch AdamW on the LoRA weights (same for both paths)",

@@ -145,6 +145,9 @@ class TrainSettings:
     # Processes that load and collate batches (the Qwen processor resizes each page) while
     # the GPU trains; 0 collates in the training process.
     dataloader_workers: int = 4
+    # Training batches are right-padded to a multiple of this many tokens (1 = to the longest
+    # row): fewer distinct sequence lengths mean fewer first-time kernel set-ups on a GPU.
+    pad_to_multiple_of: int = 1
     # Gate 6: the trainable share of parameters this profile should land in (percent).
     expected_trainable_pct_min: float = 1.0
     expected_trainable_pct_max: float = 5.0
@@ -400,8 +403,8 @@ def _check_values(s: Settings) -> list[str]:
         p.append("train.learning_rate: must be > 0")
     if t.epochs <= 0 and t.max_steps <= 0:
         p.append("train.epochs: must be > 0 unless train.max_steps > 0")
-    if t.dataloader_workers < 0:
-        p.append("train.dataloader_workers: must be >= 0")
+    if t.dataloader_workers < 0 or t.pad_to_multiple_of < 1:
+        p.append("train.dataloader_workers must be >= 0 and train.pad_to_multiple_of >= 1")
     for name in ("per_device_batch_size", "grad_accum_steps", "save_steps", "save_total_limit",
                  "eval_steps", "logging_steps"):
         if getattr(t, name) < 1:

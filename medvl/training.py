@@ -74,6 +74,9 @@ class VisionChatCollator:
     processor: Any
     max_length: int
     image_root: Path
+    # Batch widths are rounded up to a multiple of this (train.pad_to_multiple_of), so that
+    # fewer distinct shapes reach the GPU kernels.
+    pad_to_multiple_of: int = 1
 
     def __post_init__(self) -> None:
         tok = self.processor.tokenizer
@@ -105,7 +108,8 @@ class VisionChatCollator:
 
     def pad(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Right-pad the sequences (training needs no left padding) and stack the images."""
-        width = max(e["input_ids"].numel() for e in encoded)
+        longest = max(e["input_ids"].numel() for e in encoded)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         fill = {"input_ids": self.pad_id, "attention_mask": 0, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
         batch: dict[str, torch.Tensor] = {}
         for key, value in fill.items():
@@ -579,7 +583,7 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     processor = load_processor(base_dir, settings, padding_side="right")
     train_set = ConversationDataset(data_dir / "train.json")
     val_set = ConversationDataset(data_dir / "val.json")
-    collator = VisionChatCollator(processor, settings.train.max_length, data_dir)
+    collator = VisionChatCollator(processor, settings.train.max_length, data_dir, settings.train.pad_to_multiple_of)
 
     model = load_for_training(base_dir, settings)
     counts = check_trainable(model)

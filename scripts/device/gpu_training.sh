@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs on a lent H100 (issue 19): a short phase-6 run on the 7b-random profile, then
 # scripts/perf_training.py at the same batch, then compares their steady-state tokens/s.
-# Usage: gpu_training.sh phase6|perf|both|probe. "probe" runs 20-step phase-6 runs (no evaluation
-# or saving) under each override set of $VARIANTS (";"-separated) into $OUT/probe_<n>.json. Phases 1, 2 and 5 run first where their gates fail
+# Usage: gpu_training.sh phase6|perf|both|probe. "probe" runs the same short phase-6 run under each
+# override set of $VARIANTS (";"-separated) into $OUT/probe_<n>.json ($WITH_PERF=1: then perf). Phases 1, 2 and 5 run first where their gates fail
 # (a warm machine keeps them). Expects the bitsandbytes wheel under .whl/ (the GPU image lacks it).
 set -uo pipefail
 what="${1:-both}"
@@ -20,11 +20,14 @@ from medvl.workdir import Workdir; sys.exit(bool(check_phase($n, Workdir.at('$wd
     || { tail -20 "$OUT/pipeline.log"; exit 1; }
 done
 cp "$wd/datasets/formatted/data_summary.json" "$OUT/"
-if [[ $what == phase6 || $what == both ]]; then
+run6() {  # a short phase-6 run: batch $batch, no accumulation, evaluation and a save every 20 steps
   ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only 6 --set train.max_steps="${MAX_STEPS:-40}" \
     --set train.per_device_batch_size="$batch" --set train.grad_accum_steps=1 --set train.eval_steps=20 \
-    --set train.save_steps=20 --set train.logging_steps=5 2>&1 | grep --line-buffered -v "it/s\]$" \
-    | tee -a "$OUT/phase6.log" | grep -E "phase 6|loss|steady|ERROR" | tail -8
+    --set train.save_steps=20 --set train.logging_steps=5 "$@" 2>&1 | grep --line-buffered -v "it/s\]$" \
+    | tee -a "$OUT/phase6.log" | grep -E "phase 6|steady|ERROR" | tail -3
+}
+if [[ $what == phase6 || $what == both ]]; then
+  run6
   cp "$wd/benchmarks/training_metrics.json" "$OUT/"
   ls -la "$wd/logs/tensorboard" > "$OUT/tensorboard_listing.txt"
 fi
@@ -34,10 +37,7 @@ if [[ $what == probe ]]; then
   for variant in "${variants[@]}"; do
     n=$((n + 1))
     sets=(); for kv in $variant; do sets+=(--set "$kv"); done
-    ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only 6 --set train.max_steps=20 \
-      --set train.per_device_batch_size="$batch" --set train.grad_accum_steps=1 --set train.eval_steps=1000 \
-      --set train.save_steps=1000 --set train.logging_steps=5 "${sets[@]}" 2>&1 | grep --line-buffered -v "it/s\]$" \
-      >> "$OUT/probe.log"
+    run6 "${sets[@]}"
     python3 -c "import json,sys; m=json.load(open(sys.argv[1])); m['variant']=sys.argv[2]; json.dump(m, open(sys.argv[3],'w'), indent=1); print(sys.argv[2], m['steady_state'])" \
       "$wd/benchmarks/training_metrics.json" "$variant" "$OUT/probe_$n.json"
   done
