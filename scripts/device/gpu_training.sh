@@ -20,7 +20,8 @@ from medvl.workdir import Workdir; sys.exit(bool(check_phase($n, Workdir.at('$wd
     || { tail -20 "$OUT/pipeline.log"; exit 1; }
 done
 cp "$wd/datasets/formatted/data_summary.json" "$OUT/"
-run6() {  # a short phase-6 run: batch $batch, no accumulation, evaluation and a save every 20 steps
+run6() {  # a short phase-6 run from step 0: batch $batch, no accumulation, evaluation and a save every 20 steps
+  rm -rf "$wd"/models/*-medical-lora-checkpoints  # else a rerun with the same settings resumes at its end
   ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only 6 --set train.max_steps="${MAX_STEPS:-40}" \
     --set train.per_device_batch_size="$batch" --set train.grad_accum_steps=1 --set train.eval_steps=20 \
     --set train.save_steps=20 --set train.logging_steps=5 "$@" 2>&1 | grep --line-buffered -v "it/s\]$" \
@@ -49,6 +50,6 @@ if [[ $what == perf || $what == both || -n ${WITH_PERF:-} ]]; then
   cp "$wd/benchmarks/perf_training.json" "$OUT/"
 fi
 [[ -f $wd/benchmarks/training_metrics.json && -f $wd/benchmarks/perf_training.json ]] \
-  && python3 scripts/device/compare_training.py "$wd/benchmarks/training_metrics.json" \
+  && [[ $what != probe ]] && python3 scripts/device/compare_training.py "$wd/benchmarks/training_metrics.json" \
        "$wd/benchmarks/perf_training.json" "$OUT/training_vs_perf.json"
 exit 0
