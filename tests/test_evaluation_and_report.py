@@ -1,6 +1,8 @@
 """Phases 7-9 on the tiny model, and the report's faithfulness to its JSON files."""
 
 import json
+
+import pytest
 import re
 import shutil
 
@@ -96,6 +98,11 @@ def test_every_table_number_comes_from_its_json(full_run, tmp_path):
     assert training["training samples"] == str(train["training_samples"])
     assert training["steps / epochs"].startswith(str(train["global_step"]))
     assert f"{train['trainable_params']:,}" in training["trainable parameters"]
+    steady = training["steady state"].split()
+    assert float(steady[0]) == pytest.approx(train["steady_state"]["seconds_per_step"], abs=1e-3)
+    assert float(steady[2].replace(",", "")) == pytest.approx(train["steady_state"]["tokens_per_s"], rel=1e-3, abs=1)
+    assert training["samples too long (dropped in phase 5)"] == (
+        f"{train['length_check']['too_long']} of {train['length_check']['samples_checked']}")
 
 
 def test_posts_respect_their_limits(full_run):
