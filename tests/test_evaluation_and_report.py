@@ -1,10 +1,10 @@
 """Phases 7-9 on the tiny model, and the report's faithfulness to its JSON files."""
 
 import json
-
-import pytest
 import re
 import shutil
+
+import pytest
 
 from medvl import report
 from medvl.gates import check_phase
