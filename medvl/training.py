@@ -1,6 +1,6 @@
 """Phase 6: QLoRA fine-tuning of Qwen2.5-VL, done the way that does not silently go wrong.
 
-The four classic mistakes and where this module prevents each:
+The five classic mistakes and where this module prevents each:
 
 1. Loss on prompts and image tokens -> :class:`VisionChatCollator` masks every label except
    the assistant's answer and its closing ``<|im_end|>`` (worked example in its docstring).
@@ -13,6 +13,11 @@ The four classic mistakes and where this module prevents each:
    collator refuses any that still would be cut, with :class:`TruncationError`.
 4. A pixel budget that differs between training and serving -> the processor carries the
    profile's min/max pixels and is saved next to the adapter, which the server loads.
+5. A loss averaged per micro-batch (Qwen2.5-VL declines ``num_items_in_batch``, so the
+   Trainer would average micro-batch means: with answers of 30 to 370 tokens, a token in a
+   short-answer micro-batch weighs several times more) -> :func:`answer_only_loss` divides
+   the summed loss by the answer tokens of the whole optimizer step; tested against one
+   batch holding both micro-batches.
 
 We use the transformers ``Trainer`` with this collator rather than TRL's ``SFTTrainer``:
 SFTTrainer's ``assistant_only_loss`` relies on ``{% generation %}`` markers in the chat
