@@ -580,6 +580,8 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     import shutil
     import time
 
+    from transformers import TrainerState
+
     from medvl.benchmark import peak_memory_mb
     from medvl.modeling import load_processor
 
@@ -611,12 +613,19 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
                            eval_dataset=val_set if len(val_set) else None, data_collator=collator)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    tokens_before = 0
-    if resume:
-        state = json.loads((resume / "trainer_state.json").read_text())
-        tokens_before = int(state.get("num_input_tokens_seen", 0))
+    state = json.loads((resume / "trainer_state.json").read_text()) if resume else {}
+    tokens_before = int(state.get("num_input_tokens_seen", 0))
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume and state.get("global_step", 0) >= state.get("max_steps", float("inf")):
+        # The run had finished (a forced rerun with the same settings): the Trainer would
+        # train one step past max_steps (transformers 5.17), so take its result as it is.
+        log.info("%s finished the run (step %d of %d): keeping its adapter, no further training",
+                 resume.name, state["global_step"], state["max_steps"])
+        model.load_adapter(str(resume), adapter_name="default", is_trainable=True)
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        runtime = None
+    else:
+        runtime = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics.get("train_runtime")
     train_s = time.perf_counter() - started
     if not trainer.is_world_process_zero():
         return None  # only the main process saves and reports
@@ -639,7 +648,7 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     return {
         **counts,
         "train_time_s": train_s,
-        "train_runtime_s": output.metrics.get("train_runtime"),
+        "train_runtime_s": runtime,
         "global_step": trainer.state.global_step,
         "resumed_from_step": resumed_step,
         "epochs": trainer.state.epoch,

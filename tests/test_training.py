@@ -281,6 +281,14 @@ def test_killed_training_resumes_from_its_last_checkpoint(phases_1_5, tmp_path):
     assert any(step <= metrics["resumed_from_step"] for step in steps)
     assert any(step > metrics["resumed_from_step"] for step in steps)
 
+    # Forced again with the same settings: the finished run is kept, not trained a step past it.
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "checkpoint-32 finished the run" in again.stderr
+    rerun = json.loads((wd / "benchmarks" / "training_metrics.json").read_text())
+    assert rerun["global_step"] == 32 and rerun["steps_this_run"] == 0
+    assert rerun["loss_curve"] == metrics["loss_curve"]
+
 
 def adapter_with_random_b(tiny_model_dir, settings):
     torch.manual_seed(0)
