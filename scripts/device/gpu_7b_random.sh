@@ -3,10 +3,7 @@
 # phase 6 as a short QLoRA run. Copies each phase's JSONs to $OUT as soon as it passes.
 # Expects the bitsandbytes wheel under .whl/ (the GPU image lacks it).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/wheels.sh"
 wd=/tmp/run-7b-random
 short_run=(--set train.max_steps="${MAX_STEPS:-24}" --set train.grad_accum_steps=1
            --set train.eval_steps=1000 --set train.save_steps=1000)

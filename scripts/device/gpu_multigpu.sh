@@ -4,10 +4,7 @@
 # (DDP through accelerate) with the same global batch, and compares them into
 # perf_multigpu.json. Expects the bitsandbytes wheel under .whl/.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/wheels.sh"
 wd=/tmp/run-multigpu
 steps="${STEPS:-20}"
 common=(--profile 7b-random --workdir "$wd" --set train.max_steps="$steps" --set train.per_device_batch_size=2

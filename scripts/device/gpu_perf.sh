@@ -4,10 +4,7 @@
 # Expects the bitsandbytes and torchao wheels under .whl/ (the GPU image lacks them).
 set -uo pipefail
 what="${1:-all}"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/wheels.sh"
 python3 -c "import torch, transformers, peft, torchao, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'torchao', torchao.__version__, 'bitsandbytes', b.__version__)"
 wd=/tmp/perf-7b-random
 case $what in inference|serving|prefill) phases=(1 2);; *) phases=(1 2 5);; esac

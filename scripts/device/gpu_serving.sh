@@ -5,10 +5,7 @@
 # Expects the server's wheels (fastapi, starlette, pydantic, uvicorn, ..., torchao,
 # bitsandbytes) under .whl/ (the GPU image lacks them).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/wheels.sh"
 wd=/tmp/perf-7b-random  # gpu_perf.sh's: phases it already ran are not run again
 ./run_pipeline.sh --profile 7b-random --workdir "$wd" --to 2 > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
   || { tail -20 "$OUT/pipeline.log"; exit 1; }

@@ -6,10 +6,7 @@
 # (a warm machine keeps them). Expects the bitsandbytes wheel under .whl/ (the GPU image lacks it).
 set -uo pipefail
 what="${1:-both}"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/wheels.sh"
 wd=/tmp/train-7b-random
 batch="${BATCH:-2}"
 for n in 1 2 5; do  # the inputs of phase 6, each run only where its gate fails
