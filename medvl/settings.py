@@ -389,8 +389,10 @@ def _check_values(s: Settings) -> list[str]:
         p.append("quant.awq_w_bit: only 4-bit AWQ is supported")
     if not 0 < d.val_fraction < 0.5 or not 0 < d.test_fraction < 0.5:
         p.append("data.val_fraction/test_fraction: each must lie in (0, 0.5)")
-    if d.mtsamples_page_chars < 200 or d.mtsamples_pages_per_row < 1:
-        p.append("data.mtsamples_page_chars must be >= 200 and data.mtsamples_pages_per_row >= 1")
+    # A rendered page holds 60 lines of 88 characters; a longer page's answer would name text
+    # the image does not show.
+    if not 200 <= d.mtsamples_page_chars <= 4000 or d.mtsamples_pages_per_row < 1:
+        p.append("data.mtsamples_page_chars must lie in 200..4000 and data.mtsamples_pages_per_row be >= 1")
     if not 0 <= d.max_too_long_fraction < 1:
         p.append("data.max_too_long_fraction: must lie in [0, 1)")
     if d.min_text_chars < 0 or d.min_train_samples < 1:
