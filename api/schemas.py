@@ -6,27 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class Medication(BaseModel):
-    name: str = ""
-    dose: str = ""
-    route: str = ""
-    frequency: str = ""
-
-
-class LabValue(BaseModel):
-    name: str = ""
-    value: str = ""
-    unit: str = ""
-    flag: str = ""
-
-
-class Structured(BaseModel):
-    medications: list[Medication] = []
-    diagnoses: list[str] = []
-    procedures: list[str] = []
-    lab_values: list[LabValue] = []
-    vitals: dict[str, str] = {}
+from medvl.records import ExtractionRecord
 
 
 class Usage(BaseModel):
@@ -51,12 +31,15 @@ class FlagItem(BaseModel):
 
 class ExtractResponse(BaseModel):
     request_id: str
-    structured: Structured
+    structured: ExtractionRecord
     flags: list[FlagItem] = Field(description="plausibility and safety flags (medvl/flags.py)")
     disclaimer: str
     parse_status: Literal["json", "repaired", "fallback"] = Field(
-        description="json: the answer parsed as JSON; repaired: after fixing brackets/commas; "
-                    "fallback: no JSON - drugs and conditions found in the raw text")
+        description="json: the answer parsed as JSON (always, for answers decoded under the record's schema); "
+                    "repaired: after fixing brackets/commas; fallback: no JSON - drugs and conditions found "
+                    "in the raw text (the last two for free-text answers only)")
+    closed_early: bool = Field(False, description="the token budget ran low and the answer was steered to close "
+                                                  "its JSON (its last item may be shortened)")
     raw_text: str
     latency_s: float
     usage: Usage

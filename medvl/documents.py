@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -201,7 +200,9 @@ class MedicalDocument:
         }
 
     def target_answer(self) -> str:
-        return json.dumps(self.structured(), ensure_ascii=False)
+        from medvl.records import record_answer
+
+        return record_answer(self.structured())
 
     def ground_truth(self) -> dict[str, Any]:
         return {

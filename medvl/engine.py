@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from medvl.decoding import PromptTooLong, SlotDecoder
+from medvl.grammar import Grammars, ResponseFormat, RowGrammar
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    ignore_eos: bool = False  # benchmarks on random weights: always max_tokens tokens
+    ignore_eos: bool = False  # benchmarks on random weights: always max_tokens tokens (not with a grammar)
+    response_format: ResponseFormat | None = None  # decode under this grammar (medvl.grammar)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Result:
     queue_s: float  # waiting for a slot
     ttft_s: float  # submit to first token
     latency_s: float  # submit to last token
+    closed_early: bool = False  # a grammar row steered to close its JSON as its budget ran out
 
     @property
     def generated_tokens(self) -> int:
@@ -108,6 +111,8 @@ class EngineStats:
     steps: int = 0
     step_rows: int = 0
     step_launch_s: float = 0.0  # CPU time to queue steps (the GPU runs them meanwhile)
+    grammar_masks: int = 0  # rows masked by their grammar, over all steps
+    grammar_mask_s: float = 0.0  # CPU time computing those masks and applying them
 
     def prefill(self, rows: int, tokens: int, seconds: float) -> None:
         self.prefills += 1
@@ -119,6 +124,10 @@ class EngineStats:
         self.steps += 1
         self.step_rows += rows
         self.step_launch_s += seconds
+
+    def masks(self, rows: int, seconds: float) -> None:
+        self.grammar_masks += rows
+        self.grammar_mask_s += seconds
 
 
 @dataclass(eq=False)
@@ -142,6 +151,7 @@ class Request:
     _prefix: int = 0  # where the last text piece started (for multi-token characters)
     _sent: int = 0  # characters of ``text`` already passed to ``on_text``
     generator: torch.Generator | None = None
+    grammar: RowGrammar | None = None  # the row's matcher, when it decodes under a response format
     slot: int = -1  # the cache slot while running
 
     def cancel(self) -> None:
@@ -209,6 +219,7 @@ class Engine:
         # borrowed"): callers prepare one at a time, and the loop detokenizes with its own copy.
         self._prepare_lock = threading.Lock()
         self._detokenizer = copy.deepcopy(processor.tokenizer)
+        self.grammars = Grammars(processor.tokenizer, decoder.vocab, decoder.eos_ids, self.device, decoder.slots)
 
     # ---- what callers use
     def prepare(self, image: Image.Image | None, prompt: str = "",
@@ -234,9 +245,12 @@ class Engine:
         return Prompt(tensors)
 
     def submit(self, prompt: Prompt, params: SamplingParams, on_text: Callable[[str], None] | None = None) -> Request:
-        """Queue a request; raises :class:`PromptTooLong` or :class:`Overloaded` at once."""
+        """Queue a request; raises :class:`PromptTooLong`, :class:`medvl.grammar.GrammarError`
+        (a response format that does not compile) or :class:`Overloaded` at once."""
         self.decoder.check_fits(prompt.length, params.max_tokens)
         request = Request(prompt, params, on_text)
+        if params.response_format is not None:
+            request.grammar = self.grammars.row(params.response_format)
         if params.temperature > 0:
             request.generator = torch.Generator(device=self.device)
             if params.seed is not None:
@@ -313,30 +327,61 @@ class Engine:
         step needs nothing from the CPU (each row's last token stays on the GPU), so it is
         queued before the CPU looks at the previous one. A row that ended in the previous step
         has one wasted token computed, which is dropped.
+
+        Grammar rows need their mask before their next token is chosen, and the mask depends on
+        every token so far: when the batch holds one, the step's forward pass is queued first,
+        then the previous step's tokens are read (while the GPU runs the forward pass), then the
+        masks are computed and applied and the tokens chosen.
         """
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
         self._drop_cancelled()
-        launched = self._launch_step() if self.running else None
-        if self._in_flight is not None:
-            self._collect(*self._in_flight)
+        previous, self._in_flight = self._in_flight, None
+        launched = None
+        if self.running:
+            previous, launched = self._launch_step(previous)
+        if previous is not None:
+            self._collect(*previous)
         self._in_flight = launched
 
-    def _launch_step(self) -> tuple[list[Request], Any] | None:
+    def _launch_step(self, previous: tuple[list[Request], Any] | None) -> tuple[Any, Any]:
+        """Queue one step for every running row; returns (``previous`` if still unread, the
+        launched step). Rows that end while ``previous`` is read here are finished only after
+        this step's tokens are recorded: finishing moves cache slots."""
         rows = list(self.running)
+        ended: list[tuple[Request, str, Exception | None]] = []
+        launched = None
         try:
             started = time.perf_counter()
             logits = self.decoder.step(len(rows))
+            if previous is not None and any(r.grammar is not None for r in rows):
+                self._collect(*previous, ended=ended)
+                previous = None
+            over = {id(request) for request, _, _ in ended}
+            self._constrain(logits, [r if id(r) not in over else None for r in rows])
             tokens = choose_tokens(logits, rows)
             self.decoder.accept(0, tokens)
             self.stats.step(len(rows), time.perf_counter() - started)
+            launched = rows, self._to_host(tokens)
         except Exception as exc:
             log.exception("decoding step failed for %d rows", len(rows))
+            done = {id(request) for request, _, _ in ended}
             for request in rows:
-                self._finish(request, "error", exc)
-            return None
-        return rows, self._to_host(tokens)
+                if request.slot >= 0 and id(request) not in done:
+                    self._finish(request, "error", exc)
+        for request, reason, error in ended:
+            self._finish(request, reason, error)
+        return previous, launched
+
+    def _constrain(self, logits: torch.Tensor, rows: list[Request | None]) -> None:
+        """Apply each grammar row's mask (row ``i`` of ``logits`` is ``rows[i]``; None: skip)."""
+        masked = [(i, r.grammar, r.params.max_tokens - len(r.tokens)) for i, r in enumerate(rows)
+                  if r is not None and r.grammar is not None and not r.grammar.finished]
+        if masked:
+            started = time.perf_counter()
+            self.grammars.apply(logits, masked)
+            self.stats.masks(len(masked), time.perf_counter() - started)
 
     @staticmethod
     def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -349,12 +394,13 @@ class Engine:
         done.record()
         return host, done
 
-    def _collect(self, rows: list[Request], host: tuple[torch.Tensor, torch.cuda.Event | None]) -> None:
+    def _collect(self, rows: list[Request], host: tuple[torch.Tensor, torch.cuda.Event | None],
+                 ended: list[tuple[Request, str, Exception | None]] | None = None) -> None:
         """Take a launched step's tokens (waits for that step only) and advance its rows."""
         tokens, done = host
         if done is not None:
             done.synchronize()
-        self._advance(rows, tokens.tolist())
+        self._advance(rows, tokens.tolist(), ended)
 
     def _admit(self) -> list[Request]:
         """Waiting requests that get a slot this turn (cancelled ones are dropped)."""
@@ -388,7 +434,9 @@ class Engine:
         first = len(self.running)
         started = time.perf_counter()
         try:
-            tokens = choose_tokens(self.decoder.prefill(self._collate(requests), first), requests)
+            logits = self.decoder.prefill(self._collate(requests), first)
+            self._constrain(logits, list(requests))
+            tokens = choose_tokens(logits, requests)
         except Exception as exc:  # every admitted request is answered, with its error if need be
             if len(requests) > 1:
                 log.warning("prefill of %d requests failed (%s); retrying one by one", len(requests), exc)
@@ -425,9 +473,10 @@ class Engine:
         return {key: torch.cat(parts) for key, parts in batch.items()}
 
     # ---- after each token
-    def _advance(self, requests: list[Request], tokens: list[int]) -> None:
+    def _advance(self, requests: list[Request], tokens: list[int],
+                 ended: list[tuple[Request, str, Exception | None]] | None = None) -> None:
         """Append each request's new token (requests that ended meanwhile are skipped) and end
-        the rows that are done."""
+        the rows that are done (or, with ``ended``, list them for the caller to end)."""
         now = time.perf_counter()
         for request, token in zip(requests, tokens, strict=True):
             if request.slot < 0:  # ended after this step was launched: its token is not part of the answer
@@ -439,13 +488,19 @@ class Engine:
                 self.metrics.time_to_first_token(now - request.submitted)
             request.tokens.append(token)
             request.last_token = now
-            reason = self._end_reason(request, token)
-            if reason:
-                self._finish(request, reason)
+            error = None
+            if request.grammar is not None and not request.grammar.accept(token):
+                reason, error = "error", RuntimeError(f"token {token} broke the answer's grammar")
+            else:
+                reason = self._end_reason(request, token)
+            if reason and ended is not None:
+                ended.append((request, reason, error))
+            elif reason:
+                self._finish(request, reason, error)
 
     def _end_reason(self, request: Request, token: int) -> str | None:
         params = request.params
-        if token in self.eos_ids and not params.ignore_eos:
+        if token in self.eos_ids and (not params.ignore_eos or request.grammar is not None):  # a grammar ends there
             self._emit(request, final=True)
             return "stop"
         if request.on_text is not None or params.stop:
@@ -527,7 +582,8 @@ class Engine:
         request.future.set_result(Result(
             text=text, token_ids=list(request.tokens), prompt_tokens=request.prompt.length, finish_reason=reason,
             queue_s=(request.admitted or now) - request.submitted,
-            ttft_s=(request.first_token or now) - request.submitted, latency_s=now - request.submitted))
+            ttft_s=(request.first_token or now) - request.submitted, latency_s=now - request.submitted,
+            closed_early=request.grammar is not None and request.grammar.closed_early))
 
 
 __all__ = ["Engine", "EngineMetrics", "Overloaded", "Prompt", "PromptTooLong", "Request", "Result", "SamplingParams"]

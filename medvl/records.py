@@ -1,8 +1,14 @@
-"""The extraction record: its shape, and turning a model answer into it.
+"""The extraction record: its one definition, its JSON schema, and turning an answer into it.
+
+:class:`ExtractionRecord` is the single definition of the record: the training answers are
+written from it (:func:`record_answer`), the API's /extract response embeds it, and
+:data:`RECORD_SCHEMA` (derived from it) is the grammar /extract, the CLI and phase 7 decode
+under (:mod:`medvl.grammar`), so the three cannot drift apart.
 
 /extract, the CLI and phase 7 all go through :func:`structured_result`, so a record has one
-shape and one parsing path: the answer as JSON, else repaired JSON, else (free text) the
-documented lexicon fallback.
+shape and one parsing path. Answers decoded under the schema parse as JSON ("json"); the
+repair pass and the lexicon fallback are for free-text answers only (a model asked without
+the grammar, e.g. through the chat route) and are labelled "repaired" and "fallback".
 """
 
 from __future__ import annotations
@@ -11,11 +17,55 @@ import json
 import re
 from typing import Any
 
-STRUCTURED_KEYS = ("medications", "diagnoses", "procedures", "lab_values", "vitals")
+from pydantic import BaseModel, ConfigDict
+
+from medvl.grammar import ResponseFormat
+
+
+class Medication(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    dose: str = ""
+    route: str = ""
+    frequency: str = ""
+
+
+class LabValue(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    value: str = ""
+    unit: str = ""
+    flag: str = ""
+    reference_range: str = ""
+
+
+class ExtractionRecord(BaseModel):
+    """What a reader should extract from a medical document (keys in answer order)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    medications: list[Medication] = []
+    diagnoses: list[str] = []
+    procedures: list[str] = []
+    lab_values: list[LabValue] = []
+    vitals: dict[str, str] = {}
+
+
+# The grammar of every extraction answer (extra="forbid": no key the record does not name).
+RECORD_SCHEMA: dict[str, Any] = ExtractionRecord.model_json_schema()
+RECORD_FORMAT = ResponseFormat.json_schema(RECORD_SCHEMA)
 
 
 def empty_structured() -> dict[str, Any]:
-    return {"medications": [], "diagnoses": [], "procedures": [], "lab_values": [], "vitals": {}}
+    return ExtractionRecord().model_dump()
+
+
+def record_answer(record: dict[str, Any]) -> str:
+    """The training answer for ``record``: validated against the record, written as
+    ``json.dumps`` writes it (the spacing the grammar allows, :data:`medvl.grammar.JSON_SEPARATORS`)."""
+    return json.dumps(ExtractionRecord.model_validate(record).model_dump(), ensure_ascii=False)
 
 
 def _json_candidate(text: str) -> str | None:
@@ -59,14 +109,14 @@ def repair_json(text: str) -> Any:
 
 
 def normalize_structured(data: Any) -> dict[str, Any]:
-    """Coerce a parsed answer into the documented shape (unknown keys dropped)."""
+    """Coerce a parsed answer into the record's shape (keys the record does not name dropped)."""
     out = empty_structured()
     if not isinstance(data, dict):
         raise ValueError("the JSON answer is not an object")
-    for key in ("medications", "lab_values"):
+    for key, item_model in (("medications", Medication), ("lab_values", LabValue)):
         items = data.get(key) or []
-        out[key] = [{k: str(v) for k, v in item.items()} for item in items if isinstance(item, dict)] \
-            if isinstance(items, list) else []
+        out[key] = [{k: str(v) for k, v in item.items() if k in item_model.model_fields}
+                    for item in items if isinstance(item, dict)] if isinstance(items, list) else []
     for key in ("diagnoses", "procedures"):
         items = data.get(key) or []
         out[key] = [str(i) for i in items if isinstance(i, (str, int, float))] if isinstance(items, list) else []

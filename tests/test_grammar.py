@@ -1,0 +1,112 @@
+"""Grammar-constrained decoding on the tiny model (CPU): the record's schema accepts every
+training answer token for token, and the random tiny model's answers under it are always JSON
+valid against it, beside unconstrained rows that are left exactly as they were."""
+
+import json
+
+import jsonschema
+import pytest
+
+from medvl.documents import KINDS, benchmark_documents, generate_document, render_document
+from medvl.engine import SamplingParams
+from medvl.grammar import CLOSE_RESERVE, GrammarError, ResponseFormat
+from medvl.modeling import load_model, load_processor
+from medvl.prompts import BENCHMARK_PROMPTS, EXTRACTION_PROMPT
+from medvl.records import RECORD_FORMAT, RECORD_SCHEMA, structured_result
+from medvl.serving import build_engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tiny_settings):
+    model = load_model(tiny_model_dir, tiny_settings)
+    return build_engine(model, load_processor(tiny_model_dir, None), tiny_settings.decode, slots=4)
+
+
+@pytest.fixture(scope="module")
+def pages(engine):
+    docs = benchmark_documents(99, 3)
+    return [render_document(d) for d in docs], [BENCHMARK_PROMPTS[d.kind] for d in docs]
+
+
+def run(engine, requests):
+    while not all(r.future.done() for r in requests):
+        engine.run_once()
+    engine.drain()
+    return [r.future.result() for r in requests]
+
+
+def test_the_record_grammar_accepts_every_training_answer_token_by_token(engine):
+    """The schema derives from the record that writes the training answers: the two agree in
+    keys, order and spacing, so a model that learned the answers is never masked away from them."""
+    tokenizer = engine.processor.tokenizer
+    end = engine.decoder.eos_ids[0]
+    for index in range(25):
+        answer = generate_document(index, KINDS[index % len(KINDS)]).target_answer()
+        jsonschema.validate(json.loads(answer), RECORD_SCHEMA)
+        row = engine.grammars.row(RECORD_FORMAT)
+        for token in tokenizer(answer, add_special_tokens=False)["input_ids"] + [end]:
+            assert row.accept(token), (answer, tokenizer.decode([token]))
+        assert row.finished
+
+
+def test_grammar_rows_answer_valid_json_beside_free_rows_that_stay_unchanged(engine, pages):
+    images, prompts = pages
+    free_alone = [engine.generate(engine.prepare(images[i], prompts[i]), SamplingParams(20)).token_ids for i in (1, 2)]
+    extract = [engine.prepare(image, EXTRACTION_PROMPT) for image in images]
+    grammar_alone = engine.generate(extract[0], SamplingParams(120, response_format=RECORD_FORMAT))
+    mixed = [engine.submit(extract[0], SamplingParams(120, response_format=RECORD_FORMAT)),
+             engine.submit(engine.prepare(images[1], prompts[1]), SamplingParams(20))]
+    for _ in range(5):
+        engine.run_once()  # the next rows join mid-answer
+    mixed += [engine.submit(engine.prepare(images[2], prompts[2]), SamplingParams(20)),
+              engine.submit(extract[1], SamplingParams(120, response_format=RECORD_FORMAT))]
+    results = run(engine, mixed)
+    assert [results[1].token_ids, results[2].token_ids] == free_alone
+    assert results[0].token_ids == grammar_alone.token_ids  # masks follow their own row, whatever joins
+    for result in (results[0], results[3]):
+        jsonschema.validate(json.loads(result.text), RECORD_SCHEMA)
+        assert result.finish_reason == "stop"
+        assert structured_result(result.text)["parse_status"] == "json"
+    assert engine.stats.grammar_masks > 0
+
+
+NOTE_SCHEMA = {"type": "object", "properties": {"note": {"type": "string"}, "codes": {"type": "array", "items": {"type": "string"}}},
+               "required": ["note", "codes"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("budget", [CLOSE_RESERVE + 2, 60])
+def test_a_budget_that_runs_out_still_closes_the_json(engine, pages, budget):
+    """The random tiny model does not close a required string by itself (it writes until the
+    budget ends); with CLOSE_RESERVE tokens left the row is steered to close, and the answer is
+    valid JSON, marked closed_early. The record schema the same, from any budget."""
+    prompt = engine.prepare(pages[0][0], EXTRACTION_PROMPT)
+    free = engine.generate(prompt, SamplingParams(4 * budget, response_format=ResponseFormat.json_schema(NOTE_SCHEMA)))
+    assert free.generated_tokens > budget  # left alone, it would not have closed in time
+    result = engine.generate(prompt, SamplingParams(budget, response_format=ResponseFormat.json_schema(NOTE_SCHEMA)))
+    jsonschema.validate(json.loads(result.text), NOTE_SCHEMA)
+    assert result.finish_reason == "stop" and result.generated_tokens <= budget and result.closed_early
+    for small in (1, 3, budget):
+        record = engine.generate(prompt, SamplingParams(small, response_format=RECORD_FORMAT))
+        jsonschema.validate(json.loads(record.text), RECORD_SCHEMA)
+
+
+def test_a_user_schema_and_json_object_are_followed_with_sampling(engine, pages):
+    schema = {"type": "object", "properties": {"drug": {"type": "string"}, "dose_mg": {"type": "integer"},
+                                               "route": {"enum": ["oral", "iv"]}},
+              "required": ["drug", "dose_mg", "route"], "additionalProperties": False}
+    prompt = engine.prepare(pages[0][0], "Name one drug as JSON.")
+    for seed in (1, 2):
+        result = engine.generate(prompt, SamplingParams(80, temperature=1.0, seed=seed,
+                                                        response_format=ResponseFormat.json_schema(schema)))
+        jsonschema.validate(json.loads(result.text), schema)
+    result = engine.generate(prompt, SamplingParams(30, response_format=ResponseFormat.json_object()))
+    assert isinstance(json.loads(result.text), dict)
+
+
+@pytest.mark.parametrize("schema, words", [({"type": "bogus"}, "Unsupported type"),
+                                           ({"type": "string", "pattern": "(["}, "Unclosed")])
+def test_a_schema_that_does_not_compile_is_refused_at_submit(engine, pages, schema, words):
+    prompt = engine.prepare(pages[0][0], "x")
+    with pytest.raises(GrammarError, match=words):
+        engine.submit(prompt, SamplingParams(5, response_format=ResponseFormat.json_schema(schema)))
+    assert engine.num_waiting == 0
