@@ -2,7 +2,8 @@
 
     {"error": {"status": 400, "code": "bad_image", "message": "not a readable image (...)", "param": null}}
 
-Statuses: 400 bad image/prompt/base64/parameter or a request longer than the context, 401
+Statuses: 400 bad image/prompt/base64/parameter, a response format whose JSON schema does not
+compile, or a request longer than the context, 401
 missing or wrong API key, 404 unknown route or model, 413 file or image too large, 422
 missing or malformed field, 503 model not ready or too many requests waiting (both with
 ``Retry-After``), 504 request timed out.
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorEnvelope
 from medvl.engine import Overloaded, PromptTooLong
+from medvl.grammar import GrammarError
 from medvl.images import BadInput
 
 log = logging.getLogger("medvl.api")
@@ -66,6 +68,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PromptTooLong)
     async def too_long(_: Request, exc: PromptTooLong):
         return envelope(400, "context_length_exceeded", str(exc), param="max_tokens")
+
+    @app.exception_handler(GrammarError)
+    async def bad_grammar(_: Request, exc: GrammarError):
+        return envelope(400, "invalid_response_format", str(exc), param="response_format")
 
     @app.exception_handler(Overloaded)
     async def overloaded(_: Request, exc: Overloaded):

@@ -1,9 +1,10 @@
 """OpenAI-compatible chat completions and model list, through the same engine as every route.
 
 Every parameter the request schema accepts is honoured (``max_tokens`` per row, ``temperature``,
-``top_p``, ``seed``, ``stop``, ``stream`` with ``stream_options.include_usage``) or refused with a
-400 naming it (``n`` > 1, ``logprobs``, ``top_logprobs``, penalties, ``response_format`` other
-than text, unknown fields). Streams share the running batch with every other request.
+``top_p``, ``seed``, ``stop``, ``stream`` with ``stream_options.include_usage``, ``response_format``
+``text``, ``json_object`` or ``json_schema``: decoded under the grammar, medvl/grammar.py) or
+refused with a 400 naming it (``n`` > 1, ``logprobs``, ``top_logprobs``, penalties, a schema that
+does not compile, unknown fields). Streams share the running batch with every other request.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from api.errors import ERROR_RESPONSES, ApiError
 from api.schemas import ChatRequest, ModelCard, ModelList
 from api.state import ServerState, State, check_prompt, usage
 from medvl.engine import Prompt, SamplingParams
+from medvl.grammar import ResponseFormat
 from medvl.images import BadInput
 
 router = APIRouter()
@@ -45,6 +47,9 @@ async def chat_completions(body: ChatRequest, http: Request, state: State):
                        f"{state.config.served_model_name!r} (GET /v1/models)", param="model")
     params = sampling_params(body, state.config.max_new_tokens)
     engine = state.engine()
+    if params.response_format is not None:
+        # A schema that does not compile is a 400 before anything runs (compiled off the event loop; cached).
+        await asyncio.to_thread(engine.grammars.compile, params.response_format)
     messages, image = chat_to_messages(body, state)
     prompt = await state.prepare(image, messages=messages)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -74,8 +79,9 @@ def sampling_params(body: ChatRequest, default_max_tokens: int) -> SamplingParam
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(body, name):
             raise refuse(name, "not supported (the model's own repetition penalty applies)")
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise refuse("response_format", "only {'type': 'text'} is supported")
+    fmt = response_format(body.response_format)
+    if fmt is not None and body.ignore_eos:
+        raise refuse("ignore_eos", "not with a response_format (the answer ends where its JSON ends)")
     if body.stream_options is not None and not body.stream:
         raise refuse("stream_options", "only allowed with stream=true")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -83,7 +89,25 @@ def sampling_params(body: ChatRequest, default_max_tokens: int) -> SamplingParam
         raise refuse("stop", f"at most {MAX_STOP_STRINGS} stop strings")
     return SamplingParams(max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
                           temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, seed=body.seed,
-                          stop=tuple(s for s in stops if s), ignore_eos=body.ignore_eos)
+                          stop=tuple(s for s in stops if s), ignore_eos=body.ignore_eos, response_format=fmt)
+
+
+def response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
+    """OpenAI's ``response_format``: ``{"type": "text"}`` (free), ``{"type": "json_object"}`` (any
+    JSON object), ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``."""
+    kind = (value or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat.json_object()
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ApiError(400, "invalid_response_format", "response_format.json_schema.schema: a JSON schema "
+                           "object is required", param="response_format")
+        return ResponseFormat.json_schema(spec["schema"])
+    raise ApiError(400, "invalid_response_format", f"response_format.type {kind!r}: one of 'text', 'json_object', "
+                   "'json_schema'", param="response_format")
 
 
 def chat_to_messages(body: ChatRequest, state: ServerState) -> tuple[list[dict[str, Any]], Any]:

@@ -14,7 +14,7 @@ from api.schemas import AnalyzeResponse, ExtractResponse, HealthResponse
 from api.state import ServerState, State, check_prompt, usage
 from medvl.engine import SamplingParams
 from medvl.prompts import EXTRACTION_PROMPT
-from medvl.records import structured_result
+from medvl.records import RECORD_FORMAT, structured_result
 
 router = APIRouter()
 
@@ -45,13 +45,15 @@ async def health(state: State):
 @router.post("/extract", response_model=ExtractResponse, responses=ERROR_RESPONSES)
 async def extract(http: Request, state: State,
                   file: Annotated[UploadFile, File(description="a document image (PNG, JPEG, ...)")]):
-    """Structured medical record from a document image."""
+    """Structured medical record from a document image, decoded under the record's JSON schema."""
     state.engine()
     image = await read_image(state, file)
     prompt = await state.prepare(image, EXTRACTION_PROMPT)
-    result = await state.generate(prompt, SamplingParams(state.config.max_new_tokens), http)
+    result = await state.generate(prompt, SamplingParams(state.config.max_new_tokens, response_format=RECORD_FORMAT),
+                                  http)
     return ExtractResponse(request_id=uuid.uuid4().hex, **structured_result(result.text), raw_text=result.text,
-                           latency_s=result.latency_s, usage=usage(result), model=state.model_info())
+                           closed_early=result.closed_early, latency_s=result.latency_s, usage=usage(result),
+                           model=state.model_info())
 
 
 @router.post("/analyze", response_model=AnalyzeResponse, responses=ERROR_RESPONSES)

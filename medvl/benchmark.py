@@ -100,16 +100,18 @@ def headline_memory_mb(snap: dict[str, float]) -> float:
 # --------------------------------------------------------------------------- timing
 
 
-def generate_timed(engine: Any, image: Image.Image, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+def generate_timed(engine: Any, image: Image.Image, prompt: str, max_new_tokens: int,
+                   response_format: Any = None) -> dict[str, Any]:
     """One request through the engine, timed end to end (preprocessing included, as a user
-    would see it); greedy, ending at the end-of-sequence token or ``max_new_tokens``."""
+    would see it); greedy, ending at the end-of-sequence token or ``max_new_tokens``; under
+    ``response_format`` (a :class:`medvl.grammar.ResponseFormat`) when given."""
     from medvl.engine import SamplingParams
 
     _sync()
     start = time.perf_counter()
     prepared = engine.prepare(image, prompt)
     submitted = time.perf_counter()
-    result = engine.generate(prepared, SamplingParams(max_new_tokens))
+    result = engine.generate(prepared, SamplingParams(max_new_tokens, response_format=response_format))
     _sync()
     latency = time.perf_counter() - start
     n_new = result.generated_tokens
@@ -126,6 +128,8 @@ def generate_timed(engine: Any, image: Image.Image, prompt: str, max_new_tokens:
         "tokens_per_s": n_new / latency if latency > 0 else 0.0,
         "decode_tokens_per_s": (n_new - 1) / decode_time if n_new > 1 and decode_time > 0 else 0.0,
         "response": result.text,
+        "finish_reason": result.finish_reason,
+        "closed_early": result.closed_early,
     }
 
 

@@ -26,7 +26,7 @@ from medvl import benchmark, scoring
 from medvl.documents import generate_document, save_document
 from medvl.evalsuite import evaluation_documents
 from medvl.prompts import EXTRACTION_PROMPT
-from medvl.records import structured_result
+from medvl.records import RECORD_FORMAT, structured_result
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class Case:
     image_path: Path
     prompt: str
     expected: scoring.Expected
+    record: bool  # the answer is an extraction record: decoded under its schema; else free text
 
 
 def suite_cases(folder: Path) -> list[Case]:
@@ -45,7 +46,7 @@ def suite_cases(folder: Path) -> list[Case]:
     cases = []
     for doc in evaluation_documents():
         image, _ = save_document(doc, folder)
-        cases.append(Case(doc.doc_id, "suite", image, EXTRACTION_PROMPT, scoring.Expected.from_document(doc)))
+        cases.append(Case(doc.doc_id, "suite", image, EXTRACTION_PROMPT, scoring.Expected.from_document(doc), True))
     return cases
 
 
@@ -63,7 +64,7 @@ def test_split_cases(formatted: Path, limit: int) -> list[Case]:
             expected = scoring.Expected.from_document(generate_document(int(match.group(2)), match.group(1)))
         else:
             expected = scoring.Expected.from_reference(reference)
-        cases.append(Case(row["id"], "test", formatted / row["image"], prompt, expected))
+        cases.append(Case(row["id"], "test", formatted / row["image"], prompt, expected, row["source"] == "synthetic"))
     return cases
 
 
@@ -142,11 +143,13 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
     for case in tqdm(cases, desc=f"evaluate {label}", unit="case"):
         if case.image_path not in images:
             images[case.image_path] = Image.open(case.image_path).convert("RGB")
-        out = benchmark.generate_timed(engine, images[case.image_path], case.prompt, max_new_tokens)
+        out = benchmark.generate_timed(engine, images[case.image_path], case.prompt, max_new_tokens,
+                                       RECORD_FORMAT if case.record else None)
         result = scoring.score(out["response"], case.expected)
         extracted = structured_result(out["response"])
-        rows.append({"case_id": case.case_id, "subset": case.subset, "prompt": case.prompt,
+        rows.append({"case_id": case.case_id, "subset": case.subset, "prompt": case.prompt, "record": case.record,
                      "response": out["response"], "generated_tokens": out["generated_tokens"],
+                     "finish_reason": out["finish_reason"], "closed_early": out["closed_early"],
                      "latency_s": out["latency_s"], "ttft_s": out["ttft_s"], **result.to_dict(),
                      "parse_status": extracted["parse_status"], "flags": extracted["flags"]})
     peak = benchmark.peak_memory_mb()
@@ -163,7 +166,22 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
         "scores": {subset: aggregate_rows([r for r in rows if r["subset"] == subset])
                    for subset in sorted({r["subset"] for r in rows})},
         "flagged_items": flagged_items(rows),
+        "decoding": decoding_outcomes(rows),
     }
+
+
+def decoding_outcomes(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the answers ended: record answers (decoded under the schema) by parse status, how many
+    were steered to close their JSON as the token budget ran out, how many still hit it; free-text
+    answers' parse status apart (their repair and fallback are the only ones left)."""
+    records = [r for r in rows if r["record"]]
+    free = [r for r in rows if not r["record"]]
+    return {"record_answers": len(records),
+            "record_parse_status": dict(Counter(r["parse_status"] for r in records)),
+            "record_closed_early": sum(r["closed_early"] for r in records),
+            "record_hit_max_tokens": sum(r["finish_reason"] == "length" for r in records),
+            "free_text_answers": len(free),
+            "free_text_parse_status": dict(Counter(r["parse_status"] for r in free))}
 
 
 def flagged_items(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from medvl.engine import Engine, PromptTooLong, SamplingParams
 from medvl.images import BadInput, decode_image
 from medvl.prompts import EXTRACTION_PROMPT
-from medvl.records import structured_result
+from medvl.records import RECORD_FORMAT, structured_result
 from medvl.serving import ServedModel
 from medvl.settings import DEFAULT_PROFILE, SettingsError, load_settings
 from medvl.workdir import Workdir
@@ -68,14 +68,16 @@ def collect_files(target: str) -> list[Path]:
 def run_one(engine: Engine, path: Path, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
     """Read, check and answer one file; raises BadInput/OSError/PromptTooLong for unusable files."""
     image = decode_image(path.read_bytes(), MAX_BYTES, MAX_PIXELS)
-    result = engine.generate(engine.prepare(image, prompt or EXTRACTION_PROMPT), SamplingParams(max_new_tokens))
+    params = SamplingParams(max_new_tokens, response_format=None if prompt else RECORD_FORMAT)
+    result = engine.generate(engine.prepare(image, prompt or EXTRACTION_PROMPT), params)
     record: dict[str, Any] = {"file": str(path), "latency_s": round(result.latency_s, 4),
                               "generated_tokens": result.generated_tokens}
     if prompt:
         record["text"] = result.text
-    else:
+    else:  # decoded under the record's schema, as /extract does
         record.update(structured_result(result.text))
         record["raw_text"] = result.text
+        record["closed_early"] = result.closed_early
     return record
 
 

@@ -120,6 +120,7 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
                                                    "latency_change_pct", "quantize_time_s")} if quant else None,
         "evaluation": evaluation or None,
         "flagged_items": (ev.get("models", {}).get("finetuned") or {}).get("flagged_items"),
+        "decoding": (ev.get("models", {}).get("finetuned") or {}).get("decoding"),
         "api_validation": {"all_ok": api.get("all_ok"),
                            "endpoints": {k: {"ok": v.get("ok"), "status": v.get("status"),
                                              "latency_s": _round(v.get("latency_s"))}
@@ -309,8 +310,15 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
         if flagged:
             parts += ["Plausibility flags on the fine-tuned model's answers: "
                       f"{flagged.get('cases_with_flags', 0)} cases flagged; by rule "
-                      f"{json.dumps(flagged.get('by_rule', {}))}; parse status {json.dumps(flagged.get('parse_status', {}))}.",
-                      ""]
+                      f"{json.dumps(flagged.get('by_rule', {}))}.", ""]
+        decoding = report.get("decoding") or {}
+        if decoding:
+            parts += [f"Extraction answers are decoded under the record's JSON schema: of the fine-tuned model's "
+                      f"{decoding['record_answers']}, parse status {json.dumps(decoding['record_parse_status'])}; "
+                      f"{decoding['record_closed_early']} were steered to close their JSON as the token budget ran "
+                      f"out, {decoding['record_hit_max_tokens']} hit it before the JSON closed. Free-text answers "
+                      f"({decoding['free_text_answers']}) by parse status (repair and lexicon fallback): "
+                      f"{json.dumps(decoding['free_text_parse_status'])}.", ""]
         tuned = evaluation.get("test", {}).get("finetuned") or {}
         if tuned.get("category_recall"):
             parts += ["Per-category recall of the fine-tuned model (test set): "

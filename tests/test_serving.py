@@ -3,15 +3,18 @@ client (tiny model, CPU, the real server in a subprocess)."""
 
 import base64
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from PIL import Image
 
 from api.validate import running_server
+from medvl.records import RECORD_SCHEMA
 
 TIMEOUT_S = 3
 
@@ -85,7 +88,9 @@ def test_stream_with_include_usage_ends_with_usage(client, messages):
     ({"n": 2}, "n"),
     ({"logprobs": True}, "logprobs"),
     ({"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"ignore_eos": True}}, "ignore_eos"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"extra_body": {"best_of": 2}}, "best_of"),
 ])
@@ -93,6 +98,44 @@ def test_parameters_not_honoured_are_refused_by_name(client, messages, params, n
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="medvl", messages=messages, max_tokens=4, **params)
     assert refused.value.body["param"] == name and name in refused.value.body["message"]
+
+
+DRUG_SCHEMA = {"type": "object", "properties": {"drug": {"type": "string"}, "dose_mg": {"type": "integer"},
+                                              "route": {"enum": ["oral", "iv"]}},
+               "required": ["drug", "dose_mg", "route"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_returns_json_valid_against_it(client, messages, stream):
+    fmt = {"type": "json_schema", "json_schema": {"name": "drug", "schema": DRUG_SCHEMA, "strict": True}}
+    for temperature in (0.0, 1.0):
+        answer = client.chat.completions.create(model="medvl", messages=messages, max_tokens=80, stream=stream,
+                                                temperature=temperature, seed=3, response_format=fmt)
+        text = ("".join(c.choices[0].delta.content or "" for c in answer) if stream
+                else answer.choices[0].message.content)
+        jsonschema.validate(json.loads(text), DRUG_SCHEMA)
+
+
+def test_response_format_json_object_returns_an_object(client, messages):
+    answer = client.chat.completions.create(model="medvl", messages=messages, max_tokens=40,
+                                            response_format={"type": "json_object"})
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+
+
+def test_a_schema_that_does_not_compile_is_a_400_naming_response_format(client, messages):
+    bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "object", "properties": {
+        "x": {"type": "string", "pattern": "(["}}}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="medvl", messages=messages, max_tokens=8, response_format=bad)
+    body = refused.value.body
+    assert body["param"] == "response_format" and body["code"] == "invalid_response_format" and "Unclosed" in body["message"]
+
+
+def test_extract_answers_parse_as_json_valid_against_the_record_schema(server, page_png):
+    """/extract decodes under the record's schema: even the random stand-in's answer is JSON."""
+    body = httpx.post(f"{server}/extract", files={"file": ("p.png", page_png, "image/png")}, timeout=120).json()
+    assert body["parse_status"] == "json"
+    jsonschema.validate(json.loads(body["raw_text"]), RECORD_SCHEMA)
 
 
 def test_a_request_longer_than_the_context_is_a_400_naming_the_limit(client, messages):
