@@ -13,6 +13,8 @@ ENGINE_STATS = {
     "prefills": "Prefill batches run", "prefill_rows": "Requests prefilled", "prefill_tokens": "Prompt tokens prefilled",
     "prefill_s": "Seconds in prefill (wall)", "steps": "Decoding steps launched",
     "step_rows": "Rows over all decoding steps", "step_launch_s": "Seconds spent queueing decoding steps (wall)",
+    "grammar_masks": "Rows masked by their grammar (response_format, /extract)",
+    "grammar_mask_s": "Seconds computing and applying grammar masks (wall)",
 }
 
 ROUTES = ("/extract", "/analyze", "/health", "/benchmark", "/metrics", "/v1/chat/completions", "/v1/models")

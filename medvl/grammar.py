@@ -44,6 +44,7 @@ JSON_SEPARATORS = (", ", ": ")
 # Tokens left when a grammar row starts closing its JSON. The record's deepest point (inside a
 # key of a lab value) closes in under 20 tokens even when every token is one character.
 CLOSE_RESERVE = 24
+LONGEST_STEERED = 32  # token lengths (bytes) told apart when steering; longer ones count as this
 
 
 class GrammarError(ValueError):
@@ -156,14 +157,15 @@ class Grammars:
         words = (bits.view(-1, 32).to(torch.int64) << torch.arange(32)).sum(dim=1)
         return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
-    def _unpack(self, words: torch.Tensor) -> torch.Tensor:
-        return ((words.unsqueeze(1).to(torch.int64) >> torch.arange(32)) & 1).bool().flatten()
-
     def _closing_tiers(self) -> dict[str, torch.Tensor]:
-        """Bitmasks of the tokens that close JSON, by preference (see the module docstring)."""
+        """Bitmasks of the tokens that close JSON, by preference (see the module docstring), and
+        of the tokens of each length (``_by_length[k]``: ``k + 1`` bytes; the last row: longer)."""
         special = set(self.info.special_token_ids)
         width = self.bitmask.shape[1] * 32
-        self._token_length = torch.zeros(width, dtype=torch.int32)
+        lengths = torch.zeros(width, dtype=torch.long)
+        for token, text in enumerate(self._token_bytes):
+            lengths[token] = 0 if token in special else min(len(text), LONGEST_STEERED)
+        self._by_length = torch.stack([self._pack(lengths == k) for k in range(1, LONGEST_STEERED + 1)])
 
         def mask_of(test: Any) -> torch.Tensor:
             bits = torch.zeros(width, dtype=torch.bool)
@@ -172,8 +174,6 @@ class Grammars:
                     bits[token] = True
             return self._pack(bits)
 
-        for token, text in enumerate(self._token_bytes):
-            self._token_length[token] = 0 if token in special else len(text)
         return {
             "quote": mask_of(lambda t: t[:1] == b'"' and set(t[1:]) <= set(b"]}")),
             "brackets": mask_of(lambda t: set(t) <= set(b"]}")),
@@ -182,10 +182,11 @@ class Grammars:
         }
 
     def _longest(self, words: torch.Tensor) -> torch.Tensor:
-        """The longest of the tokens in ``words`` (fewest steps to the end)."""
-        bits = self._unpack(words)
-        lengths = torch.where(bits, self._token_length, 0)
-        return self._pack(bits & (lengths == lengths.max()))
+        """The longest of the tokens in ``words`` (fewest steps to the end): one AND against the
+        masks of each length (~50 µs for a 152 k vocabulary), not a pass over the vocabulary."""
+        by_length = self._by_length & words
+        longest = int(by_length.any(dim=1).nonzero().max())
+        return by_length[longest]
 
     def _steer_to_close(self, index: int, row: RowGrammar) -> None:
         """Narrow row ``index``'s mask to its most closing tokens the grammar allows, the longest

@@ -13,7 +13,14 @@ chunk timings beside them), errors by status, the engine loop's accounting (pref
 rows per step, time in prefill) and the server's peak GPU memory; ``--set`` overrides reach
 the server too. The issue's figures for the engine this one replaced are kept as the baseline.
 
+``--response-formats none,long`` runs each chat level once per format, in the same server, to
+measure grammar-constrained decoding against free decoding: ``long`` is a JSON schema no answer
+can close within ``--max-tokens`` (an array of at least 512 strings), so its rows run the full
+length as ``ignore_eos`` rows do and the two compare token for token (``record``: the
+extraction record's schema, whose answers end when their JSON closes).
+
     python scripts/perf_serving.py --profile 7b-random --weights bf16
+    python scripts/perf_serving.py --profile 7b-random --routes chat --clients 1,32 --response-formats none,long
 
 Writes benchmarks/perf_serving.json (or --out). Runs on a CPU too (tiny: a smoke run).
 """
@@ -37,6 +44,7 @@ from api.validate import running_server  # noqa: E402
 from medvl.benchmark import ensure_benchmark_documents, summarize  # noqa: E402
 from medvl.io import atomic_write_json  # noqa: E402
 from medvl.phase import log, run_tool  # noqa: E402
+from medvl.records import RECORD_SCHEMA  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
 
@@ -59,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-up-s", type=float, default=3.0, help="unmeasured seconds before each level")
     parser.add_argument("--max-tokens", type=int, default=128, help="answer tokens per request (default: %(default)s)")
     parser.add_argument("--max-batch-size", type=int, default=0, help="server's running batch (0: the profile's)")
+    parser.add_argument("--response-formats", default="none",
+                        help=f"chat levels per response format, of {', '.join(RESPONSE_FORMATS)} (default: %(default)s)")
     parser.add_argument("--warm-restart", action="store_true",
                         help="then restart the server once and time it (compilation caches warm)")
     parser.add_argument("--out", default="", help="output JSON (default: benchmarks/perf_serving.json)")
@@ -76,6 +86,16 @@ class Level:
 
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
+
+
+# Chat response formats a level can send ("none": free text with ignore_eos).
+RESPONSE_FORMATS = {
+    "none": None,
+    "long": {"type": "json_schema", "json_schema": {"name": "long", "schema": {
+        "type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 512}},
+        "required": ["items"], "additionalProperties": False}}},
+    "record": {"type": "json_schema", "json_schema": {"name": "record", "schema": RECORD_SCHEMA}},
+}
 
 
 async def extract_once(client: httpx.AsyncClient, page: bytes, level: Level) -> None:
@@ -115,12 +135,16 @@ async def chat_once(client: httpx.AsyncClient, payload: dict, level: Level) -> N
 
 
 async def run_level(base: str, route: str, clients: int, seconds: float, warm_up_s: float, page: bytes,
-                    max_tokens: int) -> Level:
-    payload = {"model": "medvl", "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+                    max_tokens: int, response_format: str = "none") -> Level:
+    payload = {"model": "medvl", "max_tokens": max_tokens, "stream": True,
                "stream_options": {"include_usage": True},
                "messages": [{"role": "user", "content": [
                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(page).decode()}},
                    {"type": "text", "text": "List every lab value with its unit and flag."}]}]}
+    if RESPONSE_FORMATS[response_format] is None:
+        payload["ignore_eos"] = True
+    else:
+        payload["response_format"] = RESPONSE_FORMATS[response_format]
     level, discard = Level(), Level()
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
@@ -201,6 +225,10 @@ def level_record(route: str, clients: int, seconds: float, window_s: float, leve
 
 
 def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
+    formats = args.response_formats.split(",")
+    unknown = [f for f in formats if f not in RESPONSE_FORMATS]
+    if unknown:
+        raise SystemExit(f"error: --response-formats: unknown {unknown}; choose from {', '.join(RESPONSE_FORMATS)}")
     samples = ensure_benchmark_documents(wd.test_images, settings.bench.document_seed, settings.bench.num_documents)
     sample = next((s for s in samples if "lab" in s.doc_id), samples[0])
     page = sample.image_path.read_bytes()
@@ -217,20 +245,24 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
         report.update({"startup_to_health_200_s": timing["ready_s"], "startup_s": health["startup_s"],
                        "decoding": health["decoding"], "device": health["device"], "gpu": health["gpu_name"]})
         log.info("server ready after %.1f s: %s %s", timing["ready_s"], health["decoding"], health["startup_s"])
-        for route in args.routes.split(","):
-            for clients in (int(c) for c in args.clients.split(",")):
-                before = server_counters(httpx.get(f"{base}/metrics", timeout=10).text)
-                level = asyncio.run(run_level(base, route, clients, args.seconds, args.warm_up_s, page, args.max_tokens))
-                after = server_counters(httpx.get(f"{base}/metrics", timeout=10).text)
-                health = httpx.get(f"{base}/health", timeout=10).json()
-                record = level_record(route, clients, args.seconds, args.seconds + args.warm_up_s, level, before, after, health)
-                report["levels"].append(record)
-                log.info("%-7s %3d clients: %6.2f req/s  %7.1f tok/s  p50 %.2f s  p95 %.2f s  ttft p50 %.3f  "
-                         "itl p50 %.4f  errors %d", route, clients, record["requests_per_s"],
-                         record["output_tokens_per_s"], record["latency_s"]["p50"], record["latency_s"]["p95"],
-                         record["ttft_s"]["p50"], record["itl_s"]["p50"], record["errors"])
-                log.info("        engine: %s", {k: round(v, 3) for k, v in record["engine"].items()})
-                atomic_write_json(out, report)  # after every level: a run cut short keeps what it measured
+        levels = [(route, clients, fmt) for route in args.routes.split(",")
+                  for clients in (int(c) for c in args.clients.split(","))
+                  for fmt in (formats if route == "chat" else ["none"])]
+        for route, clients, fmt in levels:
+            before = server_counters(httpx.get(f"{base}/metrics", timeout=10).text)
+            level = asyncio.run(run_level(base, route, clients, args.seconds, args.warm_up_s, page, args.max_tokens,
+                                          fmt))
+            after = server_counters(httpx.get(f"{base}/metrics", timeout=10).text)
+            health = httpx.get(f"{base}/health", timeout=10).json()
+            record = level_record(route, clients, args.seconds, args.seconds + args.warm_up_s, level, before, after, health)
+            record["response_format"] = fmt
+            report["levels"].append(record)
+            log.info("%-7s %3d clients %-6s: %6.2f req/s  %7.1f tok/s  p50 %.2f s  p95 %.2f s  ttft p50 %.3f  "
+                     "itl p50 %.4f  errors %d", route, clients, fmt, record["requests_per_s"],
+                     record["output_tokens_per_s"], record["latency_s"]["p50"], record["latency_s"]["p95"],
+                     record["ttft_s"]["p50"], record["itl_s"]["p50"], record["errors"])
+            log.info("        engine: %s", {k: round(v, 3) for k, v in record["engine"].items()})
+            atomic_write_json(out, report)  # after every level: a run cut short keeps what it measured
     if args.warm_restart:
         with running_server(wd.root, settings.profile, server_args, ready_timeout_s=1800, timing=timing) as base:
             report["warm_restart"] = {"to_health_200_s": timing["ready_s"],
