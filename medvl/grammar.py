@@ -7,32 +7,37 @@ unclosed arrays). Here, as in vLLM and SGLang, a grammar engine turns the JSON s
 token mask for each step: the tokens that cannot continue a valid answer get ``-inf`` before
 the greedy choice or sampling, so every answer the model finishes is valid JSON.
 
-The engine is xgrammar, chosen by measurement (``scripts/perf_grammar.py``, this project's
-tokenizer and the record schema, 3,335 steps over 20 training answers on the CPU): a mask in
-5.2 µs on average (p50 2.7 µs) against 21.5 µs (p50 17.2 µs) for llguidance, both accepting
-every training answer token for token; it is also vLLM's and SGLang's default. Each running
-row keeps its own matcher; rows with and without a grammar share a batch (the mask is applied
-to the grammar rows only).
+The engine is llguidance, chosen by measurement (``scripts/perf_grammar.py``: the record
+schema, 32 training answers replayed token by token, both libraries accepting every token).
+On a 151,643-token byte-level BPE (Qwen's size) one mask took 38 µs on average with llguidance
+against 105 µs with xgrammar (this 2-core CPU); on the stand-ins' small tokenizers xgrammar
+was faster (2.5 against 17 µs), but the real model's vocabulary is the one that counts. Each
+running row keeps its own matcher; a step's rows are filled together on llguidance's thread
+pool; rows with and without a grammar share a batch (only the grammar rows are masked).
 
 Running out of tokens: a row whose budget (``max_tokens``) is about to end inside the JSON
 would give a cut, unparsable answer. When ``CLOSE_RESERVE`` tokens or fewer are left, the row
 is steered to close: among the tokens the grammar allows, a closing quote first when inside a
 string, else tokens made only of ``]`` and ``}``, else of those, ``"``, ``:`` and space (an
-empty key or value), else of those and ``,`` (on to a required key), else whatever the
-grammar allows (a number's digits, a key's letters); in each case the longest such token. The answer is then complete, valid JSON with its
-last item shortened, and the result says so (``closed_early``); phase 7 counts these. A schema
-that cannot be closed in the reserve (required content still missing) ends at ``max_tokens``
-with ``finish_reason`` "length", as OpenAI's API does.
+empty key or value), else of those and ``,`` (on to a required key), else a whole empty value
+(``{}``, ``[]``), else whatever the grammar allows (a number's digits, a key's letters); in
+each case the longest such token.
+The answer is then complete, valid JSON with its last item shortened, and the result says so
+(``closed_early``); phase 7 counts these. A schema that cannot be closed in the reserve
+(required content still missing) ends at ``max_tokens`` with ``finish_reason`` "length", as
+OpenAI's API does.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
-import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -41,10 +46,12 @@ log = logging.getLogger(__name__)
 # exactly this spacing, no free whitespace (a random or confused model would fill a row with
 # spaces and newlines otherwise).
 JSON_SEPARATORS = (", ", ": ")
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": JSON_SEPARATORS[0],
+                "key_separator": JSON_SEPARATORS[1]}
 # Tokens left when a grammar row starts closing its JSON. The record's deepest point (inside a
 # key of a lab value) closes in under 20 tokens even when every token is one character.
 CLOSE_RESERVE = 24
-LONGEST_STEERED = 32  # token lengths (bytes) told apart when steering; longer ones count as this
+COMPILED_KEPT = 64  # distinct response formats kept compiled (a user schema compiles in ~1-4 ms)
 
 
 class GrammarError(ValueError):
@@ -56,11 +63,11 @@ class ResponseFormat:
     """What an answer must be: any JSON object, or JSON valid against ``schema`` (JSON text).
 
     Frozen and hashable (the schema is kept as text), so it travels inside
-    :class:`medvl.engine.SamplingParams`.
+    :class:`medvl.engine.SamplingParams` and keys the cache of compiled grammars.
     """
 
     kind: Literal["json_object", "json_schema"]
-    schema: str = ""
+    schema: str = '{"type": "object"}'
 
     @classmethod
     def json_object(cls) -> ResponseFormat:
@@ -70,31 +77,28 @@ class ResponseFormat:
     def json_schema(cls, schema: dict[str, Any]) -> ResponseFormat:
         if not isinstance(schema, dict):
             raise GrammarError("the JSON schema must be an object")
-        return cls("json_schema", json.dumps(schema, sort_keys=False))
-
-
-def _clean(error: Exception) -> str:
-    """xgrammar's message without its C++ source location."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text)
+        return cls("json_schema", json.dumps(schema))
 
 
 class RowGrammar:
     """One request's grammar state: its matcher, and whether the answer is inside a string."""
 
-    def __init__(self, matcher: Any, token_bytes: list[bytes]) -> None:
+    def __init__(self, matcher: Any, token_bytes: list[bytes], stop_ids: frozenset[int]) -> None:
         self.matcher = matcher
         self._token_bytes = token_bytes
+        self._stop_ids = stop_ids
         self.in_string = False
         self._escaped = False
+        self.finished = False  # its end token was chosen: nothing after it is part of the answer
         self.closed_early = False  # steered to close because the budget ran low
 
     def accept(self, token: int) -> bool:
         """Advance past ``token`` (the one chosen under this row's mask); False if refused."""
-        if self.matcher.is_terminated():
-            return True  # after the end token nothing more counts (a wasted look-ahead token)
-        if not self.matcher.accept_token(token):
+        if self.finished:
+            return True  # a look-ahead token after the end (the engine drops it)
+        if not self.matcher.consume_token(token):
             return False
+        self.finished = token in self._stop_ids
         for byte in self._token_bytes[token] if token < len(self._token_bytes) else b"":
             if self.in_string:
                 if self._escaped:
@@ -107,116 +111,132 @@ class RowGrammar:
                 self.in_string = True
         return True
 
-    @property
-    def finished(self) -> bool:
-        return bool(self.matcher.is_terminated())
+
+def _whole_empty_value(text: bytes) -> bool:
+    """``{}``, ``[]``, ``""``, ``[]}`` and the like: brackets and quotes that open and close."""
+    return (set(text) <= set(b'{}[]"') and text.count(b"{") <= text.count(b"}")
+            and text.count(b"[") <= text.count(b"]") and text.count(b'"') % 2 == 0)
 
 
 class Grammars:
     """Compiles response formats for one tokenizer and applies the rows' masks to logits.
 
-    Built with the engine (before traffic): the tokenizer's table costs ~5 ms for this
-    project's 4 k-token stand-in, longer for a 152 k vocabulary. Compiled grammars are cached
-    by the compiler, so the record schema compiles once.
+    Built with the engine (before traffic). Compiled grammars are kept per response format
+    (each request gets a copy of the compiled matcher), so the record schema compiles once.
+
+    The masks cover the tokenizer's own tokens; the logits' extra columns (the embedding's
+    padding rows: 152,064 columns for Qwen's 151,665 tokens; 1,778 tokens in the 7b-random
+    stand-in's 152,064) are set to -inf for grammar rows apart, never walked by the grammar
+    engine: with the padding inside xgrammar's tables, a mask took 143 µs on average instead
+    of a few µs on an H100 host, and 32 grammar rows slowed decoding from 1,638 to 1,024
+    tokens/s (docs/results/h100/, first run).
     """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: list[int], device: torch.device,
+    def __init__(self, tokenizer: Any, logits_width: int, stop_ids: list[int], device: torch.device,
                  slots: int) -> None:
-        import xgrammar
+        import llguidance
+        import llguidance.hf
 
-        self._xgr = xgrammar
-        self.info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                            stop_token_ids=list(stop_ids))
-        self.compiler = xgrammar.GrammarCompiler(self.info)
-        self.vocab_size = vocab_size
+        self._llg = llguidance
+        self.vocab_size = min(len(tokenizer), logits_width)  # token ids the tokenizer has
+        self.logits_width = logits_width
+        self.stop_ids = frozenset(stop_ids)
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=list(stop_ids))
+        self.executor = llguidance.LLExecutor()
         self.device = device
-        self._token_bytes = list(self.info.decoded_vocab)
-        self.bitmask = xgrammar.allocate_token_bitmask(slots, vocab_size)
-        if device.type == "cuda":
-            self.bitmask = self.bitmask.pin_memory()
+        self._token_bytes = [self.tokenizer.decode_bytes([t]) for t in range(self.vocab_size)]
+        words = (self.vocab_size + 31) // 32
+        self.bitmask = torch.full((slots, words), -1, dtype=torch.int32)
+        self._rows = torch.zeros(slots, dtype=torch.long)  # the masked rows' indices, copied with the masks
+        if device.type == "cuda":  # pinned: copies that do not wait for the step in flight
+            self.bitmask, self._rows = self.bitmask.pin_memory(), self._rows.pin_memory()
+        self._words = self.bitmask.numpy().view(np.uint32)  # the same memory, for bit tests
+        self._shifts = torch.arange(32, dtype=torch.int32, device=device)
+        self._compiled: collections.OrderedDict[ResponseFormat, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()  # compile is called from request threads
         self._closers = self._closing_tiers()
 
     # ---- compiling
     def compile(self, fmt: ResponseFormat) -> Any:
-        """The compiled grammar of ``fmt``, or :class:`GrammarError` naming the problem."""
+        """The compiled matcher of ``fmt`` (copy it per request), or :class:`GrammarError`."""
+        with self._lock:
+            if fmt in self._compiled:
+                self._compiled.move_to_end(fmt)
+                return self._compiled[fmt]
         try:
-            if fmt.kind == "json_object":  # any object: keys the schema does not name are allowed
-                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
-                                                         separators=JSON_SEPARATORS, strict_mode=False)
-            return self.compiler.compile_json_schema(fmt.schema, any_whitespace=False, separators=JSON_SEPARATORS)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise GrammarError(f"the JSON schema cannot be used: {_clean(exc)}") from None
+            grammar = self._llg.LLMatcher.grammar_from_json_schema(fmt.schema, defaults=JSON_OPTIONS)
+        except (ValueError, TypeError) as exc:
+            raise GrammarError(f"the JSON schema cannot be used: {exc}") from None
+        matcher = self._llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"the JSON schema cannot be used: {' '.join(matcher.get_error().split())}")
+        with self._lock:
+            self._compiled[fmt] = matcher
+            while len(self._compiled) > COMPILED_KEPT:
+                self._compiled.popitem(last=False)
+        return matcher
 
     def row(self, fmt: ResponseFormat) -> RowGrammar:
         """A fresh matcher for one request."""
-        return RowGrammar(self._xgr.GrammarMatcher(self.compile(fmt)), self._token_bytes)
+        return RowGrammar(self.compile(fmt).deep_copy(), self._token_bytes, self.stop_ids)
 
-    # ---- masking
-    def _pack(self, bits: torch.Tensor) -> torch.Tensor:
-        """A bool per token id -> xgrammar's bitmask words (signed int32, bit ``i % 32`` of word ``i // 32``)."""
-        words = (bits.view(-1, 32).to(torch.int64) << torch.arange(32)).sum(dim=1)
-        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    # ---- steering a row to close its JSON
+    def _closing_tiers(self) -> dict[str, list[int]]:
+        """The tokens that close JSON, by preference (see the module docstring), longest first;
+        and every token by length (for the last resort)."""
+        lengths = np.array([0 if self.tokenizer.is_special_token(t) else len(b) for t, b in enumerate(self._token_bytes)])
+        self._by_length = np.argsort(-lengths, kind="stable")  # token ids, longest first
+        self._by_length = self._by_length[lengths[self._by_length] > 0]
 
-    def _closing_tiers(self) -> dict[str, torch.Tensor]:
-        """Bitmasks of the tokens that close JSON, by preference (see the module docstring), and
-        of the tokens of each length (``_by_length[k]``: ``k + 1`` bytes; the last row: longer)."""
-        special = set(self.info.special_token_ids)
-        width = self.bitmask.shape[1] * 32
-        lengths = torch.zeros(width, dtype=torch.long)
-        for token, text in enumerate(self._token_bytes):
-            lengths[token] = 0 if token in special else min(len(text), LONGEST_STEERED)
-        self._by_length = torch.stack([self._pack(lengths == k) for k in range(1, LONGEST_STEERED + 1)])
-
-        def mask_of(test: Any) -> torch.Tensor:
-            bits = torch.zeros(width, dtype=torch.bool)
-            for token, text in enumerate(self._token_bytes):
-                if text and token not in special and test(text):
-                    bits[token] = True
-            return self._pack(bits)
+        def tokens(test: Any) -> list[int]:
+            return [int(t) for t in self._by_length if test(self._token_bytes[t])]
 
         return {
-            "quote": mask_of(lambda t: t[:1] == b'"' and set(t[1:]) <= set(b"]}")),
-            "brackets": mask_of(lambda t: set(t) <= set(b"]}")),
-            "empty": mask_of(lambda t: set(t) <= set(b'"]}: ')),
-            "onward": mask_of(lambda t: set(t) <= set(b'"]}:, ')),
+            "quote": tokens(lambda t: t[:1] == b'"' and set(t[1:]) <= set(b"]}")),
+            "brackets": tokens(lambda t: set(t) <= set(b"]}")),
+            "empty": tokens(lambda t: set(t) <= set(b'"]}: ')),
+            "onward": tokens(lambda t: set(t) <= set(b'"]}:, ')),
+            "whole": tokens(_whole_empty_value),
         }
 
-    def _longest(self, words: torch.Tensor) -> torch.Tensor:
-        """The longest of the tokens in ``words`` (fewest steps to the end): one AND against the
-        masks of each length (~50 µs for a 152 k vocabulary), not a pass over the vocabulary."""
-        by_length = self._by_length & words
-        longest = int(by_length.any(dim=1).nonzero().max())
-        return by_length[longest]
+    def _allowed(self, index: int, token: int) -> bool:
+        return bool((self._words[index, token >> 5] >> np.uint32(token & 31)) & 1)
 
     def _steer_to_close(self, index: int, row: RowGrammar) -> None:
-        """Narrow row ``index``'s mask to its most closing tokens the grammar allows, the longest
-        of them; when none closes (a key's letters, a number's digits, an enum's value), the
-        longest allowed token."""
-        allowed = self.bitmask[index]
+        """Narrow row ``index``'s mask to the one token that best closes its JSON."""
         row.closed_early = True
-        for tier in (("quote",) if row.in_string else ("brackets", "empty", "onward")):
-            narrowed = allowed & self._closers[tier]
-            if bool(narrowed.any()):
-                allowed.copy_(self._longest(narrowed))
+        for tier in (("quote",) if row.in_string else ("brackets", "empty", "onward", "whole")):
+            choice = next((t for t in self._closers[tier] if self._allowed(index, t)), None)
+            if choice is not None:
+                break
+        else:  # nothing closes here: the longest token the grammar allows
+            allowed = np.unpackbits(self._words[index].view(np.uint8), bitorder="little")[self._by_length]
+            if not allowed.any():
                 return
-        allowed.copy_(self._longest(allowed.clone()))
+            choice = int(self._by_length[int(np.argmax(allowed))])
+        self.bitmask[index].zero_()
+        self._words[index, choice >> 5] = np.uint32(1) << np.uint32(choice & 31)
 
+    # ---- masking
+    @torch.inference_mode()
     def apply(self, logits: torch.Tensor, rows: list[tuple[int, RowGrammar, int]]) -> None:
         """Mask ``logits`` (``[batch, vocab]``) in place for ``rows``: (row index, grammar,
         tokens left in its budget). Rows not listed are left as they are."""
         if not rows:
             return
+        from llguidance.torch import fill_next_token_bitmask_par
+
+        fill_next_token_bitmask_par(self.executor, [(row.matcher, index) for index, row, _ in rows], self.bitmask)
         for index, row, left in rows:
-            row.matcher.fill_next_token_bitmask(self.bitmask, index)
             if left <= CLOSE_RESERVE:
                 self._steer_to_close(index, row)
-        # From pinned memory, without waiting; the buffer is refilled only after this step's
+        # From pinned memory, without waiting; the buffers are refilled only after this step's
         # tokens were read back, which is later on the same stream.
-        mask = self.bitmask[: logits.shape[0]].to(logits.device, non_blocking=True)
-        self._xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size,
-                                              indices=[index for index, _, _ in rows])
-
-    def warm_up(self) -> None:
-        """Compile the masking kernel (Triton on a GPU) before traffic."""
-        logits = torch.zeros(1, self.vocab_size, device=self.device)
-        self._xgr.apply_token_bitmask_inplace(logits, self.bitmask[:1].to(self.device), vocab_size=self.vocab_size)
+        count = len(rows)
+        self._rows[:count] = torch.tensor([index for index, _, _ in rows])
+        indices = self._rows[:count].to(logits.device, non_blocking=True)
+        words = self.bitmask[: logits.shape[0]].to(logits.device, non_blocking=True).index_select(0, indices)
+        allowed = ((words.unsqueeze(-1) >> self._shifts) & 1).view(count, -1)[:, : self.vocab_size].bool()
+        blocked = torch.ones(count, self.logits_width, dtype=torch.bool, device=logits.device)
+        blocked[:, : self.vocab_size] = ~allowed  # ids past the tokenizer: never valid
+        logits.index_copy_(0, indices, logits.index_select(0, indices).masked_fill_(blocked, float("-inf")))

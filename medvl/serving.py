@@ -36,11 +36,10 @@ def build_engine(model: Any, processor: Any, decode: DecodeSettings, slots: int 
 
 
 def warm_up(engine: Engine, image: Image.Image | None = None, prompt: str = "Warm-up.") -> dict[int, float]:
-    """Compile and capture every batch bucket's step on a page (a blank one by default), the
-    grammar-mask kernel and the record's grammar (/extract's); returns seconds per bucket."""
+    """Compile and capture every batch bucket's step on a page (a blank one by default), and
+    compile the record's grammar (/extract's); returns seconds per bucket."""
     blank = engine.prepare(image or Image.new("RGB", (448, 448), "white"), prompt)
     inputs = {k: v.to(engine.device) for k, v in blank.tensors.items()}
-    engine.grammars.warm_up()
     engine.grammars.compile(RECORD_FORMAT)
     return engine.decoder.warm_up(inputs)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,8 @@ VISION_TINY: dict[str, Any] = {
 ARCHITECTURES = {"tiny": (TEXT_TINY, VISION_TINY), "7b": (TEXT_7B, VISION_7B)}
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
-    """Byte-level BPE over synthetic medical text, split the way Qwen2 splits."""
+def train_tokenizer(vocab_size: int, corpus: Iterable[str] | None = None) -> Tokenizer:
+    """Byte-level BPE over ``corpus`` (default: synthetic medical text), split the way Qwen2 splits."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
@@ -108,16 +109,14 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(tokenizer_corpus() if corpus is None else corpus, trainer=trainer)
     return tokenizer
 
 
-def build_processor(vocab_size: int, min_pixels: int, max_pixels: int):
-    """A Qwen2_5_VLProcessor around a freshly trained tokenizer."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+def qwen_tokenizer(bpe: Tokenizer) -> Any:
+    """A Qwen2Tokenizer around a trained BPE, with Qwen's special tokens and end token."""
+    from transformers import Qwen2Tokenizer
 
-    bpe = train_tokenizer(vocab_size)
     state = json.loads(bpe.to_str())
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]]
     tokenizer = Qwen2Tokenizer(
@@ -127,6 +126,15 @@ def build_processor(vocab_size: int, min_pixels: int, max_pixels: int):
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
     tokenizer.padding_side = "left"  # batched generation pads on the left
+    return tokenizer
+
+
+def build_processor(vocab_size: int, min_pixels: int, max_pixels: int):
+    """A Qwen2_5_VLProcessor around a freshly trained tokenizer."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tokenizer = qwen_tokenizer(train_tokenizer(vocab_size))
     image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     video_processor = Qwen2VLVideoProcessor()
     return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,

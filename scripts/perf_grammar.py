@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
-"""Grammar engines compared on this run's tokenizer and the extraction record's schema:
-xgrammar (what medvl/grammar.py uses) against llguidance.
+"""What a grammar costs per decoding step, on this run's tokenizer and on a 151 k-token one.
 
-For each library: the tokenizer table's build time, the record schema's compile time, and the
-time to compute one step's token mask, over the training answers of ``--answers`` synthetic
-documents replayed token by token (the answer's own next token must be allowed at every step,
-and the end token after it: a library that refuses a training answer is wrong for this
-project, whatever its speed). Then, on the run's device, the time to apply the masks to a
-``[rows, vocab]`` float32 logits tensor for 1 and 32 rows (xgrammar's kernel: Triton on a
-GPU), the per-step cost a batch of grammar rows adds.
+Two measurements, each over the training answers of ``--answers`` synthetic documents replayed
+token by token under the extraction record's schema (every answer token, and the end token
+after it, must be allowed: a library that refuses a training answer is wrong here, whatever
+its speed):
+
+- the libraries: llguidance (what medvl/grammar.py uses) against xgrammar, one mask at a
+  time: tokenizer table build, schema compile, time per mask (xgrammar is not a dependency:
+  ``pip install xgrammar==0.2.8`` to compare; without it its row says so);
+- the engine's own path (:meth:`medvl.grammar.Grammars.apply`): 1 and 32 rows masked
+  together per step (parallel fill, copy to the device, masking kernel, padding columns),
+  with and without the steering that closes JSON as a budget runs out.
+
+The run's tokenizer is the stand-in's (1,778 tokens for 7b-random, far fewer than Qwen's
+151,665, so its masks are cheap); ``--large-vocab`` also trains a byte-level BPE of that many
+tokens with Qwen's pre-tokenizer on the text of the installed Python packages (~1 minute on
+2 cores) and measures the same on it, with the model's 152,064 logit columns.
 
     python scripts/perf_grammar.py --profile 7b-random
 
@@ -21,7 +29,9 @@ import json
 import shlex
 import statistics
 import sys
+import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,17 +40,22 @@ import torch  # noqa: E402
 
 from medvl.benchmark import summarize  # noqa: E402
 from medvl.documents import KINDS, generate_document  # noqa: E402
-from medvl.grammar import JSON_SEPARATORS  # noqa: E402
+from medvl.grammar import CLOSE_RESERVE, JSON_SEPARATORS, Grammars  # noqa: E402
 from medvl.io import atomic_write_json  # noqa: E402
 from medvl.modeling import load_processor  # noqa: E402
 from medvl.phase import log, run_tool  # noqa: E402
-from medvl.records import RECORD_SCHEMA  # noqa: E402
+from medvl.records import RECORD_FORMAT, RECORD_SCHEMA  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
+from medvl.standin import qwen_tokenizer, train_tokenizer  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
+
+LARGE_CORPUS_BYTES = 300 * 2**20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--answers", type=int, default=20, help="training answers replayed (default: %(default)s)")
+    parser.add_argument("--answers", type=int, default=32, help="training answers replayed (default: %(default)s)")
+    parser.add_argument("--large-vocab", type=int, default=151643,
+                        help="also measure on a BPE of this many tokens trained here (0: skip; default: %(default)s)")
     parser.add_argument("--out", default="", help="output JSON (default: benchmarks/perf_grammar.json)")
 
 
@@ -50,8 +65,12 @@ def microseconds(samples: list[float]) -> dict[str, float]:
             "p99": 1e6 * ordered[int(0.99 * (len(ordered) - 1))], "max": 1e6 * ordered[-1], "n": len(ordered)}
 
 
+def bit(mask: torch.Tensor, token: int) -> bool:
+    return bool((int(mask[0, token // 32]) >> (token % 32)) & 1)
+
+
 def replay(new_matcher, fill, accept, allowed, answers: list[list[int]], end: int) -> dict:
-    """Mask before every token of every answer (and the end token), timing only the mask."""
+    """One mask before every token of every answer (and the end token), timing only the mask."""
     times, refused = [], 0
     for tokens in answers:
         matcher = new_matcher()
@@ -64,34 +83,33 @@ def replay(new_matcher, fill, accept, allowed, answers: list[list[int]], end: in
     return {"mask_us": microseconds(times), "steps": len(times), "tokens_refused": refused}
 
 
-def bit(mask: torch.Tensor, token: int) -> bool:
-    return bool((int(mask[0, token // 32]) >> (token % 32)) & 1)
-
-
-def measure_xgrammar(tokenizer, vocab: int, end: int, answers: list[list[int]]) -> dict:
-    import xgrammar as xgr
+def measure_xgrammar(tokenizer, end: int, answers: list[list[int]]) -> dict:
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        return {"library": "xgrammar", "error": "not installed (pip install xgrammar==0.2.8)"}
 
     started = time.perf_counter()
-    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=[end])
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer), stop_token_ids=[end])
     compiler = xgr.GrammarCompiler(info, cache_enabled=False)
     table_s = time.perf_counter() - started
     started = time.perf_counter()
     grammar = compiler.compile_json_schema(RECORD_SCHEMA, any_whitespace=False, separators=JSON_SEPARATORS)
     compile_s = time.perf_counter() - started
-    mask = xgr.allocate_token_bitmask(1, vocab)
+    mask = xgr.allocate_token_bitmask(1, len(tokenizer))
     result = replay(lambda: xgr.GrammarMatcher(grammar), lambda m: m.fill_next_token_bitmask(mask, 0),
                     lambda m, t: m.accept_token(t), lambda t: bit(mask, t), answers, end)
     return {"library": "xgrammar", "version": importlib.metadata.version("xgrammar"), "tokenizer_table_s": table_s,
             "record_schema_compile_s": compile_s, **result}
 
 
-def measure_llguidance(tokenizer, vocab: int, end: int, answers: list[list[int]]) -> dict:
+def measure_llguidance(tokenizer, end: int, answers: list[list[int]]) -> dict:
     import llguidance
     import llguidance.hf
     import llguidance.torch as llt
 
     started = time.perf_counter()
-    lltokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=end)
+    lltokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=end)
     table_s = time.perf_counter() - started
     started = time.perf_counter()
     grammar = llguidance.LLMatcher.grammar_from_json_schema(RECORD_SCHEMA, defaults={
@@ -100,59 +118,83 @@ def measure_llguidance(tokenizer, vocab: int, end: int, answers: list[list[int]]
     compile_s = time.perf_counter() - started
     if error:
         return {"library": "llguidance", "error": error}
-    mask = llt.allocate_token_bitmask(1, vocab)
+    mask = llt.allocate_token_bitmask(1, len(tokenizer))
     result = replay(lambda: llguidance.LLMatcher(lltokenizer, grammar), lambda m: llt.fill_next_token_bitmask(m, mask, 0),
                     lambda m, t: m.consume_token(t), lambda t: bit(mask, t), answers, end)
     return {"library": "llguidance", "version": importlib.metadata.version("llguidance"),
-            "tokenizer_table_s": table_s, "record_schema_validate_s": compile_s, **result}
+            "tokenizer_table_s": table_s, "record_schema_compile_s": compile_s, **result}
 
 
-def apply_cost(vocab: int, device: torch.device, repeats: int = 50) -> dict:
-    """Applying masks to logits on ``device``: copy the bitmask there and mask in place."""
-    import xgrammar as xgr
-
-    out = {}
-    for rows in (1, 32):
-        logits = torch.randn(rows, vocab, device=device)
-        mask = xgr.allocate_token_bitmask(rows, vocab)
+def engine_masks(tokenizer, logits_width: int, end: int, answers: list[list[int]], rows: int,
+                 steering: bool, device: torch.device) -> dict:
+    """:meth:`Grammars.apply` over ``rows`` answers replayed in lockstep: time per step (CUDA
+    synchronised) while every row is inside its answer; with ``steering``, every row's mask is
+    also narrowed as in its last CLOSE_RESERVE tokens (the rows still follow their answers)."""
+    grammars = Grammars(tokenizer, logits_width, [end], device, rows)
+    batch = answers[:rows]
+    matchers = [grammars.row(RECORD_FORMAT) for _ in batch]
+    logits = torch.zeros(rows, logits_width, device=device)
+    left = CLOSE_RESERVE if steering else 10**6
+    times = []
+    for step in range(min(len(a) for a in batch)):
         if device.type == "cuda":
-            mask = mask.pin_memory()
-        times = []
-        for i in range(repeats + 5):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            xgr.apply_token_bitmask_inplace(logits, mask.to(device, non_blocking=True), vocab_size=vocab,
-                                            indices=list(range(rows)))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 5:  # the first calls compile the kernel
-                times.append(time.perf_counter() - started)
-        out[f"rows_{rows}"] = microseconds(times)
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        grammars.apply(logits, [(i, m, left) for i, m in enumerate(matchers)])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= 3:  # the first steps compile the masking kernel
+            times.append(time.perf_counter() - started)
+        for matcher, answer in zip(matchers, batch, strict=True):
+            matcher.accept(answer[step])  # the answer's token: the states a real answer passes through
+    return {"rows": rows, "steering": steering, "step_us": microseconds(times)}
+
+
+def installed_text() -> Iterator[str]:
+    """The installed packages' Python and text files, up to LARGE_CORPUS_BYTES, in a fixed order."""
+    total = 0
+    for path in sorted(Path(sysconfig.get_paths()["purelib"]).rglob("*")):
+        if path.suffix in (".py", ".pyi", ".md", ".rst", ".txt") and path.is_file():
+            text = path.read_text(errors="ignore")
+            total += len(text)
+            yield text
+            if total > LARGE_CORPUS_BYTES:
+                return
+
+
+def measure(name: str, tokenizer, logits_width: int, answers_text: list[str], device: torch.device) -> dict:
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers_text]
+    out = {"tokenizer": name, "tokenizer_tokens": len(tokenizer), "logits_width": logits_width,
+           "answer_tokens": summarize([float(len(a)) for a in answers]),
+           "libraries": [measure_llguidance(tokenizer, end, answers), measure_xgrammar(tokenizer, end, answers)],
+           "engine": [engine_masks(tokenizer, logits_width, end, answers, rows, steering, device)
+                      for rows in (1, 32) for steering in (False, True)]}
+    for lib in (lib for lib in out["libraries"] if "error" not in lib):
+        log.info("%s: %-10s mask mean %.1f us p50 %.1f us p99 %.1f us over %d steps, %d refused", name, lib["library"],
+                 lib["mask_us"]["mean"], lib["mask_us"]["p50"], lib["mask_us"]["p99"], lib["steps"], lib["tokens_refused"])
+    for row in out["engine"]:
+        log.info("%s: engine, %2d rows%s: %.0f us per step (p50)", name, row["rows"],
+                 " steering" if row["steering"] else "", row["step_us"]["p50"])
     return out
 
 
 def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
     model_dir = wd.base_model_dir(settings)
-    tokenizer = load_processor(model_dir, None).tokenizer
     config = json.loads((model_dir / "config.json").read_text())
-    vocab = int(config.get("text_config", config).get("vocab_size") or config["vocab_size"])
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    answers = [tokenizer(generate_document(i, KINDS[i % len(KINDS)]).target_answer(), add_special_tokens=False)["input_ids"]
-               for i in range(args.answers)]
+    logits_width = int(config.get("text_config", config)["vocab_size"])
+    answers = [generate_document(i, KINDS[i % len(KINDS)]).target_answer() for i in range(args.answers)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {**settings.record(("model",)), "command": shlex.join(["python", *sys.argv]),
-              "tokenizer_tokens": len(tokenizer), "model_vocab": vocab, "answers": len(answers),
-              "answer_tokens": summarize([float(len(a)) for a in answers]),
               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-              "libraries": [measure_xgrammar(tokenizer, vocab, end, answers),
-                            measure_llguidance(tokenizer, vocab, end, answers)],
-              "apply_masks_us": apply_cost(vocab, device)}
-    for lib in report["libraries"]:
-        log.info("%-10s mask mean %.1f us p50 %.1f us p99 %.1f us, %d steps, %d refused", lib["library"],
-                 lib["mask_us"]["mean"], lib["mask_us"]["p50"], lib["mask_us"]["p99"], lib["steps"],
-                 lib["tokens_refused"])
-    log.info("apply masks on %s: %s", report["device"], {k: round(v["p50"], 1) for k, v in report["apply_masks_us"].items()})
+              "answers": len(answers), "results": []}
+    report["results"].append(measure("run", load_processor(model_dir, None).tokenizer, logits_width, answers, device))
+    if args.large_vocab:
+        started = time.perf_counter()
+        large = qwen_tokenizer(train_tokenizer(args.large_vocab, installed_text()))
+        log.info("trained a %d-token BPE in %.0f s", len(large), time.perf_counter() - started)
+        report["large_tokenizer_train_s"] = time.perf_counter() - started
+        report["results"].append(measure(f"bpe-{len(large)}", large, max(logits_width, 152064), answers, device))
     atomic_write_json(Path(args.out) if args.out else wd.bench("perf_grammar"), report)
     return report
 

@@ -128,7 +128,7 @@ def test_a_schema_that_does_not_compile_is_a_400_naming_response_format(client, 
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="medvl", messages=messages, max_tokens=8, response_format=bad)
     body = refused.value.body
-    assert body["param"] == "response_format" and body["code"] == "invalid_response_format" and "Unclosed" in body["message"]
+    assert body["param"] == "response_format" and body["code"] == "invalid_response_format" and "unclosed character class" in body["message"]
 
 
 def test_extract_answers_parse_as_json_valid_against_the_record_schema(server, page_png):

@@ -3,8 +3,8 @@
 # 1-2), compares the grammar libraries on its tokenizer (scripts/perf_grammar.py), then serves
 # it and measures chat decoding with and without a grammar, in the same server, at 1 and 32
 # clients (scripts/perf_serving.py --response-formats). Writes $OUT/perf_grammar.json and
-# $OUT/perf_serving_grammar.json. Expects the wheels under .whl/ (xgrammar, apache-tvm-ffi,
-# llguidance and the server's stack; the GPU image lacks them).
+# $OUT/perf_serving_grammar.json. Expects the wheels under .whl/ (llguidance; xgrammar and
+# apache-tvm-ffi for the comparison; the server's stack: the GPU image lacks them).
 set -uo pipefail
 source "$(dirname "$0")/wheels.sh"
 wd=/tmp/perf-7b-random
