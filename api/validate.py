@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from medvl.records import is_valid_record
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -96,10 +98,24 @@ def _call(client: httpx.Client, method: str, url: str, expect: int, check, **kwa
                 "detail": f"{type(exc).__name__}: {exc}"}
 
 
-def validate(base: str, image_path: Path, api_key: str | None = None) -> dict[str, Any]:
-    """Every endpoint, its happy path and a bad input each; returns per-endpoint results."""
+def extract_every_page(client: httpx.Client, pages: list[Path]) -> dict[str, Any]:
+    """/extract on every page: each answer must be JSON valid against the record's schema."""
+    started = time.perf_counter()
+    valid, statuses = 0, []
+    for page in pages:
+        response = client.post("/extract", files={"file": (page.name, png_of(page), "image/png")})
+        statuses.append(response.status_code)
+        valid += response.status_code == 200 and is_valid_record(response.json()["raw_text"])
+    ok = valid == len(pages) > 0
+    return {"status": 200 if set(statuses) == {200} else max(statuses, default=None), "expected": 200, "ok": ok,
+            "latency_s": time.perf_counter() - started, "detail": f"{valid}/{len(pages)} answers valid against the schema"}
+
+
+def validate(base: str, pages: list[Path], api_key: str | None = None) -> dict[str, Any]:
+    """Every endpoint, its happy path (on the first page) and a bad input each, and /extract on
+    every page; returns per-endpoint results."""
     headers = {"X-API-Key": api_key} if api_key else {}
-    image = png_of(image_path)
+    image = png_of(pages[0])
     data_url = "data:image/png;base64," + base64.b64encode(image).decode()
     chat = {"model": "medvl", "max_tokens": 16, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": "List the medications."}]}]}
@@ -127,6 +143,7 @@ def validate(base: str, image_path: Path, api_key: str | None = None) -> dict[st
                                                         json={**chat, "stream": True}),
             "GET /benchmark": _call(client, "GET", "/benchmark", 200, lambda r: isinstance(r.json(), dict)),
             "GET /metrics": _call(client, "GET", "/metrics", 200, lambda r: "medvl_requests_total" in r.text),
+            "POST /extract (every page: JSON valid against the record schema)": extract_every_page(client, pages),
             "POST /extract (empty file -> 400)": _call(client, "POST", "/extract", 400,
                                                        lambda r: r.json()["error"]["code"] == "empty_file",
                                                        files={"file": ("x.png", b"", "image/png")}),

@@ -26,7 +26,7 @@ from medvl import benchmark, scoring
 from medvl.documents import generate_document, save_document
 from medvl.evalsuite import evaluation_documents
 from medvl.prompts import EXTRACTION_PROMPT
-from medvl.records import RECORD_FORMAT, structured_result
+from medvl.records import RECORD_FORMAT, is_valid_record, structured_result
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ def decoding_outcomes(rows: list[dict[str, Any]]) -> dict[str, Any]:
     free = [r for r in rows if not r["record"]]
     return {"record_answers": len(records),
             "record_parse_status": dict(Counter(r["parse_status"] for r in records)),
+            "record_valid_against_schema": sum(is_valid_record(r["response"]) for r in records),
             "record_closed_early": sum(r["closed_early"] for r in records),
             "record_hit_max_tokens": sum(r["finish_reason"] == "length" for r in records),
             "free_text_answers": len(free),

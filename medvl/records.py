@@ -58,6 +58,15 @@ RECORD_SCHEMA: dict[str, Any] = ExtractionRecord.model_json_schema()
 RECORD_FORMAT = ResponseFormat.json_schema(RECORD_SCHEMA)
 
 
+def is_valid_record(text: str) -> bool:
+    """Whether ``text`` is JSON valid against :data:`RECORD_SCHEMA` (as the grammar promises)."""
+    try:
+        ExtractionRecord.model_validate_json(text, strict=True)
+    except ValueError:
+        return False
+    return True
+
+
 def empty_structured() -> dict[str, Any]:
     return ExtractionRecord().model_dump()
 

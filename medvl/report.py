@@ -314,7 +314,8 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
         decoding = report.get("decoding") or {}
         if decoding:
             parts += [f"Extraction answers are decoded under the record's JSON schema: of the fine-tuned model's "
-                      f"{decoding['record_answers']}, parse status {json.dumps(decoding['record_parse_status'])}; "
+                      f"{decoding['record_answers']}, {decoding['record_valid_against_schema']} are JSON valid against it "
+                      f"(parse status {json.dumps(decoding['record_parse_status'])}); "
                       f"{decoding['record_closed_early']} were steered to close their JSON as the token budget ran "
                       f"out, {decoding['record_hit_max_tokens']} hit it before the JSON closed. Free-text answers "
                       f"({decoding['free_text_answers']}) by parse status (repair and lexicon fallback): "

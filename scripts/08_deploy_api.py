@@ -3,7 +3,8 @@
 
 Starts `python -m api.server` in a subprocess on a free loopback port (the model loads in
 the background; /health answers 503 until it is ready), calls every endpoint with a
-phase-3 document plus two bad inputs, writes benchmarks/api_validation.json (per-endpoint
+phase-3 document plus two bad inputs, /extract on all five phase-3 documents (each answer must
+be JSON valid against the record's schema), writes benchmarks/api_validation.json (per-endpoint
 status and latency) and stops the server.
 """
 
@@ -21,10 +22,10 @@ from medvl.workdir import Workdir  # noqa: E402
 
 
 def main(settings: Settings, wd: Workdir) -> dict:
-    image = sorted(wd.test_images.glob("*.png"))[0]
+    pages = sorted(wd.test_images.glob("*.png"))
     try:
         with running_server(wd.root, settings.profile) as base:
-            checks = validate(base, image)
+            checks = validate(base, pages)
     except (RuntimeError, TimeoutError) as exc:
         raise PhaseError(f"the API did not start: {exc}") from None
     health = checks["GET /health"]
