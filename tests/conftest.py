@@ -25,6 +25,24 @@ def tiny_settings() -> Settings:
     return load_settings("tiny")
 
 
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tiny_settings):
+    """The serving engine over the tiny model, 4 cache slots, driven by the test's thread."""
+    from medvl.modeling import load_model, load_processor
+    from medvl.serving import build_engine
+
+    model = load_model(tiny_model_dir, tiny_settings)
+    return build_engine(model, load_processor(tiny_model_dir, None), tiny_settings.decode, slots=4)
+
+
+def run_to_end(engine, requests):
+    """Drive the engine's loop in this thread until every request has ended; their results."""
+    while not all(r.future.done() for r in requests):
+        engine.run_once()
+    engine.drain()
+    return [r.future.result() for r in requests]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_settings) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")

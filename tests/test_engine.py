@@ -9,29 +9,16 @@ import torch
 
 from medvl.documents import benchmark_documents, render_document
 from medvl.engine import Overloaded, PromptTooLong, SamplingParams
-from medvl.modeling import load_model, load_processor
+from medvl.modeling import load_model
 from medvl.prompts import BENCHMARK_PROMPTS
-from medvl.serving import build_engine
 
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir, tiny_settings):
-    model = load_model(tiny_model_dir, tiny_settings)
-    return build_engine(model, load_processor(tiny_model_dir, None), tiny_settings.decode, slots=4)
+from conftest import run_to_end
 
 
 @pytest.fixture(scope="module")
 def prompts(engine):
     docs = benchmark_documents(1234, 3)
     return [engine.prepare(render_document(d), BENCHMARK_PROMPTS[d.kind]) for d in docs]
-
-
-def run(engine, requests):
-    """Drive the loop in this thread until every request has ended."""
-    while not all(r.future.done() for r in requests):
-        engine.run_once()
-    engine.drain()
-    return [r.future.result() for r in requests]
 
 
 def test_a_request_that_joins_mid_answer_gets_its_tokens_alone(engine, prompts):
@@ -43,7 +30,7 @@ def test_a_request_that_joins_mid_answer_gets_its_tokens_alone(engine, prompts):
     engine.run_once()
     engine.run_once()
     third = engine.submit(prompts[2], SamplingParams(30))
-    results = run(engine, [first, second, third])
+    results = run_to_end(engine, [first, second, third])
     assert [r.token_ids for r in results] == alone
 
 
@@ -56,7 +43,7 @@ def test_rows_of_different_lengths_end_independently(engine, prompts):
         engine.run_once()
     assert not requests[1].future.done() and engine.num_running == 2
     late = engine.submit(prompts[2], SamplingParams(25, ignore_eos=True))
-    results = run(engine, [*requests, late])
+    results = run_to_end(engine, [*requests, late])
     assert [r.generated_tokens for r in results] == [3, 25, 12, 25]
     assert [r.finish_reason for r in results] == ["length"] * 4
     assert results[3].token_ids == alone
@@ -112,7 +99,7 @@ def test_a_full_queue_and_a_too_long_request_are_refused_at_once(engine, prompts
     queued = [engine.submit(prompts[0], SamplingParams(2)) for _ in range(engine.max_waiting)]
     with pytest.raises(Overloaded):
         engine.submit(prompts[0], SamplingParams(2))
-    run(engine, queued)
+    run_to_end(engine, queued)
 
 
 def test_a_failing_prefill_fails_only_its_own_request(engine, prompts):
@@ -138,7 +125,7 @@ def test_streaming_text_is_the_answer(engine, prompts):
             pieces.append(piece)
 
     request = engine.submit(prompts[0], SamplingParams(20, ignore_eos=True), on_text)
-    (result,) = run(engine, [request])
+    (result,) = run_to_end(engine, [request])
     assert "".join(pieces) == result.text and len(pieces) > 1
 
 

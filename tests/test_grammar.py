@@ -10,29 +10,16 @@ import pytest
 from medvl.documents import KINDS, benchmark_documents, generate_document, render_document
 from medvl.engine import SamplingParams
 from medvl.grammar import CLOSE_RESERVE, GrammarError, ResponseFormat
-from medvl.modeling import load_model, load_processor
 from medvl.prompts import BENCHMARK_PROMPTS, EXTRACTION_PROMPT
 from medvl.records import RECORD_FORMAT, RECORD_SCHEMA, structured_result
-from medvl.serving import build_engine
 
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir, tiny_settings):
-    model = load_model(tiny_model_dir, tiny_settings)
-    return build_engine(model, load_processor(tiny_model_dir, None), tiny_settings.decode, slots=4)
+from conftest import run_to_end
 
 
 @pytest.fixture(scope="module")
 def pages(engine):
     docs = benchmark_documents(99, 3)
     return [render_document(d) for d in docs], [BENCHMARK_PROMPTS[d.kind] for d in docs]
-
-
-def run(engine, requests):
-    while not all(r.future.done() for r in requests):
-        engine.run_once()
-    engine.drain()
-    return [r.future.result() for r in requests]
 
 
 def test_the_record_grammar_accepts_every_training_answer_token_by_token(engine):
@@ -60,7 +47,7 @@ def test_grammar_rows_answer_valid_json_beside_free_rows_that_stay_unchanged(eng
         engine.run_once()  # the next rows join mid-answer
     mixed += [engine.submit(engine.prepare(images[2], prompts[2]), SamplingParams(20)),
               engine.submit(extract[1], SamplingParams(120, response_format=RECORD_FORMAT))]
-    results = run(engine, mixed)
+    results = run_to_end(engine, mixed)
     assert [results[1].token_ids, results[2].token_ids] == free_alone
     assert results[0].token_ids == grammar_alone.token_ids  # masks follow their own row, whatever joins
     for result in (results[0], results[3]):
