@@ -151,6 +151,7 @@ class Grammars:
         if device.type == "cuda":  # pinned: copies that do not wait for the step in flight
             self.bitmask, self._rows = self.bitmask.pin_memory(), self._rows.pin_memory()
         self._words = self.bitmask.numpy().view(np.uint32)  # the same memory, for bit tests
+        self._copied: torch.cuda.Event | None = None  # marks the end of the last copy out of those buffers
         self._shifts = torch.arange(32, dtype=torch.int32, device=device)
         self._compiled: collections.OrderedDict[ResponseFormat, Any] = collections.OrderedDict()
         self._lock = threading.Lock()  # compile is called from request threads
@@ -226,16 +227,21 @@ class Grammars:
             return
         from llguidance.torch import fill_next_token_bitmask_par
 
+        if self._copied is not None:  # the buffers may still be read by the last copy (a prefill
+            self._copied.synchronize()  # can come right after a step): wait for it, not the stream
         fill_next_token_bitmask_par(self.executor, [(row.matcher, index) for index, row, _ in rows], self.bitmask)
         for index, row, left in rows:
             if left <= CLOSE_RESERVE:
                 self._steer_to_close(index, row)
-        # From pinned memory, without waiting; the buffers are refilled only after this step's
-        # tokens were read back, which is later on the same stream.
+        # From pinned memory, without waiting for the stream (the step in flight).
         count = len(rows)
         self._rows[:count] = torch.tensor([index for index, _, _ in rows])
         indices = self._rows[:count].to(logits.device, non_blocking=True)
-        words = self.bitmask[: logits.shape[0]].to(logits.device, non_blocking=True).index_select(0, indices)
+        words = self.bitmask[: logits.shape[0]].to(logits.device, non_blocking=True)
+        if logits.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        words = words.index_select(0, indices)
         allowed = ((words.unsqueeze(-1) >> self._shifts) & 1).view(count, -1)[:, : self.vocab_size].bool()
         blocked = torch.ones(count, self.logits_width, dtype=torch.bool, device=logits.device)
         blocked[:, : self.vocab_size] = ~allowed  # ids past the tokenizer: never valid
