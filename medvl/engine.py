@@ -110,7 +110,8 @@ class EngineStats:
     prefill_s: float = 0.0
     steps: int = 0
     step_rows: int = 0
-    step_launch_s: float = 0.0  # CPU time to queue steps (the GPU runs them meanwhile)
+    step_launch_s: float = 0.0  # CPU time to queue steps (the GPU runs them meanwhile); with grammar
+    # rows it includes reading the previous step's tokens and the masks (the GPU runs the forward pass)
     grammar_masks: int = 0  # rows masked by their grammar, over all steps
     grammar_mask_s: float = 0.0  # CPU time computing those masks and applying them
 
