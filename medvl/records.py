@@ -22,18 +22,21 @@ from pydantic import BaseModel, ConfigDict
 from medvl.grammar import ResponseFormat
 
 
-class Medication(BaseModel):
+class _Closed(BaseModel):
+    """No key beyond the declared ones (``additionalProperties: false`` in the schema: the
+    grammar then allows exactly the record's keys)."""
+
     model_config = ConfigDict(extra="forbid")
 
+
+class Medication(_Closed):
     name: str = ""
     dose: str = ""
     route: str = ""
     frequency: str = ""
 
 
-class LabValue(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LabValue(_Closed):
     name: str = ""
     value: str = ""
     unit: str = ""
@@ -41,10 +44,8 @@ class LabValue(BaseModel):
     reference_range: str = ""
 
 
-class ExtractionRecord(BaseModel):
+class ExtractionRecord(_Closed):
     """What a reader should extract from a medical document (keys in answer order)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     medications: list[Medication] = []
     diagnoses: list[str] = []
