@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from medvl.forms import FORMS, FormError, choose
 from medvl.settings import Settings, SettingsError, load_settings
 from medvl.workdir import Workdir
 
-WEIGHTS = ("bf16", "int4", "nf4")
+WEIGHTS = ("auto", *FORMS)
 DESCRIPTION = """The medvl HTTP API: structured extraction, free analysis, OpenAI-compatible chat.
 
 Every option also reads a MEDVL_<NAME> environment variable (the flag wins). The model loads
@@ -35,7 +35,7 @@ class ServerConfig:
     request_timeout_s: float = 120.0
     max_batch_size: int = 0  # requests decoding at once; 0 = the profile's decode.max_batch_size
     max_new_tokens: int = 512  # answer length for /extract, /analyze, and chat without max_tokens
-    weights: str = "bf16"  # bf16 | int4 | nf4: the served form of the weights (see resolve_model)
+    weights: str = "auto"  # auto | bf16 | awq | nf4 | int4: the served form of the weights (see resolve_model)
     served_model_name: str = "medvl"  # the model id /v1/models lists and chat requests name
     set: list[str] = field(default_factory=list)  # profile overrides, section.key=value (as the pipeline takes)
 
@@ -43,8 +43,10 @@ class ServerConfig:
         "model_path": "model folder to serve (default: the best the pipeline produced)",
         "max_batch_size": "requests decoding at once (0: the profile's decode.max_batch_size)",
         "max_new_tokens": "answer tokens for /extract and /analyze, and chat's default max_tokens",
-        "weights": "bf16 (the full-precision checkpoint; best under load), int4 (torchao at start-up, GPU: least "
-                   "memory, fastest single stream, slow prefill), nf4 (the bitsandbytes checkpoint phases 4/7 wrote)",
+        "weights": "auto (the profile's form, the one phase 7 evaluated: full precision on tiny, phase 4's 4-bit "
+                   "method on the 7b profiles), bf16 (full precision; most requests/s under load on an H100), awq (the "
+                   "AWQ int4 checkpoint, 4-bit in memory), nf4 (the bitsandbytes checkpoint), int4 (round-to-nearest "
+                   "at start-up)",
         "request_timeout_s": "a request's limit, queue included; past it 504 and its slot is freed",
         "set": "override a profile setting, e.g. decode.max_waiting=128 (repeatable)",
     }
@@ -84,35 +86,19 @@ class ServerConfig:
         return load_settings(self.profile, self.set)
 
 
-def torchao_int4_available() -> bool:
-    """torchao int4 serving needs a CUDA GPU and torchao installed."""
-    import torch
+def resolve_model(config: ServerConfig) -> tuple[Path, str, str]:
+    """The model to serve, its kind and its form (:func:`medvl.forms.choose`): --model-path,
+    else the best the pipeline produced, in the form ``--weights`` names; ``auto`` is the
+    profile's form, the one phase 7 evaluated (or a --model-path folder's own form).
 
-    return torch.cuda.is_available() and importlib.util.find_spec("torchao") is not None
-
-
-def resolve_model(config: ServerConfig) -> tuple[Path, str]:
-    """The model to serve and its kind: --model-path, else the best the pipeline produced
-    (fine-tuned if phase 7 ran, else base) in the form ``--weights`` names.
-
-    Why bf16 by default: measured under load on an H100 with ``7b-random``
-    (docs/results/h100/perf_serving*.json), bf16 served 12.8 requests/s at 32 clients where
-    torchao int4 served 0-2.7 (tinygemm's prefill takes ~3 s for a batch of 8 pages); int4
-    only wins at one stream (2.6 vs 7.5 ms per token) and in memory. NF4 (bitsandbytes)
-    decodes eagerly, uncompiled: it is there to serve what phase 7 scored on the 7b profiles.
+    Measured under load on an H100 with ``7b-random`` (docs/results/h100/perf_serving*.json),
+    bf16 served 12.8 requests/s at 32 clients where round-to-nearest int4 served 0-2.7
+    (tinygemm's prefill takes ~3 s for a batch of 8 pages); int4 wins at one stream (2.6 vs
+    7.5 ms per token) and in memory. ``--weights bf16`` trades memory for throughput, but then
+    the served model is not the one phase 7 scored on the 7b profiles (/health names the form).
     """
-    settings = config.settings()
-    wd = Workdir.at(config.workdir or None)
-    if config.weights == "int4" and not torchao_int4_available():
-        raise SystemExit("--weights int4 needs a CUDA GPU and torchao")
-    if config.model_path:  # served as saved unless int4 is asked for (an NF4 folder cannot be)
-        return Path(config.model_path), "custom-int4" if config.weights == "int4" else "custom"
-    candidates = {
-        "bf16": ((wd.merged_model_dir(settings), "finetuned"), (wd.base_model_dir(settings), "base")),
-        "int4": ((wd.merged_model_dir(settings), "finetuned-int4"), (wd.base_model_dir(settings), "base-int4")),
-        "nf4": ((wd.finetuned_nf4_dir(settings), "finetuned-nf4"), (wd.nf4_model_dir(settings), "base-nf4")),
-    }[config.weights]
-    for path, kind in candidates:
-        if (path / "config.json").is_file():
-            return path, kind
-    raise SystemExit(f"no {config.weights} model found under {wd.models}; run the pipeline first or pass --model-path")
+    try:
+        return choose(config.settings(), Workdir.at(config.workdir or None), config.weights,
+                      config.model_path or "best")
+    except FormError as exc:
+        raise SystemExit(f"error: {exc}") from None

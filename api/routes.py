@@ -32,7 +32,8 @@ async def health(state: State):
     engine = served.engine if served.ready.is_set() else None
     status = "error" if served.error else ("ok" if engine is not None else "loading")
     body = HealthResponse(
-        status=status, model_loaded=engine is not None, model_path=str(served.model_dir), device=served.device,
+        status=status, model_loaded=engine is not None, model_path=str(served.model_dir), weights=served.form,
+        device=served.device,
         gpu_name=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         gpu_memory_used_mb=torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         gpu_memory_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,

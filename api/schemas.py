@@ -17,7 +17,8 @@ class Usage(BaseModel):
 
 class ModelInfo(BaseModel):
     path: str
-    kind: str
+    kind: str  # finetuned, base or custom (--model-path)
+    form: str  # how the weights are served: bf16, awq, nf4 or int4 (medvl.forms)
     device: str
 
 
@@ -58,14 +59,15 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "loading", "error"]
     model_loaded: bool
     model_path: str
+    weights: str  # the served form: bf16, awq, nf4 or int4 (medvl.forms)
     device: str
     gpu_name: str | None
     gpu_memory_used_mb: float | None
     gpu_memory_peak_mb: float | None  # torch's high-water mark since start (weights, cache, activations)
     requests_running: int
     requests_waiting: int
-    decoding: str = ""  # e.g. "continuous batching over 32 cache slots, compiled step, int4 (torchao)"
-    startup_s: dict[str, float] = {}  # load, quantize, decoder warm-up (compilation): paid once per start
+    decoding: str = ""  # e.g. "continuous batching over 32 cache slots, compiled step, weights AWQ int4 (...)"
+    startup_s: dict[str, float] = {}  # load (with int4 packing), decoder warm-up (compilation): once per start
     error: str | None = None
 
 

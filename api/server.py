@@ -39,9 +39,8 @@ def create_app(config: ServerConfig, served: ServedModel | None = None, model_ki
     """Wire the app; the served model starts loading when the app starts (lifespan)."""
     metrics = ServerMetrics()
     if served is None:
-        model_dir, model_kind = resolve_model(config)
-        served = ServedModel(model_dir, config.settings(), int4=model_kind.endswith("int4"),
-                             slots=config.max_batch_size or None, metrics=metrics)
+        model_dir, model_kind, form = resolve_model(config)
+        served = ServedModel(model_dir, config.settings(), form, slots=config.max_batch_size or None, metrics=metrics)
     state = ServerState(config, served, model_kind, metrics, Workdir.at(config.workdir or None))
     access = _access_logger(state.workdir)
 

@@ -49,7 +49,8 @@ class ServerState:
         return self.served.engine
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo(path=str(self.served.model_dir), kind=self.model_kind, device=self.served.device)
+        return ModelInfo(path=str(self.served.model_dir), kind=self.model_kind, form=self.served.form,
+                         device=self.served.device)
 
     def decode_image(self, data: bytes) -> Any:
         return decode_image(data, self.max_bytes, self.config.max_image_pixels)

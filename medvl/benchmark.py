@@ -80,6 +80,30 @@ def memory_now() -> dict[str, float]:
     return snap
 
 
+def reset_peak_memory() -> None:
+    """Start a new "peak" on a GPU (a CPU's peak RSS cannot be reset: it is the process's)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Storage bytes of a tensor, including quantized tensor subclasses (their inner tensors:
+    a torchao int4 weight reports its bf16 shape and dtype, but holds packed 4-bit codes)."""
+    if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def weights_footprint_mb(model: Any) -> float:
+    """The model's parameters and buffers as stored (transformers' ``get_memory_footprint``
+    counts a tensor subclass at its logical dtype, 4x too much for int4)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(tensor_bytes(t) for t in tensors) / 2**20
+
+
 def peak_memory_mb() -> float:
     """The figure called "peak": torch's max allocated on a GPU, peak RSS on a CPU."""
     if torch.cuda.is_available():
@@ -95,6 +119,42 @@ def memory_kind() -> str:
 def headline_memory_mb(snap: dict[str, float]) -> float:
     """The one number a table shows for "memory": GPU allocated, or CPU RSS."""
     return snap.get("torch_allocated_mb", snap["process_rss_mb"])
+
+
+# --------------------------------------------------------------------------- logits agreement
+
+
+def build_inputs(processor: Any, images: list[Image.Image], prompts: list[str], device: torch.device) -> Any:
+    """Chat template + processor for a batch of (image, prompt) user turns."""
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+        add_generation_prompt=True) for p in prompts]
+    return processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
+
+
+def next_token_logits(model: Any, processor: Any, samples: list[BenchSample]) -> list[torch.Tensor]:
+    """Each document's next-token logits after its prompt (one forward pass each), float32."""
+    logits = []
+    for sample in samples:
+        with Image.open(sample.image_path) as image:
+            inputs = build_inputs(processor, [image.convert("RGB")], [sample.prompt], input_device(model))
+        with torch.inference_mode():
+            logits.append(model(**inputs).logits[0, -1].float().cpu())
+    return logits
+
+
+def relative_l2(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """||candidate - reference|| / ||reference||: how far a form's logits are from the reference's."""
+    candidate, reference = candidate.float().cpu(), reference.float().cpu()
+    return float((candidate - reference).norm() / reference.norm())
+
+
+def logits_agreement(candidate: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, Any]:
+    """Per-document relative L2 of next-token logits, and how many top tokens are the same."""
+    errors = [relative_l2(c, r) for c, r in zip(candidate, reference, strict=True)]
+    same_top = sum(int(c.argmax()) == int(r.argmax()) for c, r in zip(candidate, reference, strict=True))
+    return {"relative_l2": errors, "relative_l2_mean": sum(errors) / len(errors), "relative_l2_max": max(errors),
+            "same_top_token": same_top, "documents": len(errors)}
 
 
 # --------------------------------------------------------------------------- timing
@@ -135,10 +195,7 @@ def generate_timed(engine: Any, image: Image.Image, prompt: str, max_new_tokens:
 
 def timed_load(loader: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
     """Run ``loader`` and measure load time and memory before/after it."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     before = memory_now()
     _sync()
     start = time.perf_counter()
@@ -146,9 +203,8 @@ def timed_load(loader: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
     _sync()
     load_s = time.perf_counter() - start
     after = memory_now()
-    footprint = model.get_memory_footprint() / 2**20 if hasattr(model, "get_memory_footprint") else None
     return model, {"load_time_s": load_s, "before_load": before, "after_load": after,
-                   "weights_footprint_mb": footprint}
+                   "weights_footprint_mb": weights_footprint_mb(model)}
 
 
 def make_engine(model: Any, processor: Any, decode: Any, sample: BenchSample) -> tuple[Any, float]:

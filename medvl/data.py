@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # Seeds of the synthetic training corpus: far from the benchmark (1234...) and eval seeds.
 SYNTHETIC_SEED = 100_000
+# Seeds of AWQ's calibration pages (phase 4, and phase 7's fine-tuned model): the training
+# generator's documents, but none that phase 5 splits (so none is a phase-7 test page).
+CALIBRATION_SEED = 200_000
 
 
 @dataclass

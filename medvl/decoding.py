@@ -114,11 +114,12 @@ def _concatenated(linears: list[torch.nn.Linear]) -> torch.nn.Linear:
     return fused
 
 
-def _plain_linears(*modules: Any) -> bool:
+def _plain_linears(*modules: Any, skeleton: bool = False) -> bool:
     """Only unquantized, unwrapped, resident layers are fused: not LoRA wrappers, 4-bit
-    weights, or layers accelerate offloads (their weights live elsewhere until a hook loads them)."""
+    weights, or layers accelerate offloads (their weights live elsewhere until a hook loads them).
+    A ``skeleton``'s layers are all on "meta": their weights are loaded after fusing."""
     return all(type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter
-               and m.weight.device.type != "meta" and not hasattr(m, "_hf_hook") for m in modules)
+               and (skeleton or m.weight.device.type != "meta") and not hasattr(m, "_hf_hook") for m in modules)
 
 
 def fused_layer_count(model: Any) -> int:
@@ -127,7 +128,11 @@ def fused_layer_count(model: Any) -> int:
     return sum(isinstance(layer.self_attn, _FusedQKVAttention) for layer in base.model.language_model.layers)
 
 
-def fuse_projections(model: Any) -> int:
+# The fused layers and the layers each is made of, in output order.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fuse_projections(model: Any, skeleton: bool = False) -> int:
     """Fuse every language-model layer's q/k/v and gate/up projections, in place.
 
     Why: a batch-1 decoding step is ~200 matrix-vector products, each bound by reading its
@@ -135,7 +140,8 @@ def fuse_projections(model: Any) -> int:
     One q/k/v matmul and one gate/up matmul per layer read the same bytes in fewer, larger
     kernels. The model computes the same function afterwards (``generate`` works unchanged),
     but its state dict has the fused names: fuse a model for serving, never before saving.
-    Returns the number of layers fused (0 when already fused, quantized, LoRA-wrapped or offloaded).
+    ``skeleton``: the model's weights are still on "meta" (a loader fills the fused layers from
+    their parts, :mod:`medvl.int4`). Returns the number of layers fused (0 when already fused, quantized, LoRA-wrapped or offloaded).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     fused = 0
@@ -143,14 +149,16 @@ def fuse_projections(model: Any) -> int:
         attn, mlp = layer.self_attn, layer.mlp
         if type(attn) is not qwen.Qwen2_5_VLAttention or type(mlp) is not qwen.Qwen2MLP:
             continue
-        if not _plain_linears(attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+        qkv, gate_up = ([getattr(parent, name) for name in FUSED_PROJECTIONS[fused_name]]
+                        for parent, fused_name in ((attn, "qkv_proj"), (mlp, "gate_up_proj")))
+        if not _plain_linears(*qkv, *gate_up, skeleton=skeleton):
             continue
-        attn.qkv_sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
-        attn.qkv_proj = _concatenated([attn.q_proj, attn.k_proj, attn.v_proj])
-        del attn.q_proj, attn.k_proj, attn.v_proj
+        attn.qkv_sizes = tuple(m.out_features for m in qkv)
+        for parent, fused_name, parts in ((attn, "qkv_proj", qkv), (mlp, "gate_up_proj", gate_up)):
+            setattr(parent, fused_name, _concatenated(parts))
+            for name in FUSED_PROJECTIONS[fused_name]:
+                delattr(parent, name)
         attn.__class__ = _FusedQKVAttention
-        mlp.gate_up_proj = _concatenated([mlp.gate_proj, mlp.up_proj])
-        del mlp.gate_proj, mlp.up_proj
         mlp.__class__ = _FusedGateUpMLP
         fused += 1
     return fused

@@ -6,8 +6,10 @@
     python -m medvl.infer --interactive                       # image paths and prompts until EOF
     python -m medvl.infer --image scan.png --prompt "List the medications."   # free text
 
---model is a model folder (merged or base), a LoRA adapter folder (loaded on its base), or
-one of the keywords best (default: what the pipeline produced last), base, finetuned.
+--model is a model folder (merged, base, AWQ or NF4), a LoRA adapter folder (loaded on its
+base), or one of the keywords best (default: fine-tuned if phase 7 ran, else base), base,
+finetuned; --weights picks the form as the server's flag does (default: the profile's form,
+the one phase 7 evaluated), so the CLI answers with the model the API serves.
 Batch mode writes one JSON line per file, continues past unreadable files, lists them at
 the end and exits with status 1 if there were any. Every structured result carries
 plausibility flags; they are informational, not clinical advice.
@@ -26,6 +28,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from medvl.engine import Engine, PromptTooLong, SamplingParams
+from medvl.forms import FORMS, FormError, choose
 from medvl.images import BadInput, decode_image
 from medvl.prompts import EXTRACTION_PROMPT
 from medvl.records import RECORD_FORMAT, structured_result
@@ -36,25 +39,6 @@ from medvl.workdir import Workdir
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 MAX_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000
-
-
-def resolve_model(choice: str, profile: str, workdir: str | None) -> Path:
-    settings = load_settings(profile)
-    wd = Workdir.at(workdir)
-    named = {
-        "base": [wd.nf4_model_dir(settings), wd.base_model_dir(settings)],
-        "finetuned": [wd.finetuned_nf4_dir(settings), wd.merged_model_dir(settings), wd.adapter_dir(settings)],
-    }
-    if choice in ("best", *named):
-        candidates = named["finetuned"] + named["base"] if choice == "best" else named[choice]
-        for path in candidates:
-            if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-                return path
-        raise SystemExit(f"error: no {choice} model under {wd.models}; run the pipeline or pass a folder")
-    path = Path(choice)
-    if not path.is_dir():
-        raise SystemExit(f"error: --model {choice}: not a folder nor one of best, base, finetuned")
-    return path
 
 
 def collect_files(target: str) -> list[Path]:
@@ -126,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--interactive", action="store_true", help="ask for images and prompts until EOF")
     parser.add_argument("--prompt", help="free-text question instead of structured extraction")
     parser.add_argument("--model", default="best", help="model or adapter folder, or best/base/finetuned")
+    parser.add_argument("--weights", default="auto", choices=("auto", *FORMS),
+                        help="the served form (default: auto, the profile's; a folder's own form)")
     parser.add_argument("--profile", default=DEFAULT_PROFILE)
     parser.add_argument("--workdir", default=None, help="where the pipeline wrote models/ (default: repo root)")
     parser.add_argument("--out", help="batch output file (default: stdout)")
@@ -135,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = load_settings(args.profile)
-    except SettingsError as exc:
+        folder, _, form = choose(settings, Workdir.at(args.workdir), args.weights, args.model)
+    except (SettingsError, FormError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    served = ServedModel(resolve_model(args.model, args.profile, args.workdir), settings, slots=1)
+    served = ServedModel(folder, settings, form, slots=1)
     try:
         served.load()  # the engine's loop then runs in this thread, one document at a time
     except Exception as exc:

@@ -7,10 +7,13 @@ renamed over the target (rename is atomic on POSIX).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(folder: Path) -> Iterator[Path]:
+    """Write a folder whole or not at all: yields ``<folder>.partial`` to fill; on success it
+    replaces ``folder``, on any error it is removed. A killed run never leaves a half-written
+    checkpoint under the real name."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria
 
-from medvl.benchmark import BenchSample, free_memory, summarize
+from medvl.benchmark import BenchSample, build_inputs, free_memory, relative_l2, summarize, tensor_bytes
 from medvl.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,6 @@ class StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def build_inputs(processor: Any, images: list[Image.Image], prompts: list[str], device: torch.device) -> Any:
-    """Chat template + processor for a batch of (image, prompt) user turns."""
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-        add_generation_prompt=True) for p in prompts]
-    return processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
-
-
 # --------------------------------------------------------------------------- the machine
 
 
@@ -78,14 +70,6 @@ def copy_bandwidth_gbs(gib: int = 2, repeats: int = 20) -> float:
     del src, dst
     free_memory()
     return 2 * gib * 2**30 * repeats / seconds / 1e9
-
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Storage bytes of a tensor, including quantized tensor subclasses (their inner tensors)."""
-    if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
 
 
 def decode_bytes_per_token(model: Any, context: int, batch: int) -> int:
@@ -211,11 +195,6 @@ def time_runs(run: Callable[[Any], dict[str, Any]], batches: list[Any], max_new_
     }
 
 
-def _relative_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
-    candidate, reference = candidate.float().cpu(), reference.float().cpu()
-    return float((candidate - reference).norm() / reference.norm())
-
-
 def compare_logits(reference: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
     """Next-token logits of the candidate against plain generate's, while their tokens agree.
 
@@ -226,7 +205,7 @@ def compare_logits(reference: dict[str, Any], candidate: dict[str, Any]) -> dict
     ref_tokens, cand_tokens = reference["tokens"][0], candidate["tokens"][0]
     errors, flip = [], None
     for step, (ref, cand) in enumerate(zip(reference["logits"], candidate["logits"], strict=True)):
-        errors.append(_relative_error(cand[0], ref[0]))
+        errors.append(relative_l2(cand[0], ref[0]))
         if int(ref_tokens[step]) != int(cand_tokens[step]):
             top2 = ref[0].float().topk(2).values
             flip = {"step": step, "reference_top2_gap": float(top2[0] - top2[1]),
@@ -261,8 +240,8 @@ def bf16_noise_check(fp32_model: Any, inputs: Any, plain: dict[str, Any], projec
     """
     reference = teacher_forced_logits(fp32_model, inputs, plain["tokens"][0])
     steps = agreement["steps_compared"] - (1 if agreement["first_token_flip"] else 0) or 1
-    plain_errors = [_relative_error(plain["logits"][s][0], reference[s]) for s in range(steps)]
-    project_errors = [_relative_error(project["logits"][s][0], reference[s]) for s in range(steps)]
+    plain_errors = [relative_l2(plain["logits"][s][0], reference[s]) for s in range(steps)]
+    project_errors = [relative_l2(project["logits"][s][0], reference[s]) for s in range(steps)]
     return {"steps": steps, "plain_vs_fp32_max": max(plain_errors), "project_vs_fp32_max": max(project_errors),
             "plain_vs_fp32": plain_errors, "project_vs_fp32": project_errors}
 
@@ -367,20 +346,21 @@ def measure_variant(label: str, model: Any, processor: Any, samples: list[BenchS
     return record
 
 
-INFERENCE_VARIANTS = ("bf16", "int4_torchao", "nf4_bitsandbytes")
+INFERENCE_VARIANTS = ("bf16", "int4_torchao", "awq_int4", "nf4_bitsandbytes")
 
 
 def inference_report(model_dir: Path, settings: Settings, samples: list[BenchSample],
                      max_new_tokens: int = 128, batch_sizes: tuple[int, ...] = (1, 8),
-                     variants: tuple[str, ...] = INFERENCE_VARIANTS,
+                     variants: tuple[str, ...] = INFERENCE_VARIANTS, awq_dir: Path | None = None,
                      save: Callable[[dict[str, Any]], None] = lambda report: None) -> dict[str, Any]:
-    """NF4 plain (the seed's 4-bit), bf16 plain vs static decoder, int4 static decoder.
+    """NF4 plain (the seed's 4-bit), bf16 plain vs static decoder, round-to-nearest int4 and
+    AWQ int4 (phase 4's checkpoint in ``awq_dir``) through the static decoder.
 
     ``save`` is called with the report after each variant, so a run cut short keeps what it measured.
     """
     from medvl.decoding import fuse_projections
+    from medvl.int4 import int4_weight_only, load_awq_model
     from medvl.modeling import load_model, load_processor
-    from medvl.quantize import int4_weight_only
 
     processor = load_processor(model_dir, settings, padding_side="left")
     bandwidth = copy_bandwidth_gbs()
@@ -422,6 +402,15 @@ def inference_report(model_dir: Path, settings: Settings, samples: list[BenchSam
             measured("int4_torchao", {**record, "quantize_s": quantize_s})
         del model
         free_memory()
+    if "awq_int4" in variants:
+        started = time.perf_counter()
+        model = load_awq_model(awq_dir, settings)
+        load_s = time.perf_counter() - started
+        record = measure_variant("AWQ int4 (llm-compressor checkpoint, tinygemm)", model, processor, samples, settings,
+                                 bandwidth, max_new_tokens, batch_sizes, project=True, baseline=False)
+        measured("awq_int4", {**record, "load_s": load_s})
+        del model
+        free_memory()
     return report
 
 
@@ -459,6 +448,11 @@ def inference_summary(report: dict[str, Any]) -> dict[str, Any]:
         if "bf16" in v:
             summary["int4_logits_within_tolerance"] = (summary["int4_project_vs_plain_max"]
                                                        <= 1.5 * summary["bf16_noise_plain_vs_fp32"])
+    if "awq_int4" in v:
+        summary["awq_static_decoder_tok_s"] = tok_s("awq_int4", "static_decoder")
+        summary["awq_weights_gb"] = v["awq_int4"]["weights_gb"]
+        summary["awq_project_vs_plain_max"] = max(c["max_relative_error"]
+                                                  for c in v["awq_int4"]["logits_check_vs_plain_generate"])
     if "nf4_bitsandbytes" in v:
         summary["nf4_plain_generate_tok_s"] = tok_s("nf4_bitsandbytes", "plain_generate")
         if "int4_torchao" in v:

@@ -1,109 +1,148 @@
-"""Phase 4: AWQ INT4 when it can run, bitsandbytes NF4 otherwise.
+"""Phase 4's 4-bit checkpoints: AWQ int4 through llm-compressor, bitsandbytes NF4 when it cannot run.
 
-AutoAWQ is deprecated and does not import with transformers 5 on most installs, and it has
-no Qwen2.5-VL support for the vision tower. The attempt is still real: it imports AutoAWQ,
-quantizes with the seed's config, and records the exact error when any step fails. The
-fallback is bitsandbytes NF4 (double quantization, bf16 compute, vision tower and lm_head
-kept in full precision), saved as a loadable 4-bit checkpoint.
+AWQ is the seed's first choice (4 bits, group 128, zero point). AutoAWQ is deprecated; vLLM's
+llm-compressor took it over and maps AWQ for Qwen2.5-VL onto the language model only. Its
+output is a compressed-tensors W4A16 checkpoint, the format vLLM and SGLang load with their
+int4 kernels; this project serves it through torchao's int4 kernel (:mod:`medvl.int4`).
+Calibration runs the model on rendered training-generator pages (prompt and answer), from
+seeds no other phase uses. When llm-compressor is missing or fails, the exact reason is
+recorded and the fallback is bitsandbytes NF4 (double quantization, bf16 compute, vision
+tower and lm_head in full precision), saved as a loadable 4-bit checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import logging
-import shutil
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medvl.documents import corpus
-from medvl.io import dir_size_bytes
+from medvl.benchmark import memory_kind, peak_memory_mb, reset_peak_memory
+from medvl.data import CALIBRATION_SEED
+from medvl.documents import corpus, render_document
+from medvl.io import atomic_dir, dir_size_bytes, read_json
 from medvl.modeling import load_model, load_processor
+from medvl.prompts import TRAINING_PROMPTS
 from medvl.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Never quantized: lm_head (the 152 k-way output) and the vision tower (small and sensitive).
+AWQ_IGNORE = ["lm_head", "re:.*visual.*"]
+AWQ_LIBRARIES = ("llmcompressor", "compressed-tensors", "torch", "transformers")
 
 
 class AwqUnavailable(RuntimeError):
     """AWQ could not run here; the message is the recorded reason."""
 
 
-def awq_quant_config(settings: Settings) -> dict[str, Any]:
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def awq_recipe(settings: Settings) -> list[Any]:
+    """AWQ's scale search, then W4A16 asymmetric group quantization of every language-model
+    linear layer (llm-compressor picks Qwen2.5-VL's layer mappings, language model only)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
     q = settings.quant
-    return {"zero_point": q.awq_zero_point, "q_group_size": q.awq_group_size,
-            "w_bit": q.awq_w_bit, "version": "GEMM"}
+    weights = QuantizationArgs(num_bits=q.awq_w_bit, type="int", symmetric=not q.awq_zero_point,
+                               strategy="group", group_size=q.awq_group_size)
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    return [AWQModifier(duo_scaling=True),
+            QuantizationModifier(config_groups={"group_0": scheme}, ignore=AWQ_IGNORE)]
 
 
-def try_awq(model_dir: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
-    """Quantize with AutoAWQ into ``out_dir``; raises :class:`AwqUnavailable` with the reason."""
+def calibration_rows(processor: Any, count: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` model inputs, each one rendered page with a training prompt and its answer
+    (the training format), from :data:`medvl.data.CALIBRATION_SEED`."""
+    rows = []
+    for i, doc in enumerate(corpus(CALIBRATION_SEED, count, prefix="calib")):
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": TRAINING_PROMPTS[i % len(TRAINING_PROMPTS)]}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": doc.target_answer()}]}]
+        text = processor.apply_chat_template(messages, tokenize=False)
+        rows.append(dict(processor(text=[text], images=[render_document(doc)], return_tensors="pt")))
+    return rows
+
+
+@contextlib.contextmanager
+def _cpu_pinning_skipped() -> Iterator[None]:
+    """llm-compressor 0.14's AWQ pins its cached activations unconditionally, which fails
+    without an NVIDIA driver ("Found no NVIDIA driver"); pinning only speeds GPU copies, so on
+    a CPU it is skipped for the duration of the call."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.cuda.is_available():
+        yield
+        return
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     try:
-        from awq import AutoAWQForCausalLM  # type: ignore[import-not-found]
-    except Exception as exc:  # ImportError, or AutoAWQ breaking against transformers 5
-        raise AwqUnavailable(f"AutoAWQ cannot be imported: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if not torch.cuda.is_available():
-        raise AwqUnavailable("AutoAWQ needs a CUDA GPU for calibration; none is available")
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original
+
+
+def quantize_awq(model_dir: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
+    """AWQ-quantize ``model_dir`` into ``out_dir`` (compressed-tensors W4A16 with its recipe);
+    raises :class:`AwqUnavailable` with the reason when llm-compressor is missing or fails."""
+    try:
+        from llmcompressor import oneshot
+        from torch.utils.data import DataLoader
+    except Exception as exc:  # ImportError, or a version that breaks against this stack
+        raise AwqUnavailable(f"llm-compressor cannot be imported: {_first_line(exc)}") from None
+    versions = {name: importlib.metadata.version(name) for name in AWQ_LIBRARIES}
+    reset_peak_memory()
     started = time.perf_counter()
     try:
         processor = load_processor(model_dir, settings)
-        model = AutoAWQForCausalLM.from_pretrained(str(model_dir), safetensors=True, device_map="auto")
-        calibration = [doc.text for doc in corpus(50_000, 64, prefix="calib")]
-        model.quantize(processor.tokenizer, quant_config=awq_quant_config(settings), calib_data=calibration)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_quantized(str(out_dir))
-        processor.save_pretrained(out_dir)
+        # Plain transformers modules (no batched vision windows): the pipeline traces the model.
+        model = load_model(model_dir, settings, batched_vision=False)
+        rows = calibration_rows(processor, settings.quant.awq_calibration_samples)
+        loader = DataLoader(rows, batch_size=1, collate_fn=lambda batch: batch[0])
+        with _cpu_pinning_skipped():
+            oneshot(model=model, processor=processor, dataset=loader, recipe=awq_recipe(settings),
+                    num_calibration_samples=len(rows), sequential_targets=["Qwen2_5_VLDecoderLayer"])
+        calibrate_s = time.perf_counter() - started
+        with atomic_dir(out_dir) as partial:
+            model.save_pretrained(partial, save_compressed=True)
+            processor.save_pretrained(partial)
     except Exception as exc:
-        shutil.rmtree(out_dir, ignore_errors=True)
         last = traceback.extract_tb(exc.__traceback__)[-1]
-        raise AwqUnavailable(f"AutoAWQ failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        raise AwqUnavailable(f"llm-compressor AWQ failed: {_first_line(exc)} "
                              f"(at {Path(last.filename).name}:{last.lineno})") from None
-    return {"time_s": time.perf_counter() - started}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    tokens = [int(row["input_ids"].shape[1]) for row in rows]
+    return {"time_s": time.perf_counter() - started, "calibrate_s": calibrate_s,
+            "peak_memory_mb": peak_memory_mb(), "memory_kind": memory_kind(), "versions": versions,
+            "calibration": {"documents": len(rows), "first_seed": CALIBRATION_SEED, "tokens": sum(tokens),
+                            "tokens_per_document_max": max(tokens),
+                            "source": "synthetic training-generator pages (prompt + answer), seeds of their own"},
+            "quantization_config": read_json(out_dir / "config.json")["quantization_config"],
+            "size_bytes": dir_size_bytes(out_dir)}
 
 
 def save_nf4(model_dir: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
     """Quantize to NF4 on load and save the 4-bit checkpoint (weights + config + processor)."""
     started = time.perf_counter()
     model = load_model(model_dir, settings, "nf4")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    load_processor(model_dir, settings).save_pretrained(tmp)
+    with atomic_dir(out_dir) as partial:
+        model.save_pretrained(partial, safe_serialization=True)
+        load_processor(model_dir, settings).save_pretrained(partial)
     config = model.config.quantization_config.to_dict()
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    # Swap in whole: a killed run never leaves a half-written checkpoint under the real name.
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
     return {"time_s": time.perf_counter() - started, "quantization_config": config,
             "size_bytes": dir_size_bytes(out_dir)}
-
-
-def int4_weight_only(model: Any, group_size: int = 128) -> int:
-    """Serving-time int4 weight-only quantization (torchao, tinygemm kernels), in place.
-
-    Why not bitsandbytes for serving: NF4 dequantizes every weight on every decoding step
-    in eager kernels and cannot be captured in a CUDA graph, so batch-1 decoding is slower
-    than bf16 (27 vs 46 tokens/s measured on an H100). torchao's int4 tensors pack weights for
-    the tinygemm matmul and compile with the decoding step. NF4 stays the format for QLoRA.
-    Only the language model's linear layers are quantized: the vision tower and lm_head stay
-    in bf16, as with NF4. Needs a CUDA GPU (tinygemm has no CPU kernel in this format).
-    Returns the number of layers quantized.
-    """
-    from torchao.quantization import Int4WeightOnlyConfig, quantize_
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("int4 (torchao) serving needs a CUDA GPU; use quantization 'none' or 'nf4' on a CPU")
-
-    def language_linear(module: torch.nn.Module, name: str) -> bool:
-        return isinstance(module, torch.nn.Linear) and "visual" not in name and "lm_head" not in name
-
-    count = sum(1 for name, module in model.named_modules() if language_linear(module, name))
-    # set_inductor_config=False: torchao would otherwise switch on inductor's coordinate-descent
-    # tuning process-wide, which made compiling the batch-8 decoding step take 120-214 s on an H100.
-    quantize_(model, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
-                                          set_inductor_config=False),
-              filter_fn=language_linear)
-    return count

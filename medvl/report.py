@@ -117,8 +117,12 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
                      if train else None,
         "loss_curve": train.get("loss_curve", []),
         "quantization": {k: quant.get(k) for k in ("method", "awq_error", "memory_reduction_pct", "size_reduction_pct",
-                                                   "latency_change_pct", "quantize_time_s")} if quant else None,
+                                                   "latency_change_pct", "quantize_time_s", "served_form")}
+                        | {"logits_vs_full_precision": {name: _round(rec.get("relative_l2_mean")) for name, rec in
+                                                        (quant.get("logits_vs_full_precision") or {}).items()
+                                                        if "relative_l2_mean" in rec}} if quant else None,
         "evaluation": evaluation or None,
+        "evaluated_form": ev.get("served_form_description"),
         "flagged_items": (ev.get("models", {}).get("finetuned") or {}).get("flagged_items"),
         "decoding": (ev.get("models", {}).get("finetuned") or {}).get("decoding"),
         "api_validation": {"all_ok": api.get("all_ok"),
@@ -297,9 +301,14 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
                   + (f" AWQ was attempted and could not run: `{quant['awq_error']}`." if quant.get("awq_error") else ""),
                   f"Memory reduction {_cell(quant['memory_reduction_pct'])}%, size on disk reduction "
                   f"{_cell(quant['size_reduction_pct'])}%, median latency change {_cell(quant['latency_change_pct'])}%.", ""]
+        if quant.get("logits_vs_full_precision"):
+            parts += ["Next-token logits against the full-precision model on the five documents (relative L2, mean): "
+                      + ", ".join(f"{name.replace('_', ' ')} {_cell(v)}"
+                                  for name, v in quant["logits_vs_full_precision"].items()) + ".", ""]
     evaluation = report.get("evaluation")
     if evaluation:
         parts += ["## Evaluation: base vs fine-tuned", "",
+                  f"Both models evaluated in the form the server serves: **{report.get('evaluated_form')}**.", "",
                   "| set | model | term recall | value recall | accuracy | precision | F1 |", "|---|---|---|---|---|---|---|"]
         for subset, models in evaluation.items():
             for name, s in models.items():

@@ -2,7 +2,7 @@
 
 The API (and ``scripts/perf_serving.py``, the CLI) start one :class:`ServedModel`. Loading
 runs in a background thread so that the server can answer ``/health`` (503, loading) at once;
-everything slow (weights, int4 quantization, compiling a CUDA graph per batch bucket) happens
+everything slow (weights, int4 packing, compiling a CUDA graph per batch bucket) happens
 before :attr:`ready` is set, never inside a request.
 """
 
@@ -16,9 +16,10 @@ from typing import Any
 
 from PIL import Image
 
-from medvl.decoding import SlotDecoder, fuse_projections, should_compile
+from medvl.decoding import SlotDecoder, should_compile
 from medvl.engine import Engine, EngineMetrics
-from medvl.modeling import input_device, load_model, load_processor
+from medvl.forms import FORMS, load_in_form
+from medvl.modeling import input_device, load_processor
 from medvl.records import RECORD_FORMAT
 from medvl.settings import DecodeSettings, Settings
 
@@ -47,15 +48,15 @@ def warm_up(engine: Engine, image: Image.Image | None = None, prompt: str = "War
 class ServedModel:
     """The model the API serves, loaded in the background; :attr:`engine` once :attr:`ready`."""
 
-    def __init__(self, model_dir: Path, settings: Settings, int4: bool = False, slots: int | None = None,
+    def __init__(self, model_dir: Path, settings: Settings, form: str = "bf16", slots: int | None = None,
                  metrics: EngineMetrics | None = None) -> None:
         self.model_dir = model_dir
         self.settings = settings
-        self.int4 = int4  # quantize to torchao int4 at load (GPU serving of a bf16 checkpoint)
+        self.form = form  # how the weights are served (medvl.forms.FORMS)
         self.slots = slots
         self.metrics = metrics
         self.engine: Engine | None = None
-        self.startup_s: dict[str, float] = {}  # load, quantize, warm-up (compilation): paid once per start
+        self.startup_s: dict[str, float] = {}  # load (with any int4 packing), warm-up (compilation): once per start
         self.error: str | None = None
         self.ready = threading.Event()
 
@@ -77,15 +78,8 @@ class ServedModel:
         started = time.perf_counter()
         # The pixel budget saved with the model: the one it was trained with.
         processor = load_processor(self.model_dir, None, padding_side="left")
-        model = load_model(self.model_dir, self.settings)
+        model = load_in_form(self.model_dir, self.settings, self.form)
         self.startup_s["load"] = time.perf_counter() - started
-        if self.int4:
-            from medvl.quantize import int4_weight_only
-
-            started = time.perf_counter()
-            fuse_projections(model)  # before quantizing: the decoder's fused matmuls get int4 weights
-            int4_weight_only(model)
-            self.startup_s["quantize_int4"] = time.perf_counter() - started
         started = time.perf_counter()
         self.engine = build_engine(model, processor, self.settings.decode, self.slots, self.metrics)
         warm_up(self.engine)
@@ -112,7 +106,7 @@ class ServedModel:
         """How answers are generated, in words (for /health and logs)."""
         if self.engine is None:
             return ""
-        return self.engine.decoder.description + (", int4 (torchao)" if self.int4 else "")
+        return f"{self.engine.decoder.description}, weights {FORMS[self.form]}"
 
     @property
     def device(self) -> str:

@@ -72,18 +72,23 @@ class BenchSettings:
 
 @dataclass
 class QuantSettings:
-    """Phase 4: the AWQ attempt and the bitsandbytes NF4 fallback."""
+    """Phase 4: AWQ (llm-compressor) with the seed's settings, and the bitsandbytes NF4 fallback."""
 
     try_awq: bool = True
     awq_w_bit: int = 4
     awq_group_size: int = 128
     awq_zero_point: bool = True
+    # Calibration pages: drawn from the synthetic training generator with seeds of their own
+    # (never a phase-3 benchmark page or a phase-7 test/suite page); each is one rendered page
+    # with a training prompt and its answer. llm-compressor's AWQ examples use 64-256.
+    awq_calibration_samples: int = 64
     nf4_double_quant: bool = True
-    # Phase 7 evaluates the fine-tuned model re-quantized to NF4 after the merge (and writes
-    # that NF4 checkpoint, which `api.server --weights nf4` serves). The 7b profiles do; tiny
-    # does not: at width 128, NF4 rounding error is as large as the LoRA deltas and wipes out
-    # what training learned (measured), so tiny compares both models in full precision. The
-    # server's default form is bf16 whatever this says (measured under load: README).
+    # The served form (medvl/forms.py): true serves and evaluates the fine-tuned model merged in
+    # full precision and then quantized with the 4-bit method phase 4 chose (AWQ int4 when it
+    # succeeded, else NF4); phase 7 scores exactly that form and the server serves it by
+    # default. The 7b profiles do; tiny does not: at width 128, 4-bit rounding of the merged
+    # weights is as large as the LoRA deltas and wipes out what training learned (measured
+    # with NF4), so tiny evaluates and serves both models in full precision.
     serve_quantized: bool = True
 
 
@@ -387,6 +392,12 @@ def _check_values(s: Settings) -> list[str]:
         p.append("bench.warmup_runs: must be >= 0")
     if s.quant.awq_w_bit not in (4,):
         p.append("quant.awq_w_bit: only 4-bit AWQ is supported")
+    if s.quant.awq_group_size not in (32, 64, 128):
+        p.append("quant.awq_group_size: one of 32, 64, 128 (the int4 kernel's group sizes)")
+    if not s.quant.awq_zero_point:
+        p.append("quant.awq_zero_point: only asymmetric AWQ (zero point) is supported: the int4 kernel has a zero per group")
+    if s.quant.awq_calibration_samples < 1:
+        p.append("quant.awq_calibration_samples: must be >= 1")
     if not 0 < d.val_fraction < 0.5 or not 0 < d.test_fraction < 0.5:
         p.append("data.val_fraction/test_fraction: each must lie in (0, 0.5)")
     # A rendered page holds 60 lines of 88 characters; a longer page's answer would name text

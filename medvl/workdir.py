@@ -74,6 +74,9 @@ class Workdir:
     def awq_model_dir(self, settings: Settings) -> Path:
         return self.models / f"{settings.model.slug}-awq-int4"
 
+    def finetuned_awq_dir(self, settings: Settings) -> Path:
+        return self.models / f"{settings.model.slug}-medical-awq-int4"
+
     def ensure(self) -> None:
         for folder in (self.models, self.datasets, self.benchmarks, self.docs, self.logs):
             folder.mkdir(parents=True, exist_ok=True)

@@ -1,24 +1,29 @@
 #!/usr/bin/env python3
-"""Phase 4: quantize to 4 bits and benchmark the result against the baseline.
+"""Phase 4: quantize to 4 bits, benchmark the result, and measure how far each 4-bit form is.
 
-Attempts AWQ INT4 (zero_point, group size 128, 4 bits). If it cannot run (AutoAWQ missing
-or incompatible with transformers 5, no GPU), the exact reason is recorded and the model is
-quantized with bitsandbytes NF4 instead (double quant, bf16 compute, vision tower and
-lm_head unquantized), saved to models/<slug>-bnb-nf4/. Benchmarks it on the phase-3
-documents and prompts, and prints FP16 vs INT4. Writes benchmarks/quantization_info.json
-and benchmarks/quantized_int4.json.
+AWQ INT4 first, with the seed's settings (4 bits, group 128, zero point) through llm-compressor,
+calibrated on training-generator pages of its own seeds; saved to models/<slug>-awq-int4/ as a
+compressed-tensors W4A16 checkpoint (vision tower and lm_head in full precision) and served
+through torchao's int4 kernel. If AWQ cannot run, the exact reason is recorded and the model is
+quantized with bitsandbytes NF4 instead (models/<slug>-bnb-nf4/). The chosen form runs the
+phase-3 documents through the shared harness; next-token logits of AWQ, NF4 and round-to-nearest
+int4 are compared with the full-precision model's on the same documents. Writes
+benchmarks/quantization_info.json and benchmarks/quantized_int4.json.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medvl import benchmark, quantize  # noqa: E402
+from medvl import benchmark  # noqa: E402
+from medvl.forms import FORMS, load_in_form  # noqa: E402
 from medvl.gates import PHASES  # noqa: E402
 from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json  # noqa: E402
 from medvl.modeling import load_model, load_processor  # noqa: E402
 from medvl.phase import log, run_phase  # noqa: E402
+from medvl.quantize import AwqUnavailable, quantize_awq, save_nf4  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
 
@@ -27,32 +32,67 @@ def change_pct(new: float, old: float) -> float:
     return (new - old) / old * 100 if old else 0.0
 
 
-def main(settings: Settings, wd: Workdir) -> dict:
+def quantize(settings: Settings, wd: Workdir) -> tuple[str, Path, dict, str | None]:
+    """AWQ when it can run, NF4 otherwise; the other method's folder is removed (never serve
+    a stale one). Returns the method, its folder, what the quantizer reported, and why AWQ was
+    not used (None when it was)."""
     base_dir = wd.base_model_dir(settings)
-    sections = PHASES[4].sections
-
-    # ---- quantize: AWQ first, NF4 when AWQ cannot run here
     awq_error = "AWQ disabled by quant.try_awq=false"
     if settings.quant.try_awq:
         try:
-            done = quantize.try_awq(base_dir, wd.awq_model_dir(settings), settings)
-            method, out_dir, awq_error = "awq", wd.awq_model_dir(settings), None
-        except quantize.AwqUnavailable as exc:
+            done = quantize_awq(base_dir, wd.awq_model_dir(settings), settings)
+            shutil.rmtree(wd.nf4_model_dir(settings), ignore_errors=True)
+            return "awq", wd.awq_model_dir(settings), done, None
+        except AwqUnavailable as exc:
             awq_error = str(exc)
             log.warning("AWQ not used: %s -> falling back to bitsandbytes NF4", awq_error)
-    if awq_error is not None:
-        done = quantize.save_nf4(base_dir, wd.nf4_model_dir(settings), settings)
-        method, out_dir = "bnb-nf4", wd.nf4_model_dir(settings)
+    shutil.rmtree(wd.awq_model_dir(settings), ignore_errors=True)
+    return "bnb-nf4", wd.nf4_model_dir(settings), save_nf4(base_dir, wd.nf4_model_dir(settings), settings), awq_error
 
-    # ---- benchmark the quantized model exactly as phase 3 measured the baseline
+
+def forms_agreement(settings: Settings, wd: Workdir, method: str, samples: list) -> dict:
+    """Next-token logits of each 4-bit form against the full-precision model's, on the phase-3
+    documents: the chosen method's checkpoint, and beside it NF4 and round-to-nearest int4
+    made at load from the same base (AWQ only when phase 4 made it)."""
+    base_dir = wd.base_model_dir(settings)
+    processor = load_processor(base_dir, settings)
+    loaders = {"full_precision": lambda: load_model(base_dir, settings),
+               "int4_round_to_nearest": lambda: load_in_form(base_dir, settings, "int4"),
+               "nf4": lambda: load_model(base_dir, settings, "nf4")}
+    if method == "awq":
+        loaders["awq_int4"] = lambda: load_in_form(wd.awq_model_dir(settings), settings, "awq")
+    result, reference = {}, None
+    for name, loader in loaders.items():
+        model = loader()
+        logits = benchmark.next_token_logits(model, processor, samples)
+        footprint = benchmark.weights_footprint_mb(model)
+        benchmark.unload(model)
+        if reference is None:
+            reference = logits
+            result[name] = {"weights_footprint_mb": footprint}
+            continue
+        result[name] = {"weights_footprint_mb": footprint, **benchmark.logits_agreement(logits, reference)}
+        log.info("%s vs full precision: relative L2 of next-token logits mean %.4f, max %.4f; "
+                 "same top token %d/%d; weights %.1f MB", name, result[name]["relative_l2_mean"],
+                 result[name]["relative_l2_max"], result[name]["same_top_token"], len(samples), footprint)
+    return result
+
+
+def main(settings: Settings, wd: Workdir) -> dict:
+    base_dir = wd.base_model_dir(settings)
+    sections = PHASES[4].sections
+    method, out_dir, done, awq_error = quantize(settings, wd)
+    form = "awq" if method == "awq" else "nf4"
+
+    # ---- benchmark the quantized model in its served form, exactly as phase 3 measured the baseline
     samples = benchmark.load_benchmark_samples(wd.test_images)
     processor = load_processor(out_dir, settings)
-    # The saved config carries its quantization_config, so a plain load restores 4-bit layers.
-    result = benchmark.benchmark_variant("int4", lambda: load_model(out_dir, settings), processor, samples,
+    result = benchmark.benchmark_variant("int4", lambda: load_in_form(out_dir, settings, form), processor, samples,
                                          settings.bench.max_new_tokens, settings.bench.warmup_runs, settings.decode)
-    quantized = {**settings.record(sections), "method": method,
+    quantized = {**settings.record(sections), "method": method, "form": FORMS[form],
                  "model_dir": str(out_dir.relative_to(wd.root)), **result}
     atomic_write_json(wd.bench("quantized_int4"), quantized)
+    agreement = forms_agreement(settings, wd, method, samples)
 
     # ---- compare with the baseline
     baseline = read_json(wd.bench("baseline_fp16"))
@@ -67,9 +107,15 @@ def main(settings: Settings, wd: Workdir) -> dict:
         "awq_attempted": settings.quant.try_awq,
         "awq_error": awq_error,
         "fallback_reason": awq_error if method != "awq" else None,
-        "awq_config": quantize.awq_quant_config(settings),
+        "awq_settings": {"w_bit": settings.quant.awq_w_bit, "group_size": settings.quant.awq_group_size,
+                         "zero_point": settings.quant.awq_zero_point,
+                         "calibration_samples": settings.quant.awq_calibration_samples},
+        "awq": {k: done[k] for k in ("calibrate_s", "peak_memory_mb", "memory_kind", "versions", "calibration")
+                if k in done} if method == "awq" else None,
         "quantization_config": done.get("quantization_config"),
         "quantize_time_s": done["time_s"],
+        "served_form": FORMS[form],
+        "logits_vs_full_precision": agreement,
         "output_dir": str(out_dir.relative_to(wd.root)),
         "size_on_disk_bytes": {"baseline": base_size, "quantized": quant_size},
         "size_reduction_pct": -change_pct(quant_size, base_size),
@@ -89,8 +135,12 @@ def main(settings: Settings, wd: Workdir) -> dict:
              info["memory_reduction_pct"], info["size_reduction_pct"], info["latency_change_pct"],
              info["responses_non_empty"])
     append_build_log(wd.build_log, 4, "quantization", [
-        f"Method: {method}." + (f" AWQ was attempted and failed: {awq_error}" if method != "awq" else ""),
-        f"Quantized in {done['time_s']:.1f} s into `{out_dir.relative_to(wd.root)}`.",
+        f"Method: {method}." + (f" AWQ was attempted and failed: {awq_error}" if method != "awq" else
+                                f" Calibrated on {done['calibration']['documents']} pages "
+                                f"({done['calibration']['tokens']} tokens) in {done['calibrate_s']:.1f} s."),
+        f"Quantized in {done['time_s']:.1f} s into `{out_dir.relative_to(wd.root)}`; served as {FORMS[form]}.",
+        "Next-token logits vs full precision (relative L2, mean over the documents): " + ", ".join(
+            f"{name} {rec['relative_l2_mean']:.4f}" for name, rec in agreement.items() if "relative_l2_mean" in rec) + ".",
         f"Weights in memory {base_mem:.1f} -> {quant_mem:.1f} MB ({info['memory_reduction_pct']:.1f}% less); "
         f"on disk {base_size / 1e9:.3f} -> {quant_size / 1e9:.3f} GB.",
         f"Latency p50 {base_p50:.3f} -> {quant_p50:.3f} s ({info['latency_change_pct']:+.1f}%); "

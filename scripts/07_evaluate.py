@@ -1,28 +1,33 @@
 #!/usr/bin/env python3
-"""Phase 7: evaluate the NF4 base (control) against the fine-tuned model.
+"""Phase 7: evaluate the base model (control) against the fine-tuned model, in the served form.
 
-The adapter is merged into a full-precision base, the merged model saved and quantized to
-NF4 (merging into a 4-bit base would be lossy); then the NF4 base and the NF4 fine-tuned
-model answer the hand-written evaluation suite and the phase-5 test split. With
-quant.serve_quantized=false (the tiny profile) both are compared in full precision instead. Answers are scored for term and value recall,
-precision against a medical lexicon, F1, and per-category misses; a trivial "most common
-terms" answer is scored too, to show whether the model reads or only memorises. The
-fine-tuned model also runs the five phase-3 documents through the shared harness. Writes
-benchmarks/evaluation_finetuned.json and benchmarks/finetuned_standard_bench.json.
+The adapter is merged into a full-precision base and the merged model saved; then both models
+are put in the form the server serves (medvl/forms.py: on the 7b profiles the 4-bit method
+phase 4 chose, AWQ int4 calibrated as phase 4 calibrated the base, or NF4; on tiny full
+precision) and answer the hand-written evaluation suite and the phase-5 test split. Answers
+are scored for term and value recall, precision against a medical lexicon, F1, and
+per-category misses; a trivial "most common terms" answer is scored too, to show whether the
+model reads or only memorises. The fine-tuned model also runs the five phase-3 documents
+through the shared harness. Writes benchmarks/evaluation_finetuned.json and
+benchmarks/finetuned_standard_bench.json, both naming the form evaluated.
 """
 
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medvl import benchmark, evaluation, quantize  # noqa: E402
+from medvl import benchmark, evaluation  # noqa: E402
+from medvl.forms import FORMS, FormError, load_in_form, model_dir, profile_form  # noqa: E402
 from medvl.gates import PHASES  # noqa: E402
 from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json  # noqa: E402
-from medvl.modeling import load_model, load_processor  # noqa: E402
+from medvl.modeling import load_processor  # noqa: E402
 from medvl.phase import PhaseError, log, run_phase  # noqa: E402
+from medvl.quantize import AwqUnavailable, quantize_awq, save_nf4  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
 
@@ -34,27 +39,36 @@ def main(settings: Settings, wd: Workdir) -> dict:
     cases = (evaluation.suite_cases(wd.datasets / "eval_suite")
              + evaluation.test_split_cases(wd.datasets / "formatted", b.eval_test_samples))
 
-    # ---- the fine-tuned model in its deployment form: merged in full precision, then NF4
-    # (quant.serve_quantized); the control is the base model in the same form.
+    # ---- the fine-tuned model in the served form: merged in full precision, then (7b profiles)
+    # quantized with phase 4's method; the control is the base model in the same form.
     merged_dir = wd.merged_model_dir(settings)
     try:
+        form = profile_form(settings, wd)
         merge = evaluation.merge_adapter(wd.base_model_dir(settings), wd.adapter_dir(settings), merged_dir)
-    except evaluation.MergeError as exc:
+    except (FormError, evaluation.MergeError) as exc:
         raise PhaseError(str(exc)) from None
-    if settings.quant.serve_quantized:
-        form, base_dir, finetuned_dir = "nf4", wd.nf4_model_dir(settings), wd.finetuned_nf4_dir(settings)
-        merge.update(quantize.save_nf4(merged_dir, finetuned_dir, settings))
+    base_dir, finetuned_dir = model_dir(settings, wd, form, False), model_dir(settings, wd, form, True)
+    for stale in {wd.finetuned_awq_dir(settings), wd.finetuned_nf4_dir(settings)} - {finetuned_dir}:
+        shutil.rmtree(stale, ignore_errors=True)  # never serve a stale one
+    if form == "awq":
+        try:
+            merge.update(quantize_awq(merged_dir, finetuned_dir, settings))
+        except AwqUnavailable as exc:  # phase 4 ran it on the base: this is a real failure
+            raise PhaseError(f"AWQ of the merged model failed (phase 4's succeeded on the base): {exc}") from None
+    elif form == "nf4":
+        merge.update(save_nf4(merged_dir, finetuned_dir, settings))
     else:
-        form, base_dir, finetuned_dir = "full precision", wd.base_model_dir(settings), merged_dir
-        shutil.rmtree(wd.finetuned_nf4_dir(settings), ignore_errors=True)  # never serve a stale one
         merge["size_bytes"] = dir_size_bytes(merged_dir)
+
+    def loader(folder: Path) -> Callable[[], Any]:
+        return lambda: load_in_form(folder, settings, form)
 
     # ---- both models on the same cases
     models = {
-        "base": evaluation.evaluate_model("base", lambda: load_model(base_dir, settings),
+        "base": evaluation.evaluate_model("base", loader(base_dir),
                                           load_processor(base_dir, settings), cases, b.eval_max_new_tokens,
                                           settings.decode),
-        "finetuned": evaluation.evaluate_model("finetuned", lambda: load_model(finetuned_dir, settings),
+        "finetuned": evaluation.evaluate_model("finetuned", loader(finetuned_dir),
                                                load_processor(finetuned_dir, None), cases, b.eval_max_new_tokens,
                                                settings.decode),
     }
@@ -63,10 +77,10 @@ def main(settings: Settings, wd: Workdir) -> dict:
 
     # ---- the fine-tuned model on the five standard documents, as phases 3 and 4 measured
     samples = benchmark.load_benchmark_samples(wd.test_images)
-    standard = benchmark.benchmark_variant("finetuned", lambda: load_model(finetuned_dir, settings),
+    standard = benchmark.benchmark_variant("finetuned", loader(finetuned_dir),
                                            load_processor(finetuned_dir, None), samples,
                                            b.max_new_tokens, b.warmup_runs, settings.decode)
-    standard_record = {**record, "model_dir": str(finetuned_dir.relative_to(wd.root)), "form": form, **standard}
+    standard_record = {**record, "model_dir": str(finetuned_dir.relative_to(wd.root)), "form": FORMS[form], **standard}
     atomic_write_json(wd.bench("finetuned_standard_bench"), standard_record)
 
     stages = {"baseline": read_json(wd.bench("baseline_fp16")), "int4": read_json(wd.bench("quantized_int4")),
@@ -76,12 +90,13 @@ def main(settings: Settings, wd: Workdir) -> dict:
     result = {
         **record,
         "quality_meaningful": settings.model.source == "hub",
-        "deployment_form": form,
+        "served_form": form,
+        "served_form_description": FORMS[form],
         "merge": {"merge_time_s": merge["merge_time_s"], "merged_dtype": merge["merged_dtype"],
                   "targeted_weights": merge["targeted_weights"], "changed_weights": merge["changed_weights"],
                   "merged_dir": str(merged_dir.relative_to(wd.root)),
                   "served_dir": str(finetuned_dir.relative_to(wd.root)), "served_size_bytes": merge["size_bytes"],
-                  "quantize_time_s": merge.get("time_s")},
+                  "quantize_time_s": merge.get("time_s"), "awq_calibration": merge.get("calibration")},
         "cases": {"suite": sum(c.subset == "suite" for c in cases), "test": sum(c.subset == "test" for c in cases)},
         "models": models,
         "trivial_baseline": trivial,
@@ -108,11 +123,9 @@ def report(settings: Settings, wd: Workdir, result: dict, stages: dict) -> None:
                          f"{s['accuracy']:>7.3f}{s['precision']:>7.3f}{s['f1']:>7.3f}")
     log.info("\n%s", "\n".join(lines))
     base, tuned = (result["models"][k]["scores"] for k in ("base", "finetuned"))
-    form = result["deployment_form"]
     append_build_log(wd.build_log, 7, "evaluation", [
-        f"Merged the adapter into a {result['merge']['merged_dtype']} base"
-        + (" and quantized the merged model to NF4." if form == "nf4" else
-           "; both models evaluated in full precision (quant.serve_quantized=false)."),
+        f"Merged the adapter into a {result['merge']['merged_dtype']} base; both models evaluated in the served "
+        f"form: {result['served_form_description']}.",
         f"{result['cases']['suite']} hand-written suite documents and {result['cases']['test']} test-split samples.",
         *(f"{subset}: accuracy base {base[subset]['accuracy']:.3f} -> fine-tuned {tuned[subset]['accuracy']:.3f} "
           f"(trivial most-common-terms answer {result['trivial_baseline']['scores'][subset]['accuracy']:.3f}); "

@@ -4,7 +4,8 @@
 Starts `python -m api.server` in a subprocess on a free loopback port (the model loads in
 the background; /health answers 503 until it is ready), calls every endpoint with a
 phase-3 document plus two bad inputs, /extract on all five phase-3 documents (each answer must
-be JSON valid against the record's schema), writes benchmarks/api_validation.json (per-endpoint
+be JSON valid against the record's schema), checks that the server serves the model and form
+phase 7 evaluated, writes benchmarks/api_validation.json (per-endpoint
 status and latency) and stops the server.
 """
 
@@ -13,19 +14,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import httpx  # noqa: E402
+
 from api.validate import running_server, validate  # noqa: E402
 from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json  # noqa: E402
+from medvl.io import append_build_log, atomic_write_json, read_json  # noqa: E402
 from medvl.phase import PhaseError, log, run_phase  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
 
 
+def served_as_evaluated(base: str, evaluated: dict, wd: Workdir) -> dict:
+    """The server's model and form (its /health) against phase 7's: the quality the report
+    states must be the quality served."""
+    health = httpx.get(f"{base}/health", timeout=10).json()
+    want = (str(wd.root / evaluated["merge"]["served_dir"]), evaluated["served_form"])
+    got = (health["model_path"], health["weights"])
+    return {"status": 200, "expected": 200, "ok": Path(got[0]).resolve() == Path(want[0]).resolve() and got[1] == want[1],
+            "latency_s": 0.0, "detail": f"served {got[0]} as {got[1]}; phase 7 evaluated {want[0]} as {want[1]}"}
+
+
 def main(settings: Settings, wd: Workdir) -> dict:
     pages = sorted(wd.test_images.glob("*.png"))
+    evaluated = read_json(wd.bench("evaluation_finetuned"))
     try:
         with running_server(wd.root, settings.profile) as base:
             checks = validate(base, pages)
+            checks["served model and form = phase 7's"] = served_as_evaluated(base, evaluated, wd)
     except (RuntimeError, TimeoutError) as exc:
         raise PhaseError(f"the API did not start: {exc}") from None
     health = checks["GET /health"]

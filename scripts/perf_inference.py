@@ -3,7 +3,8 @@
 
 Side by side in one run, on the phase-3 documents, at batch 1 and --batch: bitsandbytes NF4
 plain ``generate`` (the seed's 4-bit serving), bf16 plain ``generate`` vs the static-cache
-decoder (compiled step, fused projections), and torchao int4 through the same decoder.
+decoder (compiled step, fused projections), and int4 through the same decoder: round-to-nearest
+at load (torchao) and phase 4's AWQ checkpoint (awq_int4: needs phase 4 to have run AWQ).
 Records TTFT, decode tokens/s, latency p50/p95, peak memory, compile time, the share of the
 memory-bandwidth floor (copy bandwidth measured in the same run) and a next-token-logits
 check against plain generate on the same weights. Needs a CUDA GPU; run on 7b-random for real-scale figures:
@@ -32,7 +33,7 @@ from medvl.workdir import Workdir  # noqa: E402
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=8, help="the batch size besides 1 (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=8, help="the batch size besides 1 (default: %(default)s; 1: batch 1 only)")
     parser.add_argument("--variants", default=",".join(INFERENCE_VARIANTS),
                         help="which to measure, comma-separated (default: %(default)s); the summary "
                         "covers those measured")
@@ -48,9 +49,16 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
 
     # Phase 3's documents (written here the same way if phase 3 has not run).
     samples = ensure_benchmark_documents(wd.test_images, settings.bench.document_seed, settings.bench.num_documents)
-    report = inference_report(wd.base_model_dir(settings), settings, samples,
-                              max_new_tokens=args.new_tokens, batch_sizes=(1, args.batch),
-                              variants=tuple(args.variants.split(",")), save=save)
+    variants = tuple(args.variants.split(","))
+    unknown = set(variants) - set(INFERENCE_VARIANTS)
+    if unknown:
+        raise PhaseError(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(INFERENCE_VARIANTS)}")
+    awq_dir = wd.awq_model_dir(settings)
+    if "awq_int4" in variants and not (awq_dir / "config.json").is_file():
+        raise PhaseError(f"awq_int4 needs phase 4's AWQ checkpoint ({awq_dir}); run phase 4 (AWQ) first")
+    report = inference_report(wd.base_model_dir(settings), settings, samples, max_new_tokens=args.new_tokens,
+                              batch_sizes=tuple(dict.fromkeys((1, args.batch))), variants=variants,
+                              awq_dir=awq_dir, save=save)
     save(report)
     log.info("summary: %s", report.get("summary", "(not all variants measured)"))
     return report

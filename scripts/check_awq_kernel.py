@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Phase 4's AWQ checkpoint in the serving int4 kernel against compressed-tensors' own
+dequantization, on this machine's kernel (a GPU's tinygemm tiles, or the CPU layout).
+
+Loads the checkpoint unfused, reads each checked layer's weights back through the kernel and
+compares them with compressed-tensors' dequantization of the saved layer, within the rounding
+bound medvl/int4.py states (tests/test_int4.py runs the same check on the CPU):
+
+    python scripts/check_awq_kernel.py --profile 7b-random --layers 7
+
+Writes benchmarks/awq_kernel_check.json.
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medvl.int4 import dequantization_check, load_awq_model  # noqa: E402
+from medvl.io import atomic_write_json  # noqa: E402
+from medvl.phase import PhaseError, log, run_tool  # noqa: E402
+from medvl.settings import Settings  # noqa: E402
+from medvl.workdir import Workdir  # noqa: E402
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=int, default=0,
+                        help="check the first N int4 layers in checkpoint order (default: 0, all of them)")
+
+
+def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
+    folder = wd.awq_model_dir(settings)
+    if not (folder / "config.json").is_file():
+        raise PhaseError(f"no AWQ checkpoint at {folder}: phase 4 did not run AWQ")
+    model = load_awq_model(folder, settings, fuse=False)
+    check = dequantization_check(folder, model, args.layers or None)
+    record = {**settings.record(("model", "quant")), "command": shlex.join(["python", *sys.argv]),
+              "device": str(model.get_input_embeddings().weight.device), **check}
+    atomic_write_json(wd.bench("awq_kernel_check"), record)
+    log.info("%d layers checked on %s: worst error %.3f of the bound (%s)", check["layers"], record["device"],
+             check["worst_fraction_of_bound"], "within" if check["within_bound"] else "OUTSIDE")
+    if not check["within_bound"]:
+        raise PhaseError("the int4 kernel's weights are outside the stated rounding bound")
+    return record
+
+
+if __name__ == "__main__":
+    run_tool("check_awq_kernel", (4,), main, __doc__, add_arguments)
