@@ -25,7 +25,8 @@ DESCRIPTION = """
 **Medical document understanding with Qwen2.5-VL.** The model is Qwen2.5-VL-7B-Instruct
 (or, on the `tiny` profile, an architecture-faithful stand-in with random weights),
 QLoRA-fine-tuned on medical documents: NF4 base, LoRA (r=64 in the 7b profiles) on the language model only,
-assistant-only loss, merged in full precision and re-quantized to NF4 for serving.
+assistant-only loss, merged in full precision and, on the 7b profiles, quantized to AWQ int4 for
+serving (the form the evaluation scored; the API's /health names the form served).
 Flags and extractions are informational and not clinical advice.
 """
 

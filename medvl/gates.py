@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medvl.forms import form_of
 from medvl.io import OutputError, read_json
 from medvl.settings import DEFAULT_PROFILE, Settings, SettingsError, load_settings
 from medvl.workdir import REPO_ROOT, Workdir
@@ -188,6 +189,8 @@ def gate_quantize(wd: Workdir, s: Settings) -> list[str]:
             problems.append("quantization_info.json: fell back to NF4 without recording why AWQ was not used")
         if not info.get("output_dir") or not (wd.root / info["output_dir"]).is_dir():
             problems.append(f"quantized model folder {info.get('output_dir')} is missing")
+        elif info.get("method") == "awq" and form_of(wd.root / info["output_dir"]) != "awq":
+            problems.append(f"{info['output_dir']} is not a compressed-tensors (AWQ) checkpoint")
         mem = info.get("weights_footprint_mb") or {}
         if not (isinstance(mem.get("quantized"), (int, float)) and isinstance(mem.get("baseline"), (int, float))
                 and mem["quantized"] < mem["baseline"]):

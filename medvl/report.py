@@ -65,7 +65,7 @@ def stage_table(b: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({
             "stage": label, "source": f"{key}.json", "missing": False,
             "memory_mb": _round(headline_memory_mb(rec["load"]["after_load"]), 1),
-            "weights_mb": _round(rec["load"].get("weights_footprint_mb"), 1),
+            "weights_mb": _round(rec["load"].get("weights_footprint_mb"), 2),
             "peak_memory_mb": _round(rec["peak_memory_mb"], 1),
             "load_time_s": _round(rec["load"]["load_time_s"], 2),
             "latency_p50_s": _round(agg["latency_s"]["p50"]),

@@ -57,7 +57,18 @@ def test_extract_returns_the_documented_envelope(server, page):
     assert set(body["structured"]) == {"medications", "diagnoses", "procedures", "lab_values", "vitals"}
     assert body["parse_status"] == "json" and is_valid_record(body["raw_text"])  # decoded under the record's schema
     assert body["usage"]["completion_tokens"] > 0 and body["latency_s"] > 0
-    assert body["model"]["kind"] == "base"  # bf16 (here float32) by default; NF4 only with --weights nf4
+    assert body["model"]["kind"] == "base" and body["model"]["form"] == "bf16"  # tiny's served form: full precision
+
+
+def test_server_serves_the_awq_checkpoint_4_bit_when_asked(phases_1_4, page):
+    """--weights awq: phase 4's compressed-tensors checkpoint in the int4 kernel, /extract as usual."""
+    with running_server(phases_1_4, extra_args=["--weights", "awq", "--max-new-tokens", "24"]) as base:
+        health = httpx.get(f"{base}/health", timeout=5).json()
+        assert health["weights"] == "awq" and health["model_path"].endswith("tiny-qwen25-vl-awq-int4")
+        assert "AWQ int4" in health["decoding"]
+        r = httpx.post(f"{base}/extract", files={"file": ("p.png", page.read_bytes(), "image/png")}, timeout=120)
+        assert r.status_code == 200 and r.json()["model"]["form"] == "awq"
+        assert is_valid_record(r.json()["raw_text"])
 
 
 def test_openai_chat_non_streaming_payload(server, page):
@@ -139,7 +150,7 @@ def test_api_key_guards_every_route_but_health(phases_1_4):
 
 
 def test_inference_routes_answer_503_until_the_model_is_loaded(phases_1_4):
-    served = ServedModel(phases_1_4 / "models" / "tiny-qwen25-vl-bnb-nf4", load_settings("tiny"))
+    served = ServedModel(phases_1_4 / "models" / "tiny-qwen25-vl-awq-int4", load_settings("tiny"), "awq")
     app = create_app(ServerConfig(workdir=str(phases_1_4)), served=served)
     client = TestClient(app)  # no lifespan: the model never starts loading, as in the first seconds
     r = client.get("/health")

@@ -29,7 +29,7 @@ def test_evaluation_compares_base_finetuned_and_trivial(full_run):
     assert tuned["scores"]["test"]["accuracy"] > base["scores"]["test"]["accuracy"]
     assert ev["trivial_baseline"]["answer"] and "test" in ev["trivial_baseline"]["scores"]
     # tiny compares both in full precision (quant.serve_quantized=false): the merged model is served
-    assert ev["deployment_form"] == "full precision"
+    assert ev["served_form"] == "bf16" and ev["served_form_description"] == "full precision"
     assert ev["merge"]["served_dir"] == ev["merge"]["merged_dir"]
     config = json.loads((wd / ev["merge"]["merged_dir"] / "config.json").read_text())
     assert "quantization_config" not in config  # merged into a full-precision base, not a 4-bit one
@@ -40,6 +40,10 @@ def test_api_validation_and_report_files(full_run):
     wd, _ = full_run
     api = json.loads((wd / "benchmarks" / "api_validation.json").read_text())
     assert api["all_ok"] and len(api["endpoints"]) >= 9
+    # phase 8 served what phase 7 evaluated (model folder and form)
+    assert api["endpoints"]["served model and form = phase 7's"]["ok"]
+    assert "Both models evaluated in the form the server serves: **full precision**" in (
+        wd / "docs" / "BENCHMARK_REPORT.md").read_text()
     markdown = (wd / "docs" / "BENCHMARK_REPORT.md").read_text()
     for figure in re.findall(r"\(figures/([\w.]+\.png)\)", markdown):
         assert (wd / "docs" / "figures" / figure).stat().st_size > 1000

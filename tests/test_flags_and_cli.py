@@ -80,9 +80,10 @@ def cli(workdir, *args, stdin=None):
                            *args], cwd=REPO, env=env, input=stdin, capture_output=True, text=True, timeout=600)
 
 
-def test_cli_single_file(phases_1_4):
+@pytest.mark.parametrize("weights", ["auto", "awq"])  # the profile's form (full precision), phase 4's AWQ
+def test_cli_single_file(phases_1_4, weights):
     page = sorted((phases_1_4 / "datasets" / "test_images").glob("*.png"))[0]
-    result = cli(phases_1_4, "--image", str(page))
+    result = cli(phases_1_4, "--image", str(page), "--weights", weights)
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads(result.stdout)
     assert record["file"] == str(page) and "structured" in record and record["disclaimer"]

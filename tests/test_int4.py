@@ -8,6 +8,7 @@ from PIL import Image
 from medvl.benchmark import build_inputs, load_benchmark_samples
 from medvl.int4 import GroupInt4, dequantization_check, load_awq_model
 from medvl.modeling import load_processor
+from medvl.quantize import quantize_awq
 from medvl.workdir import Workdir
 
 
@@ -53,3 +54,16 @@ def test_group_int4_reexpresses_only_the_zero_offset():
     assert torch.allclose(layer.dequantize().double(), expected, rtol=0, atol=1e-6)
     both = GroupInt4.cat([layer, layer])
     assert both.codes.shape == (32, 256) and torch.equal(both.dequantize()[16:], layer.dequantize())
+
+
+def test_awq_calibration_leaves_no_model_alive(phases_1_2, tiny_settings, tmp_path):
+    """llm-compressor's tracing would keep the calibrated model for the life of the process
+    (7 GB of GPU memory at 7B, under phase 4's later loads); quantize_awq undoes that."""
+    import gc
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    done = quantize_awq(Workdir(phases_1_2).base_model_dir(tiny_settings), tmp_path / "awq", tiny_settings)
+    gc.collect()
+    assert done["calibration"]["documents"] == tiny_settings.quant.awq_calibration_samples
+    assert not any(isinstance(o, Qwen2_5_VLForConditionalGeneration) for o in gc.get_objects())
