@@ -115,6 +115,6 @@ def test_posts_respect_their_limits(full_run):
     long_post, short_post = report.content_draft(report.build_final_report(found, missing))
     assert len(long_post.split()) < 200 and len(short_post) < 280
     for post in (long_post, short_post):
-        assert "Qwen2.5-VL-7B" in post and "NF4" in post and "CPU" in post
+        assert "Qwen2.5-VL-7B" in post and "AWQ INT4" in post and "CPU" in post  # phase 4's method, by name
         assert not re.search(r"\b(I|we|my|our)\b", post, re.I)
     assert "LoRA" in long_post and "random weights" in long_post
