@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Case:
     prompt: str
     expected: scoring.Expected
     record: bool  # the answer is an extraction record: decoded under its schema; else free text
+    reference: str = ""  # the reference answer a free-text answer is scored against (ROUGE-L)
 
 
 def suite_cases(folder: Path) -> list[Case]:
@@ -61,10 +63,11 @@ def test_split_cases(formatted: Path, limit: int) -> list[Case]:
         reference = row["messages"][1]["content"][0]["text"]
         match = re.fullmatch(r"syn-(\w+)-(\d+)", row["id"])
         if row["source"] == "synthetic" and match:
-            expected = scoring.Expected.from_document(generate_document(int(match.group(2)), match.group(1)))
+            expected = scoring.Expected.from_document(_regenerated(row["id"], int(match.group(2)), reference))
         else:
             expected = scoring.Expected.from_reference(reference)
-        cases.append(Case(row["id"], "test", formatted / row["image"], prompt, expected, row["source"] == "synthetic"))
+        cases.append(Case(row["id"], "test", formatted / row["image"], prompt, expected, row["source"] == "synthetic",
+                          reference))
     return cases
 
 
@@ -131,6 +134,19 @@ def merge_lora_in_place(model: Any) -> tuple[int, int]:
     return changed, targeted
 
 
+def _regenerated(sample_id: str, seed: int, reference: str) -> Any:
+    """The synthetic document a test row was made from, checked against the row's answer.
+
+    It must be drawn exactly as phase 5 drew it (the kind from the seed too: naming the kind
+    skips that draw and yields another document, which is how test rows were once scored
+    against the wrong ground truth)."""
+    doc = generate_document(seed, prefix="syn")
+    if doc.doc_id != sample_id or doc.target_answer() != reference:
+        raise ValueError(f"test row {sample_id} does not match its regenerated document {doc.doc_id}: "
+                         "the generator changed since phase 5 ran; rerun phase 5")
+    return doc
+
+
 def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases: list[Case],
                    max_new_tokens: int, decode: Any) -> dict[str, Any]:
     """Generate an answer per case (through the serving engine, per ``decode``), score it,
@@ -151,6 +167,7 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
                      "response": out["response"], "generated_tokens": out["generated_tokens"],
                      "finish_reason": out["finish_reason"], "closed_early": out["closed_early"],
                      "latency_s": out["latency_s"], "ttft_s": out["ttft_s"], **result.to_dict(),
+                     "rouge_l": None if case.record else scoring.rouge_l(out["response"], case.reference),
                      "parse_status": extracted["parse_status"], "flags": extracted["flags"]})
     peak = benchmark.peak_memory_mb()
     benchmark.unload(model)
@@ -167,7 +184,43 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
                    for subset in sorted({r["subset"] for r in rows})},
         "flagged_items": flagged_items(rows),
         "decoding": decoding_outcomes(rows),
+        "free_text": free_text_scores(rows),
     }
+
+
+def free_text_scores(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """ROUGE-L of the free-text answers (captions, question answers) per subset: their terms
+    and values are scored with the rest, but a caption's quality is its overlap with the reference."""
+    free = [r for r in rows if r["rouge_l"] is not None]
+    by_subset = {subset: [r["rouge_l"] for r in free if r["subset"] == subset] for subset in sorted({r["subset"] for r in free})}
+    return {"answers": len(free),
+            "rouge_l": {subset: {"mean": sum(v) / len(v), "n": len(v)} for subset, v in by_subset.items()}}
+
+
+def evaluate_ocr(cases: list[Case]) -> dict[str, Any]:
+    """The classical baseline on the same cases and scorer: OCR plus rules (:mod:`medvl.ocr`),
+    with its latency and the memory its engine takes."""
+    from medvl import ocr
+
+    before = benchmark.memory_now()
+    started = time.perf_counter()
+    ocr.load()
+    load = {"load_time_s": time.perf_counter() - started, "before_load": before, "after_load": benchmark.memory_now()}
+    rows = []
+    for case in tqdm(cases, desc="evaluate ocr", unit="case"):
+        with Image.open(case.image_path) as image:
+            out = ocr.extract(image)
+        rows.append({"case_id": case.case_id, "subset": case.subset, "record": case.record,
+                     "response": out["response"], "latency_s": out["latency_s"], "ocr_s": out["ocr_s"],
+                     **scoring.score(out["response"], case.expected).to_dict(),
+                     "rouge_l": None if case.record else scoring.rouge_l(" ".join(out["lines"]), case.reference)})
+    return {"label": "ocr", "engine": ocr.describe(), "load": load,
+            "memory_mb": benchmark.headline_memory_mb(load["after_load"]) - benchmark.headline_memory_mb(before),
+            "memory_kind": benchmark.memory_kind(), "cases": rows,
+            "latency_s": benchmark.summarize([r["latency_s"] for r in rows]),
+            "scores": {subset: aggregate_rows([r for r in rows if r["subset"] == subset])
+                       for subset in sorted({r["subset"] for r in rows})},
+            "free_text": free_text_scores(rows)}
 
 
 def decoding_outcomes(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -221,7 +274,10 @@ def score_fixed_answer(answer: str, cases: list[Case]) -> dict[str, Any]:
     by_subset: dict[str, list[scoring.Score]] = {}
     for case, result in zip(cases, results, strict=True):
         by_subset.setdefault(case.subset, []).append(result)
-    return {"answer": answer, "scores": {s: scoring.aggregate(v) for s, v in sorted(by_subset.items())}}
+    rows = [{"subset": case.subset, "rouge_l": None if case.record else scoring.rouge_l(answer, case.reference)}
+            for case in cases]
+    return {"answer": answer, "scores": {s: scoring.aggregate(v) for s, v in sorted(by_subset.items())},
+            "free_text": free_text_scores(rows)}
 
 
 def score_standard_bench(record: dict[str, Any], truth_folder: Path) -> dict[str, Any]:

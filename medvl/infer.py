@@ -7,8 +7,9 @@
     python -m medvl.infer --image scan.png --prompt "List the medications."   # free text
 
 --model is a model folder (merged, base, AWQ or NF4), a LoRA adapter folder (loaded on its
-base), or one of the keywords best (default: fine-tuned if phase 7 ran, else base), base,
-finetuned; --weights picks the form as the server's flag does (default: the profile's form,
+base), one of the keywords best (default: fine-tuned if phase 7 ran, else base), base,
+finetuned, or ocr: the classical OCR + rules baseline phase 7 scores beside the models, to
+compare on your own documents (records only, no --prompt); --weights picks the form as the server's flag does (default: the profile's form,
 the one phase 7 evaluated), so the CLI answers with the model the API serves.
 Batch mode writes one JSON line per file, continues past unreadable files, lists them at
 the end and exits with status 1 if there were any. Every structured result carries
@@ -22,11 +23,14 @@ import glob
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from PIL import Image
 from tqdm import tqdm
 
+from medvl import flags, ocr
 from medvl.engine import Engine, PromptTooLong, SamplingParams
 from medvl.forms import FORMS, FormError, choose
 from medvl.images import BadInput, decode_image
@@ -49,27 +53,42 @@ def collect_files(target: str) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(target))
 
 
-def run_one(engine: Engine, path: Path, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
+Answer = Callable[[Image.Image, "str | None", int], dict[str, Any]]
+
+
+def model_answer(engine: Engine) -> Answer:
+    """Answers from the served model: the record under its schema, or free text for a prompt."""
+    def answer(image: Image.Image, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
+        params = SamplingParams(max_new_tokens, response_format=None if prompt else RECORD_FORMAT)
+        result = engine.generate(engine.prepare(image, prompt or EXTRACTION_PROMPT), params)
+        record: dict[str, Any] = {"latency_s": round(result.latency_s, 4), "generated_tokens": result.generated_tokens}
+        if prompt:
+            return {**record, "text": result.text}
+        # decoded under the record's schema, as /extract does
+        return {**record, **structured_result(result.text), "raw_text": result.text, "closed_early": result.closed_early}
+    return answer
+
+
+def ocr_answer(image: Image.Image, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
+    """The classical baseline (--model ocr): OCR + rules, the record with the same flags."""
+    if prompt:
+        raise BadInput("the OCR baseline only extracts records: --prompt needs a model")
+    out = ocr.extract(image)
+    return {"latency_s": round(out["latency_s"], 4), "structured": out["structured"], "parse_status": "ocr",
+            "flags": flags.check(out["structured"]), "disclaimer": flags.DISCLAIMER, "raw_text": "\n".join(out["lines"])}
+
+
+def run_one(answer: Answer, path: Path, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
     """Read, check and answer one file; raises BadInput/OSError/PromptTooLong for unusable files."""
     image = decode_image(path.read_bytes(), MAX_BYTES, MAX_PIXELS)
-    params = SamplingParams(max_new_tokens, response_format=None if prompt else RECORD_FORMAT)
-    result = engine.generate(engine.prepare(image, prompt or EXTRACTION_PROMPT), params)
-    record: dict[str, Any] = {"file": str(path), "latency_s": round(result.latency_s, 4),
-                              "generated_tokens": result.generated_tokens}
-    if prompt:
-        record["text"] = result.text
-    else:  # decoded under the record's schema, as /extract does
-        record.update(structured_result(result.text))
-        record["raw_text"] = result.text
-        record["closed_early"] = result.closed_early
-    return record
+    return {"file": str(path), **answer(image, prompt, max_new_tokens)}
 
 
-def batch(engine: Engine, files: list[Path], prompt: str | None, max_new_tokens: int, out: TextIO) -> int:
+def batch(answer: Answer, files: list[Path], prompt: str | None, max_new_tokens: int, out: TextIO) -> int:
     failures: list[tuple[Path, str]] = []
     for path in tqdm(files, desc="documents", unit="doc", file=sys.stderr):
         try:
-            record = run_one(engine, path, prompt, max_new_tokens)
+            record = run_one(answer, path, prompt, max_new_tokens)
         except (BadInput, OSError, PromptTooLong) as exc:
             failures.append((path, str(exc)))
             continue
@@ -82,7 +101,7 @@ def batch(engine: Engine, files: list[Path], prompt: str | None, max_new_tokens:
     return 1 if failures else 0
 
 
-def interactive(engine: Engine, max_new_tokens: int, stdin: TextIO, out: TextIO) -> int:
+def interactive(answer: Answer, max_new_tokens: int, stdin: TextIO, out: TextIO) -> int:
     """Ask for an image path, then a prompt (empty = structured extraction), until EOF."""
     while True:
         print("image path (Ctrl-D to quit)> ", end="", file=sys.stderr, flush=True)
@@ -93,7 +112,7 @@ def interactive(engine: Engine, max_new_tokens: int, stdin: TextIO, out: TextIO)
         print("prompt (empty = structured extraction)> ", end="", file=sys.stderr, flush=True)
         prompt = stdin.readline().strip() or None
         try:
-            record = run_one(engine, path, prompt, max_new_tokens)
+            record = run_one(answer, path, prompt, max_new_tokens)
         except (BadInput, OSError, PromptTooLong) as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             continue
@@ -109,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--dir", help="a folder of images or a glob pattern (batch, JSON lines)")
     mode.add_argument("--interactive", action="store_true", help="ask for images and prompts until EOF")
     parser.add_argument("--prompt", help="free-text question instead of structured extraction")
-    parser.add_argument("--model", default="best", help="model or adapter folder, or best/base/finetuned")
+    parser.add_argument("--model", default="best",
+                        help="model or adapter folder, best/base/finetuned, or ocr (the OCR + rules baseline)")
     parser.add_argument("--weights", default="auto", choices=("auto", *FORMS),
                         help="the served form (default: auto, the profile's; a folder's own form)")
     parser.add_argument("--profile", default=DEFAULT_PROFILE)
@@ -119,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    if args.model == "ocr":
+        try:
+            ocr.load()
+        except ocr.OcrUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return answer_all(ocr_answer, args)
     try:
         settings = load_settings(args.profile)
         folder, _, form = choose(settings, Workdir.at(args.workdir), args.weights, args.model)
@@ -131,28 +158,32 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"error: the model failed to load: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    engine = served.engine
     try:
-        if args.image:
-            try:
-                record = run_one(engine, Path(args.image), args.prompt, args.max_new_tokens)
-            except (BadInput, OSError, PromptTooLong) as exc:
-                print(f"error: {args.image}: {exc}", file=sys.stderr)
-                return 1
-            print(json.dumps(record, ensure_ascii=False, indent=2))
-            return 0
-        if args.interactive:
-            return interactive(engine, args.max_new_tokens, sys.stdin, sys.stdout)
-        files = collect_files(args.dir)
-        if not files:
-            print(f"error: no images match {args.dir}", file=sys.stderr)
-            return 2
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as out:
-                return batch(engine, files, args.prompt, args.max_new_tokens, out)
-        return batch(engine, files, args.prompt, args.max_new_tokens, sys.stdout)
+        return answer_all(model_answer(served.engine), args)
     finally:
         served.stop()
+
+
+def answer_all(answer: Answer, args: argparse.Namespace) -> int:
+    """One image, a batch, or interactive, per the arguments; returns the exit status."""
+    if args.image:
+        try:
+            record = run_one(answer, Path(args.image), args.prompt, args.max_new_tokens)
+        except (BadInput, OSError, PromptTooLong) as exc:
+            print(f"error: {args.image}: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(record, ensure_ascii=False, indent=2))
+        return 0
+    if args.interactive:
+        return interactive(answer, args.max_new_tokens, sys.stdin, sys.stdout)
+    files = collect_files(args.dir)
+    if not files:
+        print(f"error: no images match {args.dir}", file=sys.stderr)
+        return 2
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as out:
+            return batch(answer, files, args.prompt, args.max_new_tokens, out)
+    return batch(answer, files, args.prompt, args.max_new_tokens, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -92,9 +92,10 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
                                                       ("term_recall", "value_recall", "accuracy", "precision", "f1")}
             evaluation[subset][name]["category_recall"] = {c: _round(v) for c, v in (s.get("category_recall") or {}).items()}
             evaluation[subset][name]["most_missed"] = s.get("most_missed", {})
-    for subset, s in ((ev.get("trivial_baseline") or {}).get("scores") or {}).items():
-        evaluation.setdefault(subset, {})["trivial_most_common_terms"] = {
-            k: _round(s.get(k)) for k in ("term_recall", "value_recall", "accuracy", "precision", "f1")}
+    for key, name in (("trivial_baseline", "trivial_most_common_terms"), ("ocr_baseline", "ocr_rules")):
+        for subset, s in ((ev.get(key) or {}).get("scores") or {}).items():
+            evaluation.setdefault(subset, {})[name] = {
+                k: _round(s.get(k)) for k in ("term_recall", "value_recall", "accuracy", "precision", "f1")}
     return {
         "pipeline": "Qwen2.5-VL-7B-Instruct -> 4-bit quantization -> QLoRA fine-tuning for medical documents "
                     "-> evaluation -> API",
@@ -123,6 +124,14 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
                                                         if "relative_l2_mean" in rec}} if quant else None,
         "evaluation": evaluation or None,
         "evaluated_form": ev.get("served_form_description"),
+        "free_text_rouge_l": {name: (m.get("free_text") or {}).get("rouge_l") for name, m in
+                              [*(ev.get("models") or {}).items(), ("trivial_most_common_terms", ev.get("trivial_baseline") or {}),
+                               ("ocr_rules", ev.get("ocr_baseline") or {})]}
+                             if ev else None,
+        "ocr_baseline": ({"engine": ev["ocr_baseline"].get("engine"), "error": ev["ocr_baseline"].get("error"),
+                          "latency_p50_s": _round((ev["ocr_baseline"].get("latency_s") or {}).get("p50")),
+                          "memory_mb": _round(ev["ocr_baseline"].get("memory_mb"), 1)}
+                         if ev.get("ocr_baseline") else None),
         "flagged_items": (ev.get("models", {}).get("finetuned") or {}).get("flagged_items"),
         "decoding": (ev.get("models", {}).get("finetuned") or {}).get("decoding"),
         "api_validation": {"all_ok": api.get("all_ok"),
@@ -178,6 +187,14 @@ def findings(report: dict[str, Any]) -> list[str]:
                 text += (f"; a fixed answer of the most common training terms scores {trivial:.3f}"
                          + (" (higher: the model has not learned to read these documents)" if trivial >= t_acc else ""))
             out.append(text + ".")
+        ocr = models.get("ocr_rules") or {}
+        if t_acc is not None and ocr.get("accuracy") is not None:
+            beats = t_acc > ocr["accuracy"]
+            out.append(f"Against OCR + rules on the {subset} set (term recall {ocr['term_recall']:.3f}, value recall "
+                       f"{ocr['value_recall']:.3f}, precision {ocr['precision']:.3f}, accuracy {ocr['accuracy']:.3f}), "
+                       f"the fine-tuned model (accuracy {t_acc:.3f}) "
+                       + ("does better." if beats else "does not beat the classical pipeline: there is no case for "
+                          "deploying it over OCR on these documents yet."))
     api = report.get("api_validation")
     if api and api.get("endpoints"):
         ok = sum(1 for e in api["endpoints"].values() if e["ok"])
@@ -320,6 +337,20 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
             parts += ["Plausibility flags on the fine-tuned model's answers: "
                       f"{flagged.get('cases_with_flags', 0)} cases flagged; by rule "
                       f"{json.dumps(flagged.get('by_rule', {}))}.", ""]
+        ocr = report.get("ocr_baseline") or {}
+        if ocr.get("engine"):
+            parts += [f"`ocr_rules` is the classical baseline: {ocr['engine']}; {_cell(ocr['latency_p50_s'])} s per "
+                      f"page (p50), {_cell(ocr['memory_mb'])} MB for its engine.", ""]
+        elif ocr.get("error"):
+            parts += [f"The OCR + rules baseline did not run: `{ocr['error']}`.", ""]
+        rouge = {name: by_subset for name, by_subset in (report.get("free_text_rouge_l") or {}).items() if by_subset}
+        if rouge:
+            parts += ["Free-text answers (captions, question answers) against their references, ROUGE-L F-measure "
+                      "(rouge-score): " + "; ".join(
+                          f"{name} " + ", ".join(f"{subset} {_cell(v['mean'])} (n={v['n']})" for subset, v in by_subset.items())
+                          for name, by_subset in rouge.items()) + ".", ""]
+        elif report.get("free_text_rouge_l") is not None:
+            parts += ["No free-text cases in this run (only extraction records), so ROUGE-L was not measured.", ""]
         decoding = report.get("decoding") or {}
         if decoding:
             parts += [f"Extraction answers are decoded under the record's JSON schema: of the fine-tuned model's "

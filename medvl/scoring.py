@@ -41,6 +41,20 @@ def contains(haystack_normalized: str, item: str) -> bool:
 
 
 @lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F-measure of a free-text answer against its reference (rouge-score: longest
+    common subsequence of lowercased, stemmed word tokens). Free-text answers (captions,
+    question answers) have no record to recall terms from; this is how captioning is scored."""
+    return float(_rouge_scorer().score(reference, answer)["rougeL"].fmeasure)
+
+
+@lru_cache(maxsize=1)
 def medical_lexicon() -> tuple[str, ...]:
     """Drug, condition, analyte, procedure and finding names the documents draw from."""
     words = {d[0] for d in DRUGS} | {lab[0] for lab in LABS} | set(PROCEDURES)

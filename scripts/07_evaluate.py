@@ -6,8 +6,9 @@ are put in the form the server serves (medvl/forms.py: on the 7b profiles the 4-
 phase 4 chose, AWQ int4 calibrated as phase 4 calibrated the base, or NF4; on tiny full
 precision) and answer the hand-written evaluation suite and the phase-5 test split. Answers
 are scored for term and value recall, precision against a medical lexicon, F1, and
-per-category misses; a trivial "most common terms" answer is scored too, to show whether the
-model reads or only memorises. The fine-tuned model also runs the five phase-3 documents
+per-category misses; free-text answers also with ROUGE-L. Two baselines are scored the same
+way: a trivial "most common terms" answer (does the model read or only memorise?) and OCR +
+rules (medvl/ocr.py: does the VLM beat a classical pipeline that costs a fraction to run?). The fine-tuned model also runs the five phase-3 documents
 through the shared harness. Writes benchmarks/evaluation_finetuned.json and
 benchmarks/finetuned_standard_bench.json, both naming the form evaluated.
 """
@@ -26,6 +27,7 @@ from medvl.forms import FORMS, FormError, load_in_form, model_dir, profile_form 
 from medvl.gates import PHASES  # noqa: E402
 from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json  # noqa: E402
 from medvl.modeling import load_processor  # noqa: E402
+from medvl.ocr import OcrUnavailable  # noqa: E402
 from medvl.phase import PhaseError, log, run_phase  # noqa: E402
 from medvl.quantize import AwqUnavailable, quantize_awq, save_nf4  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
@@ -36,8 +38,11 @@ def main(settings: Settings, wd: Workdir) -> dict:
     sections = PHASES[7].sections
     record = settings.record(sections)
     b = settings.bench
-    cases = (evaluation.suite_cases(wd.datasets / "eval_suite")
-             + evaluation.test_split_cases(wd.datasets / "formatted", b.eval_test_samples))
+    try:
+        cases = (evaluation.suite_cases(wd.datasets / "eval_suite")
+                 + evaluation.test_split_cases(wd.datasets / "formatted", b.eval_test_samples))
+    except ValueError as exc:
+        raise PhaseError(str(exc)) from None
 
     # ---- the fine-tuned model in the served form: merged in full precision, then (7b profiles)
     # quantized with phase 4's method; the control is the base model in the same form.
@@ -74,6 +79,11 @@ def main(settings: Settings, wd: Workdir) -> dict:
     }
     trivial = evaluation.score_fixed_answer(
         evaluation.most_common_answer(read_json(wd.datasets / "formatted" / "train.json")), cases)
+    try:  # the classical bar: OCR + rules on the same cases and scorer
+        ocr_baseline = evaluation.evaluate_ocr(cases)
+    except OcrUnavailable as exc:
+        log.warning("OCR baseline not run: %s", exc)
+        ocr_baseline = {"error": str(exc)}
 
     # ---- the fine-tuned model on the five standard documents, as phases 3 and 4 measured
     samples = benchmark.load_benchmark_samples(wd.test_images)
@@ -100,6 +110,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         "cases": {"suite": sum(c.subset == "suite" for c in cases), "test": sum(c.subset == "test" for c in cases)},
         "models": models,
         "trivial_baseline": trivial,
+        "ocr_baseline": ocr_baseline,
         "standard_bench_accuracy": standard_accuracy,
     }
     atomic_write_json(wd.bench("evaluation_finetuned"), result)
@@ -117,6 +128,8 @@ def report(settings: Settings, wd: Workdir, result: dict, stages: dict) -> None:
     lines.append(f"{'model':<16}{'subset':<8}{'terms':>7}{'values':>8}{'acc':>7}{'prec':>7}{'F1':>7}")
     rows = [(name, m["scores"]) for name, m in result["models"].items()]
     rows.append(("trivial", result["trivial_baseline"]["scores"]))
+    if "scores" in result["ocr_baseline"]:
+        rows.append(("ocr + rules", result["ocr_baseline"]["scores"]))
     for name, scores in rows:
         for subset, s in scores.items():
             lines.append(f"{name:<16}{subset:<8}{s['term_recall']:>7.3f}{s['value_recall']:>8.3f}"
@@ -128,7 +141,9 @@ def report(settings: Settings, wd: Workdir, result: dict, stages: dict) -> None:
         f"form: {result['served_form_description']}.",
         f"{result['cases']['suite']} hand-written suite documents and {result['cases']['test']} test-split samples.",
         *(f"{subset}: accuracy base {base[subset]['accuracy']:.3f} -> fine-tuned {tuned[subset]['accuracy']:.3f} "
-          f"(trivial most-common-terms answer {result['trivial_baseline']['scores'][subset]['accuracy']:.3f}); "
+          f"(trivial most-common-terms answer {result['trivial_baseline']['scores'][subset]['accuracy']:.3f}"
+          + (f", OCR + rules {result['ocr_baseline']['scores'][subset]['accuracy']:.3f}"
+             if "scores" in result["ocr_baseline"] else "") + "); "
           f"F1 {base[subset]['f1']:.3f} -> {tuned[subset]['f1']:.3f}" for subset in base),
         "Quality numbers are from a random stand-in and mean nothing about the real model."
         if not result["quality_meaningful"] else "Quality numbers are from the real model.",

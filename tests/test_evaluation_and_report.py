@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from medvl import report
+from medvl import evaluation, report, scoring
 from medvl.gates import check_phase
 from medvl.workdir import Workdir
 
@@ -28,12 +28,54 @@ def test_evaluation_compares_base_finetuned_and_trivial(full_run):
     assert tuned["scores"]["test"]["term_recall"] > base["scores"]["test"]["term_recall"]
     assert tuned["scores"]["test"]["accuracy"] > base["scores"]["test"]["accuracy"]
     assert ev["trivial_baseline"]["answer"] and "test" in ev["trivial_baseline"]["scores"]
+    # the classical bar, on the same cases and scorer: OCR + rules reads the synthetic pages well
+    ocr = ev["ocr_baseline"]
+    assert ocr["engine"].startswith("rapidocr-onnxruntime") and len(ocr["cases"]) == 35
+    assert ocr["scores"]["test"]["term_recall"] >= 0.7 and ocr["scores"]["suite"]["term_recall"] >= 0.6
+    assert ocr["latency_s"]["p50"] > 0
     # tiny compares both in full precision (quant.serve_quantized=false): the merged model is served
     assert ev["served_form"] == "bf16" and ev["served_form_description"] == "full precision"
     assert ev["merge"]["served_dir"] == ev["merge"]["merged_dir"]
     config = json.loads((wd / ev["merge"]["merged_dir"] / "config.json").read_text())
     assert "quantization_config" not in config  # merged into a full-precision base, not a 4-bit one
     assert ev["quality_meaningful"] is False
+    # every tiny case is an extraction record: no free-text answer to score with ROUGE-L, said so
+    assert ev["models"]["finetuned"]["free_text"] == {"answers": 0, "rouge_l": {}}
+    markdown = (wd / "docs" / "BENCHMARK_REPORT.md").read_text()
+    assert "ROUGE-L was not measured" in markdown
+    assert "Against OCR + rules on the test set" in markdown and "| test | ocr_rules |" in markdown
+
+
+def test_synthetic_test_rows_are_scored_against_the_document_they_show(phases_1_5, tmp_path):
+    """Each synthetic test row's ground truth is the document its image was rendered from: every
+    expected drug, dose and lab value is in the row's own answer (naming the kind when
+    regenerating once drew a different document, so rows were scored against another page's truth)."""
+    cases = [c for c in evaluation.test_split_cases(phases_1_5 / "datasets" / "formatted", 0) if c.record]
+    assert len(cases) >= 20
+    for case in cases:
+        answer = scoring.normalize(case.reference)
+        items = [i for key in ("drug", "dose", "lab_value") for i in case.expected.categories.get(key, [])]
+        assert all(scoring.contains(answer, item) for item in items), case.case_id
+    assert sum(len(c.expected.categories.get("drug", [])) for c in cases) >= 20
+    formatted = tmp_path / "formatted"
+    shutil.copytree(phases_1_5 / "datasets" / "formatted", formatted)
+    rows = json.loads((formatted / "test.json").read_text())
+    synthetic = next(r for r in rows if r["source"] == "synthetic")
+    synthetic["messages"][1]["content"][0]["text"] = '{"medications": []}'  # not what the page says
+    (formatted / "test.json").write_text(json.dumps([synthetic]))
+    with pytest.raises(ValueError, match="does not match its regenerated document"):
+        evaluation.test_split_cases(formatted, 0)
+
+
+def test_free_text_cases_are_scored_with_rouge_l(tmp_path):
+    """A caption case (free text, as the 7b profile's hub rows are) gets ROUGE-L beside recall."""
+    caption = evaluation.Case("roco-1", "test", tmp_path / "x.png", "Describe the image.",
+                              scoring.Expected.from_reference("The lungs are clear."), record=False,
+                              reference="The lungs are clear.")
+    record = evaluation.Case("syn-1", "test", tmp_path / "y.png", "Extract.", scoring.Expected.from_reference("{}"),
+                             record=True)
+    scored = evaluation.score_fixed_answer("lungs clear", [caption, record])
+    assert scored["free_text"] == {"answers": 1, "rouge_l": {"test": {"mean": pytest.approx(2 / 3), "n": 1}}}
 
 
 def test_api_validation_and_report_files(full_run):

@@ -116,3 +116,14 @@ def test_cli_interactive_through_stdin(phases_1_4):
     assert len(records) == 2
     assert "structured" in records[0] and "text" in records[1]
     assert "error: /nonexistent.png" in result.stderr
+
+
+def test_cli_ocr_baseline_returns_records_with_flags(phases_1_4, tmp_path):
+    out = tmp_path / "ocr.jsonl"
+    result = cli(phases_1_4, "--model", "ocr", "--dir", str(phases_1_4 / "datasets" / "test_images"), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 5 and all(r["parse_status"] == "ocr" and isinstance(r["flags"], list) for r in records)
+    assert sum(len(r["structured"]["medications"]) + len(r["structured"]["lab_values"]) for r in records) > 5
+    refused = cli(phases_1_4, "--model", "ocr", "--image", records[0]["file"], "--prompt", "Summarise.")
+    assert refused.returncode == 1 and "--prompt needs a model" in refused.stderr

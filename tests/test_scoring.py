@@ -3,7 +3,7 @@
 import pytest
 
 from medvl.evalsuite import evaluation_documents
-from medvl.scoring import Expected, aggregate, normalize, score
+from medvl.scoring import Expected, aggregate, normalize, rouge_l, score
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +64,14 @@ def test_partial_answer_and_category_misses(ed_note):
     summary = aggregate([s, score("", expected)])
     assert summary["cases"] == 2 and summary["accuracy"] == pytest.approx(s.accuracy / 2)
     assert ("Metoprolol tartrate", 2) in summary["most_missed"]["drug"]
+
+
+def test_rouge_l_scores_a_free_text_answer_through_rouge_score():
+    """Longest common subsequence of word tokens: "lungs clear" is 2 of the reference's 4 tokens,
+    in order: precision 1, recall 0.5, F 2/3; case and punctuation do not count."""
+    reference = "The lungs are clear."
+    assert rouge_l("lungs clear", reference) == pytest.approx(2 / 3)
+    assert rouge_l("THE LUNGS ARE CLEAR", reference) == pytest.approx(1.0)
+    assert rouge_l("no acute fracture", reference) == 0.0
+    # order matters: of "clear lungs" only one word is a common subsequence with the reference
+    assert rouge_l("clear lungs", reference) == pytest.approx(2 * (1 / 2) * (1 / 4) / (1 / 2 + 1 / 4))

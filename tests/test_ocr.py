@@ -1,0 +1,34 @@
+"""The OCR + rules baseline: the rules on OCR-like lines, and the real OCR engine on a page."""
+
+import pytest
+
+from medvl import ocr, scoring
+from medvl.documents import benchmark_documents, render_document
+
+
+def test_rules_read_ocr_lines_without_their_spaces():
+    """PP-OCR drops spaces and boxes table cells apart (read_lines rejoins a row): the rules allow both."""
+    lines = ["Metformin500mgPOBID", "Lisinopril 10 mg PO QD", "Chloride 72 mmol/ L 98-107 L",
+             "TSH 2.33 mIU/L 0.40-4.00", "BP 172/99 mmHg HR 63 bpmTemp37.8C", "RR 13 /minSp02 92% on RA",
+             "Assessment: HTN, Type 2 diabetes mellitus", "Exam:CT head without contrast",
+             "-No intracranialhemorrhage."]
+    record = ocr.record_from_lines(lines)
+    assert record["medications"][:2] == [
+        {"name": "Metformin", "dose": "500 mg", "route": "PO", "frequency": "BID"},
+        {"name": "Lisinopril", "dose": "10 mg", "route": "PO", "frequency": "QD"}]
+    assert record["lab_values"] == [
+        {"name": "Chloride", "value": "72", "unit": "mmol/L", "flag": "L", "reference_range": "98-107"},
+        {"name": "TSH", "value": "2.33", "unit": "mIU/L", "flag": "", "reference_range": "0.40-4.00"}]
+    assert record["vitals"] == {"blood_pressure": "172/99 mmHg", "heart_rate": "63 bpm", "temperature": "37.8 C",
+                                "respiratory_rate": "13 /min", "spo2": "92% on RA"}
+    assert "HTN" in record["diagnoses"] and "Type 2 diabetes mellitus" in record["diagnoses"]
+    assert "hemorrhage" in record["diagnoses"]
+
+
+@pytest.mark.parametrize("kind", ["lab_results", "prescription"])
+def test_ocr_baseline_reads_a_rendered_page(kind):
+    doc = next(d for d in benchmark_documents(1234) if d.kind == kind)
+    out = ocr.extract(render_document(doc))
+    result = scoring.score(out["response"], scoring.Expected.from_document(doc))
+    assert result.term_recall >= 0.8 and result.value_recall >= 0.8, result.missed
+    assert result.precision >= 0.9 and out["ocr_s"] > 0
