@@ -13,8 +13,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     MEDVL_PROFILE=tiny \
     MEDVL_WORKDIR=/app
 
+# libgl1 and libglib2.0: OpenCV's shared libraries, which the OCR baseline (rapidocr-onnxruntime,
+# through opencv-python) loads.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv fonts-dejavu-core curl \
+    && apt-get install -y --no-install-recommends python3 python3-venv fonts-dejavu-core curl libgl1 libglib2.0-0t64 \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
