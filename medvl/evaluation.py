@@ -180,8 +180,7 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
         "cases": rows,
         "latency_s": benchmark.summarize([r["latency_s"] for r in rows]),
         "ttft_s": benchmark.summarize([r["ttft_s"] for r in rows]),
-        "scores": {subset: aggregate_rows([r for r in rows if r["subset"] == subset])
-                   for subset in sorted({r["subset"] for r in rows})},
+        "scores": scores_by_subset(rows),
         "flagged_items": flagged_items(rows),
         "decoding": decoding_outcomes(rows),
         "free_text": free_text_scores(rows),
@@ -218,8 +217,7 @@ def evaluate_ocr(cases: list[Case]) -> dict[str, Any]:
             "memory_mb": benchmark.headline_memory_mb(load["after_load"]) - benchmark.headline_memory_mb(before),
             "memory_kind": benchmark.memory_kind(), "cases": rows,
             "latency_s": benchmark.summarize([r["latency_s"] for r in rows]),
-            "scores": {subset: aggregate_rows([r for r in rows if r["subset"] == subset])
-                       for subset in sorted({r["subset"] for r in rows})},
+            "scores": scores_by_subset(rows),
             "free_text": free_text_scores(rows)}
 
 
@@ -249,6 +247,11 @@ def flagged_items(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 examples[f["rule"]].append(f"{r['case_id']}: {f['reason']}")
     return {"cases_with_flags": sum(1 for r in rows if r["flags"]), "by_rule": dict(by_rule),
             "examples": examples, "parse_status": dict(Counter(r["parse_status"] for r in rows))}
+
+
+def scores_by_subset(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {subset: aggregate_rows([r for r in rows if r["subset"] == subset])
+            for subset in sorted({r["subset"] for r in rows})}
 
 
 def aggregate_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -28,6 +28,10 @@ FORMS = {
 }
 
 
+# Phase 4's method (quantization_info.json) -> the form its checkpoint is served in.
+METHOD_FORMS = {"awq": "awq", "bnb-nf4": "nf4"}
+
+
 class FormError(RuntimeError):
     """The form cannot be decided or its model is missing; the message says what to run."""
 
@@ -40,7 +44,7 @@ def profile_form(settings: Settings, wd: Workdir) -> str:
     info = wd.bench("quantization_info")
     if not info.is_file():
         raise FormError(f"{info} is missing: phase 4's 4-bit method decides the served form; run phase 4")
-    return "awq" if read_json(info)["method"] == "awq" else "nf4"
+    return METHOD_FORMS[read_json(info)["method"]]
 
 
 def form_of(folder: Path) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medvl.forms import form_of
+from medvl.forms import METHOD_FORMS, form_of
 from medvl.io import OutputError, read_json
 from medvl.settings import DEFAULT_PROFILE, Settings, SettingsError, load_settings
 from medvl.workdir import REPO_ROOT, Workdir
@@ -183,7 +183,7 @@ def gate_quantize(wd: Workdir, s: Settings) -> list[str]:
     if rec is not None:
         check_benchmark_record(rec, "quantized_int4.json", s, problems)
     if info is not None:
-        if info.get("method") not in ("awq", "bnb-nf4"):
+        if info.get("method") not in METHOD_FORMS:
             problems.append(f"quantization_info.json: unknown method {info.get('method')!r}")
         if info.get("method") != "awq" and not info.get("awq_error"):
             problems.append("quantization_info.json: fell back to NF4 without recording why AWQ was not used")

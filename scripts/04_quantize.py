@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from medvl import benchmark  # noqa: E402
-from medvl.forms import FORMS, load_in_form  # noqa: E402
+from medvl.forms import FORMS, METHOD_FORMS, load_in_form  # noqa: E402
 from medvl.gates import PHASES  # noqa: E402
 from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json  # noqa: E402
 from medvl.modeling import load_model, load_processor  # noqa: E402
@@ -82,7 +82,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     base_dir = wd.base_model_dir(settings)
     sections = PHASES[4].sections
     method, out_dir, done, awq_error = quantize(settings, wd)
-    form = "awq" if method == "awq" else "nf4"
+    form = METHOD_FORMS[method]
 
     # ---- benchmark the quantized model in its served form, exactly as phase 3 measured the baseline
     samples = benchmark.load_benchmark_samples(wd.test_images)
