@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+from medvl.engine import EngineMetrics
 from medvl.forms import FORMS, FormError, choose
+from medvl.serving import ServedModel, ServedOcr
 from medvl.settings import Settings, SettingsError, load_settings
 from medvl.workdir import Workdir
 
 WEIGHTS = ("auto", *FORMS)
+OCR = "ocr"  # --model ocr: the OCR + rules baseline instead of a model
 DESCRIPTION = """The medvl HTTP API: structured extraction, free analysis, OpenAI-compatible chat.
 
 Every option also reads a MEDVL_<NAME> environment variable (the flag wins). The model loads
@@ -23,7 +25,7 @@ in the background: until it is ready every inference route answers 503 with Retr
 class ServerConfig:
     """Every server setting; each has a MEDVL_<NAME> environment variable and a --flag."""
 
-    model_path: str = ""  # default: the best model the pipeline produced (see resolve_model)
+    model: str = "best"  # best | base | finetuned | ocr | a model folder (see served_model)
     profile: str = "tiny"
     workdir: str = ""
     host: str = "127.0.0.1"
@@ -40,7 +42,8 @@ class ServerConfig:
     set: list[str] = field(default_factory=list)  # profile overrides, section.key=value (as the pipeline takes)
 
     HELP = {
-        "model_path": "model folder to serve (default: the best the pipeline produced)",
+        "model": "best (the fine-tuned model if phase 7 ran, else the base), base, finetuned, a model folder, or "
+                 "ocr (the OCR + rules baseline phase 7 scores: /extract only)",
         "max_batch_size": "requests decoding at once (0: the profile's decode.max_batch_size)",
         "max_new_tokens": "answer tokens for /extract and /analyze, and chat's default max_tokens",
         "weights": "auto (the profile's form, the one phase 7 evaluated: full precision on tiny, phase 4's 4-bit "
@@ -75,6 +78,8 @@ class ServerConfig:
         config = cls(**vars(parser.parse_args(argv)))
         if config.weights not in WEIGHTS:
             parser.error(f"--weights: one of {', '.join(WEIGHTS)}, got {config.weights!r}")
+        if config.model == OCR and config.weights != "auto":
+            parser.error(f"--weights {config.weights}: the OCR baseline has no weights to choose")
         try:
             config.settings()
         except SettingsError as exc:
@@ -86,10 +91,11 @@ class ServerConfig:
         return load_settings(self.profile, self.set)
 
 
-def resolve_model(config: ServerConfig) -> tuple[Path, str, str]:
-    """The model to serve, its kind and its form (:func:`medvl.forms.choose`): --model-path,
-    else the best the pipeline produced, in the form ``--weights`` names; ``auto`` is the
-    profile's form, the one phase 7 evaluated (or a --model-path folder's own form).
+def served_model(config: ServerConfig, metrics: EngineMetrics | None = None) -> tuple[ServedModel | ServedOcr, str]:
+    """What the server serves and its kind: the OCR baseline for ``--model ocr``, else the
+    model :func:`medvl.forms.choose` picks (as the CLI and phase 7 do): ``--model`` best, base,
+    finetuned or a folder, in the form ``--weights`` names; ``auto`` is the profile's form, the
+    one phase 7 evaluated (or a folder's own form).
 
     Measured under load on an H100 with ``7b-random`` (docs/results/h100/perf_serving*.json),
     bf16 served 12.8 requests/s at 32 clients where round-to-nearest int4 served 0-2.7
@@ -97,8 +103,11 @@ def resolve_model(config: ServerConfig) -> tuple[Path, str, str]:
     7.5 ms per token) and in memory. ``--weights bf16`` trades memory for throughput, but then
     the served model is not the one phase 7 scored on the 7b profiles (/health names the form).
     """
+    if config.model == OCR:
+        return ServedOcr(), OCR
+    settings = config.settings()
     try:
-        return choose(config.settings(), Workdir.at(config.workdir or None), config.weights,
-                      config.model_path or "best")
+        folder, kind, form = choose(settings, Workdir.at(config.workdir or None), config.weights, config.model)
     except FormError as exc:
         raise SystemExit(f"error: {exc}") from None
+    return ServedModel(folder, settings, form, slots=config.max_batch_size or None, metrics=metrics), kind

@@ -10,8 +10,9 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from api.errors import ERROR_RESPONSES
-from api.schemas import AnalyzeResponse, ExtractResponse, HealthResponse
+from api.schemas import AnalyzeResponse, ExtractResponse, HealthResponse, Usage
 from api.state import ServerState, State, check_prompt, usage
+from medvl import flags
 from medvl.engine import SamplingParams
 from medvl.prompts import EXTRACTION_PROMPT
 from medvl.records import RECORD_FORMAT, structured_result
@@ -29,10 +30,11 @@ async def health(state: State):
     import torch
 
     served = state.served
-    engine = served.engine if served.ready.is_set() else None
-    status = "error" if served.error else ("ok" if engine is not None else "loading")
+    ready = served.ready.is_set()
+    engine = served.engine if ready else None
+    status = "error" if served.error else ("ok" if ready else "loading")
     body = HealthResponse(
-        status=status, model_loaded=engine is not None, model_path=str(served.model_dir), weights=served.form,
+        status=status, model_loaded=ready, model_path=str(served.model_dir), weights=served.form,
         device=served.device,
         gpu_name=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         gpu_memory_used_mb=torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None,
@@ -46,15 +48,27 @@ async def health(state: State):
 @router.post("/extract", response_model=ExtractResponse, responses=ERROR_RESPONSES)
 async def extract(http: Request, state: State,
                   file: Annotated[UploadFile, File(description="a document image (PNG, JPEG, ...)")]):
-    """Structured medical record from a document image, decoded under the record's JSON schema."""
-    state.engine()
+    """Structured medical record from a document image, decoded under the record's JSON schema
+    (or read by OCR + rules on a server started with ``--model ocr``)."""
+    state.check_ready()
     image = await read_image(state, file)
+    if state.served.engine is None:
+        return await ocr_extract(state, image)
     prompt = await state.prepare(image, EXTRACTION_PROMPT)
     result = await state.generate(prompt, SamplingParams(state.config.max_new_tokens, response_format=RECORD_FORMAT),
                                   http)
     return ExtractResponse(request_id=uuid.uuid4().hex, **structured_result(result.text), raw_text=result.text,
                            closed_early=result.closed_early, latency_s=result.latency_s, usage=usage(result),
                            model=state.model_info())
+
+
+async def ocr_extract(state: ServerState, image: Any) -> ExtractResponse:
+    """/extract from the OCR + rules baseline: the record its rules read, with the same flags."""
+    out = await state.ocr_extract(image)
+    return ExtractResponse(request_id=uuid.uuid4().hex, structured=out["structured"], parse_status="ocr",
+                           flags=flags.check(out["structured"]), disclaimer=flags.DISCLAIMER,
+                           raw_text="\n".join(out["lines"]), latency_s=out["latency_s"],
+                           usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0), model=state.model_info())
 
 
 @router.post("/analyze", response_model=AnalyzeResponse, responses=ERROR_RESPONSES)

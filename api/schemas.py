@@ -17,8 +17,8 @@ class Usage(BaseModel):
 
 class ModelInfo(BaseModel):
     path: str
-    kind: str  # finetuned, base or custom (--model-path)
-    form: str  # how the weights are served: bf16, awq, nf4 or int4 (medvl.forms)
+    kind: str  # finetuned, base, custom (a --model folder) or ocr (the OCR + rules baseline)
+    form: str  # how the weights are served: bf16, awq, nf4 or int4 (medvl.forms); ocr for the baseline
     device: str
 
 
@@ -35,10 +35,11 @@ class ExtractResponse(BaseModel):
     structured: ExtractionRecord
     flags: list[FlagItem] = Field(description="plausibility and safety flags (medvl/flags.py)")
     disclaimer: str
-    parse_status: Literal["json", "repaired", "fallback"] = Field(
+    parse_status: Literal["json", "repaired", "fallback", "ocr"] = Field(
         description="json: the answer parsed as JSON (always, for answers decoded under the record's schema); "
                     "repaired: after fixing brackets/commas; fallback: no JSON - drugs and conditions found "
-                    "in the raw text (the last two for free-text answers only)")
+                    "in the raw text (the last two for free-text answers only); ocr: read by the OCR + rules "
+                    "baseline (--model ocr; raw_text is its OCR lines)")
     closed_early: bool = Field(False, description="the token budget ran low and the answer was steered to close "
                                                   "its JSON (its last item may be shortened)")
     raw_text: str
@@ -59,7 +60,7 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "loading", "error"]
     model_loaded: bool
     model_path: str
-    weights: str  # the served form: bf16, awq, nf4 or int4 (medvl.forms)
+    weights: str  # the served form: bf16, awq, nf4 or int4 (medvl.forms); ocr for the OCR baseline
     device: str
     gpu_name: str | None
     gpu_memory_used_mb: float | None

@@ -25,22 +25,21 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
 
 from api import openai_chat, routes  # noqa: E402
-from api.config import ServerConfig, resolve_model  # noqa: E402
+from api.config import ServerConfig, served_model  # noqa: E402
 from api.errors import envelope, install_error_handlers  # noqa: E402
 from api.metrics import ServerMetrics  # noqa: E402
 from api.state import ServerState  # noqa: E402
-from medvl.serving import ServedModel  # noqa: E402
+from medvl.serving import ServedModel, ServedOcr  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
 
 log = logging.getLogger("medvl.api")
 
 
-def create_app(config: ServerConfig, served: ServedModel | None = None, model_kind: str = "custom") -> FastAPI:
+def create_app(config: ServerConfig, served: ServedModel | ServedOcr | None = None, model_kind: str = "custom") -> FastAPI:
     """Wire the app; the served model starts loading when the app starts (lifespan)."""
     metrics = ServerMetrics()
     if served is None:
-        model_dir, model_kind, form = resolve_model(config)
-        served = ServedModel(model_dir, config.settings(), form, slots=config.max_batch_size or None, metrics=metrics)
+        served, model_kind = served_model(config, metrics)
     state = ServerState(config, served, model_kind, metrics, Workdir.at(config.workdir or None))
     access = _access_logger(state.workdir)
 

@@ -15,10 +15,11 @@ from api.config import ServerConfig
 from api.errors import ApiError
 from api.metrics import ServerMetrics
 from api.schemas import ModelInfo, Usage
+from medvl import ocr
 from medvl.engine import Engine, Prompt, Result, SamplingParams
 from medvl.engine import Request as EngineRequest
 from medvl.images import BadInput, decode_image
-from medvl.serving import ServedModel
+from medvl.serving import ServedModel, ServedOcr
 from medvl.workdir import Workdir
 
 log = logging.getLogger("medvl.api")
@@ -31,7 +32,7 @@ PREPARE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
 @dataclass
 class ServerState:
     config: ServerConfig
-    served: ServedModel
+    served: ServedModel | ServedOcr
     model_kind: str
     metrics: ServerMetrics
     workdir: Workdir
@@ -40,12 +41,20 @@ class ServerState:
     def max_bytes(self) -> int:
         return int(self.config.max_upload_mb * 2**20)
 
-    def engine(self) -> Engine:
-        """The engine, or a 503 while it is not ready."""
+    def check_ready(self) -> None:
+        """A 503 while the model (or the OCR engine) loads or after it failed to."""
         if self.served.error:
             raise ApiError(503, "model_failed", f"the model failed to load: {self.served.error}")
         if not self.served.ready.is_set():
             raise ApiError(503, "model_loading", "the model is still loading; retry shortly", {"Retry-After": "5"})
+
+    def engine(self) -> Engine:
+        """The engine, or a 503 while it is not ready; a 400 when the server runs the OCR
+        baseline, which answers /extract only."""
+        self.check_ready()
+        if self.served.engine is None:
+            raise ApiError(400, "unsupported_by_model", "this server runs the OCR + rules baseline (--model ocr), "
+                           "which answers /extract only; start it with a model for this route")
         return self.served.engine
 
     def model_info(self) -> ModelInfo:
@@ -64,8 +73,16 @@ class ServerState:
         memory grew by ~340 MB in its first 10 s of load before levelling off (tiny, CPU).
         """
         engine = self.engine()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(PREPARE_POOL, engine.prepare, image, prompt, messages)
+
+        def prepare() -> Prompt:  # a prompt (/extract, /analyze) as in training; chat's messages as sent
+            return engine.prepare(image, self.served.prompt_for(image, prompt) if messages is None else prompt, messages)
+
+        return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, prepare)
+
+    async def ocr_extract(self, image: Any) -> dict[str, Any]:
+        """The OCR baseline's record for a page (``--model ocr``), in a worker thread."""
+        self.check_ready()
+        return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, ocr.extract, image)
 
     async def wait(self, request: EngineRequest, http: Request) -> Result:
         """The request's result; on timeout (504) or client hang-up the request is cancelled."""

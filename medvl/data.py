@@ -31,14 +31,14 @@ import textwrap
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
 from medvl.documents import MedicalDocument, benchmark_documents, corpus, load_font, render_document
-from medvl.prompts import DESCRIPTION_PROMPTS, TRAINING_PROMPTS
+from medvl.prompts import DESCRIPTION_PROMPTS, TRAINING_PROMPTS, instruction_of
 from medvl.settings import DataSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -399,6 +399,21 @@ def deduplicate(samples: list[Sample], protected: set[str], counts: Counter) -> 
     return kept
 
 
+def ground_prompts(samples: list[Sample]) -> list[Sample]:
+    """Each sample with its page's OCR text before the instruction (data.ocr_grounded_prompt),
+    read once here so that training, and the test split phase 7 scores, see the text the
+    server's OCR gives it (:func:`medvl.ocr.grounded_prompt`)."""
+    from tqdm import tqdm
+
+    from medvl import ocr
+
+    grounded = []
+    for sample in tqdm(samples, desc="OCR for grounded prompts", unit="page", mininterval=5):
+        with Image.open(io.BytesIO(sample.image_bytes)) as image:
+            grounded.append(replace(sample, prompt=ocr.grounded_prompt(image, sample.prompt)))
+    return grounded
+
+
 def drop_too_long(samples: list[Sample], processor: Any, max_length: int) -> tuple[list[Sample], dict[str, Any]]:
     """Keep the samples whose prompt, image and answer fit ``max_length``; report the rest.
 
@@ -498,6 +513,7 @@ def summarize_splits(splits: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return {
         "counts": {name: len(rows) for name, rows in splits.items()},
         "counts_by_source": {name: dict(Counter(r["source"] for r in rows)) for name, rows in splits.items()},
-        "prompt_distribution": dict(Counter(r["messages"][0]["content"][1]["text"] for r in everything).most_common()),
+        "prompt_distribution": dict(Counter(instruction_of(r["messages"][0]["content"][1]["text"])
+                                            for r in everything).most_common()),
         "answer_chars": answer_stats(everything),
     }

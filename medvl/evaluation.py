@@ -15,7 +15,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from medvl import benchmark, scoring
 from medvl.documents import generate_document, save_document
 from medvl.evalsuite import evaluation_documents
-from medvl.prompts import EXTRACTION_PROMPT
+from medvl.prompts import EXTRACTION_PROMPT, OCR_HEADER, ocr_grounded
 from medvl.records import RECORD_FORMAT, is_valid_record, structured_result
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,8 @@ def evaluate_ocr(cases: list[Case]) -> dict[str, Any]:
         with Image.open(case.image_path) as image:
             out = ocr.extract(image)
         rows.append({"case_id": case.case_id, "subset": case.subset, "record": case.record,
-                     "response": out["response"], "latency_s": out["latency_s"], "ocr_s": out["ocr_s"],
+                     "response": out["response"], "ocr_lines": out["lines"], "latency_s": out["latency_s"],
+                     "ocr_s": out["ocr_s"],
                      **scoring.score(out["response"], case.expected).to_dict(),
                      "rouge_l": None if case.record else scoring.rouge_l(" ".join(out["lines"]), case.reference)})
     return {"label": "ocr", "engine": ocr.describe(), "load": load,
@@ -219,6 +220,15 @@ def evaluate_ocr(cases: list[Case]) -> dict[str, Any]:
             "latency_s": benchmark.summarize([r["latency_s"] for r in rows]),
             "scores": scores_by_subset(rows),
             "free_text": free_text_scores(rows)}
+
+
+def ocr_grounded_cases(cases: list[Case], ocr_baseline: dict[str, Any]) -> list[Case]:
+    """The cases with OCR-grounded prompts (data.ocr_grounded_prompt), from the lines the OCR
+    baseline read: suite cases get them here, test rows already have them from phase 5."""
+    lines = {(row["subset"], row["case_id"]): row["ocr_lines"] for row in ocr_baseline["cases"]}
+    return [case if case.prompt.startswith(OCR_HEADER)
+            else replace(case, prompt=ocr_grounded(case.prompt, lines[case.subset, case.case_id]))
+            for case in cases]
 
 
 def decoding_outcomes(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from medvl import flags, ocr
-from medvl.engine import Engine, PromptTooLong, SamplingParams
+from medvl.engine import PromptTooLong, SamplingParams
 from medvl.forms import FORMS, FormError, choose
 from medvl.images import BadInput, decode_image
 from medvl.prompts import EXTRACTION_PROMPT
@@ -56,11 +56,14 @@ def collect_files(target: str) -> list[Path]:
 Answer = Callable[[Image.Image, "str | None", int], dict[str, Any]]
 
 
-def model_answer(engine: Engine) -> Answer:
-    """Answers from the served model: the record under its schema, or free text for a prompt."""
+def model_answer(served: ServedModel) -> Answer:
+    """Answers from the served model: the record under its schema, or free text for a prompt
+    (OCR-grounded as the server grounds it when the profile says so)."""
+    engine = served.engine
+
     def answer(image: Image.Image, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
         params = SamplingParams(max_new_tokens, response_format=None if prompt else RECORD_FORMAT)
-        result = engine.generate(engine.prepare(image, prompt or EXTRACTION_PROMPT), params)
+        result = engine.generate(engine.prepare(image, served.prompt_for(image, prompt or EXTRACTION_PROMPT)), params)
         record: dict[str, Any] = {"latency_s": round(result.latency_s, 4), "generated_tokens": result.generated_tokens}
         if prompt:
             return {**record, "text": result.text}
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the model failed to load: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     try:
-        return answer_all(model_answer(served.engine), args)
+        return answer_all(model_answer(served), args)
     finally:
         served.stop()
 

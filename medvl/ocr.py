@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from medvl.documents import CONDITIONS, DRUGS, LABS, PROCEDURES, RADIOLOGY
+from medvl.prompts import ocr_grounded
 from medvl.records import empty_structured
 
 log = logging.getLogger(__name__)
@@ -156,3 +157,9 @@ def extract(image: Image.Image) -> dict[str, Any]:
     record = record_from_lines(lines)
     return {"response": json.dumps(record), "structured": record, "lines": lines, "ocr_s": ocr_s,
             "latency_s": time.perf_counter() - started}
+
+
+def grounded_prompt(image: Image.Image, instruction: str) -> str:
+    """The OCR-grounded prompt for a page (data.ocr_grounded_prompt): its OCR lines, then the
+    instruction. One function for phase 5's training rows, phase 7 and the server."""
+    return ocr_grounded(instruction, read_lines(image))

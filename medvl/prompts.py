@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# An OCR-grounded prompt (data.ocr_grounded_prompt) puts the page's OCR text before the
+# instruction; training, evaluation and serving build it with :func:`ocr_grounded`.
+OCR_HEADER = "OCR text of the page (it may hold reading errors):"
+
 # What /extract asks for, and the shape training targets use (documents.structured()).
 EXTRACTION_PROMPT = (
     "Extract the clinical information from this medical document as JSON with keys "
@@ -47,3 +51,20 @@ DESCRIPTION_PROMPTS = [
     "Give the imaging modality and the main findings of this image.",
     "Caption this medical image for a clinical report.",
 ]
+
+
+def ocr_grounded(instruction: str, ocr_lines: list[str]) -> str:
+    """The instruction with the page's OCR lines before it.
+
+    >>> ocr_grounded("List the drugs.", ["Metformin 500 mg PO BID"])
+    'OCR text of the page (it may hold reading errors):\\nMetformin 500 mg PO BID\\n\\nList the drugs.'
+    """
+    text = "\n".join(ocr_lines) if ocr_lines else "(none found)"
+    return f"{OCR_HEADER}\n{text}\n\n{instruction}"
+
+
+def instruction_of(prompt: str) -> str:
+    """The instruction of a prompt, without an OCR-grounded prompt's page text."""
+    if prompt.startswith(OCR_HEADER):
+        return prompt.rsplit("\n\n", 1)[-1]
+    return prompt

@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image
 
+from medvl import ocr
 from medvl.decoding import SlotDecoder, should_compile
 from medvl.engine import Engine, EngineMetrics
 from medvl.forms import FORMS, load_in_form
@@ -76,6 +77,8 @@ class ServedModel:
 
     def load(self) -> None:
         started = time.perf_counter()
+        if self.settings.data.ocr_grounded_prompt:
+            ocr.load()  # every prompt needs the page's OCR text: fail at start, not per request
         # The pixel budget saved with the model: the one it was trained with.
         processor = load_processor(self.model_dir, None, padding_side="left")
         model = load_in_form(self.model_dir, self.settings, self.form)
@@ -86,6 +89,11 @@ class ServedModel:
         self.startup_s["decoder_warm_up"] = time.perf_counter() - started
         log.info("model ready: %s (%s; start-up %s)", self.model_dir, self.decoding,
                  {k: round(v, 1) for k, v in self.startup_s.items()})
+
+    def prompt_for(self, image: Image.Image, instruction: str) -> str:
+        """What the model is asked about a page: the instruction, with the page's OCR text
+        before it when the profile grounds prompts (data.ocr_grounded_prompt), as in training."""
+        return ocr.grounded_prompt(image, instruction) if self.settings.data.ocr_grounded_prompt else instruction
 
     def stop(self) -> None:
         if self.engine is not None:
@@ -111,3 +119,39 @@ class ServedModel:
     @property
     def device(self) -> str:
         return str(input_device(self.engine.model)) if self.engine is not None else "unloaded"
+
+
+class ServedOcr:
+    """The OCR + rules baseline served in a model's place (``--model ocr``): /extract only, so
+    users can compare it with the model on their own documents. It starts like a model (its
+    ONNX Runtime sessions load in the background) so that /health reads both alike."""
+
+    form = "ocr"
+    model_dir = "ocr"
+    engine: Engine | None = None
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.startup_s: dict[str, float] = {}
+        self.error: str | None = None
+        self.ready = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._load, name="ocr-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            ocr.load()
+        except ocr.OcrUnavailable as exc:
+            self.error = str(exc)
+            return
+        self.startup_s["load"] = time.perf_counter() - started
+        self.ready.set()
+
+    def stop(self) -> None:
+        """Nothing runs between requests."""
+
+    @property
+    def decoding(self) -> str:
+        return ocr.describe() if self.ready.is_set() else ""

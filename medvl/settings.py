@@ -114,6 +114,10 @@ class DataSettings:
     # when more than this share of the samples would be dropped.
     max_too_long_fraction: float = 0.02
     min_train_samples: int = 100
+    # Put each page's OCR text (medvl/ocr.py) before the instruction, in training (phase 5
+    # writes it into every prompt), evaluation and serving (/extract, /analyze, the CLI run OCR
+    # first). Costs 1-2 s of CPU per page; off by default (the tiny experiment: README).
+    ocr_grounded_prompt: bool = False
     split_seed: int = 42
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -201,6 +205,9 @@ class Settings:
     """The resolved settings of one run: a profile name plus every section."""
 
     profile: str = DEFAULT_PROFILE
+    # The --set overrides the profile was loaded with, so a process this run starts (phase 8's
+    # server) loads the same settings.
+    overrides: list[str] = field(default_factory=list)
     model: ModelSettings = field(default_factory=ModelSettings)
     bench: BenchSettings = field(default_factory=BenchSettings)
     quant: QuantSettings = field(default_factory=QuantSettings)
@@ -288,7 +295,7 @@ def load_settings(profile: str = DEFAULT_PROFILE, overrides: list[str] | None = 
         sections[section] = _build_section(section, cls, values[section], problems)
     if problems:
         raise SettingsError(problems)
-    settings = Settings(profile=profile, **sections)
+    settings = Settings(profile=profile, overrides=list(overrides or []), **sections)
     problems.extend(_check_values(settings))
     if problems:
         raise SettingsError(problems)

@@ -7,7 +7,8 @@ answers; with no hub reachable, the synthetic corpus is the whole set (labelled 
 Discards unreadable images and short texts, de-duplicates, keeps every phase-3 test and
 phase-7 evaluation document out, drops (counts, never cuts) samples longer than
 train.max_length with the phase-2 model's processor and fails when more than
-data.max_too_long_fraction would be dropped, shuffles with the split seed and writes
+data.max_too_long_fraction would be dropped, with data.ocr_grounded_prompt puts each page's
+OCR text before its instruction (medvl/ocr.py), shuffles with the split seed and writes
 80/10/10 splits as Qwen2.5-VL conversations to datasets/formatted/, plus
 download_summary.json and data_summary.json.
 """
@@ -24,6 +25,7 @@ from medvl import data  # noqa: E402
 from medvl.gates import PHASES  # noqa: E402
 from medvl.io import append_build_log, atomic_write_json  # noqa: E402
 from medvl.modeling import load_processor  # noqa: E402
+from medvl.ocr import OcrUnavailable  # noqa: E402
 from medvl.phase import PhaseError, log, run_phase  # noqa: E402
 from medvl.settings import Settings  # noqa: E402
 from medvl.workdir import Workdir  # noqa: E402
@@ -57,6 +59,11 @@ def main(settings: Settings, wd: Workdir) -> dict:
     # ---- filter, split, write (into a fresh folder swapped in whole)
     dropped: Counter = Counter()
     kept = data.deduplicate(samples, data.protected_hashes(settings), dropped)
+    if settings.data.ocr_grounded_prompt:
+        try:
+            kept = data.ground_prompts(kept)
+        except OcrUnavailable as exc:
+            raise PhaseError(f"data.ocr_grounded_prompt is on but OCR cannot run: {exc}") from None
     kept, lengths = data.drop_too_long(kept, load_processor(wd.base_model_dir(settings), settings),
                                        settings.train.max_length)
     if lengths["too_long_fraction"] > settings.data.max_too_long_fraction:

@@ -65,6 +65,16 @@ def main(settings: Settings, wd: Workdir) -> dict:
     else:
         merge["size_bytes"] = dir_size_bytes(merged_dir)
 
+    try:  # the classical bar: OCR + rules on the same cases and scorer
+        ocr_baseline = evaluation.evaluate_ocr(cases)
+    except OcrUnavailable as exc:
+        if settings.data.ocr_grounded_prompt:
+            raise PhaseError(f"data.ocr_grounded_prompt is on but OCR cannot run: {exc}") from None
+        log.warning("OCR baseline not run: %s", exc)
+        ocr_baseline = {"error": str(exc)}
+    if settings.data.ocr_grounded_prompt:
+        cases = evaluation.ocr_grounded_cases(cases, ocr_baseline)
+
     def loader(folder: Path) -> Callable[[], Any]:
         return lambda: load_in_form(folder, settings, form)
 
@@ -79,11 +89,6 @@ def main(settings: Settings, wd: Workdir) -> dict:
     }
     trivial = evaluation.score_fixed_answer(
         evaluation.most_common_answer(read_json(wd.datasets / "formatted" / "train.json")), cases)
-    try:  # the classical bar: OCR + rules on the same cases and scorer
-        ocr_baseline = evaluation.evaluate_ocr(cases)
-    except OcrUnavailable as exc:
-        log.warning("OCR baseline not run: %s", exc)
-        ocr_baseline = {"error": str(exc)}
 
     # ---- the fine-tuned model on the five standard documents, as phases 3 and 4 measured
     samples = benchmark.load_benchmark_samples(wd.test_images)
@@ -102,6 +107,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         "quality_meaningful": settings.model.source == "hub",
         "served_form": form,
         "served_form_description": FORMS[form],
+        "ocr_grounded_prompt": settings.data.ocr_grounded_prompt,
         "merge": {"merge_time_s": merge["merge_time_s"], "merged_dtype": merge["merged_dtype"],
                   "targeted_weights": merge["targeted_weights"], "changed_weights": merge["changed_weights"],
                   "merged_dir": str(merged_dir.relative_to(wd.root)),
@@ -139,7 +145,9 @@ def report(settings: Settings, wd: Workdir, result: dict, stages: dict) -> None:
     append_build_log(wd.build_log, 7, "evaluation", [
         f"Merged the adapter into a {result['merge']['merged_dtype']} base; both models evaluated in the served "
         f"form: {result['served_form_description']}.",
-        f"{result['cases']['suite']} hand-written suite documents and {result['cases']['test']} test-split samples.",
+        f"{result['cases']['suite']} hand-written suite documents and {result['cases']['test']} test-split samples"
+        + (", each prompt OCR-grounded (the page's OCR text before the instruction)."
+           if result["ocr_grounded_prompt"] else "."),
         *(f"{subset}: accuracy base {base[subset]['accuracy']:.3f} -> fine-tuned {tuned[subset]['accuracy']:.3f} "
           f"(trivial most-common-terms answer {result['trivial_baseline']['scores'][subset]['accuracy']:.3f}"
           + (f", OCR + rules {result['ocr_baseline']['scores'][subset]['accuracy']:.3f}"

@@ -38,7 +38,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     pages = sorted(wd.test_images.glob("*.png"))
     evaluated = read_json(wd.bench("evaluation_finetuned"))
     try:
-        with running_server(wd.root, settings.profile) as base:
+        with running_server(wd.root, settings.profile, [f"--set={item}" for item in settings.overrides]) as base:
             checks = validate(base, pages)
             checks["served model and form = phase 7's"] = served_as_evaluated(base, evaluated, wd)
     except (RuntimeError, TimeoutError) as exc:

@@ -71,6 +71,40 @@ def test_server_serves_the_awq_checkpoint_4_bit_when_asked(phases_1_4, page):
         assert is_valid_record(r.json()["raw_text"])
 
 
+def test_server_with_the_ocr_baseline_extracts_records_with_flags(phases_1_4):
+    """--model ocr: /extract answers from OCR + rules, with the model's envelope and flags;
+    the routes only a model can answer say so with a 400."""
+    page = next((phases_1_4 / "datasets" / "test_images").glob("*lab_results*.png"))
+    truth = json.loads(page.with_suffix(".json").read_text())["document"]
+    with running_server(phases_1_4, extra_args=["--model", "ocr"]) as base:
+        health = httpx.get(f"{base}/health", timeout=5).json()
+        assert health["status"] == "ok" and health["weights"] == "ocr" and "rapidocr" in health["decoding"]
+        r = httpx.post(f"{base}/extract", files={"file": ("p.png", page.read_bytes(), "image/png")}, timeout=120)
+        body = r.json()
+        assert r.status_code == 200 and body["parse_status"] == "ocr" and body["model"]["kind"] == "ocr"
+        read = {lab["name"]: lab for lab in body["structured"]["lab_values"]}
+        assert {lab["name"] for lab in truth["lab_values"]} == set(read)
+        flagged = [lab for lab in truth["lab_values"] if lab["flag"]]
+        assert flagged and all(read[lab["name"]]["flag"] == lab["flag"] for lab in flagged)
+        assert isinstance(body["flags"], list) and body["disclaimer"]
+        r = httpx.post(f"{base}/analyze", files={"file": ("p.png", page.read_bytes(), "image/png")},
+                       data={"prompt": "Describe."}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_by_model"
+
+
+def test_ocr_grounded_prompt_setting_reaches_the_served_prompt(server, phases_1_4, page):
+    """With --set data.ocr_grounded_prompt=true the server reads the page first and prompts
+    with its text, as training did: the same page costs more prompt tokens."""
+    def prompt_tokens(base: str) -> int:
+        r = httpx.post(f"{base}/extract", files={"file": ("p.png", page.read_bytes(), "image/png")}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    plain = prompt_tokens(server)
+    with running_server(phases_1_4, extra_args=["--max-new-tokens", "8", "--set", "data.ocr_grounded_prompt=true"]) as base:
+        assert prompt_tokens(base) > plain + 20
+
+
 def test_openai_chat_non_streaming_payload(server, page):
     url = "data:image/png;base64," + base64.b64encode(page.read_bytes()).decode()
     payload = {"model": "medvl", "max_tokens": 8, "messages": [

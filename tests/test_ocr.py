@@ -32,3 +32,24 @@ def test_ocr_baseline_reads_a_rendered_page(kind):
     result = scoring.score(out["response"], scoring.Expected.from_document(doc))
     assert result.term_recall >= 0.8 and result.value_recall >= 0.8, result.missed
     assert result.precision >= 0.9 and out["ocr_s"] > 0
+
+
+def test_grounded_prompts_put_the_pages_ocr_text_before_the_instruction():
+    """data.ocr_grounded_prompt: phase 5 writes the page's OCR lines into each training prompt,
+    the instruction stays recoverable (the data summary counts instructions), and phase 7 grounds
+    the suite's prompts with the lines its OCR baseline read (test rows come grounded)."""
+    from medvl import data, evaluation, prompts
+
+    doc = next(d for d in benchmark_documents(1234) if d.kind == "prescription")
+    sample = data.Sample("syn-x", "synthetic", data.png_bytes(render_document(doc)), "List the drugs.", "{}", "x")
+    grounded = data.ground_prompts([sample])[0]
+    assert grounded.prompt.startswith(prompts.OCR_HEADER) and grounded.prompt.endswith("\n\nList the drugs.")
+    assert all(m["name"].lower() in grounded.prompt.lower().replace(" ", "") for m in doc.medications)
+    assert prompts.instruction_of(grounded.prompt) == "List the drugs."
+
+    suite = evaluation.Case("s1", "suite", None, "Extract.", scoring.Expected.from_document(doc), True)
+    test_row = evaluation.Case("t1", "test", None, grounded.prompt, scoring.Expected.from_document(doc), True)
+    baseline = {"cases": [{"subset": "suite", "case_id": "s1", "ocr_lines": ["Aspirin 81 mg"]},
+                          {"subset": "test", "case_id": "t1", "ocr_lines": ["unused"]}]}
+    cases = evaluation.ocr_grounded_cases([suite, test_row], baseline)
+    assert cases[0].prompt == prompts.ocr_grounded("Extract.", ["Aspirin 81 mg"]) and cases[1] is test_row
