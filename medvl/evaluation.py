@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from medvl import benchmark, scoring
+from medvl import benchmark, lexicon, scoring
 from medvl.documents import generate_document, save_document
 from medvl.evalsuite import evaluation_documents
 from medvl.prompts import EXTRACTION_PROMPT, OCR_HEADER, ocr_grounded
@@ -276,7 +276,7 @@ def most_common_answer(train_rows: list[dict[str, Any]], top: int = 12) -> str:
     for row in train_rows:
         answer = row["messages"][1]["content"][0]["text"]
         norm = scoring.normalize(answer)
-        counts.update(w for w in scoring.medical_lexicon() if scoring.contains(norm, w))
+        counts.update(w for w in lexicon.terms() if scoring.contains(norm, w))
         counts.update(re.findall(r"\b\d+(?:\.\d+)? (?:mg|mcg|units|g)\b", norm))
         counts.update(re.findall(r"\b(?:BID|TID|QD|QHS|PRN|q\d+h)\b", answer))
     return " ".join(item for item, _ in counts.most_common(top))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medvl import lexicon
 from medvl.forms import METHOD_FORMS, form_of
 from medvl.io import OutputError, read_json
 from medvl.settings import DEFAULT_PROFILE, Settings, SettingsError, load_settings
@@ -127,19 +128,6 @@ def gate_model(wd: Workdir, s: Settings) -> list[str]:
 # --------------------------------------------------------------------------- gates 3-4
 
 
-def medical_lexicon() -> set[str]:
-    """Lower-case medical words from the document tables (drugs, conditions, labs, findings)."""
-    from medvl import documents as d
-
-    words = {name for name, *_ in d.DRUGS} | {lab[0] for lab in d.LABS} | set(d.PROCEDURES)
-    for full, abbr in d.CONDITIONS:
-        words |= {full} | ({abbr} if abbr else set())
-    for _, findings, _ in d.RADIOLOGY:
-        words |= {term for term, _ in findings}
-    words |= {"mg", "mmHg", "diagnosis", "medication", "dose", "patient", "BID", "TID", "QD", "PRN"}
-    return {w.lower() for w in words}
-
-
 def check_benchmark_record(rec: dict[str, Any], label: str, s: Settings, problems: list[str]) -> None:
     """What gates 3, 4 and 7 require of a harness record."""
     samples = rec.get("samples") or []
@@ -159,9 +147,9 @@ def check_benchmark_record(rec: dict[str, Any], label: str, s: Settings, problem
     positive(rec, "peak_memory_mb", problems, label)
     positive(rec, "load.weights_footprint_mb", problems, label)
     if real_model:  # a random stand-in cannot write medicine; the real model must
-        lexicon = medical_lexicon()
+        words = [w.lower() for w in (*lexicon.terms(), *lexicon.GENERIC_WORDS)]
         for row in samples:
-            if not any(word in str(row.get("response", "")).lower() for word in lexicon):
+            if not any(word in str(row.get("response", "")).lower() for word in words):
                 problems.append(f"{label}: {row.get('doc_id')} response has no medical terminology")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medvl.documents import CONDITIONS, DRUGS, LABS, PROCEDURES, RADIOLOGY
+from medvl.lexicon import CONDITIONS, DRUGS, LABS, PROCEDURES, RADIOLOGY
 from medvl.prompts import ocr_grounded
 from medvl.records import empty_structured
 

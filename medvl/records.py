@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from medvl import lexicon
 from medvl.grammar import ResponseFormat
 
 
@@ -137,14 +138,12 @@ def normalize_structured(data: Any) -> dict[str, Any]:
 
 def lexicon_fallback(text: str) -> dict[str, Any]:
     """The documented last resort: drugs (with a following dose) and conditions found in plain text."""
-    from medvl.documents import CONDITIONS, DRUGS
-
     out = empty_structured()
-    for name, *_ in DRUGS:
+    for name, *_ in lexicon.DRUGS:
         match = re.search(rf"\b{re.escape(name)}\b\s*(\d+(?:\.\d+)?\s?(?:mg|mcg|g|units))?", text, re.I)
         if match:
             out["medications"].append({"name": name, "dose": match.group(1) or "", "route": "", "frequency": ""})
-    for full, abbr in CONDITIONS:
+    for full, abbr in lexicon.CONDITIONS:
         for word in (full, abbr):
             if word and re.search(rf"\b{re.escape(word)}\b", text):
                 out["diagnoses"].append(word)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from medvl.documents import CONDITIONS, DRUGS, LABS, PROCEDURES, RADIOLOGY, MedicalDocument
+from medvl import lexicon
+from medvl.documents import MedicalDocument
 
 _DASHES = dict.fromkeys(map(ord, "\u2010\u2011\u2012\u2013\u2014\u2015\u2212"), "-")
 _UNITS = r"mg|mcg|g|units|mmol/l|mg/dl|g/dl|ng/ml|u/l|miu/l|mmhg|bpm|%|ml|l|kg"
@@ -55,19 +56,6 @@ def rouge_l(answer: str, reference: str) -> float:
 
 
 @lru_cache(maxsize=1)
-def medical_lexicon() -> tuple[str, ...]:
-    """Drug, condition, analyte, procedure and finding names the documents draw from."""
-    words = {d[0] for d in DRUGS} | {lab[0] for lab in LABS} | set(PROCEDURES)
-    words |= {"Nitroglycerin"}
-    for full, abbr in CONDITIONS:
-        words.add(full)
-        if abbr:
-            words.add(abbr)
-    for _, findings, _ in RADIOLOGY:
-        words |= {term for term, _ in findings}
-    return tuple(sorted(words, key=len, reverse=True))
-
-
 @dataclass
 class Expected:
     """What a correct reading of one document must contain, by category."""
@@ -95,7 +83,7 @@ class Expected:
     def from_reference(cls, reference: str) -> Expected:
         """For samples without a structured record (captions): lexicon terms and numbers in it."""
         norm = normalize(reference)
-        terms = [w for w in medical_lexicon() if contains(norm, w)]
+        terms = [w for w in lexicon.terms() if contains(norm, w)]
         values = list(dict.fromkeys(re.findall(rf"\d+(?:\.\d+)?\s?(?:{_UNITS})\b", norm)))
         return cls(terms, values, {}, reference)
 
@@ -155,7 +143,7 @@ def score(answer: str, expected: Expected) -> Score:
     accuracy = (term_recall + value_recall) / 2
 
     doc_norm = normalize(expected.document_text)
-    mentioned = [w for w in medical_lexicon() if contains(norm, w)]
+    mentioned = [w for w in lexicon.terms() if contains(norm, w)]
     hallucinated = [w for w in mentioned if not contains(doc_norm, w)]
     precision = 1.0 if not mentioned else 1 - len(hallucinated) / len(mentioned)
     f1 = 0.0 if precision + accuracy == 0 else 2 * precision * accuracy / (precision + accuracy)
