@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 from medvl.engine import EngineMetrics
 from medvl.forms import FORMS, FormError, choose
@@ -16,82 +17,102 @@ WEIGHTS = ("auto", *FORMS)
 OCR = "ocr"  # --model ocr: the OCR + rules baseline instead of a model
 DESCRIPTION = """The medvl HTTP API: structured extraction, free analysis, OpenAI-compatible chat.
 
-Every option also reads a MEDVL_<NAME> environment variable (the flag wins). The model loads
-in the background: until it is ready every inference route answers 503 with Retry-After.
+Settings come from the profile (--profile) with --set overrides, as every phase takes them;
+the flags below that name a setting (--port is api.port, ...) override those. Every option also
+reads a MEDVL_<NAME> environment variable (the flag wins). The model loads in the background:
+until it is ready every inference route answers 503 with Retry-After.
 """
+
+# Flags that are shortcuts for a profile setting: --port 9000 is --set api.port=9000.
+SETTING_FLAGS = {
+    "host": ("api.host", "address to listen on"),
+    "port": ("api.port", "port to listen on"),
+    "max_upload_mb": ("api.max_upload_mb", "largest upload accepted (413 past it)"),
+    "max_image_pixels": ("api.max_image_pixels", "largest image accepted, in pixels (413 past it)"),
+    "request_timeout_s": ("api.request_timeout_s", "a request's limit, queue included; past it 504 and its slot is freed"),
+    "max_new_tokens": ("api.max_new_tokens", "answer tokens for /extract and /analyze, and chat's default max_tokens"),
+    "max_batch_size": ("decode.max_batch_size", "requests decoding at once"),
+}
 
 
 @dataclass
 class ServerConfig:
-    """Every server setting; each has a MEDVL_<NAME> environment variable and a --flag."""
+    """One server process: its settings (profile + overrides, resolved once) and what is not a
+    pipeline setting: the model to serve, the API key, CORS origins, the name chat requests use."""
 
-    model: str = "best"  # best | base | finetuned | ocr | a model folder (see served_model)
     profile: str = "tiny"
     workdir: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_upload_mb: float = 20.0
-    max_image_pixels: int = 40_000_000
-    cors_origins: list[str] = field(default_factory=list)
-    api_key: str = ""
-    request_timeout_s: float = 120.0
-    max_batch_size: int = 0  # requests decoding at once; 0 = the profile's decode.max_batch_size
-    max_new_tokens: int = 512  # answer length for /extract, /analyze, and chat without max_tokens
-    weights: str = "auto"  # auto | bf16 | awq | nf4 | int4: the served form of the weights (see resolve_model)
-    served_model_name: str = "medvl"  # the model id /v1/models lists and chat requests name
     set: list[str] = field(default_factory=list)  # profile overrides, section.key=value (as the pipeline takes)
+    model: str = "best"  # best | base | finetuned | ocr | a model folder (see served_model)
+    weights: str = "auto"  # auto | bf16 | awq | nf4 | int4: the served form of the weights (see served_model)
+    api_key: str = ""
+    cors_origins: list[str] = field(default_factory=list)
+    served_model_name: str = "medvl"  # the model id /v1/models lists and chat requests name
+    settings: Settings | None = None  # resolved from profile and set when not given
 
     HELP = {
+        "profile": "settings profile (medvl/profiles/NAME.yaml), as the pipeline takes it",
+        "workdir": "the pipeline's run folder, where models/ and benchmarks/ are (default: the repository root)",
+        "set": "override a profile setting, e.g. decode.max_waiting=128 (repeatable)",
         "model": "best (the fine-tuned model if phase 7 ran, else the base), base, finetuned, a model folder, or "
                  "ocr (the OCR + rules baseline phase 7 scores: /extract only)",
-        "max_batch_size": "requests decoding at once (0: the profile's decode.max_batch_size)",
-        "max_new_tokens": "answer tokens for /extract and /analyze, and chat's default max_tokens",
         "weights": "auto (the profile's form, the one phase 7 evaluated: full precision on tiny, phase 4's 4-bit "
                    "method on the 7b profiles), bf16 (full precision; most requests/s under load on an H100), awq (the "
                    "AWQ int4 checkpoint, 4-bit in memory), nf4 (the bitsandbytes checkpoint), int4 (round-to-nearest "
                    "at start-up)",
-        "request_timeout_s": "a request's limit, queue included; past it 504 and its slot is freed",
-        "set": "override a profile setting, e.g. decode.max_waiting=128 (repeatable)",
+        "api_key": "required in X-API-Key or a Bearer token on every route but /health",
+        "cors_origins": "origins allowed to call the API from a browser",
+        "served_model_name": "the model id /v1/models lists and chat requests must name",
     }
+
+    def __post_init__(self) -> None:
+        if self.settings is None:
+            self.settings = load_settings(self.profile, self.set)
 
     @classmethod
     def from_env_and_args(cls, argv: list[str] | None = None) -> ServerConfig:
-        defaults = cls()
         parser = argparse.ArgumentParser(prog="python -m api.server", description=DESCRIPTION,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
-        for name, value in asdict(defaults).items():
-            env_name = f"MEDVL_{name.upper()}"
-            env = os.environ.get(env_name)
-            flag = f"--{name.replace('_', '-')}"
-            about = cls.HELP.get(name, "")
-            if name == "set":
-                parser.add_argument(flag, action="append", default=env.split(",") if env else [],
-                                    metavar="SECTION.KEY=VALUE", help=f"{about} (env {env_name}, comma-separated)")
-            elif isinstance(value, list):
-                default = [o for o in env.split(",") if o] if env is not None else value
-                parser.add_argument(flag, default=default, type=lambda s: [o for o in s.split(",") if o],
-                                    help=f"comma-separated {about} (env {env_name})")
-            else:
-                kind = type(value)
-                parser.add_argument(flag, type=kind, default=kind(env) if env is not None else value,
-                                    help=f"{about} (env {env_name}, default %(default)r)".strip())
-        config = cls(**vars(parser.parse_args(argv)))
-        if config.weights not in WEIGHTS:
-            parser.error(f"--weights: one of {', '.join(WEIGHTS)}, got {config.weights!r}")
-        if config.model == OCR and config.weights != "auto":
-            parser.error(f"--weights {config.weights}: the OCR baseline has no weights to choose")
+        for spec in fields(cls):
+            if spec.name in cls.HELP:
+                _add_flag(parser, spec.name, spec.default if spec.default is not MISSING else [],
+                          cls.HELP.get(spec.name, ""))
+        for name, (setting, about) in SETTING_FLAGS.items():
+            env = os.environ.get(f"MEDVL_{name.upper()}")
+            parser.add_argument(f"--{name.replace('_', '-')}", default=env, metavar="VALUE",
+                                help=f"{about}: sets {setting} (env MEDVL_{name.upper()}; default: the profile's)")
+        args = vars(parser.parse_args(argv))
+        shortcuts = [f"{SETTING_FLAGS[name][0]}={args.pop(name)}" for name in SETTING_FLAGS if args[name] is not None]
+        if args["weights"] not in WEIGHTS:
+            parser.error(f"--weights: one of {', '.join(WEIGHTS)}, got {args['weights']!r}")
+        if args["model"] == OCR and args["weights"] != "auto":
+            parser.error(f"--weights {args['weights']}: the OCR baseline has no weights to choose")
+        args = {k: v for k, v in args.items() if k not in SETTING_FLAGS}
+        args["set"] = [*args["set"], *shortcuts]  # the flags override --set, which overrides the profile
         try:
-            config.settings()
+            return cls(**args)
         except SettingsError as exc:
             parser.error(str(exc))
-        return config
-
-    def settings(self) -> Settings:
-        """The profile with ``--set`` overrides applied: what the engine and the model choice use."""
-        return load_settings(self.profile, self.set)
 
 
-def served_model(config: ServerConfig, metrics: EngineMetrics | None = None) -> tuple[ServedModel | ServedOcr, str]:
+def _add_flag(parser: argparse.ArgumentParser, name: str, default: Any, about: str) -> None:
+    """``--name`` with a MEDVL_NAME environment variable as its default (lists comma-separated)."""
+    env_name = f"MEDVL_{name.upper()}"
+    env = os.environ.get(env_name)
+    flag = f"--{name.replace('_', '-')}"
+    if name == "set":
+        parser.add_argument(flag, action="append", default=env.split(",") if env else [],
+                            metavar="SECTION.KEY=VALUE", help=f"{about} (env {env_name}, comma-separated)")
+    elif isinstance(default, list):
+        parser.add_argument(flag, default=[o for o in env.split(",") if o] if env is not None else default,
+                            type=lambda s: [o for o in s.split(",") if o], help=f"comma-separated {about} (env {env_name})")
+    else:
+        parser.add_argument(flag, default=env if env is not None else default,
+                            help=f"{about} (env {env_name}, default %(default)r)".strip())
+
+
+def served_model(config: ServerConfig, wd: Workdir,
+                 metrics: EngineMetrics | None = None) -> tuple[ServedModel | ServedOcr, str]:
     """What the server serves and its kind: the OCR baseline for ``--model ocr``, else the
     model :func:`medvl.forms.choose` picks (as the CLI and phase 7 do): ``--model`` best, base,
     finetuned or a folder, in the form ``--weights`` names; ``auto`` is the profile's form, the
@@ -105,9 +126,9 @@ def served_model(config: ServerConfig, metrics: EngineMetrics | None = None) -> 
     """
     if config.model == OCR:
         return ServedOcr(), OCR
-    settings = config.settings()
+    settings = config.settings
     try:
-        folder, kind, form = choose(settings, Workdir.at(config.workdir or None), config.weights, config.model)
+        folder, kind, form = choose(settings, wd, config.weights, config.model)
     except FormError as exc:
         raise SystemExit(f"error: {exc}") from None
-    return ServedModel(folder, settings, form, slots=config.max_batch_size or None, metrics=metrics), kind
+    return ServedModel(folder, settings, form, metrics=metrics), kind

@@ -45,7 +45,7 @@ async def chat_completions(body: ChatRequest, http: Request, state: State):
     if body.model != state.config.served_model_name:
         raise ApiError(404, "model_not_found", f"the model {body.model!r} does not exist; this server serves "
                        f"{state.config.served_model_name!r} (GET /v1/models)", param="model")
-    params = sampling_params(body, state.config.max_new_tokens)
+    params = sampling_params(body, state.settings.api.max_new_tokens)
     engine = state.engine()
     if params.response_format is not None:
         # A schema that does not compile is a 400 before anything runs (compiled off the event loop; cached).
@@ -165,7 +165,7 @@ async def stream_chat(state: ServerState, prompt: Prompt, params: SamplingParams
         return f"data: {json.dumps(payload)}\n\n"
 
     future = asyncio.wrap_future(request.future)
-    deadline = loop.time() + state.config.request_timeout_s
+    deadline = loop.time() + state.settings.api.request_timeout_s
     try:
         yield event({"role": "assistant", "content": ""})
         while not future.done():

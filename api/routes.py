@@ -55,7 +55,7 @@ async def extract(http: Request, state: State,
     if state.served.engine is None:
         return await ocr_extract(state, image)
     prompt = await state.prepare(image, EXTRACTION_PROMPT)
-    result = await state.generate(prompt, SamplingParams(state.config.max_new_tokens, response_format=RECORD_FORMAT),
+    result = await state.generate(prompt, SamplingParams(state.settings.api.max_new_tokens, response_format=RECORD_FORMAT),
                                   http)
     return ExtractResponse(request_id=uuid.uuid4().hex, **structured_result(result.text), raw_text=result.text,
                            closed_early=result.closed_early, latency_s=result.latency_s, usage=usage(result),
@@ -79,7 +79,7 @@ async def analyze(http: Request, state: State, file: Annotated[UploadFile, File(
     prompt = check_prompt(prompt)
     image = await read_image(state, file)
     prepared = await state.prepare(image, prompt)
-    result = await state.generate(prepared, SamplingParams(state.config.max_new_tokens), http)
+    result = await state.generate(prepared, SamplingParams(state.settings.api.max_new_tokens), http)
     return AnalyzeResponse(request_id=uuid.uuid4().hex, text=result.text, latency_s=result.latency_s,
                            usage=usage(result), model=state.model_info())
 

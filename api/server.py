@@ -38,9 +38,10 @@ log = logging.getLogger("medvl.api")
 def create_app(config: ServerConfig, served: ServedModel | ServedOcr | None = None, model_kind: str = "custom") -> FastAPI:
     """Wire the app; the served model starts loading when the app starts (lifespan)."""
     metrics = ServerMetrics()
+    wd = Workdir.at(config.workdir or None)
     if served is None:
-        served, model_kind = served_model(config, metrics)
-    state = ServerState(config, served, model_kind, metrics, Workdir.at(config.workdir or None))
+        served, model_kind = served_model(config, wd, metrics)
+    state = ServerState(config, served, model_kind, metrics, wd)
     access = _access_logger(state.workdir)
 
     @asynccontextmanager
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.setswitchinterval(0.0005)
     config = ServerConfig.from_env_and_args(argv)
     app = create_app(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    uvicorn.run(app, host=config.settings.api.host, port=config.settings.api.port, log_level="warning")
 
 
 if __name__ == "__main__":

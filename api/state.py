@@ -20,6 +20,7 @@ from medvl.engine import Engine, Prompt, Result, SamplingParams
 from medvl.engine import Request as EngineRequest
 from medvl.images import BadInput, decode_image
 from medvl.serving import ServedModel, ServedOcr
+from medvl.settings import Settings
 from medvl.workdir import Workdir
 
 log = logging.getLogger("medvl.api")
@@ -38,8 +39,12 @@ class ServerState:
     workdir: Workdir
 
     @property
+    def settings(self) -> Settings:
+        return self.config.settings
+
+    @property
     def max_bytes(self) -> int:
-        return int(self.config.max_upload_mb * 2**20)
+        return int(self.settings.api.max_upload_mb * 2**20)
 
     def check_ready(self) -> None:
         """A 503 while the model (or the OCR engine) loads or after it failed to."""
@@ -62,7 +67,7 @@ class ServerState:
                          device=self.served.device)
 
     def decode_image(self, data: bytes) -> Any:
-        return decode_image(data, self.max_bytes, self.config.max_image_pixels)
+        return decode_image(data, self.max_bytes, self.settings.api.max_image_pixels)
 
     async def prepare(self, image: Any, prompt: str = "", messages: list[dict[str, Any]] | None = None) -> Prompt:
         """Template and image processing, in a worker thread (off the event loop and the engine).
@@ -88,12 +93,12 @@ class ServerState:
         """The request's result; on timeout (504) or client hang-up the request is cancelled."""
         loop = asyncio.get_running_loop()
         future = asyncio.wrap_future(request.future)
-        deadline = loop.time() + self.config.request_timeout_s
+        deadline = loop.time() + self.settings.api.request_timeout_s
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 request.cancel()
-                raise ApiError(504, "timeout", f"no answer within {self.config.request_timeout_s:.0f} s")
+                raise ApiError(504, "timeout", f"no answer within {self.settings.api.request_timeout_s:.0f} s")
             done, _ = await asyncio.wait({future}, timeout=min(DISCONNECT_POLL_S, remaining))
             if done:
                 return future.result()

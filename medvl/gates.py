@@ -39,10 +39,20 @@ class Phase:
     # The settings sections this phase's outputs depend on (upstream ones included).
     sections: tuple[str, ...]
     check: GateCheck | None = None
+    # What the phase writes, relative to the workdir (its folders of models and images aside):
+    # gates, the report, the build log check and the reliability tests read this one list.
+    outputs: tuple[str, ...] = ()
 
     @property
     def script_path(self) -> Path:
         return REPO_ROOT / "scripts" / self.script
+
+    def output(self, wd: Workdir, name: str) -> Path:
+        """The path of the output named ``name`` (a file name in :attr:`outputs`)."""
+        found = [rel for rel in self.outputs if Path(rel).name == name]
+        if len(found) != 1:
+            raise KeyError(f"phase {self.number} ({self.name}) lists no output {name!r}")
+        return wd.root / found[0]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -66,6 +76,12 @@ def load_record(path: Path, settings: Settings, sections: tuple[str, ...],
     return data
 
 
+def load_output(wd: Workdir, s: Settings, number: int, name: str, problems: list[str]) -> dict[str, Any] | None:
+    """Phase ``number``'s output JSON ``name``, checked to be current (see :func:`load_record`)."""
+    phase = PHASES[number]
+    return load_record(phase.output(wd, name), s, phase.sections, problems)
+
+
 def positive(data: dict[str, Any], dotted: str, problems: list[str], label: str) -> float | None:
     """Fetch ``a.b.c`` from ``data`` and require a number > 0."""
     value: Any = data
@@ -82,7 +98,7 @@ def positive(data: dict[str, Any], dotted: str, problems: list[str], label: str)
 
 def gate_environment(wd: Workdir, s: Settings) -> list[str]:
     problems: list[str] = []
-    env = load_record(wd.bench("environment"), s, PHASES[1].sections, problems)
+    env = load_output(wd, s, 1, "environment.json", problems)
     if env is not None:
         if tuple(env.get("python", {}).get("version_info", [0, 0])[:2]) < (3, 10):
             problems.append("environment.json: Python >= 3.10 required")
@@ -100,7 +116,7 @@ def gate_environment(wd: Workdir, s: Settings) -> list[str]:
 
 def gate_model(wd: Workdir, s: Settings) -> list[str]:
     problems: list[str] = []
-    info = load_record(wd.bench("model_download"), s, PHASES[2].sections, problems)
+    info = load_output(wd, s, 2, "model_download.json", problems)
     model_dir = wd.base_model_dir(s)
     for name in ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
         if not (model_dir / name).is_file():
@@ -158,7 +174,7 @@ def gate_baseline(wd: Workdir, s: Settings) -> list[str]:
     images = sorted(wd.test_images.glob("*.png")) if wd.test_images.is_dir() else []
     if len(images) < s.bench.num_documents:
         problems.append(f"datasets/test_images has {len(images)} documents, expected {s.bench.num_documents}")
-    rec = load_record(wd.bench("baseline_fp16"), s, PHASES[3].sections, problems)
+    rec = load_output(wd, s, 3, "baseline_fp16.json", problems)
     if rec is not None:
         check_benchmark_record(rec, "baseline_fp16.json", s, problems)
     return problems
@@ -166,8 +182,8 @@ def gate_baseline(wd: Workdir, s: Settings) -> list[str]:
 
 def gate_quantize(wd: Workdir, s: Settings) -> list[str]:
     problems: list[str] = []
-    info = load_record(wd.bench("quantization_info"), s, PHASES[4].sections, problems)
-    rec = load_record(wd.bench("quantized_int4"), s, PHASES[4].sections, problems)
+    info = load_output(wd, s, 4, "quantization_info.json", problems)
+    rec = load_output(wd, s, 4, "quantized_int4.json", problems)
     if rec is not None:
         check_benchmark_record(rec, "quantized_int4.json", s, problems)
     if info is not None:
@@ -197,8 +213,8 @@ def gate_datasets(wd: Workdir, s: Settings) -> list[str]:
 
     problems: list[str] = []
     formatted = wd.datasets / "formatted"
-    download = load_record(wd.datasets / "download_summary.json", s, PHASES[5].sections, problems)
-    summary = load_record(formatted / "data_summary.json", s, PHASES[5].sections, problems)
+    download = load_output(wd, s, 5, "download_summary.json", problems)
+    summary = load_output(wd, s, 5, "data_summary.json", problems)
     if download is not None:
         ok = download.get("hub_sources_ok") or []
         if len(ok) < 2 and not (download.get("offline_fallback") and download.get("fallback_note")):
@@ -245,7 +261,7 @@ def gate_finetune(wd: Workdir, s: Settings) -> list[str]:
         problems.append(f"{adapter.name}/adapter_config.json is missing")
     if not any(adapter.glob("adapter_model.*")):
         problems.append(f"{adapter.name}: adapter weights are missing")
-    metrics = load_record(wd.bench("training_metrics"), s, PHASES[6].sections, problems)
+    metrics = load_output(wd, s, 6, "training_metrics.json", problems)
     if metrics is None:
         return problems
     first, last = metrics.get("initial_loss"), metrics.get("final_loss")
@@ -268,8 +284,8 @@ def gate_finetune(wd: Workdir, s: Settings) -> list[str]:
 
 def gate_evaluate(wd: Workdir, s: Settings) -> list[str]:
     problems: list[str] = []
-    ev = load_record(wd.bench("evaluation_finetuned"), s, PHASES[7].sections, problems)
-    std = load_record(wd.bench("finetuned_standard_bench"), s, PHASES[7].sections, problems)
+    ev = load_output(wd, s, 7, "evaluation_finetuned.json", problems)
+    std = load_output(wd, s, 7, "finetuned_standard_bench.json", problems)
     if std is not None:
         check_benchmark_record(std, "finetuned_standard_bench.json", s, problems)
     if ev is None:
@@ -300,7 +316,7 @@ def gate_evaluate(wd: Workdir, s: Settings) -> list[str]:
 
 def gate_api(wd: Workdir, s: Settings) -> list[str]:
     problems: list[str] = []
-    rec = load_record(wd.bench("api_validation"), s, PHASES[8].sections, problems)
+    rec = load_output(wd, s, 8, "api_validation.json", problems)
     if rec is not None:
         failed = [name for name, check in (rec.get("endpoints") or {}).items() if not check.get("ok")]
         if not rec.get("endpoints"):
@@ -312,25 +328,21 @@ def gate_api(wd: Workdir, s: Settings) -> list[str]:
 
 # --------------------------------------------------------------------------- gate 9: the final sweep
 
-REQUIRED_BENCHMARKS = ["environment", "model_download", "baseline_fp16", "quantization_info", "quantized_int4",
-                       "training_metrics", "evaluation_finetuned", "finetuned_standard_bench", "api_validation",
-                       "FINAL_REPORT"]
 README_SECTIONS = ["## Two commands", "## Profiles", "## Phases", "## Results"]
 
 
 def gate_report(wd: Workdir, s: Settings) -> list[str]:
     problems: list[str] = []
-    load_record(wd.bench("FINAL_REPORT"), s, PHASES[9].sections, problems)
-    for name in REQUIRED_BENCHMARKS:
-        try:
-            data = read_json(wd.bench(name))
-            if not data:
-                problems.append(f"{name}.json is empty")
-        except OutputError as exc:
-            problems.append(str(exc))
-    for path in (wd.docs / "BENCHMARK_REPORT.md", wd.docs / "CONTENT_DRAFT.md", wd.datasets / "formatted" / "train.json"):
+    load_output(wd, s, 9, "FINAL_REPORT.json", problems)
+    for rel in (rel for phase in PHASES.values() for rel in phase.outputs):  # every phase's, this one's too
+        path = wd.root / rel
         if not path.is_file() or path.stat().st_size == 0:
-            problems.append(f"{path.relative_to(wd.root)} is missing or empty")
+            problems.append(f"{rel} is missing or empty")
+        elif path.suffix == ".json":
+            try:
+                read_json(path)
+            except OutputError as exc:
+                problems.append(str(exc))
     log = wd.build_log.read_text() if wd.build_log.is_file() else ""
     for number in range(1, 10):
         if f"## Phase {number}:" not in log:
@@ -343,25 +355,39 @@ def gate_report(wd: Workdir, s: Settings) -> list[str]:
 
 # --------------------------------------------------------------------------- registry
 
-_ALL = ("model", "bench", "quant", "data", "train", "decode", "api")
+# Phases 8 and 9 depend on every setting but where the server listens (phase 8 picks a free
+# port): changing api.host or api.port stales nothing.
+_SERVED = ("model", "bench", "quant", "data", "train", "decode", "api.max_upload_mb", "api.max_image_pixels",
+           "api.request_timeout_s", "api.max_new_tokens")
 
 PHASES: dict[int, Phase] = {
-    1: Phase(1, "setup environment", "01_setup_environment.py", (), ("model",), gate_environment),
-    2: Phase(2, "download model", "02_download_model.py", (1,), ("model",), gate_model),
+    1: Phase(1, "setup environment", "01_setup_environment.py", (), ("model",), gate_environment,
+             ("benchmarks/environment.json", "docs/BUILD_LOG.md")),
+    2: Phase(2, "download model", "02_download_model.py", (1,), ("model",), gate_model,
+             ("benchmarks/model_download.json",)),
     3: Phase(3, "benchmark baseline", "03_benchmark_baseline.py", (2,), ("model", "bench", "decode"),
-                gate_baseline),
+             gate_baseline, ("benchmarks/baseline_fp16.json",)),
     4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant", "decode"),
-                gate_quantize),
+             gate_quantize, ("benchmarks/quantization_info.json", "benchmarks/quantized_int4.json")),
     # Phase 5 measures each sample with the phase-2 processor against train.max_length.
     5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (2,), ("model", "data", "bench", "train.max_length"),
-                gate_datasets),
+             gate_datasets, ("datasets/download_summary.json", "datasets/formatted/data_summary.json",
+                             "datasets/formatted/train.json", "datasets/formatted/val.json",
+                             "datasets/formatted/test.json")),
     6: Phase(6, "fine-tune LoRA", "06_finetune_lora.py", (2, 5), ("model", "bench", "data", "train"),
-                gate_finetune),
-    7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train",
-                                                          "decode"), gate_evaluate),
-    8: Phase(8, "deploy API", "08_deploy_api.py", (7,), _ALL, gate_api),
-    9: Phase(9, "generate report", "09_generate_report.py", (1,), _ALL, gate_report),
+             gate_finetune, ("benchmarks/training_metrics.json",)),
+    7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train", "decode"),
+             gate_evaluate, ("benchmarks/evaluation_finetuned.json", "benchmarks/finetuned_standard_bench.json")),
+    8: Phase(8, "deploy API", "08_deploy_api.py", (7,), _SERVED, gate_api, ("benchmarks/api_validation.json",)),
+    9: Phase(9, "generate report", "09_generate_report.py", (1,), _SERVED, gate_report,
+             ("benchmarks/FINAL_REPORT.json", "docs/BENCHMARK_REPORT.md", "docs/CONTENT_DRAFT.md")),
 }
+
+
+def benchmark_outputs(before: int = len(PHASES) + 1) -> list[str]:
+    """The names of the benchmark JSONs phases 1 .. ``before - 1`` write (``baseline_fp16`` ...)."""
+    return [Path(rel).stem for number, phase in PHASES.items() if number < before
+            for rel in phase.outputs if rel.startswith("benchmarks/")]
 
 
 def check_phase(number: int, wd: Workdir, s: Settings) -> list[str]:

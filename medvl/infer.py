@@ -24,6 +24,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,12 +38,10 @@ from medvl.images import BadInput, decode_image
 from medvl.prompts import EXTRACTION_PROMPT
 from medvl.records import RECORD_FORMAT, structured_result
 from medvl.serving import ServedModel
-from medvl.settings import DEFAULT_PROFILE, SettingsError, load_settings
+from medvl.settings import DEFAULT_PROFILE, ApiSettings, SettingsError, load_settings
 from medvl.workdir import Workdir
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
-MAX_BYTES = 20 * 2**20
-MAX_PIXELS = 40_000_000
 
 
 def collect_files(target: str) -> list[Path]:
@@ -54,6 +53,17 @@ def collect_files(target: str) -> list[Path]:
 
 
 Answer = Callable[[Image.Image, "str | None", int], dict[str, Any]]
+
+
+@dataclass
+class Job:
+    """What every document of one run gets: who answers, the prompt, the answer length, and the
+    upload limits the server applies (api.max_upload_mb, api.max_image_pixels)."""
+
+    answer: Answer
+    prompt: str | None
+    max_new_tokens: int
+    limits: ApiSettings
 
 
 def model_answer(served: ServedModel) -> Answer:
@@ -81,17 +91,17 @@ def ocr_answer(image: Image.Image, prompt: str | None, max_new_tokens: int) -> d
             "flags": flags.check(out["structured"]), "disclaimer": flags.DISCLAIMER, "raw_text": "\n".join(out["lines"])}
 
 
-def run_one(answer: Answer, path: Path, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
+def run_one(job: Job, path: Path, prompt: str | None) -> dict[str, Any]:
     """Read, check and answer one file; raises BadInput/OSError/PromptTooLong for unusable files."""
-    image = decode_image(path.read_bytes(), MAX_BYTES, MAX_PIXELS)
-    return {"file": str(path), **answer(image, prompt, max_new_tokens)}
+    image = decode_image(path.read_bytes(), int(job.limits.max_upload_mb * 2**20), job.limits.max_image_pixels)
+    return {"file": str(path), **job.answer(image, prompt, job.max_new_tokens)}
 
 
-def batch(answer: Answer, files: list[Path], prompt: str | None, max_new_tokens: int, out: TextIO) -> int:
+def batch(job: Job, files: list[Path], out: TextIO) -> int:
     failures: list[tuple[Path, str]] = []
     for path in tqdm(files, desc="documents", unit="doc", file=sys.stderr):
         try:
-            record = run_one(answer, path, prompt, max_new_tokens)
+            record = run_one(job, path, job.prompt)
         except (BadInput, OSError, PromptTooLong) as exc:
             failures.append((path, str(exc)))
             continue
@@ -104,7 +114,7 @@ def batch(answer: Answer, files: list[Path], prompt: str | None, max_new_tokens:
     return 1 if failures else 0
 
 
-def interactive(answer: Answer, max_new_tokens: int, stdin: TextIO, out: TextIO) -> int:
+def interactive(job: Job, stdin: TextIO, out: TextIO) -> int:
     """Ask for an image path, then a prompt (empty = structured extraction), until EOF."""
     while True:
         print("image path (Ctrl-D to quit)> ", end="", file=sys.stderr, flush=True)
@@ -115,7 +125,7 @@ def interactive(answer: Answer, max_new_tokens: int, stdin: TextIO, out: TextIO)
         print("prompt (empty = structured extraction)> ", end="", file=sys.stderr, flush=True)
         prompt = stdin.readline().strip() or None
         try:
-            record = run_one(answer, path, prompt, max_new_tokens)
+            record = run_one(job, path, prompt)
         except (BadInput, OSError, PromptTooLong) as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             continue
@@ -136,23 +146,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="auto", choices=("auto", *FORMS),
                         help="the served form (default: auto, the profile's; a folder's own form)")
     parser.add_argument("--profile", default=DEFAULT_PROFILE)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a profile setting, as the pipeline and the server take them (repeatable)")
     parser.add_argument("--workdir", default=None, help="where the pipeline wrote models/ (default: repo root)")
     parser.add_argument("--out", help="batch output file (default: stdout)")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: api.max_new_tokens)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    try:
+        settings = load_settings(args.profile, args.set)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    job = Job(ocr_answer, args.prompt, args.max_new_tokens or settings.api.max_new_tokens, settings.api)
     if args.model == "ocr":
         try:
             ocr.load()
         except ocr.OcrUnavailable as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        return answer_all(ocr_answer, args)
+        return answer_all(job, args)
     try:
-        settings = load_settings(args.profile)
         folder, _, form = choose(settings, Workdir.at(args.workdir), args.weights, args.model)
-    except (SettingsError, FormError) as exc:
+    except FormError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     served = ServedModel(folder, settings, form, slots=1)
@@ -162,31 +179,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the model failed to load: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     try:
-        return answer_all(model_answer(served), args)
+        job.answer = model_answer(served)
+        return answer_all(job, args)
     finally:
         served.stop()
 
 
-def answer_all(answer: Answer, args: argparse.Namespace) -> int:
+def answer_all(job: Job, args: argparse.Namespace) -> int:
     """One image, a batch, or interactive, per the arguments; returns the exit status."""
     if args.image:
         try:
-            record = run_one(answer, Path(args.image), args.prompt, args.max_new_tokens)
+            record = run_one(job, Path(args.image), job.prompt)
         except (BadInput, OSError, PromptTooLong) as exc:
             print(f"error: {args.image}: {exc}", file=sys.stderr)
             return 1
         print(json.dumps(record, ensure_ascii=False, indent=2))
         return 0
     if args.interactive:
-        return interactive(answer, args.max_new_tokens, sys.stdin, sys.stdout)
+        return interactive(job, sys.stdin, sys.stdout)
     files = collect_files(args.dir)
     if not files:
         print(f"error: no images match {args.dir}", file=sys.stderr)
         return 2
     if args.out:
         with open(args.out, "w", encoding="utf-8") as out:
-            return batch(answer, files, args.prompt, args.max_new_tokens, out)
-    return batch(answer, files, args.prompt, args.max_new_tokens, sys.stdout)
+            return batch(job, files, out)
+    return batch(job, files, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from medvl.gates import PHASES
 from medvl.workdir import REPO_ROOT
 
 DOCUMENTED = {200, 400, 401, 404, 405, 413, 422, 503, 504}
@@ -259,12 +260,6 @@ def load_test(base: str, clients: int, seconds: float, image_png: bytes, server_
 
 # Overrides that keep phase 6 short enough to kill and resume many times on a CPU.
 SHORT_TRAINING = ["--set", "train.max_steps=16", "--set", "train.save_steps=4", "--set", "train.eval_steps=100"]
-# What each phase writes; deleting it makes the phase unfinished, as a crash would.
-PHASE_OUTPUTS = {1: "benchmarks/environment.json", 2: "benchmarks/model_download.json",
-                 3: "benchmarks/baseline_fp16.json", 4: "benchmarks/quantization_info.json",
-                 5: "datasets/download_summary.json", 6: "benchmarks/training_metrics.json",
-                 7: "benchmarks/evaluation_finetuned.json", 8: "benchmarks/api_validation.json",
-                 9: "benchmarks/FINAL_REPORT.json"}
 
 
 def half_written_json(workdir: Path) -> list[str]:
@@ -283,8 +278,8 @@ def half_written_json(workdir: Path) -> list[str]:
 
 def kill_and_resume(workdir: Path, phase: int, kill_after_s: float, extra: list[str]) -> dict[str, Any]:
     """Kill phase ``phase`` with SIGKILL partway, then let run_pipeline.sh resume it."""
-    (workdir / PHASE_OUTPUTS[phase]).unlink(missing_ok=True)
-    script = next((REPO_ROOT / "scripts").glob(f"0{phase}_*.py"))
+    (workdir / PHASES[phase].outputs[0]).unlink(missing_ok=True)  # unfinished, as a crash leaves it
+    script = PHASES[phase].script_path
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "MEDVL_PYTHON": sys.executable}
     log = workdir / "logs" / f"phase{phase}.log"
     size_before = log.stat().st_size if log.is_file() else 0

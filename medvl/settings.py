@@ -180,13 +180,15 @@ class DecodeSettings:
 
 @dataclass
 class ApiSettings:
-    """Phase 8 and ``api/server.py`` defaults (env and CLI can override at serve time)."""
+    """The server's settings (``api/server.py``; its --port etc. are shortcuts for these), and
+    the CLI's upload limits."""
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_upload_mb: int = 20
+    max_upload_mb: float = 20.0
     max_image_pixels: int = 40_000_000
     request_timeout_s: float = 120.0
+    max_new_tokens: int = 512  # answer tokens for /extract and /analyze, and chat's default max_tokens
 
 
 SECTIONS: dict[str, type] = {
@@ -444,6 +446,8 @@ def _check_values(s: Settings) -> list[str]:
         p.append("decode.max_waiting must be >= 1, decode.max_prefill_tokens >= 64, decode.prefill_wait_ms >= 0")
     if not 1 <= s.api.port <= 65535:
         p.append("api.port: must lie in 1..65535")
+    p += [f"api.{name}: must be > 0" for name in ("max_upload_mb", "max_image_pixels", "request_timeout_s",
+                                                  "max_new_tokens") if not getattr(s.api, name) > 0]
     return p
 
 
