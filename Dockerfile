@@ -24,9 +24,13 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install -r requirements.txt
 
+COPY pyproject.toml ./
 COPY medvl/ medvl/
 COPY api/ api/
+COPY bench/ bench/
 COPY scripts/ scripts/
+# The package itself (its dependencies came with requirements.txt): medvl-serve, medvl-infer ...
+RUN pip install --no-deps .
 
 # Models come from a mounted volume (or bake them in with COPY models/ models/).
 RUN useradd --create-home --uid 1000 medvl \

@@ -7,7 +7,7 @@ test: lint
 	@py=$$(scripts/ensure_venv.sh) && $$py -m pytest -q
 
 lint:
-	@py=$$(scripts/ensure_venv.sh) && $$py -m ruff check medvl scripts api tests \
+	@py=$$(scripts/ensure_venv.sh) && $$py -m ruff check medvl scripts api bench tests \
 	  && if [ -f Dockerfile ]; then $$(dirname $$py)/hadolint Dockerfile; fi
 
 pipeline:

@@ -47,8 +47,10 @@ done
 [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || { echo "error: --gpus needs a positive number, got '$gpus'" >&2; exit 2; }
 
 py="$("$root/scripts/ensure_venv.sh")"
+# .venv has the package installed (editable); an interpreter of one's own gets it from here.
+[[ -n "${MEDVL_PYTHON:-}" ]] && export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 [[ -n "$workdir" ]] && workdir="$(realpath -m "$workdir")"
-cd "$root"  # python -m medvl.* imports the package from here
+cd "$root"
 common=(--profile "$profile" "${sets[@]}")
 [[ -n "$workdir" ]] && common+=(--workdir "$workdir")
 

@@ -17,20 +17,17 @@ import logging
 import sys
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
-
-from api import openai_chat, routes  # noqa: E402
-from api.config import ServerConfig, served_model  # noqa: E402
-from api.errors import envelope, install_error_handlers  # noqa: E402
-from api.metrics import ServerMetrics  # noqa: E402
-from api.state import ServerState  # noqa: E402
-from medvl.serving import ServedModel, ServedOcr  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from api import openai_chat, routes
+from api.config import ServerConfig, served_model
+from api.errors import envelope, install_error_handlers
+from api.metrics import ServerMetrics
+from api.state import ServerState
+from medvl.serving import ServedModel, ServedOcr
+from medvl.workdir import Workdir
 
 log = logging.getLogger("medvl.api")
 

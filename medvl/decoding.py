@@ -29,7 +29,7 @@ step is bound by reading the weights, so every extra byte or kernel shows):
   query heads sharing it whenever an attention mask is present (always, with a cache of slots).
 
 ``tests/test_decoding.py`` and ``tests/test_engine.py`` check identical tokens against
-``generate`` on the tiny model on the CPU; ``scripts/perf_inference.py`` checks next-token
+``generate`` on the tiny model on the CPU; ``bench/perf_inference.py`` checks next-token
 logits on the GPU, where random 7B weights have near-ties and a flipped token alone proves
 nothing.
 """

@@ -7,7 +7,7 @@ unclosed arrays). Here, as in vLLM and SGLang, a grammar engine turns the JSON s
 token mask for each step: the tokens that cannot continue a valid answer get ``-inf`` before
 the greedy choice or sampling, so every answer the model finishes is valid JSON.
 
-The engine is llguidance, chosen by measurement (``scripts/perf_grammar.py``: the record
+The engine is llguidance, chosen by measurement (``bench/perf_grammar.py``: the record
 schema, 32 training answers replayed token by token, both libraries accepting every token).
 On a 151,643-token byte-level BPE (Qwen's size) one mask took 26 µs on average with llguidance
 against 129 µs with xgrammar on an H100 host (32 against 105 µs on a 2-core CPU); on the

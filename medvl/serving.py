@@ -1,6 +1,6 @@
 """A served model: load it, build the engine, compile the decoding steps, then take traffic.
 
-The API (and ``scripts/perf_serving.py``, the CLI) start one :class:`ServedModel`. Loading
+The API (and ``bench/perf_serving.py``, the CLI) start one :class:`ServedModel`. Loading
 runs in a background thread so that the server can answer ``/health`` (503, loading) at once;
 everything slow (weights, int4 packing, compiling a CUDA graph per batch bucket) happens
 before :attr:`ready` is set, never inside a request.

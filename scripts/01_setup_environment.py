@@ -6,17 +6,14 @@ name and VRAM, and that every library a later phase imports can be imported. Wri
 benchmarks/environment.json and starts docs/BUILD_LOG.md.
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medvl import environment  # noqa: E402
-from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json  # noqa: E402
-from medvl.phase import PhaseError, log, run_phase  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from medvl import environment
+from medvl.gates import PHASES
+from medvl.io import append_build_log, atomic_write_json
+from medvl.phase import PhaseError, log, run_phase
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 
 def main(settings: Settings, wd: Workdir) -> dict:

@@ -8,18 +8,14 @@ AutoModelForImageTextToText before the phase passes. Writes benchmarks/model_dow
 """
 
 import shutil
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from medvl import model_source, standin  # noqa: E402
-from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json, dir_size_bytes  # noqa: E402
-from medvl.phase import PhaseError, log, run_phase  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from medvl import model_source, standin
+from medvl.gates import PHASES
+from medvl.io import append_build_log, atomic_write_json, dir_size_bytes
+from medvl.phase import PhaseError, log, run_phase
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 
 def main(settings: Settings, wd: Workdir) -> dict:

@@ -7,18 +7,15 @@ unsafe, recorded) with device_map="auto" and flash-attention 2 when installed, e
 float32 on a CPU, labelled. Saves benchmarks/baseline_fp16.json.
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medvl import benchmark  # noqa: E402
-from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json  # noqa: E402
-from medvl.modeling import attention_implementation, half_dtype, load_model, load_processor  # noqa: E402
-from medvl.phase import log, run_phase  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from medvl import benchmark
+from medvl.gates import PHASES
+from medvl.io import append_build_log, atomic_write_json
+from medvl.modeling import attention_implementation, half_dtype, load_model, load_processor
+from medvl.phase import log, run_phase
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 
 def main(settings: Settings, wd: Workdir) -> dict:

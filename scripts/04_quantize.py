@@ -12,20 +12,17 @@ benchmarks/quantization_info.json and benchmarks/quantized_int4.json.
 """
 
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from medvl import benchmark  # noqa: E402
-from medvl.forms import FORMS, METHOD_FORMS, load_in_form  # noqa: E402
-from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json  # noqa: E402
-from medvl.modeling import load_model, load_processor  # noqa: E402
-from medvl.phase import log, run_phase  # noqa: E402
-from medvl.quantize import AwqUnavailable, quantize_awq, save_nf4  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from medvl import benchmark
+from medvl.forms import FORMS, METHOD_FORMS, load_in_form
+from medvl.gates import PHASES
+from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json
+from medvl.modeling import load_model, load_processor
+from medvl.phase import log, run_phase
+from medvl.quantize import AwqUnavailable, quantize_awq, save_nf4
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 
 def change_pct(new: float, old: float) -> float:

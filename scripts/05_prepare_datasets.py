@@ -15,20 +15,16 @@ download_summary.json and data_summary.json.
 
 import random
 import shutil
-import sys
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from medvl import data  # noqa: E402
-from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json  # noqa: E402
-from medvl.modeling import load_processor  # noqa: E402
-from medvl.ocr import OcrUnavailable  # noqa: E402
-from medvl.phase import PhaseError, log, run_phase  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from medvl import data
+from medvl.gates import PHASES
+from medvl.io import append_build_log, atomic_write_json
+from medvl.modeling import load_processor
+from medvl.ocr import OcrUnavailable
+from medvl.phase import PhaseError, log, run_phase
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 HUB_SOURCES = ("roco", "pubmedvision", "mtsamples")
 

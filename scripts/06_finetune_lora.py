@@ -13,17 +13,14 @@ the whole run); training curves go to logs/tensorboard/ (`tensorboard --logdir l
 per_device_batch_size x grad_accum_steps x N.
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medvl import training  # noqa: E402
-from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json, read_json  # noqa: E402
-from medvl.phase import PhaseError, log, run_phase  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from medvl import training
+from medvl.gates import PHASES
+from medvl.io import append_build_log, atomic_write_json, read_json
+from medvl.phase import PhaseError, log, run_phase
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 
 def main(settings: Settings, wd: Workdir) -> dict:

@@ -15,23 +15,20 @@ benchmarks/finetuned_standard_bench.json, both naming the form evaluated.
 
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from medvl import benchmark, evaluation  # noqa: E402
-from medvl.forms import FORMS, FormError, load_in_form, model_dir, profile_form  # noqa: E402
-from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json  # noqa: E402
-from medvl.modeling import load_processor  # noqa: E402
-from medvl.ocr import OcrUnavailable  # noqa: E402
-from medvl.phase import PhaseError, log, run_phase  # noqa: E402
-from medvl.quantize import AwqUnavailable, quantize_awq, save_nf4  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from medvl import benchmark, evaluation
+from medvl.forms import FORMS, FormError, load_in_form, model_dir, profile_form
+from medvl.gates import PHASES
+from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json
+from medvl.modeling import load_processor
+from medvl.ocr import OcrUnavailable
+from medvl.phase import PhaseError, log, run_phase
+from medvl.quantize import AwqUnavailable, quantize_awq, save_nf4
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 
 def main(settings: Settings, wd: Workdir) -> dict:

@@ -9,19 +9,16 @@ phase 7 evaluated, writes benchmarks/api_validation.json (per-endpoint
 status and latency) and stops the server.
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import httpx
 
-import httpx  # noqa: E402
-
-from api.validate import running_server, validate  # noqa: E402
-from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json, read_json  # noqa: E402
-from medvl.phase import PhaseError, log, run_phase  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from bench.validate import running_server, validate
+from medvl.gates import PHASES
+from medvl.io import append_build_log, atomic_write_json, read_json
+from medvl.phase import PhaseError, log, run_phase
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 
 def served_as_evaluated(base: str, evaluated: dict, wd: Workdir) -> dict:

@@ -8,17 +8,14 @@ run is reported as missing. Its gate is the final sweep: every expected file pre
 valid, a build-log entry for every phase, the README's sections in place.
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medvl import report  # noqa: E402
-from medvl.gates import PHASES  # noqa: E402
-from medvl.io import append_build_log, atomic_write_json, atomic_write_text  # noqa: E402
-from medvl.phase import log, run_phase  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from medvl import report
+from medvl.gates import PHASES
+from medvl.io import append_build_log, atomic_write_json, atomic_write_text
+from medvl.phase import log, run_phase
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 
 def main(settings: Settings, wd: Workdir) -> dict:

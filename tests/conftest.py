@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from medvl.gates import PHASES
 from medvl.settings import Settings, load_settings
 from medvl.standin import build_standin
 
@@ -61,7 +62,7 @@ def pipeline(workdir: Path, *args: str, timeout: int = 1800) -> subprocess.Compl
 
 
 def phase_script(number: int, workdir: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    script = next((REPO / "scripts").glob(f"0{number}_*.py"))
+    script = PHASES[number].script_path
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(script), "--workdir", str(workdir), *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

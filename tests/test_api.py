@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.server import ServerConfig, create_app
-from api.validate import running_server, validate
+from bench.validate import running_server, validate
 from medvl.records import is_valid_record, parse_structured, repair_json
 from medvl.serving import ServedModel
 from medvl.settings import load_settings
@@ -210,10 +210,10 @@ def test_structured_parsing_repairs_then_falls_back():
 
 
 def test_perf_serving_smoke_run_measures_every_level_over_http(phases_1_2, tmp_path_factory):
-    """scripts/perf_serving.py on the CPU: the real server, closed-loop clients per route and
+    """bench/perf_serving.py on the CPU: the real server, closed-loop clients per route and
     count, one record per level with the fields the README quotes, no errors."""
     wd = extend_run(phases_1_2, (), tmp_path_factory, "serving")
-    result = subprocess.run([sys.executable, "scripts/perf_serving.py", "--workdir", str(wd), "--clients", "1,3",
+    result = subprocess.run([sys.executable, "bench/perf_serving.py", "--workdir", str(wd), "--clients", "1,3",
                              "--seconds", "2", "--warm-up-s", "0.5", "--max-tokens", "8"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from medvl.benchmark import summarize
-from medvl.gates import check_phase
+from medvl.gates import PHASES, check_phase
 from medvl.workdir import Workdir
 
 from conftest import REPO
@@ -67,7 +67,7 @@ def test_phase_4_writes_an_awq_w4a16_checkpoint_and_serves_it_4_bit(phases_1_4, 
 def test_phase_4_falls_back_to_nf4_without_llm_compressor_and_records_why(phases_1_4, tiny_settings, tmp_path):
     wd = Workdir(tmp_path / "wd")
     shutil.copytree(phases_1_4, wd.root)
-    script = str(next((REPO / "scripts").glob("04_*.py")))
+    script = str(PHASES[4].script_path)
     # llm-compressor out of reach: importing it fails as it does where it is not installed.
     code = ("import runpy, sys; sys.modules['llmcompressor'] = None; "
             f"sys.argv = [{script!r}, '--workdir', {str(wd.root)!r}]; runpy.run_path({script!r}, run_name='__main__')")

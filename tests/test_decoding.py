@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from medvl.benchmark import build_inputs
 from medvl.decoding import (
     PromptTooLong,
     SlotDecoder,
@@ -19,7 +20,6 @@ from medvl.decoding import (
 )
 from medvl.documents import benchmark_documents, render_document
 from medvl.modeling import load_model, load_processor
-from medvl.perf import build_inputs
 from medvl.prompts import BENCHMARK_PROMPTS
 
 NEW_TOKENS = 24

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+from medvl.gates import PHASES
+
 from conftest import REPO
 
 
@@ -14,7 +16,7 @@ def test_two_process_training_writes_adapter_and_metrics_once(phases_1_5, tmp_pa
     shutil.copytree(phases_1_5, wd)
     build_log_before = (wd / "docs" / "BUILD_LOG.md").read_text().count("## Phase 6:")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", str(REPO / "scripts" / "06_finetune_lora.py"),
+           "--num_machines", "1", "--mixed_precision", "no", str(PHASES[6].script_path),
            "--workdir", str(wd), "--set", "train.max_steps=4", "--set", "train.save_steps=2",
            "--set", "train.eval_steps=100", "--set", "train.logging_steps=1", "--set", "train.quantize_4bit=true"]
     result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,

@@ -1,7 +1,7 @@
 """Reliability figures on this CPU: fuzzing, hostile inputs, load, and kill -9 of every phase.
 
-This runs scripts/reliability.py in a shorter configuration than its defaults (the long
-load run is `python scripts/reliability.py`, see the README) and checks benchmarks/reliability.json.
+This runs bench/run_reliability.py in a shorter configuration than its defaults (the long
+load run is `python bench/run_reliability.py`, see the README) and checks benchmarks/reliability.json.
 """
 
 import json
@@ -16,7 +16,7 @@ def test_reliability_figures(full_run, tmp_path):
     source, _ = full_run
     wd = tmp_path / "wd"
     shutil.copytree(source, wd)
-    result = subprocess.run([sys.executable, "scripts/reliability.py", "--workdir", str(wd), "--fuzz-examples", "200",
+    result = subprocess.run([sys.executable, "bench/run_reliability.py", "--workdir", str(wd), "--fuzz-examples", "200",
                              "--load-clients", "8", "--load-seconds", "15", "--crash-phases", "1-9"],
                             cwd=REPO, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,7 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
-from api.validate import running_server
+from bench.validate import running_server
 from medvl.records import RECORD_SCHEMA
 
 TIMEOUT_S = 3

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medvl.gates import check_phase
+from medvl.gates import PHASES, check_phase
 from medvl.modeling import load_processor
 from medvl.settings import load_settings
 from medvl.training import (
@@ -254,7 +254,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(phases_1_5, tmp_path):
     shutil.copytree(phases_1_5, wd)
     overrides = ["--set", "train.save_steps=8", "--set", "train.max_steps=32", "--set", "train.eval_steps=100",
                  "--set", "train.quantize_4bit=true"]  # the QLoRA path, killed and resumed
-    script = REPO / "scripts" / "06_finetune_lora.py"
+    script = PHASES[6].script_path
     cmd = [sys.executable, str(script), "--workdir", str(wd), *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ckpt = wd / "models" / "tiny-qwen25-vl-medical-lora-checkpoints"

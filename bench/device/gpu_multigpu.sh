@@ -18,4 +18,4 @@ cp "$wd/benchmarks/training_metrics.json" "$OUT/training_1gpu.json"
 ./run_pipeline.sh "${common[@]}" --only 6 --gpus 2 --set train.grad_accum_steps=1 \
   > >(grep -v "it/s\]$" > "$OUT/train_2gpu.log") 2>&1
 cp "$wd/benchmarks/training_metrics.json" "$OUT/training_2gpu.json"
-python3 scripts/device/compare_multigpu.py "$OUT/training_1gpu.json" "$OUT/training_2gpu.json" "$OUT/perf_multigpu.json"
+python3 bench/device/compare_multigpu.py "$OUT/training_1gpu.json" "$OUT/training_2gpu.json" "$OUT/perf_multigpu.json"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start the API and the Gradio demo on a finished run, and screenshot each tab with headless
 # Chromium (Debian's `chromium` package) into docs/screenshots/. Usage:
-#   scripts/screenshot_demo.sh [WORKDIR]
+#   bench/screenshot_demo.sh [WORKDIR]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 wd="$(realpath "${1:-$root}")"
@@ -12,4 +12,4 @@ cd "$root"
 MEDVL_API_URL=http://127.0.0.1:8765 "$py" -m api.demo_ui --port 7865 >/tmp/medvl_ui.log 2>&1 & ui=$!
 trap 'kill $api $ui 2>/dev/null || true' EXIT
 for _ in $(seq 120); do curl -fs http://127.0.0.1:8765/health >/dev/null && curl -fs http://127.0.0.1:7865 >/dev/null && break; sleep 1; done
-"$py" "$root/scripts/screenshot_tabs.py" http://127.0.0.1:7865 "$out" "$wd"
+"$py" "$root/bench/screenshot_tabs.py" http://127.0.0.1:7865 "$out" "$wd"

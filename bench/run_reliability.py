@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reliability figures for a finished run: fuzzing, hostile uploads, load, crash-and-resume.
 
-    python scripts/reliability.py [--workdir DIR] [--fuzz-examples 300] [--load-clients 16]
+    python bench/run_reliability.py [--workdir DIR] [--fuzz-examples 300] [--load-clients 16]
                                   [--load-seconds 60] [--crash-phases 1-9]
 
 Starts the real API (tiny profile by default) on a free loopback port, fuzzes it from its
@@ -14,16 +14,12 @@ same (tests/test_reliability.py); this command with its defaults is the long run
 
 import argparse
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from api.validate import running_server  # noqa: E402
-from medvl import reliability  # noqa: E402
-from medvl.io import atomic_write_json  # noqa: E402
-from medvl.settings import load_settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from bench import reliability
+from bench.validate import running_server
+from medvl.io import atomic_write_json
+from medvl.settings import load_settings
+from medvl.workdir import Workdir
 
 log = logging.getLogger("medvl.reliability")
 

@@ -19,8 +19,8 @@ can close within ``--max-tokens`` (an array of at least 512 strings), so its row
 length as ``ignore_eos`` rows do and the two compare token for token (``record``: the
 extraction record's schema, whose answers end when their JSON closes).
 
-    python scripts/perf_serving.py --profile 7b-random --weights bf16
-    python scripts/perf_serving.py --profile 7b-random --routes chat --clients 1,32 --response-formats none,long
+    python bench/perf_serving.py --profile 7b-random --weights bf16
+    python bench/perf_serving.py --profile 7b-random --routes chat --clients 1,32 --response-formats none,long
 
 Writes benchmarks/perf_serving.json (or --out). Runs on a CPU too (tiny: a smoke run).
 """
@@ -35,18 +35,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import httpx
 
-import httpx  # noqa: E402
-
-from api.config import WEIGHTS  # noqa: E402
-from api.validate import running_server  # noqa: E402
-from medvl.benchmark import ensure_benchmark_documents, summarize  # noqa: E402
-from medvl.io import atomic_write_json  # noqa: E402
-from medvl.phase import log, run_tool  # noqa: E402
-from medvl.records import RECORD_SCHEMA  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from api.config import WEIGHTS
+from bench.validate import running_server
+from medvl.benchmark import ensure_benchmark_documents, summarize
+from medvl.io import atomic_write_json
+from medvl.phase import log, run_tool
+from medvl.records import RECORD_SCHEMA
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 # The engine this one replaced, same H100 and page (issue 17): (form, route, clients) -> (requests/s, p50 s).
 BASELINE = {

@@ -9,7 +9,7 @@ Records TTFT, decode tokens/s, latency p50/p95, peak memory, compile time, the s
 memory-bandwidth floor (copy bandwidth measured in the same run) and a next-token-logits
 check against plain generate on the same weights. Needs a CUDA GPU; run on 7b-random for real-scale figures:
 
-    python scripts/perf_inference.py --profile 7b-random
+    python bench/perf_inference.py --profile 7b-random
 
 Writes benchmarks/perf_inference.json.
 """
@@ -17,18 +17,15 @@ Writes benchmarks/perf_inference.json.
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from medvl.benchmark import ensure_benchmark_documents  # noqa: E402
-from medvl.io import atomic_write_json  # noqa: E402
-from medvl.perf import INFERENCE_VARIANTS, inference_report  # noqa: E402
-from medvl.phase import PhaseError, log, run_tool  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from bench.perf import INFERENCE_VARIANTS, inference_report
+from medvl.benchmark import ensure_benchmark_documents
+from medvl.io import atomic_write_json
+from medvl.phase import PhaseError, log, run_tool
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

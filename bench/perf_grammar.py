@@ -18,7 +18,7 @@ The run's tokenizer is the stand-in's (1,778 tokens for 7b-random, far fewer tha
 tokens with Qwen's pre-tokenizer on the text of the installed Python packages (~1 minute on
 2 cores) and measures the same on it, with the model's 152,064 logit columns.
 
-    python scripts/perf_grammar.py --profile 7b-random
+    python bench/perf_grammar.py --profile 7b-random
 
 Writes benchmarks/perf_grammar.json (or --out). Runs on a CPU too.
 """
@@ -34,20 +34,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from medvl.benchmark import summarize  # noqa: E402
-from medvl.documents import KINDS, generate_document  # noqa: E402
-from medvl.grammar import CLOSE_RESERVE, JSON_SEPARATORS, Grammars  # noqa: E402
-from medvl.io import atomic_write_json  # noqa: E402
-from medvl.modeling import load_processor  # noqa: E402
-from medvl.phase import log, run_tool  # noqa: E402
-from medvl.records import RECORD_FORMAT, RECORD_SCHEMA  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.standin import qwen_tokenizer, train_tokenizer  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from medvl.benchmark import summarize
+from medvl.documents import KINDS, generate_document
+from medvl.grammar import CLOSE_RESERVE, JSON_SEPARATORS, Grammars
+from medvl.io import atomic_write_json
+from medvl.modeling import load_processor
+from medvl.phase import log, run_tool
+from medvl.records import RECORD_FORMAT, RECORD_SCHEMA
+from medvl.settings import Settings
+from medvl.standin import qwen_tokenizer, train_tokenizer
+from medvl.workdir import Workdir
 
 LARGE_CORPUS_BYTES = 300 * 2**20
 

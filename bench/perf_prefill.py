@@ -4,7 +4,7 @@ the language model, per batch size, with the vision tower's windows batched (med
 as transformers runs them (one SDPA call per window). GPU times from CUDA events, host times
 from the wall clock; then a profiler table of one batch-8 prefill.
 
-    python scripts/perf_prefill.py --profile 7b-random
+    python bench/perf_prefill.py --profile 7b-random
 
 Writes benchmarks/perf_prefill.json. Needs a CUDA GPU.
 """
@@ -13,22 +13,19 @@ import argparse
 import shlex
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from PIL import Image
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from medvl.benchmark import ensure_benchmark_documents  # noqa: E402
-from medvl.decoding import generation_position_ids  # noqa: E402
-from medvl.io import atomic_write_json  # noqa: E402
-from medvl.modeling import load_model, load_processor  # noqa: E402
-from medvl.phase import PhaseError, log, run_tool  # noqa: E402
-from medvl.serving import build_engine  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.vision import batch_window_attention  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from medvl.benchmark import ensure_benchmark_documents
+from medvl.decoding import generation_position_ids
+from medvl.io import atomic_write_json
+from medvl.modeling import load_model, load_processor
+from medvl.phase import PhaseError, log, run_tool
+from medvl.serving import build_engine
+from medvl.settings import Settings
+from medvl.vision import batch_window_attention
+from medvl.workdir import Workdir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ vs ``medvl.training`` (frozen weights kept bf16, answer-only logits), each at ba
 4, ... until memory runs out. Records seconds per step, tokens/s and peak memory. Needs a
 CUDA GPU; run on 7b-random for real-scale figures:
 
-    python scripts/perf_training.py --profile 7b-random
+    python bench/perf_training.py --profile 7b-random
 
 Writes benchmarks/perf_training.json.
 """
@@ -15,17 +15,14 @@ Writes benchmarks/perf_training.json.
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from medvl.io import atomic_write_json  # noqa: E402
-from medvl.perf import training_report  # noqa: E402
-from medvl.phase import PhaseError, log, run_tool  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from bench.perf import training_report
+from medvl.io import atomic_write_json
+from medvl.phase import PhaseError, log, run_tool
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

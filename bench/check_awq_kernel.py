@@ -6,7 +6,7 @@ Loads the checkpoint unfused, reads each checked layer's weights back through th
 compares them with compressed-tensors' dequantization of the saved layer, within the rounding
 bound medvl/int4.py states (tests/test_int4.py runs the same check on the CPU):
 
-    python scripts/check_awq_kernel.py --profile 7b-random --layers 7
+    python bench/check_awq_kernel.py --profile 7b-random --layers 7
 
 Writes benchmarks/awq_kernel_check.json.
 """
@@ -14,15 +14,12 @@ Writes benchmarks/awq_kernel_check.json.
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from medvl.int4 import dequantization_check, load_awq_model  # noqa: E402
-from medvl.io import atomic_write_json  # noqa: E402
-from medvl.phase import PhaseError, log, run_tool  # noqa: E402
-from medvl.settings import Settings  # noqa: E402
-from medvl.workdir import Workdir  # noqa: E402
+from medvl.int4 import dequantization_check, load_awq_model
+from medvl.io import atomic_write_json
+from medvl.phase import PhaseError, log, run_tool
+from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """Reliability figures: fuzzing, hostile uploads, sustained load, crash-and-resume.
 
 Each function measures one thing against the real server or the real pipeline and returns
-plain numbers; ``scripts/reliability.py`` runs them all and writes
+plain numbers; ``bench/run_reliability.py`` runs them all and writes
 benchmarks/reliability.json, and the tests assert on the same functions.
 """
 

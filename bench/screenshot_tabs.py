@@ -2,7 +2,7 @@
 """Screenshot every tab of the Gradio demo with headless Chromium (selenium + chromedriver).
 
 A documentation tool, not part of the pipeline: needs `pip install selenium` and Debian's
-chromium + chromium-driver. Called by scripts/screenshot_demo.sh.
+chromium + chromium-driver. Called by bench/screenshot_demo.sh.
 """
 
 import sys

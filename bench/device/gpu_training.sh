@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a lent H100 (issue 19): a short phase-6 run on the 7b-random profile, then
-# scripts/perf_training.py at the same batch, then compares their steady-state tokens/s.
+# bench/perf_training.py at the same batch, then compares their steady-state tokens/s.
 # Usage: gpu_training.sh phase6|perf|both|probe. "probe" runs the same short phase-6 run under each
 # override set of $VARIANTS (";"-separated) into $OUT/probe_<n>.json ($WITH_PERF=1: then perf). Phases 1, 2 and 5 run first where their gates fail
 # (a warm machine keeps them). Expects the bitsandbytes wheel under .whl/ (the GPU image lacks it).
@@ -41,12 +41,12 @@ if [[ $what == probe ]]; then
   done
 fi
 if [[ $what == perf || $what == both || -n ${WITH_PERF:-} ]]; then
-  timeout "${PERF_TIMEOUT:-400}" python3 scripts/perf_training.py --profile 7b-random --workdir "$wd" \
+  timeout "${PERF_TIMEOUT:-400}" python3 bench/perf_training.py --profile 7b-random --workdir "$wd" \
     --batches "$batch" --steps 10 2>&1 | grep --line-buffered -v "it/s\]$" > "$OUT/perf_training.log"
   tail -3 "$OUT/perf_training.log"
   cp "$wd/benchmarks/perf_training.json" "$OUT/"
 fi
 [[ -f $wd/benchmarks/training_metrics.json && -f $wd/benchmarks/perf_training.json ]] \
-  && [[ $what != probe ]] && python3 scripts/device/compare_training.py "$wd/benchmarks/training_metrics.json" \
+  && [[ $what != probe ]] && python3 bench/device/compare_training.py "$wd/benchmarks/training_metrics.json" \
        "$wd/benchmarks/perf_training.json" "$OUT/training_vs_perf.json"
 exit 0
