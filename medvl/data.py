@@ -331,6 +331,35 @@ def fetch_source(name: str, settings: Settings, rng: random.Random, raw_dir: Pat
     return []
 
 
+def collect_samples(settings: Settings, raw_dir: Path) -> tuple[list[Sample], dict[str, SourceReport]]:
+    """Every source's samples and its report: the hub sources, each tried mirror by mirror, then
+    the synthetic corpus (always part of the mix; the whole of it offline), filtered alike.
+
+    One ``random.Random(data.split_seed)`` draws the prompts, in this order, so a rerun with
+    the same settings makes the same samples."""
+    rng = random.Random(settings.data.split_seed)
+    reports = {name: SourceReport(name) for name in (*HUB_SOURCES, "synthetic")}
+    samples: list[Sample] = []
+    for name in HUB_SOURCES:
+        samples += fetch_source(name, settings, rng, raw_dir, reports[name])
+    synthetic = reports["synthetic"]
+    for _, sample in synthetic_samples(settings.data.synthetic_documents, rng):
+        synthetic.rows_read += 1
+        try:
+            check_text(sample.text, settings.data.min_text_chars)
+        except Rejected as exc:
+            synthetic.discarded[str(exc)] += 1
+            continue
+        samples.append(sample)
+    synthetic.status, synthetic.kept = "ok", synthetic.rows_read - sum(synthetic.discarded.values())
+    synthetic.repo = "medvl.documents (generated offline)"
+    return samples, reports
+
+
+def hub_sources_ok(reports: dict[str, SourceReport]) -> list[str]:
+    return [name for name in HUB_SOURCES if reports[name].status == "ok"]
+
+
 def parse_rows(name: str, rows: Iterable[dict[str, Any]], rng: random.Random, d: DataSettings,
                report: SourceReport, read_image: Callable[[str], bytes | None] | None = None) -> list[Sample]:
     """Parse rows of one source's schema, counting every discarded row by reason."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from medvl import benchmark, lexicon, scoring
 from medvl.documents import generate_document, save_document
 from medvl.evalsuite import evaluation_documents
+from medvl.io import atomic_dir
 from medvl.prompts import EXTRACTION_PROMPT, OCR_HEADER, ocr_grounded
 from medvl.records import RECORD_FORMAT, is_valid_record, structured_result
 
@@ -106,14 +106,11 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str,
     if changed < targeted:
         log.warning("merging changed %d of %d targeted weights; the rest are unchanged in %s", changed, targeted, dtype)
     merged = model.unload()  # the LoRA layers' base weights now hold the merge
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging, safe_serialization=True)
-    AutoProcessor.from_pretrained(adapter_dir).save_pretrained(staging)
+    with atomic_dir(out_dir) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        AutoProcessor.from_pretrained(adapter_dir).save_pretrained(staging)
     del merged, model, base
     benchmark.free_memory()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
     return {"merge_time_s": time.perf_counter() - started, "merged_dtype": str(dtype),
             "targeted_weights": targeted, "changed_weights": changed}
 

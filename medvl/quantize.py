@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import shutil
 import time
 import traceback
 from collections.abc import Iterator
@@ -23,13 +24,24 @@ from typing import Any
 
 import torch
 
-from medvl.benchmark import free_memory, memory_kind, peak_memory_mb, reset_peak_memory
+from medvl.benchmark import (
+    free_memory,
+    logits_agreement,
+    memory_kind,
+    next_token_logits,
+    peak_memory_mb,
+    reset_peak_memory,
+    unload,
+    weights_footprint_mb,
+)
 from medvl.data import CALIBRATION_SEED
 from medvl.documents import corpus, render_document
+from medvl.forms import load_in_form
 from medvl.io import atomic_dir, dir_size_bytes, read_json
 from medvl.modeling import load_model, load_processor
 from medvl.prompts import TRAINING_PROMPTS
 from medvl.settings import Settings
+from medvl.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +168,59 @@ def save_nf4(model_dir: Path, out_dir: Path, settings: Settings) -> dict[str, An
         torch.cuda.empty_cache()
     return {"time_s": time.perf_counter() - started, "quantization_config": config,
             "size_bytes": dir_size_bytes(out_dir)}
+
+
+def quantize_in_form(form: str, model_dir: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
+    """``model_dir`` (phase 7's merged model) made into the served form in ``out_dir``, as phase
+    4 made the base: AWQ calibrated the same way, or NF4; full precision is served as it is."""
+    if form == "awq":
+        return quantize_awq(model_dir, out_dir, settings)
+    if form == "nf4":
+        return save_nf4(model_dir, out_dir, settings)
+    return {"size_bytes": dir_size_bytes(model_dir)}
+
+
+def quantize_base(settings: Settings, wd: Workdir) -> tuple[str, Path, dict, str | None]:
+    """Phase 4's choice: AWQ when it can run, NF4 otherwise; the other method's folder is removed (never serve
+    a stale one). Returns the method, its folder, what the quantizer reported, and why AWQ was
+    not used (None when it was)."""
+    base_dir = wd.base_model_dir(settings)
+    awq_error = "AWQ disabled by quant.try_awq=false"
+    if settings.quant.try_awq:
+        try:
+            done = quantize_awq(base_dir, wd.awq_model_dir(settings), settings)
+            shutil.rmtree(wd.nf4_model_dir(settings), ignore_errors=True)
+            return "awq", wd.awq_model_dir(settings), done, None
+        except AwqUnavailable as exc:
+            awq_error = str(exc)
+            log.warning("AWQ not used: %s -> falling back to bitsandbytes NF4", awq_error)
+    shutil.rmtree(wd.awq_model_dir(settings), ignore_errors=True)
+    return "bnb-nf4", wd.nf4_model_dir(settings), save_nf4(base_dir, wd.nf4_model_dir(settings), settings), awq_error
+
+
+def forms_agreement(settings: Settings, wd: Workdir, method: str, samples: list) -> dict:
+    """Next-token logits of each 4-bit form against the full-precision model's, on the phase-3
+    documents: the chosen method's checkpoint, and beside it NF4 and round-to-nearest int4
+    made at load from the same base (AWQ only when phase 4 made it)."""
+    base_dir = wd.base_model_dir(settings)
+    processor = load_processor(base_dir, settings)
+    loaders = {"full_precision": lambda: load_model(base_dir, settings),
+               "int4_round_to_nearest": lambda: load_in_form(base_dir, settings, "int4"),
+               "nf4": lambda: load_model(base_dir, settings, "nf4")}
+    if method == "awq":
+        loaders["awq_int4"] = lambda: load_in_form(wd.awq_model_dir(settings), settings, "awq")
+    result, reference = {}, None
+    for name, loader in loaders.items():
+        model = loader()
+        logits = next_token_logits(model, processor, samples)
+        footprint = weights_footprint_mb(model)
+        unload(model)
+        if reference is None:
+            reference = logits
+            result[name] = {"weights_footprint_mb": footprint}
+            continue
+        result[name] = {"weights_footprint_mb": footprint, **logits_agreement(logits, reference)}
+        log.info("%s vs full precision: relative L2 of next-token logits mean %.4f, max %.4f; "
+                 "same top token %d/%d; weights %.1f MB", name, result[name]["relative_l2_mean"],
+                 result[name]["relative_l2_max"], result[name]["same_top_token"], len(samples), footprint)
+    return result

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from medvl.io import atomic_dir
 from medvl.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -577,7 +578,6 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     holds the NF4 model on its own device, and only the main process saves and returns
     metrics (the others return None).
     """
-    import shutil
     import time
 
     from transformers import TrainerState
@@ -630,16 +630,13 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     if not trainer.is_world_process_zero():
         return None  # only the main process saves and reports
 
-    staging = adapter_dir.with_name(adapter_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(staging)
-    processor.save_pretrained(staging)  # carries min/max pixels: serving uses the same budget
-    (staging / "medvl_adapter.json").write_text(json.dumps({
-        "base_model": str(base_dir), "min_pixels": settings.model.min_pixels,
-        "max_pixels": settings.model.max_pixels, "settings_hash": fingerprint,
-        "lora_target_regex": LORA_TARGET_REGEX}, indent=2))
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    staging.rename(adapter_dir)
+    with atomic_dir(adapter_dir) as staging:
+        trainer.model.save_pretrained(staging)
+        processor.save_pretrained(staging)  # carries min/max pixels: serving uses the same budget
+        (staging / "medvl_adapter.json").write_text(json.dumps({
+            "base_model": str(base_dir), "min_pixels": settings.model.min_pixels,
+            "max_pixels": settings.model.max_pixels, "settings_hash": fingerprint,
+            "lora_target_regex": LORA_TARGET_REGEX}, indent=2))
 
     history = trainer.state.log_history
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]

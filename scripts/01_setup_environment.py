@@ -15,10 +15,12 @@ from medvl.phase import PhaseError, log, run_phase
 from medvl.settings import Settings
 from medvl.workdir import Workdir
 
+PHASE = PHASES[1]
+
 
 def main(settings: Settings, wd: Workdir) -> dict:
     env = environment.collect()
-    env.update(settings.record(PHASES[1].sections))
+    env.update(settings.record(PHASE.sections))
 
     hardware = environment.hardware_label(env)
     errors = env["import_errors"]
@@ -29,7 +31,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
              env["packages"]["torch"], hardware)
     for name, version in env["packages"].items():
         log.info("  %-18s %s", name, version or "not installed")
-    append_build_log(wd.build_log, 1, "environment", [
+    append_build_log(wd.build_log, PHASE.number, "environment", [
         f"Profile `{settings.profile}`; Python {env['python']['version']}; "
         f"torch {env['packages']['torch']}; transformers {env['packages']['transformers']}.",
         f"Hardware: {hardware}; CUDA available: {env['cuda']['available']}.",
@@ -38,7 +40,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     ])
     for item in missing_extras:
         log.warning("not installed: %s", item)
-    atomic_write_json(wd.bench("environment"), env)  # last: its presence means phase 1 finished
+    atomic_write_json(PHASE.output(wd, "environment.json"), env)  # last: its presence means phase 1 finished
     if broken:
         raise PhaseError("cannot import " + "; ".join(broken))
     if settings.model.require_cuda and not env["cuda"]["available"]:
@@ -48,4 +50,4 @@ def main(settings: Settings, wd: Workdir) -> dict:
 
 
 if __name__ == "__main__":
-    run_phase(1, main, __doc__)
+    run_phase(PHASE.number, main, __doc__)

@@ -17,6 +17,8 @@ from medvl.phase import PhaseError, log, run_phase
 from medvl.settings import Settings
 from medvl.workdir import Workdir
 
+PHASE = PHASES[2]
+
 
 def main(settings: Settings, wd: Workdir) -> dict:
     model_dir = wd.base_model_dir(settings)
@@ -41,7 +43,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     check = model_source.validate_loads(model_dir, settings)
     size = dir_size_bytes(model_dir)
     record = {
-        **settings.record(PHASES[2].sections),
+        **settings.record(PHASE.sections),
         "model_id": settings.model.hub_id,
         "source": settings.model.source,
         "standin": built or None,
@@ -52,10 +54,10 @@ def main(settings: Settings, wd: Workdir) -> dict:
         "weight_files": model_source.weight_files(model_dir),
         **check,
     }
-    atomic_write_json(wd.bench("model_download"), record)
+    atomic_write_json(PHASE.output(wd, "model_download.json"), record)
     log.info("%s: %.3f GB on disk, %.1f M parameters, %.1f s", model_dir.name, size / 1e9,
              check["parameters"] / 1e6, fetch_s)
-    append_build_log(wd.build_log, 2, "base model", [
+    append_build_log(wd.build_log, PHASE.number, "base model", [
         f"{how.capitalize()} into `{model_dir.relative_to(wd.root)}` in {fetch_s:.1f} s.",
         f"Size on disk {size / 1e9:.3f} GB; {check['parameters'] / 1e6:.1f} M parameters; "
         f"loads with the Auto classes: {check['validated']} ({check['load_check_s']} s).",
@@ -64,4 +66,4 @@ def main(settings: Settings, wd: Workdir) -> dict:
 
 
 if __name__ == "__main__":
-    run_phase(2, main, __doc__)
+    run_phase(PHASE.number, main, __doc__)

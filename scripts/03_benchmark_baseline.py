@@ -17,6 +17,8 @@ from medvl.phase import log, run_phase
 from medvl.settings import Settings
 from medvl.workdir import Workdir
 
+PHASE = PHASES[3]
+
 
 def main(settings: Settings, wd: Workdir) -> dict:
     samples = benchmark.ensure_benchmark_documents(
@@ -27,14 +29,14 @@ def main(settings: Settings, wd: Workdir) -> dict:
     result = benchmark.benchmark_variant(
         "baseline", lambda: load_model(model_dir, settings, "none", dtype), processor, samples,
         settings.bench.max_new_tokens, settings.bench.warmup_runs, settings.decode)
-    record = {**settings.record(PHASES[3].sections), "model_dir": str(model_dir.relative_to(wd.root)),
+    record = {**settings.record(PHASE.sections), "model_dir": str(model_dir.relative_to(wd.root)),
               "precision": precision, "attention": attention_implementation(settings),
               "quality_meaningful": settings.model.source == "hub", **result}
-    atomic_write_json(wd.bench("baseline_fp16"), record)
+    atomic_write_json(PHASE.output(wd, "baseline_fp16.json"), record)
 
     log.info("\n%s", benchmark.summary_table([("baseline " + precision.split()[0], record)]))
     agg = record["aggregate"]
-    append_build_log(wd.build_log, 3, "baseline benchmark", [
+    append_build_log(wd.build_log, PHASE.number, "baseline benchmark", [
         f"Wrote {len(samples)} test documents to `datasets/test_images/` (seed {settings.bench.document_seed}).",
         f"Base model in {precision} on {record['gpu'] or 'CPU'}, attention {record['attention']}.",
         f"Load {record['load']['load_time_s']:.2f} s; latency p50 {agg['latency_s']['p50']:.3f} s, "
@@ -46,4 +48,4 @@ def main(settings: Settings, wd: Workdir) -> dict:
 
 
 if __name__ == "__main__":
-    run_phase(3, main, __doc__)
+    run_phase(PHASE.number, main, __doc__)

@@ -11,74 +11,28 @@ int4 are compared with the full-precision model's on the same documents. Writes
 benchmarks/quantization_info.json and benchmarks/quantized_int4.json.
 """
 
-import shutil
-from pathlib import Path
 
 from medvl import benchmark
 from medvl.forms import FORMS, METHOD_FORMS, load_in_form
 from medvl.gates import PHASES
 from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json
-from medvl.modeling import load_model, load_processor
+from medvl.modeling import load_processor
 from medvl.phase import log, run_phase
-from medvl.quantize import AwqUnavailable, quantize_awq, save_nf4
+from medvl.quantize import forms_agreement, quantize_base
 from medvl.settings import Settings
 from medvl.workdir import Workdir
+
+PHASE = PHASES[4]
 
 
 def change_pct(new: float, old: float) -> float:
     return (new - old) / old * 100 if old else 0.0
 
 
-def quantize(settings: Settings, wd: Workdir) -> tuple[str, Path, dict, str | None]:
-    """AWQ when it can run, NF4 otherwise; the other method's folder is removed (never serve
-    a stale one). Returns the method, its folder, what the quantizer reported, and why AWQ was
-    not used (None when it was)."""
-    base_dir = wd.base_model_dir(settings)
-    awq_error = "AWQ disabled by quant.try_awq=false"
-    if settings.quant.try_awq:
-        try:
-            done = quantize_awq(base_dir, wd.awq_model_dir(settings), settings)
-            shutil.rmtree(wd.nf4_model_dir(settings), ignore_errors=True)
-            return "awq", wd.awq_model_dir(settings), done, None
-        except AwqUnavailable as exc:
-            awq_error = str(exc)
-            log.warning("AWQ not used: %s -> falling back to bitsandbytes NF4", awq_error)
-    shutil.rmtree(wd.awq_model_dir(settings), ignore_errors=True)
-    return "bnb-nf4", wd.nf4_model_dir(settings), save_nf4(base_dir, wd.nf4_model_dir(settings), settings), awq_error
-
-
-def forms_agreement(settings: Settings, wd: Workdir, method: str, samples: list) -> dict:
-    """Next-token logits of each 4-bit form against the full-precision model's, on the phase-3
-    documents: the chosen method's checkpoint, and beside it NF4 and round-to-nearest int4
-    made at load from the same base (AWQ only when phase 4 made it)."""
-    base_dir = wd.base_model_dir(settings)
-    processor = load_processor(base_dir, settings)
-    loaders = {"full_precision": lambda: load_model(base_dir, settings),
-               "int4_round_to_nearest": lambda: load_in_form(base_dir, settings, "int4"),
-               "nf4": lambda: load_model(base_dir, settings, "nf4")}
-    if method == "awq":
-        loaders["awq_int4"] = lambda: load_in_form(wd.awq_model_dir(settings), settings, "awq")
-    result, reference = {}, None
-    for name, loader in loaders.items():
-        model = loader()
-        logits = benchmark.next_token_logits(model, processor, samples)
-        footprint = benchmark.weights_footprint_mb(model)
-        benchmark.unload(model)
-        if reference is None:
-            reference = logits
-            result[name] = {"weights_footprint_mb": footprint}
-            continue
-        result[name] = {"weights_footprint_mb": footprint, **benchmark.logits_agreement(logits, reference)}
-        log.info("%s vs full precision: relative L2 of next-token logits mean %.4f, max %.4f; "
-                 "same top token %d/%d; weights %.1f MB", name, result[name]["relative_l2_mean"],
-                 result[name]["relative_l2_max"], result[name]["same_top_token"], len(samples), footprint)
-    return result
-
-
 def main(settings: Settings, wd: Workdir) -> dict:
     base_dir = wd.base_model_dir(settings)
-    sections = PHASES[4].sections
-    method, out_dir, done, awq_error = quantize(settings, wd)
+    sections = PHASE.sections
+    method, out_dir, done, awq_error = quantize_base(settings, wd)
     form = METHOD_FORMS[method]
 
     # ---- benchmark the quantized model in its served form, exactly as phase 3 measured the baseline
@@ -88,7 +42,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
                                          settings.bench.max_new_tokens, settings.bench.warmup_runs, settings.decode)
     quantized = {**settings.record(sections), "method": method, "form": FORMS[form],
                  "model_dir": str(out_dir.relative_to(wd.root)), **result}
-    atomic_write_json(wd.bench("quantized_int4"), quantized)
+    atomic_write_json(PHASE.output(wd, "quantized_int4.json"), quantized)
     agreement = forms_agreement(settings, wd, method, samples)
 
     # ---- compare with the baseline
@@ -123,7 +77,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         "latency_change_pct": change_pct(quant_p50, base_p50),
         "responses_non_empty": all(s["response"].strip() for s in quantized["samples"]),
     }
-    atomic_write_json(wd.bench("quantization_info"), info)
+    atomic_write_json(PHASE.output(wd, "quantization_info.json"), info)
 
     log.info("\n%s", benchmark.summary_table([("baseline " + baseline["precision"].split()[0], baseline),
                                               (f"int4 {method}", quantized)]))
@@ -131,7 +85,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
              "p50 latency %+.1f%%; responses non-empty: %s", base_mem, quant_mem,
              info["memory_reduction_pct"], info["size_reduction_pct"], info["latency_change_pct"],
              info["responses_non_empty"])
-    append_build_log(wd.build_log, 4, "quantization", [
+    append_build_log(wd.build_log, PHASE.number, "quantization", [
         f"Method: {method}." + (f" AWQ was attempted and failed: {awq_error}" if method != "awq" else
                                 f" Calibrated on {done['calibration']['documents']} pages "
                                 f"({done['calibration']['tokens']} tokens) in {done['calibrate_s']:.1f} s."),
@@ -148,4 +102,4 @@ def main(settings: Settings, wd: Workdir) -> dict:
 
 
 if __name__ == "__main__":
-    run_phase(4, main, __doc__)
+    run_phase(PHASE.number, main, __doc__)

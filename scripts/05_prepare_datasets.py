@@ -13,44 +13,25 @@ OCR text before its instruction (medvl/ocr.py), shuffles with the split seed and
 download_summary.json and data_summary.json.
 """
 
-import random
-import shutil
 from collections import Counter
 
 from medvl import data
 from medvl.gates import PHASES
-from medvl.io import append_build_log, atomic_write_json
+from medvl.io import append_build_log, atomic_dir, atomic_write_json
 from medvl.modeling import load_processor
 from medvl.ocr import OcrUnavailable
 from medvl.phase import PhaseError, log, run_phase
 from medvl.settings import Settings
 from medvl.workdir import Workdir
 
-HUB_SOURCES = ("roco", "pubmedvision", "mtsamples")
+PHASE = PHASES[5]
 
 
 def main(settings: Settings, wd: Workdir) -> dict:
-    rng = random.Random(settings.data.split_seed)
-    record = settings.record(PHASES[5].sections)
-
-    # ---- the hub sources, each tried mirror by mirror
-    reports = {name: data.SourceReport(name) for name in (*HUB_SOURCES, "synthetic")}
-    samples: list[data.Sample] = []
-    for name in HUB_SOURCES:
-        samples += data.fetch_source(name, settings, rng, wd.datasets / "raw", reports[name])
-    hub_ok = [name for name in HUB_SOURCES if reports[name].status == "ok"]
+    record = settings.record(PHASE.sections)
+    samples, reports = data.collect_samples(settings, wd.datasets / "raw")
+    hub_ok = data.hub_sources_ok(reports)
     offline = not hub_ok
-
-    # ---- the synthetic corpus: always part of the mix, the whole of it offline
-    synthetic = reports["synthetic"]
-    for _, sample in data.synthetic_samples(settings.data.synthetic_documents, rng):
-        synthetic.rows_read += 1
-        if len(sample.text.strip()) < settings.data.min_text_chars:
-            synthetic.discarded["text too short"] += 1
-            continue
-        samples.append(sample)
-    synthetic.status, synthetic.kept = "ok", synthetic.rows_read - sum(synthetic.discarded.values())
-    synthetic.repo = "medvl.documents (generated offline)"
 
     # ---- filter, split, write (into a fresh folder swapped in whole)
     dropped: Counter = Counter()
@@ -69,10 +50,6 @@ def main(settings: Settings, wd: Workdir) -> dict:
             f"more than data.max_too_long_fraction={settings.data.max_too_long_fraction}: raise train.max_length, "
             "lower model.max_pixels or data.mtsamples_page_chars")
     splits = data.split(kept, settings.data.split_seed, settings.data.val_fraction, settings.data.test_fraction)
-    formatted = wd.datasets / "formatted"
-    staging = wd.datasets / "formatted.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    rows = data.write_splits(splits, staging)
 
     fallback_note = ("no hub source reachable: the training set is entirely synthetic medical documents "
                      "generated offline by medvl.documents" if offline else None)
@@ -82,17 +59,16 @@ def main(settings: Settings, wd: Workdir) -> dict:
     summary = {**record, "offline_fallback": offline, "fallback_note": fallback_note,
                "discarded": {"filtering": {n: dict(r.discarded) for n, r in reports.items()},
                              "deduplication": dict(dropped)},
-               "length_check": lengths,
-               **data.summarize_splits(rows)}
-    atomic_write_json(staging / "data_summary.json", summary)
-    shutil.rmtree(formatted, ignore_errors=True)
-    staging.rename(formatted)
-    atomic_write_json(wd.datasets / "download_summary.json", download)
+               "length_check": lengths}
+    with atomic_dir(wd.datasets / "formatted") as staging:
+        summary.update(data.summarize_splits(data.write_splits(splits, staging)))
+        atomic_write_json(staging / "data_summary.json", summary)
+    atomic_write_json(PHASE.output(wd, "download_summary.json"), download)
 
     counts = summary["counts"]
     log.info("splits: train %d, val %d, test %d (%s)", counts["train"], counts["val"], counts["test"],
              "SYNTHETIC ONLY: no hub source reachable" if offline else f"hub sources: {', '.join(hub_ok)}")
-    append_build_log(wd.build_log, 5, "datasets", [
+    append_build_log(wd.build_log, PHASE.number, "datasets", [
         *(f"{name}: {r.status}" + (f" from {r.repo}" if r.repo else "") +
           (f"; failed attempts: {'; '.join(a['repo'] + ' -> ' + a['error'] for a in r.attempts)}" if r.attempts else "")
           for name, r in reports.items()),
@@ -107,4 +83,4 @@ def main(settings: Settings, wd: Workdir) -> dict:
 
 
 if __name__ == "__main__":
-    run_phase(5, main, __doc__)
+    run_phase(PHASE.number, main, __doc__)

@@ -22,9 +22,11 @@ from medvl.phase import PhaseError, log, run_phase
 from medvl.settings import Settings
 from medvl.workdir import Workdir
 
+PHASE = PHASES[6]
+
 
 def main(settings: Settings, wd: Workdir) -> dict:
-    fingerprint = settings.fingerprint(PHASES[6].sections)
+    fingerprint = settings.fingerprint(PHASE.sections)
     formatted = wd.datasets / "formatted"
     try:
         metrics = training.run_training(
@@ -35,17 +37,17 @@ def main(settings: Settings, wd: Workdir) -> dict:
     if metrics is None:  # a non-main data-parallel rank: the main process reports
         return {}
     t = settings.train
-    record = {**settings.record(PHASES[6].sections), "adapter_dir": str(wd.adapter_dir(settings).relative_to(wd.root)),
+    record = {**settings.record(PHASE.sections), "adapter_dir": str(wd.adapter_dir(settings).relative_to(wd.root)),
               "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
                        "target_modules": training.LORA_TARGET_REGEX, "quantized_base": "nf4" if t.quantize_4bit else None},
               "batch": {"per_device": t.per_device_batch_size, "grad_accum": t.grad_accum_steps,
                         "max_length": t.max_length},
               "length_check": read_json(formatted / "data_summary.json")["length_check"],
               **metrics}
-    atomic_write_json(wd.bench("training_metrics"), record)
+    atomic_write_json(PHASE.output(wd, "training_metrics.json"), record)
     log.info("loss %.4f -> %.4f over %d steps; %s; peak %.0f MB", metrics["initial_loss"], metrics["final_loss"],
              metrics["global_step"], speed_line(metrics), metrics["peak_memory_mb"])
-    append_build_log(wd.build_log, 6, "QLoRA fine-tuning", [
+    append_build_log(wd.build_log, PHASE.number, "QLoRA fine-tuning", [
         f"LoRA r={t.lora_r}, alpha={t.lora_alpha}, dropout={t.lora_dropout} on the language model's "
         f"projections only; base {'NF4' if t.quantize_4bit else 'unquantized'}; vision tower frozen.",
         f"Trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters "
@@ -69,4 +71,4 @@ def speed_line(metrics: dict) -> str:
 
 
 if __name__ == "__main__":
-    run_phase(6, main, __doc__)
+    run_phase(PHASE.number, main, __doc__)

@@ -22,17 +22,19 @@ from typing import Any
 from medvl import benchmark, evaluation
 from medvl.forms import FORMS, FormError, load_in_form, model_dir, profile_form
 from medvl.gates import PHASES
-from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json
+from medvl.io import append_build_log, atomic_write_json, read_json
 from medvl.modeling import load_processor
 from medvl.ocr import OcrUnavailable
 from medvl.phase import PhaseError, log, run_phase
-from medvl.quantize import AwqUnavailable, quantize_awq, save_nf4
+from medvl.quantize import AwqUnavailable, quantize_in_form
 from medvl.settings import Settings
 from medvl.workdir import Workdir
 
+PHASE = PHASES[7]
+
 
 def main(settings: Settings, wd: Workdir) -> dict:
-    sections = PHASES[7].sections
+    sections = PHASE.sections
     record = settings.record(sections)
     b = settings.bench
     try:
@@ -52,15 +54,10 @@ def main(settings: Settings, wd: Workdir) -> dict:
     base_dir, finetuned_dir = model_dir(settings, wd, form, False), model_dir(settings, wd, form, True)
     for stale in {wd.finetuned_awq_dir(settings), wd.finetuned_nf4_dir(settings)} - {finetuned_dir}:
         shutil.rmtree(stale, ignore_errors=True)  # never serve a stale one
-    if form == "awq":
-        try:
-            merge.update(quantize_awq(merged_dir, finetuned_dir, settings))
-        except AwqUnavailable as exc:  # phase 4 ran it on the base: this is a real failure
-            raise PhaseError(f"AWQ of the merged model failed (phase 4's succeeded on the base): {exc}") from None
-    elif form == "nf4":
-        merge.update(save_nf4(merged_dir, finetuned_dir, settings))
-    else:
-        merge["size_bytes"] = dir_size_bytes(merged_dir)
+    try:
+        merge.update(quantize_in_form(form, merged_dir, finetuned_dir, settings))
+    except AwqUnavailable as exc:  # phase 4 ran it on the base: this is a real failure
+        raise PhaseError(f"AWQ of the merged model failed (phase 4's succeeded on the base): {exc}") from None
 
     try:  # the classical bar: OCR + rules on the same cases and scorer
         ocr_baseline = evaluation.evaluate_ocr(cases)
@@ -93,7 +90,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
                                            load_processor(finetuned_dir, None), samples,
                                            b.max_new_tokens, b.warmup_runs, settings.decode)
     standard_record = {**record, "model_dir": str(finetuned_dir.relative_to(wd.root)), "form": FORMS[form], **standard}
-    atomic_write_json(wd.bench("finetuned_standard_bench"), standard_record)
+    atomic_write_json(PHASE.output(wd, "finetuned_standard_bench.json"), standard_record)
 
     stages = {"baseline": read_json(wd.bench("baseline_fp16")), "int4": read_json(wd.bench("quantized_int4")),
               "finetuned": standard_record}
@@ -116,7 +113,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         "ocr_baseline": ocr_baseline,
         "standard_bench_accuracy": standard_accuracy,
     }
-    atomic_write_json(wd.bench("evaluation_finetuned"), result)
+    atomic_write_json(PHASE.output(wd, "evaluation_finetuned.json"), result)
     report(settings, wd, result, stages)
     return result
 
@@ -139,7 +136,7 @@ def report(settings: Settings, wd: Workdir, result: dict, stages: dict) -> None:
                          f"{s['accuracy']:>7.3f}{s['precision']:>7.3f}{s['f1']:>7.3f}")
     log.info("\n%s", "\n".join(lines))
     base, tuned = (result["models"][k]["scores"] for k in ("base", "finetuned"))
-    append_build_log(wd.build_log, 7, "evaluation", [
+    append_build_log(wd.build_log, PHASE.number, "evaluation", [
         f"Merged the adapter into a {result['merge']['merged_dtype']} base; both models evaluated in the served "
         f"form: {result['served_form_description']}.",
         f"{result['cases']['suite']} hand-written suite documents and {result['cases']['test']} test-split samples"
@@ -157,4 +154,4 @@ def report(settings: Settings, wd: Workdir, result: dict, stages: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_phase(7, main, __doc__)
+    run_phase(PHASE.number, main, __doc__)

@@ -20,6 +20,8 @@ from medvl.phase import PhaseError, log, run_phase
 from medvl.settings import Settings
 from medvl.workdir import Workdir
 
+PHASE = PHASES[8]
+
 
 def served_as_evaluated(base: str, evaluated: dict, wd: Workdir) -> dict:
     """The server's model and form (its /health) against phase 7's: the quality the report
@@ -41,12 +43,12 @@ def main(settings: Settings, wd: Workdir) -> dict:
     except (RuntimeError, TimeoutError) as exc:
         raise PhaseError(f"the API did not start: {exc}") from None
     health = checks["GET /health"]
-    record = {**settings.record(PHASES[8].sections), "model": health.get("detail") or "see /health",
+    record = {**settings.record(PHASE.sections), "model": health.get("detail") or "see /health",
               "all_ok": all(c["ok"] for c in checks.values()), "endpoints": checks}
-    atomic_write_json(wd.bench("api_validation"), record)
+    atomic_write_json(PHASE.output(wd, "api_validation.json"), record)
     for name, check in checks.items():
         log.info("%-40s %s %s %.3f s", name, "ok  " if check["ok"] else "FAIL", check["status"], check["latency_s"])
-    append_build_log(wd.build_log, 8, "API validation", [
+    append_build_log(wd.build_log, PHASE.number, "API validation", [
         f"Served `{record['model']}`; {sum(c['ok'] for c in checks.values())}/{len(checks)} endpoint checks passed.",
         *(f"{name}: {c['status']} in {c['latency_s']:.3f} s" for name, c in checks.items()),
     ])
@@ -54,4 +56,4 @@ def main(settings: Settings, wd: Workdir) -> dict:
 
 
 if __name__ == "__main__":
-    run_phase(8, main, __doc__)
+    run_phase(PHASE.number, main, __doc__)

@@ -17,10 +17,12 @@ from medvl.phase import log, run_phase
 from medvl.settings import Settings
 from medvl.workdir import Workdir
 
+PHASE = PHASES[9]
+
 
 def main(settings: Settings, wd: Workdir) -> dict:
     benchmarks, missing = report.load_benchmarks(wd.benchmarks)
-    final = {**settings.record(PHASES[9].sections), **report.build_final_report(benchmarks, missing)}
+    final = {**settings.record(PHASE.sections), **report.build_final_report(benchmarks, missing)}
 
     figures = report.charts(final, wd.docs / "figures")
     atomic_write_text(wd.docs / "BENCHMARK_REPORT.md", report.benchmark_markdown(final, figures))
@@ -39,14 +41,14 @@ def main(settings: Settings, wd: Workdir) -> dict:
         log.info("finding: %s", finding)
     if missing:
         log.warning("missing benchmark files: %s", ", ".join(missing))
-    append_build_log(wd.build_log, 9, "report", [
+    append_build_log(wd.build_log, PHASE.number, "report", [
         f"Wrote FINAL_REPORT.json, BENCHMARK_REPORT.md ({len(figures)} charts), CONTENT_DRAFT.md"
         + ("; README results table." if updated is not None else "."),
         f"Missing: {', '.join(missing)}." if missing else "Every benchmark file was present.",
     ])
-    atomic_write_json(wd.bench("FINAL_REPORT"), final)  # last: its presence means phase 9 finished
+    atomic_write_json(PHASE.output(wd, "FINAL_REPORT.json"), final)  # last: its presence means phase 9 finished
     return final
 
 
 if __name__ == "__main__":
-    run_phase(9, main, __doc__)
+    run_phase(PHASE.number, main, __doc__)
