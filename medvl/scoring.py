@@ -55,7 +55,6 @@ def rouge_l(answer: str, reference: str) -> float:
     return float(_rouge_scorer().score(reference, answer)["rougeL"].fmeasure)
 
 
-@lru_cache(maxsize=1)
 @dataclass
 class Expected:
     """What a correct reading of one document must contain, by category."""
