@@ -16,6 +16,7 @@ from medvl import flags
 from medvl.engine import SamplingParams
 from medvl.prompts import EXTRACTION_PROMPT
 from medvl.records import RECORD_FORMAT, structured_result
+from medvl.settings import SERVED_SETTINGS
 
 router = APIRouter()
 
@@ -40,7 +41,8 @@ async def health(state: State):
         gpu_memory_used_mb=torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         gpu_memory_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         requests_running=engine.num_running if engine else 0, requests_waiting=engine.num_waiting if engine else 0,
-        decoding=served.decoding, startup_s=served.startup_s, error=served.error)
+        decoding=served.decoding, startup_s=served.startup_s, error=served.error,
+        settings_hash=state.settings.fingerprint(SERVED_SETTINGS))
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503,
                         headers=None if status == "ok" else {"Retry-After": "5"})
 

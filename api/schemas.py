@@ -70,6 +70,9 @@ class HealthResponse(BaseModel):
     decoding: str = ""  # e.g. "continuous batching over 32 cache slots, compiled step, weights AWQ int4 (...)"
     startup_s: dict[str, float] = {}  # load (with int4 packing), decoder warm-up (compilation): once per start
     error: str | None = None
+    # Fingerprint of the settings the answers depend on (medvl.settings.SERVED_SETTINGS): phase 8
+    # checks it is its run's, so a --set override that never reached the server fails the phase.
+    settings_hash: str = ""
 
 
 class ErrorBody(BaseModel):

@@ -24,7 +24,7 @@ from typing import Any
 from medvl import lexicon
 from medvl.forms import METHOD_FORMS, form_of
 from medvl.io import OutputError, read_json
-from medvl.settings import DEFAULT_PROFILE, Settings, SettingsError, load_settings
+from medvl.settings import DEFAULT_PROFILE, SERVED_SETTINGS, Settings, SettingsError, load_settings
 from medvl.workdir import REPO_ROOT, Workdir
 
 GateCheck = Callable[[Workdir, Settings], list[str]]
@@ -357,8 +357,7 @@ def gate_report(wd: Workdir, s: Settings) -> list[str]:
 
 # Phases 8 and 9 depend on every setting but where the server listens (phase 8 picks a free
 # port): changing api.host or api.port stales nothing.
-_SERVED = ("model", "bench", "quant", "data", "train", "decode", "api.max_upload_mb", "api.max_image_pixels",
-           "api.request_timeout_s", "api.max_new_tokens")
+_SERVED = SERVED_SETTINGS
 
 PHASES: dict[int, Phase] = {
     1: Phase(1, "setup environment", "01_setup_environment.py", (), ("model",), gate_environment,

@@ -191,6 +191,11 @@ class ApiSettings:
     max_new_tokens: int = 512  # answer tokens for /extract and /analyze, and chat's default max_tokens
 
 
+# What a served model's answers depend on: every setting but where the server listens. The
+# server reports their fingerprint (/health), phase 8 checks it is the run's.
+SERVED_SETTINGS = ("model", "bench", "quant", "data", "train", "decode", "api.max_upload_mb",
+                   "api.max_image_pixels", "api.request_timeout_s", "api.max_new_tokens")
+
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "bench": BenchSettings,

@@ -5,8 +5,8 @@ Starts `python -m api.server` in a subprocess on a free loopback port (the model
 the background; /health answers 503 until it is ready), calls every endpoint with a
 phase-3 document plus two bad inputs, /extract on all five phase-3 documents (each answer must
 be JSON valid against the record's schema), checks that the server serves the model and form
-phase 7 evaluated, writes benchmarks/api_validation.json (per-endpoint
-status and latency) and stops the server.
+phase 7 evaluated and runs with this run's settings (its --set overrides are passed on), writes
+benchmarks/api_validation.json (per-endpoint status and latency) and stops the server.
 """
 
 from pathlib import Path
@@ -17,7 +17,7 @@ from bench.validate import running_server, validate
 from medvl.gates import PHASES
 from medvl.io import append_build_log, atomic_write_json, read_json
 from medvl.phase import PhaseError, log, run_phase
-from medvl.settings import Settings
+from medvl.settings import SERVED_SETTINGS, Settings
 from medvl.workdir import Workdir
 
 PHASE = PHASES[8]
@@ -33,6 +33,15 @@ def served_as_evaluated(base: str, evaluated: dict, wd: Workdir) -> dict:
             "latency_s": 0.0, "detail": f"served {got[0]} as {got[1]}; phase 7 evaluated {want[0]} as {want[1]}"}
 
 
+def served_with_run_settings(base: str, settings: Settings) -> dict:
+    """The server's settings (its /health fingerprint) against this run's profile and --set."""
+    got = httpx.get(f"{base}/health", timeout=10).json()["settings_hash"]
+    want = settings.fingerprint(SERVED_SETTINGS)
+    return {"status": 200, "expected": 200, "ok": got == want, "latency_s": 0.0,
+            "detail": f"server settings {got}, run settings {want} (profile {settings.profile}, "
+                      f"--set {' '.join(settings.overrides) or 'none'})"}
+
+
 def main(settings: Settings, wd: Workdir) -> dict:
     pages = sorted(wd.test_images.glob("*.png"))
     evaluated = read_json(wd.bench("evaluation_finetuned"))
@@ -40,6 +49,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         with running_server(wd.root, settings.profile, [f"--set={item}" for item in settings.overrides]) as base:
             checks = validate(base, pages)
             checks["served model and form = phase 7's"] = served_as_evaluated(base, evaluated, wd)
+            checks["server settings = the run's (profile and --set)"] = served_with_run_settings(base, settings)
     except (RuntimeError, TimeoutError) as exc:
         raise PhaseError(f"the API did not start: {exc}") from None
     health = checks["GET /health"]

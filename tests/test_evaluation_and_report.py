@@ -8,7 +8,10 @@ import pytest
 
 from medvl import evaluation, report, scoring
 from medvl.gates import check_phase
+from medvl.settings import SERVED_SETTINGS, load_settings
 from medvl.workdir import Workdir
+
+from conftest import phase_script
 
 
 def test_pipeline_resumes_at_phase_7_and_finishes(full_run, tiny_settings):
@@ -93,6 +96,23 @@ def test_api_validation_and_report_files(full_run):
     assert "old" not in readme and "| Baseline |" in readme
     final = json.loads((wd / "benchmarks" / "FINAL_REPORT.json").read_text())
     assert final["missing"] == ["reliability"]
+
+
+def test_phase_8_starts_the_server_with_the_runs_set_overrides(full_run, tmp_path):
+    """--set reaches the server phase 8 starts: its /health fingerprint is the run's, which a
+    server on the profile's settings would not match; api.port, where it listens, stales nothing."""
+    wd = tmp_path / "wd"
+    shutil.copytree(full_run[0], wd)
+    overrides = ["--set", "api.max_new_tokens=48", "--set", "api.port=9123"]
+    result = phase_script(8, wd, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    api = json.loads((wd / "benchmarks" / "api_validation.json").read_text())
+    check = api["endpoints"]["server settings = the run's (profile and --set)"]
+    run = load_settings("tiny", ["api.max_new_tokens=48"])
+    assert check["ok"] and run.fingerprint(SERVED_SETTINGS) in check["detail"]
+    assert load_settings("tiny").fingerprint(SERVED_SETTINGS) not in check["detail"]
+    assert api["settings"]["api"]["max_new_tokens"] == 48 and "api.max_new_tokens=48" in check["detail"]
+    assert not check_phase(8, Workdir.at(wd), load_settings("tiny", ["api.max_new_tokens=48"]))  # any port
 
 
 def _table_rows(markdown: str, header_start: str) -> list[list[str]]:
