@@ -144,6 +144,13 @@ def gate_model(wd: Workdir, s: Settings) -> list[str]:
 # --------------------------------------------------------------------------- gates 3-4
 
 
+def load_benchmark_output(wd: Workdir, s: Settings, number: int, name: str, problems: list[str]) -> None:
+    """A harness record phase ``number`` wrote (phases 3, 4, 7), loaded and checked."""
+    rec = load_output(wd, s, number, name, problems)
+    if rec is not None:
+        check_benchmark_record(rec, name, s, problems)
+
+
 def check_benchmark_record(rec: dict[str, Any], label: str, s: Settings, problems: list[str]) -> None:
     """What gates 3, 4 and 7 require of a harness record."""
     samples = rec.get("samples") or []
@@ -174,18 +181,14 @@ def gate_baseline(wd: Workdir, s: Settings) -> list[str]:
     images = sorted(wd.test_images.glob("*.png")) if wd.test_images.is_dir() else []
     if len(images) < s.bench.num_documents:
         problems.append(f"datasets/test_images has {len(images)} documents, expected {s.bench.num_documents}")
-    rec = load_output(wd, s, 3, "baseline_fp16.json", problems)
-    if rec is not None:
-        check_benchmark_record(rec, "baseline_fp16.json", s, problems)
+    load_benchmark_output(wd, s, 3, "baseline_fp16.json", problems)
     return problems
 
 
 def gate_quantize(wd: Workdir, s: Settings) -> list[str]:
     problems: list[str] = []
     info = load_output(wd, s, 4, "quantization_info.json", problems)
-    rec = load_output(wd, s, 4, "quantized_int4.json", problems)
-    if rec is not None:
-        check_benchmark_record(rec, "quantized_int4.json", s, problems)
+    load_benchmark_output(wd, s, 4, "quantized_int4.json", problems)
     if info is not None:
         if info.get("method") not in METHOD_FORMS:
             problems.append(f"quantization_info.json: unknown method {info.get('method')!r}")
@@ -285,9 +288,7 @@ def gate_finetune(wd: Workdir, s: Settings) -> list[str]:
 def gate_evaluate(wd: Workdir, s: Settings) -> list[str]:
     problems: list[str] = []
     ev = load_output(wd, s, 7, "evaluation_finetuned.json", problems)
-    std = load_output(wd, s, 7, "finetuned_standard_bench.json", problems)
-    if std is not None:
-        check_benchmark_record(std, "finetuned_standard_bench.json", s, problems)
+    load_benchmark_output(wd, s, 7, "finetuned_standard_bench.json", problems)
     if ev is None:
         return problems
     models = ev.get("models") or {}
