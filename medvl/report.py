@@ -21,9 +21,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from medvl.benchmark import headline_memory_mb  # noqa: E402
 from medvl.environment import hardware_label  # noqa: E402
 from medvl.gates import benchmark_outputs  # noqa: E402
+from medvl.workdir import REPO_ROOT  # noqa: E402
 
-# What the report reads: every benchmark JSON of phases 1-8, and the reliability run's.
-BENCHMARK_FILES = [*benchmark_outputs(before=9), "reliability"]
+# What the report reads: every benchmark JSON of phases 1-8, and the runs of the tools in
+# bench/ that write into the run (reliability, the OCR-grounded prompt experiment).
+BENCHMARK_FILES = [*benchmark_outputs(before=9), "reliability", "ocr_grounded_prompt"]
+# The OCR-grounded prompt experiment as measured and committed (bench/ocr_grounded_prompt.py on
+# the tiny profile): the report quotes it, labelled, for a run of that profile without its own.
+COMMITTED_OCR_GROUNDED = REPO_ROOT / "docs" / "results" / "cpu" / "ocr_grounded_prompt.json"
 STAGES = [("Baseline", "baseline_fp16"), ("INT4 quantized", "quantized_int4"),
           ("Fine-tuned", "finetuned_standard_bench")]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -139,7 +144,59 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
                                              "latency_s": _round(v.get("latency_s"))}
                                          for k, v in (api.get("endpoints") or {}).items()}} if api else None,
         "reliability": b.get("reliability"),
+        "ocr_grounded_prompt": ocr_grounded_experiment(b.get("ocr_grounded_prompt"), profile),
     }
+
+
+def ocr_grounded_experiment(run: dict[str, Any] | None, profile: str | None) -> dict[str, Any] | None:
+    """The OCR-grounded prompt experiment: this run's (bench/ocr_grounded_prompt.py), else the
+    committed measurement for the same profile, saying which it is."""
+    source = "this run"
+    if run is None:
+        try:
+            run = json.loads(COMMITTED_OCR_GROUNDED.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if run.get("profile") != profile:
+            return None
+        source = f"{COMMITTED_OCR_GROUNDED.relative_to(REPO_ROOT)} (committed; measured by `{run['command']}`)"
+    return {"source": source, "verdict": run.get("verdict"),
+            "scores": {mode: run[mode]["scores"] for mode in ("plain", "grounded")},
+            "tokens_per_training_sample_p50": {mode: run[mode]["tokens_per_training_sample_p50"]
+                                               for mode in ("plain", "grounded")},
+            "finetuned_latency_p50_s": {mode: run[mode]["finetuned_latency_p50_s"] for mode in ("plain", "grounded")},
+            "ocr_latency_p50_s": run["grounded"].get("ocr_latency_p50_s")}
+
+
+def ocr_grounded_markdown(experiment: dict[str, Any]) -> list[str]:
+    """The experiment's table (test and suite, plain and grounded) and its verdict in words."""
+    parts = ["## OCR-grounded prompt (experiment)", "",
+             f"Source: {experiment['source']}. The same pipeline trained and evaluated twice: prompts as "
+             "the page alone (plain), and with the page's OCR text before the instruction "
+             "(`data.ocr_grounded_prompt=true`).", "",
+             "| set | model | prompts | term recall | value recall | precision | F1 | accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for subset in experiment["scores"]["grounded"]:
+        for mode in ("plain", "grounded"):
+            for name, s in experiment["scores"][mode].get(subset, {}).items():
+                if mode == "plain" and name in ("trivial", "ocr_rules"):
+                    continue  # the baselines do not read the prompt: one row each
+                prompts = mode if name in ("base", "finetuned") else "-"
+                parts.append(f"| {subset} | {name} | {prompts} | "
+                             + " | ".join(_cell(s.get(k)) for k in ("term_recall", "value_recall", "precision",
+                                                                     "f1", "accuracy")) + " |")
+    v = experiment.get("verdict") or {}
+    if v:
+        parts += ["", f"On the held-out test split the grounded fine-tuned model "
+                      f"{'beats' if v['beats_trivial'] else 'does not beat'} the trivial answer (accuracy "
+                      f"{_cell(v['finetuned_accuracy']['grounded'])} against {_cell(v['trivial_accuracy'])}; "
+                      f"plain prompts: {_cell(v['finetuned_accuracy']['plain'])}), and "
+                      f"{'beats' if v['beats_ocr_term_recall'] else 'does not beat'} the OCR baseline's term recall "
+                      f"({_cell(v['finetuned_term_recall']['grounded'])} against {_cell(v['ocr_term_recall'])}). "
+                      f"Prompt tokens per training sample (p50): {_cell(experiment['tokens_per_training_sample_p50']['plain'])}"
+                      f" plain, {_cell(experiment['tokens_per_training_sample_p50']['grounded'])} grounded; the "
+                      f"grounded answer also waits for OCR ({_cell(experiment['ocr_latency_p50_s'])} s per page, p50)."]
+    return [*parts, ""]
 
 
 def training_speed_rows(train: dict[str, Any]) -> list[str]:
@@ -366,6 +423,8 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
                       + ", ".join(f"{c} {_cell(v)}" for c, v in tuned["category_recall"].items()) + ".", ""]
         if "accuracy" in figures:
             parts += [f"![accuracy](figures/{figures['accuracy']})", ""]
+    if report.get("ocr_grounded_prompt"):
+        parts += ocr_grounded_markdown(report["ocr_grounded_prompt"])
     reliability = report.get("reliability")
     if reliability and reliability.get("summary"):
         s, load = reliability["summary"], reliability.get("load") or {}
