@@ -8,13 +8,12 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from medvl.engine import EngineMetrics
-from medvl.forms import FORMS, FormError, choose
-from medvl.serving import ServedModel, ServedOcr
+from medvl.forms import FORMS, FormError
+from medvl.serving import ServedModel, ServedOcr, open_served
 from medvl.settings import Settings, SettingsError, load_settings
 from medvl.workdir import Workdir
 
 WEIGHTS = ("auto", *FORMS)
-OCR = "ocr"  # --model ocr: the OCR + rules baseline instead of a model
 DESCRIPTION = """The medvl HTTP API: structured extraction, free analysis, OpenAI-compatible chat.
 
 Settings come from the profile (--profile) with --set overrides, as every phase takes them;
@@ -85,8 +84,6 @@ class ServerConfig:
         shortcuts = [f"{SETTING_FLAGS[name][0]}={args.pop(name)}" for name in SETTING_FLAGS if args[name] is not None]
         if args["weights"] not in WEIGHTS:
             parser.error(f"--weights: one of {', '.join(WEIGHTS)}, got {args['weights']!r}")
-        if args["model"] == OCR and args["weights"] != "auto":
-            parser.error(f"--weights {args['weights']}: the OCR baseline has no weights to choose")
         args = {k: v for k, v in args.items() if k not in SETTING_FLAGS}
         args["set"] = [*args["set"], *shortcuts]  # the flags override --set, which overrides the profile
         try:
@@ -113,10 +110,7 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, default: Any, about: s
 
 def served_model(config: ServerConfig, wd: Workdir,
                  metrics: EngineMetrics | None = None) -> tuple[ServedModel | ServedOcr, str]:
-    """What the server serves and its kind: the OCR baseline for ``--model ocr``, else the
-    model :func:`medvl.forms.choose` picks (as the CLI and phase 7 do): ``--model`` best, base,
-    finetuned or a folder, in the form ``--weights`` names; ``auto`` is the profile's form, the
-    one phase 7 evaluated (or a folder's own form).
+    """What the server serves and its kind (:func:`medvl.serving.open_served`, as the CLI).
 
     Measured under load on an H100 with ``7b-random`` (docs/results/h100/perf_serving*.json),
     bf16 served 12.8 requests/s at 32 clients where round-to-nearest int4 served 0-2.7
@@ -124,11 +118,7 @@ def served_model(config: ServerConfig, wd: Workdir,
     7.5 ms per token) and in memory. ``--weights bf16`` trades memory for throughput, but then
     the served model is not the one phase 7 scored on the 7b profiles (/health names the form).
     """
-    if config.model == OCR:
-        return ServedOcr(), OCR
-    settings = config.settings
     try:
-        folder, kind, form = choose(settings, wd, config.weights, config.model)
+        return open_served(config.settings, wd, config.model, config.weights, metrics=metrics)
     except FormError as exc:
         raise SystemExit(f"error: {exc}") from None
-    return ServedModel(folder, settings, form, metrics=metrics), kind

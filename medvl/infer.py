@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 from medvl import flags, ocr
 from medvl.engine import PromptTooLong, SamplingParams
-from medvl.forms import FORMS, FormError, choose
+from medvl.forms import FORMS, FormError
 from medvl.images import BadInput, decode_image
 from medvl.prompts import EXTRACTION_PROMPT
 from medvl.records import RECORD_FORMAT, structured_result
-from medvl.serving import ServedModel
+from medvl.serving import ServedModel, open_served
 from medvl.settings import DEFAULT_PROFILE, ApiSettings, SettingsError, load_settings
 from medvl.workdir import Workdir
 
@@ -159,28 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    job = Job(ocr_answer, args.prompt, args.max_new_tokens or settings.api.max_new_tokens, settings.api)
-    if args.model == "ocr":
-        try:
-            ocr.load()
-        except ocr.OcrUnavailable as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        return answer_all(job, args)
     try:
-        folder, _, form = choose(settings, Workdir.at(args.workdir), args.weights, args.model)
+        served, _ = open_served(settings, Workdir.at(args.workdir), args.model, args.weights, slots=1)
     except FormError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    served = ServedModel(folder, settings, form, slots=1)
     try:
         served.load()  # the engine's loop then runs in this thread, one document at a time
+    except ocr.OcrUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         print(f"error: the model failed to load: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    answer = ocr_answer if served.engine is None else model_answer(served)
     try:
-        job.answer = model_answer(served)
-        return answer_all(job, args)
+        return answer_all(Job(answer, args.prompt, args.max_new_tokens or settings.api.max_new_tokens, settings.api),
+                          args)
     finally:
         served.stop()
 

@@ -19,10 +19,11 @@ from PIL import Image
 from medvl import ocr
 from medvl.decoding import SlotDecoder, should_compile
 from medvl.engine import Engine, EngineMetrics
-from medvl.forms import FORMS, load_in_form
+from medvl.forms import FORMS, FormError, choose, load_in_form
 from medvl.modeling import input_device, load_processor
 from medvl.records import RECORD_FORMAT
 from medvl.settings import DecodeSettings, Settings
+from medvl.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,26 @@ class ServedModel:
         return str(input_device(self.engine.model)) if self.engine is not None else "unloaded"
 
 
+OCR_MODEL = "ocr"  # --model ocr (server and CLI): the OCR + rules baseline instead of a model
+
+
+def open_served(settings: Settings, wd: Workdir, model: str = "best", weights: str = "auto",
+                slots: int | None = None, metrics: EngineMetrics | None = None) -> tuple[ServedModel | ServedOcr, str]:
+    """What the server and the CLI serve for ``--model`` and ``--weights``, and its kind: the OCR
+    + rules baseline for ``ocr``, else the model :func:`medvl.forms.choose` picks (as phases 7
+    and 8 do): best, base, finetuned or a folder, in the form ``weights`` names (``auto``: the
+    profile's form, the one phase 7 evaluated, or a folder's own form). Not loaded yet.
+
+    Raises :class:`medvl.forms.FormError` when the model or form cannot be served.
+    """
+    if model == OCR_MODEL:
+        if weights != "auto":
+            raise FormError(f"--weights {weights}: the OCR baseline has no weights to choose")
+        return ServedOcr(), OCR_MODEL
+    folder, kind, form = choose(settings, wd, weights, model)
+    return ServedModel(folder, settings, form, slots, metrics), kind
+
+
 class ServedOcr:
     """The OCR + rules baseline served in a model's place (``--model ocr``): /extract only, so
     users can compare it with the model on their own documents. It starts like a model (its
@@ -137,15 +158,18 @@ class ServedOcr:
         self.ready = threading.Event()
 
     def start(self) -> None:
-        threading.Thread(target=self._load, name="ocr-loader", daemon=True).start()
+        threading.Thread(target=self._load_in_background, name="ocr-loader", daemon=True).start()
 
-    def _load(self) -> None:
-        started = time.perf_counter()
+    def _load_in_background(self) -> None:
         try:
-            ocr.load()
-        except ocr.OcrUnavailable as exc:
+            self.load()
+        except ocr.OcrUnavailable as exc:  # reported by /health; the server stays up to say so
             self.error = str(exc)
-            return
+
+    def load(self) -> None:
+        """Load the OCR engine (raises :class:`medvl.ocr.OcrUnavailable` when it cannot run)."""
+        started = time.perf_counter()
+        ocr.load()
         self.startup_s["load"] = time.perf_counter() - started
         self.ready.set()
 
