@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medvl import benchmark, evaluation
+from medvl.engine import PromptTooLong
 from medvl.forms import FORMS, FormError, load_in_form, model_dir, profile_form
 from medvl.gates import PHASES
 from medvl.io import append_build_log, atomic_write_json, read_json
@@ -73,14 +74,18 @@ def main(settings: Settings, wd: Workdir) -> dict:
         return lambda: load_in_form(folder, settings, form)
 
     # ---- both models on the same cases
-    models = {
-        "base": evaluation.evaluate_model("base", loader(base_dir),
-                                          load_processor(base_dir, settings), cases, b.eval_max_new_tokens,
-                                          settings.decode),
-        "finetuned": evaluation.evaluate_model("finetuned", loader(finetuned_dir),
-                                               load_processor(finetuned_dir, None), cases, b.eval_max_new_tokens,
-                                               settings.decode),
-    }
+    try:
+        models = {
+            "base": evaluation.evaluate_model("base", loader(base_dir),
+                                              load_processor(base_dir, settings), cases, b.eval_max_new_tokens,
+                                              settings.decode),
+            "finetuned": evaluation.evaluate_model("finetuned", loader(finetuned_dir),
+                                                   load_processor(finetuned_dir, None), cases, b.eval_max_new_tokens,
+                                                   settings.decode),
+        }
+    except PromptTooLong as exc:  # e.g. OCR-grounded prompts on a profile sized for plain ones
+        raise PhaseError(f"an evaluation case does not fit: {exc}; raise decode.max_cache_len or lower "
+                         "bench.eval_max_new_tokens") from None
     trivial = evaluation.score_fixed_answer(
         evaluation.most_common_answer(read_json(wd.datasets / "formatted" / "train.json")), cases)
 
