@@ -53,14 +53,13 @@ def grounded_run(settings: Settings, wd: Workdir, folder: Path, extra: list[str]
     if not check_phase(7, target, grounded):
         log.info("%s already holds a finished grounded run: reused", folder)
         return target
-    for number in range(1, 5):
-        for rel in PHASES[number].outputs:
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(wd.root / rel, folder / rel)
     quantized = read_json(wd.bench("quantization_info"))["output_dir"]
-    for rel in (str(wd.base_model_dir(settings).relative_to(wd.root)), quantized, "datasets/test_images"):
-        shutil.rmtree(folder / rel, ignore_errors=True)
-        shutil.copytree(wd.root / rel, folder / rel)
+    copied = [rel for number in range(1, 5) for rel in PHASES[number].outputs]
+    copied += [str(wd.base_model_dir(settings).relative_to(wd.root)), quantized, "datasets/test_images"]
+    for rel in copied:  # what DIR lacks (a DIR that ran before keeps its own)
+        if not (folder / rel).exists():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (wd.root / rel).is_dir() else shutil.copy2)(wd.root / rel, folder / rel)
     sets = [arg for item in overrides for arg in ("--set", item)]
     command = [str(REPO_ROOT / "run_pipeline.sh"), "--profile", settings.profile, "--workdir", str(folder),
                "--to", "7", *sets]
