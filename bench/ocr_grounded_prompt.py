@@ -6,9 +6,9 @@ its prompt, and compare with the run that read pages from pixels alone.
                                         [--grounded-set decode.max_cache_len=2048 ...]
 
 WD holds a finished run with plain prompts (phases 1-7). Its phase 1-4 outputs are copied into
-DIR (default WD/experiments/ocr_grounded), where run_pipeline.sh runs phases 5-7 with
-``--set data.ocr_grounded_prompt=true`` and any ``--grounded-set`` (it resumes, so a finished DIR
-is reused as it is). The OCR text lengthens every prompt (tiny: 515 -> 710 tokens per training
+DIR (default WD/experiments/ocr_grounded), where run_pipeline.sh runs each of phases 1-7 whose
+gate fails there with ``--set data.ocr_grounded_prompt=true`` and any ``--grounded-set`` (so a
+finished DIR is reused as it is). The OCR text lengthens every prompt (tiny: 515 -> 710 tokens per training
 sample, p50; the suite's grounded prompts up to 673), so on tiny the evaluation's 400-token
 answers need ``--grounded-set decode.max_cache_len=2048``; phases 3-4 rerun there for it.
 Both runs' phase-7 results are then compared on the same scorer: base, fine-tuned, the trivial
@@ -61,12 +61,15 @@ def grounded_run(settings: Settings, wd: Workdir, folder: Path, extra: list[str]
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if (wd.root / rel).is_dir() else shutil.copy2)(wd.root / rel, folder / rel)
     sets = [arg for item in overrides for arg in ("--set", item)]
-    command = [str(REPO_ROOT / "run_pipeline.sh"), "--profile", settings.profile, "--workdir", str(folder),
-               "--to", "7", *sets]
-    log.info("running %s", " ".join(command))
-    result = subprocess.run(command, env={**os.environ, "MEDVL_PYTHON": sys.executable})
-    if result.returncode != 0:
-        raise PhaseError(f"the grounded run failed (exit {result.returncode}); see {folder}/logs")
+    for number in range(1, 8):  # only the phases whose gates fail (run_pipeline.sh --from would redo all after)
+        if not check_phase(number, target, grounded):
+            continue
+        command = [str(REPO_ROOT / "run_pipeline.sh"), "--profile", settings.profile, "--workdir", str(folder),
+                   "--only", str(number), *sets]
+        log.info("running %s", " ".join(command))
+        result = subprocess.run(command, env={**os.environ, "MEDVL_PYTHON": sys.executable})
+        if result.returncode != 0:
+            raise PhaseError(f"phase {number} of the grounded run failed (exit {result.returncode}); see {folder}/logs")
     return target
 
 
