@@ -64,7 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per level (default: %(default)s)")
     parser.add_argument("--warm-up-s", type=float, default=3.0, help="unmeasured seconds before each level")
     parser.add_argument("--max-tokens", type=int, default=128, help="answer tokens per request (default: %(default)s)")
-    parser.add_argument("--max-batch-size", type=int, default=0, help="server's running batch (0: the profile's)")
     parser.add_argument("--response-formats", default="none",
                         help=f"chat levels per response format, of {', '.join(RESPONSE_FORMATS)} (default: %(default)s)")
     parser.add_argument("--warm-restart", action="store_true",
@@ -236,7 +235,7 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
               "max_tokens": args.max_tokens, "baseline": BASELINE, "levels": []}
     timing: dict[str, float] = {}
     server_args = ["--weights", args.weights, "--max-new-tokens", str(args.max_tokens),
-                   "--max-batch-size", str(args.max_batch_size), "--request-timeout-s", "600",
+                   "--request-timeout-s", "600",
                    *(f"--set={item}" for item in args.set)]
     with running_server(wd.root, settings.profile, server_args, ready_timeout_s=1800, timing=timing) as base:
         health = httpx.get(f"{base}/health", timeout=10).json()
