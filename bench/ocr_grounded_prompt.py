@@ -125,6 +125,8 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> None:
     result = {**settings.record(PHASES[7].sections), "plain": plain, "grounded": grounded,
               "verdict": verdict(grounded, plain),
               "grounded_overrides": [GROUNDED, *args.grounded_set],
+              "note": "scores compare (same cases, scorer and splits); latencies do not: each comes from its "
+                      "own run's phase 7, and runs made at different times on a shared machine see other loads",
               "command": " ".join(["python bench/ocr_grounded_prompt.py --profile", settings.profile,
                                    *(f"--grounded-set {item}" for item in args.grounded_set)])}
     atomic_write_json(wd.bench("ocr_grounded_prompt"), result)
