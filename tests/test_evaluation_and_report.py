@@ -90,6 +90,10 @@ def test_api_validation_and_report_files(full_run):
     assert "Both models evaluated in the form the server serves: **full precision**" in (
         wd / "docs" / "BENCHMARK_REPORT.md").read_text()
     markdown = (wd / "docs" / "BENCHMARK_REPORT.md").read_text()
+    # the OCR-grounded prompt experiment: not run here, so the committed tiny measurement, labelled
+    assert "## OCR-grounded prompt (experiment)" in markdown
+    assert "Source: docs/results/cpu/ocr_grounded_prompt.json (committed" in markdown
+    assert "does not beat the trivial answer (accuracy 0.121 against 0.189" in markdown
     for figure in re.findall(r"\(figures/([\w.]+\.png)\)", markdown):
         assert (wd / "docs" / "figures" / figure).stat().st_size > 1000
     readme = (wd / "README.md").read_text()
