@@ -9,7 +9,7 @@ from typing import Any
 
 from medvl.engine import EngineMetrics
 from medvl.forms import FORMS, FormError
-from medvl.serving import ServedModel, ServedOcr, open_served
+from medvl.serving import Served, open_served
 from medvl.settings import Settings, SettingsError, load_settings
 from medvl.workdir import Workdir
 
@@ -109,7 +109,7 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, default: Any, about: s
 
 
 def served_model(config: ServerConfig, wd: Workdir,
-                 metrics: EngineMetrics | None = None) -> tuple[ServedModel | ServedOcr, str]:
+                 metrics: EngineMetrics | None = None) -> tuple[Served, str]:
     """What the server serves and its kind (:func:`medvl.serving.open_served`, as the CLI).
 
     Measured under load on an H100 with ``7b-random`` (docs/results/h100/perf_serving*.json),

@@ -26,13 +26,13 @@ from api.config import ServerConfig, served_model
 from api.errors import envelope, install_error_handlers
 from api.metrics import ServerMetrics
 from api.state import ServerState
-from medvl.serving import ServedModel, ServedOcr
+from medvl.serving import Served
 from medvl.workdir import Workdir
 
 log = logging.getLogger("medvl.api")
 
 
-def create_app(config: ServerConfig, served: ServedModel | ServedOcr | None = None, model_kind: str = "custom") -> FastAPI:
+def create_app(config: ServerConfig, served: Served | None = None, model_kind: str = "custom") -> FastAPI:
     """Wire the app; the served model starts loading when the app starts (lifespan)."""
     metrics = ServerMetrics()
     wd = Workdir.at(config.workdir or None)

@@ -19,7 +19,7 @@ from medvl import ocr
 from medvl.engine import Engine, Prompt, Result, SamplingParams
 from medvl.engine import Request as EngineRequest
 from medvl.images import BadInput, decode_image
-from medvl.serving import ServedModel, ServedOcr
+from medvl.serving import Served
 from medvl.settings import Settings
 from medvl.workdir import Workdir
 
@@ -33,7 +33,7 @@ PREPARE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
 @dataclass
 class ServerState:
     config: ServerConfig
-    served: ServedModel | ServedOcr
+    served: Served
     model_kind: str
     metrics: ServerMetrics
     workdir: Workdir

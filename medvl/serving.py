@@ -47,34 +47,51 @@ def warm_up(engine: Engine, image: Image.Image | None = None, prompt: str = "War
     return engine.decoder.warm_up(inputs)
 
 
-class ServedModel:
-    """The model the API serves, loaded in the background; :attr:`engine` once :attr:`ready`."""
+class Served:
+    """What the server serves, loaded in a background thread so that /health answers (503,
+    loading) at once; :attr:`ready` once it serves, :attr:`error` if loading failed."""
 
-    def __init__(self, model_dir: Path, settings: Settings, form: str = "bf16", slots: int | None = None,
-                 metrics: EngineMetrics | None = None) -> None:
-        self.model_dir = model_dir
-        self.settings = settings
-        self.form = form  # how the weights are served (medvl.forms.FORMS)
-        self.slots = slots
-        self.metrics = metrics
-        self.engine: Engine | None = None
-        self.startup_s: dict[str, float] = {}  # load (with any int4 packing), warm-up (compilation): once per start
+    engine: Engine | None = None
+
+    def __init__(self) -> None:
+        self.startup_s: dict[str, float] = {}  # what starting cost, once per start (load, warm-up ...)
         self.error: str | None = None
         self.ready = threading.Event()
 
     def start(self) -> None:
-        """Load, quantize if asked, compile, then run the engine's loop; all in the background."""
-        threading.Thread(target=self._load_and_serve, name="model-loader", daemon=True).start()
+        threading.Thread(target=self._load_and_serve, name="loader", daemon=True).start()
 
     def _load_and_serve(self) -> None:
         try:
             self.load()
         except Exception as exc:  # reported by /health; the server stays up to say so
             self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("model failed to load")
+            log.exception("failed to load")
             return
-        self.engine.start()
+        if self.engine is not None:
+            self.engine.start()
         self.ready.set()
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+
+class ServedModel(Served):
+    """The model the API serves: weights (int4 packing included), then the engine, its decoding
+    steps compiled; :attr:`engine` once :attr:`ready`."""
+
+    def __init__(self, model_dir: Path, settings: Settings, form: str = "bf16", slots: int | None = None,
+                 metrics: EngineMetrics | None = None) -> None:
+        super().__init__()
+        self.model_dir = model_dir
+        self.settings = settings
+        self.form = form  # how the weights are served (medvl.forms.FORMS)
+        self.slots = slots
+        self.metrics = metrics
 
     def load(self) -> None:
         started = time.perf_counter()
@@ -95,10 +112,6 @@ class ServedModel:
         """What the model is asked about a page: the instruction, with the page's OCR text
         before it when the profile grounds prompts (data.ocr_grounded_prompt), as in training."""
         return ocr.grounded_prompt(image, instruction) if self.settings.data.ocr_grounded_prompt else instruction
-
-    def stop(self) -> None:
-        if self.engine is not None:
-            self.engine.stop()
 
     def wait_ready(self, timeout: float | None = None) -> Engine:
         """Block until the engine serves; raise with the load error if loading failed."""
@@ -126,7 +139,7 @@ OCR_MODEL = "ocr"  # --model ocr (server and CLI): the OCR + rules baseline inst
 
 
 def open_served(settings: Settings, wd: Workdir, model: str = "best", weights: str = "auto",
-                slots: int | None = None, metrics: EngineMetrics | None = None) -> tuple[ServedModel | ServedOcr, str]:
+                slots: int | None = None, metrics: EngineMetrics | None = None) -> tuple[Served, str]:
     """What the server and the CLI serve for ``--model`` and ``--weights``, and its kind: the OCR
     + rules baseline for ``ocr``, else the model :func:`medvl.forms.choose` picks (as phases 7
     and 8 do): best, base, finetuned or a folder, in the form ``weights`` names (``auto``: the
@@ -142,39 +155,20 @@ def open_served(settings: Settings, wd: Workdir, model: str = "best", weights: s
     return ServedModel(folder, settings, form, slots, metrics), kind
 
 
-class ServedOcr:
+class ServedOcr(Served):
     """The OCR + rules baseline served in a model's place (``--model ocr``): /extract only, so
     users can compare it with the model on their own documents. It starts like a model (its
     ONNX Runtime sessions load in the background) so that /health reads both alike."""
 
     form = "ocr"
     model_dir = "ocr"
-    engine: Engine | None = None
     device = "cpu"
-
-    def __init__(self) -> None:
-        self.startup_s: dict[str, float] = {}
-        self.error: str | None = None
-        self.ready = threading.Event()
-
-    def start(self) -> None:
-        threading.Thread(target=self._load_in_background, name="ocr-loader", daemon=True).start()
-
-    def _load_in_background(self) -> None:
-        try:
-            self.load()
-        except ocr.OcrUnavailable as exc:  # reported by /health; the server stays up to say so
-            self.error = str(exc)
 
     def load(self) -> None:
         """Load the OCR engine (raises :class:`medvl.ocr.OcrUnavailable` when it cannot run)."""
         started = time.perf_counter()
         ocr.load()
         self.startup_s["load"] = time.perf_counter() - started
-        self.ready.set()
-
-    def stop(self) -> None:
-        """Nothing runs between requests."""
 
     @property
     def decoding(self) -> str:
