@@ -14,7 +14,7 @@ for n in "${phases[@]}"; do
 done
 for job in training inference serving prefill; do
   [[ $what == all || $what == "$job" ]] || continue
-  TORCH_LOGS=recompiles timeout "${PERF_TIMEOUT:-540}" python3 scripts/perf_$job.py --profile 7b-random \
+  TORCH_LOGS=recompiles timeout "${PERF_TIMEOUT:-540}" python3 bench/perf_$job.py --profile 7b-random \
     --workdir "$wd" "${@:2}" 2>&1 | grep --line-buffered -v "it/s\]$" | tee "$OUT/perf_$job.log"
   cp "$wd/benchmarks/perf_$job.json" "$OUT/" 2>/dev/null
 done
