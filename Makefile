@@ -3,8 +3,11 @@
 # make lint      - ruff on the code, hadolint on the Dockerfile
 .PHONY: test lint pipeline clean-outputs
 
+# An interpreter of one's own (MEDVL_PYTHON) has no editable install: the repository goes on its
+# PYTHONPATH, as run_pipeline.sh does, so the scripts the tests start import the package.
 test: lint
-	@py=$$(scripts/ensure_venv.sh) && $$py -m pytest -q
+	@py=$$(scripts/ensure_venv.sh) && if [ -n "$${MEDVL_PYTHON:-}" ]; then \
+	  export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}"; fi && $$py -m pytest -q
 
 lint:
 	@py=$$(scripts/ensure_venv.sh) && $$py -m ruff check medvl scripts api bench tests \
