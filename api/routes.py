@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from api.errors import ERROR_RESPONSES
 from api.schemas import AnalyzeResponse, ExtractResponse, HealthResponse, Usage
 from api.state import ServerState, State, check_prompt, usage
-from medvl import flags
 from medvl.engine import SamplingParams
 from medvl.prompts import EXTRACTION_PROMPT
 from medvl.records import RECORD_FORMAT, structured_result
@@ -66,10 +65,7 @@ async def extract(http: Request, state: State,
 
 async def ocr_extract(state: ServerState, image: Any) -> ExtractResponse:
     """/extract from the OCR + rules baseline: the record its rules read, with the same flags."""
-    out = await state.ocr_extract(image)
-    return ExtractResponse(request_id=uuid.uuid4().hex, structured=out["structured"], parse_status="ocr",
-                           flags=flags.check(out["structured"]), disclaimer=flags.DISCLAIMER,
-                           raw_text="\n".join(out["lines"]), latency_s=out["latency_s"],
+    return ExtractResponse(request_id=uuid.uuid4().hex, **await state.ocr_extract(image),
                            usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0), model=state.model_info())
 
 

@@ -85,9 +85,8 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, prepare)
 
     async def ocr_extract(self, image: Any) -> dict[str, Any]:
-        """The OCR baseline's record for a page (``--model ocr``), in a worker thread."""
-        self.check_ready()
-        return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, ocr.extract, image)
+        """The OCR baseline's result for a page (``--model ocr``), in a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, ocr.structured_result, image)
 
     async def wait(self, request: EngineRequest, http: Request) -> Result:
         """The request's result; on timeout (504) or client hang-up the request is cancelled."""

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 from PIL import Image
 from tqdm import tqdm
 
-from medvl import flags, ocr
+from medvl import ocr
 from medvl.engine import PromptTooLong, SamplingParams
 from medvl.forms import FORMS, FormError
 from medvl.images import BadInput, decode_image
@@ -86,9 +86,8 @@ def ocr_answer(image: Image.Image, prompt: str | None, max_new_tokens: int) -> d
     """The classical baseline (--model ocr): OCR + rules, the record with the same flags."""
     if prompt:
         raise BadInput("the OCR baseline only extracts records: --prompt needs a model")
-    out = ocr.extract(image)
-    return {"latency_s": round(out["latency_s"], 4), "structured": out["structured"], "parse_status": "ocr",
-            "flags": flags.check(out["structured"]), "disclaimer": flags.DISCLAIMER, "raw_text": "\n".join(out["lines"])}
+    out = ocr.structured_result(image)
+    return {**out, "latency_s": round(out["latency_s"], 4)}
 
 
 def run_one(job: Job, path: Path, prompt: str | None) -> dict[str, Any]:

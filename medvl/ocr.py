@@ -159,6 +159,17 @@ def extract(image: Image.Image) -> dict[str, Any]:
             "latency_s": time.perf_counter() - started}
 
 
+def structured_result(image: Image.Image) -> dict[str, Any]:
+    """What /extract and the CLI return for a page read by the baseline (as
+    :func:`medvl.records.structured_result` for a model's answer): the record, its parse status
+    ``ocr``, the same plausibility flags, the OCR lines as the raw text, and the time taken."""
+    from medvl import flags
+
+    out = extract(image)
+    return {"structured": out["structured"], "parse_status": "ocr", "flags": flags.check(out["structured"]),
+            "disclaimer": flags.DISCLAIMER, "raw_text": "\n".join(out["lines"]), "latency_s": out["latency_s"]}
+
+
 def grounded_prompt(image: Image.Image, instruction: str) -> str:
     """The OCR-grounded prompt for a page (data.ocr_grounded_prompt): its OCR lines, then the
     instruction. One function for phase 5's training rows, phase 7 and the server."""
