@@ -11,8 +11,10 @@ gate fails there with ``--set data.ocr_grounded_prompt=true`` and any ``--ground
 finished DIR is reused as it is). The OCR text lengthens every prompt (tiny: 515 -> 710 tokens per training
 sample, p50; the suite's grounded prompts up to 673), so on tiny the evaluation's 400-token
 answers need ``--grounded-set decode.max_cache_len=2048``; phases 3-4 rerun there for it.
-Both runs' phase-7 results are then compared on the same scorer: base, fine-tuned, the trivial
-answer and OCR + rules, per subset, with training loss, prompt length and latency. Writes
+Both runs' phase-7 results are then compared on the same scorer: base, fine-tuned and the
+baselines per subset, each figure with its 95% interval, and the verdicts from the intervals of
+paired differences (grounded vs plain, grounded vs the most common answer and OCR + rules), with
+training loss, prompt length and latency. Writes
 WD/benchmarks/ocr_grounded_prompt.json; phase 9's report shows it. On tiny, about 25 minutes
 on a 2-core CPU (OCR of ~300 pages, training, evaluation).
 """
@@ -27,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medvl import scoring
 from medvl.gates import PHASES, check_phase
 from medvl.io import atomic_write_json, read_json
 from medvl.phase import PhaseError, log, run_tool
@@ -34,7 +37,6 @@ from medvl.settings import Settings, load_settings
 from medvl.workdir import REPO_ROOT, Workdir
 
 GROUNDED = "data.ocr_grounded_prompt=true"
-METRICS = ("term_recall", "value_recall", "precision", "f1", "accuracy")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,14 +75,13 @@ def grounded_run(settings: Settings, wd: Workdir, folder: Path, extra: list[str]
     return target
 
 
-def scores(evaluation: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per subset: base, fine-tuned, the trivial answer and OCR + rules on the five metrics."""
-    sources = {"base": evaluation["models"]["base"], "finetuned": evaluation["models"]["finetuned"],
-               "trivial": evaluation["trivial_baseline"], "ocr_rules": evaluation.get("ocr_baseline") or {}}
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for name, source in sources.items():
-        for subset, s in (source.get("scores") or {}).items():
-            out.setdefault(subset, {})[name] = {k: s[k] for k in METRICS}
+def scores(evaluation: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per subset: base, fine-tuned and the baselines' headline figures, each with its interval."""
+    named = {**evaluation["models"], **evaluation["baselines"]}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, source in named.items():
+        for subset, group in source["scores"]["subsets"].items():
+            out.setdefault(subset, {})[name] = scoring.headline(group)
     return out
 
 
@@ -95,46 +96,39 @@ def run_summary(wd: Workdir) -> dict[str, Any]:
             "tokens_per_training_sample_p50": data["length_check"]["tokens"]["p50"],
             "too_long_dropped": data["length_check"]["too_long"],
             "finetuned_latency_p50_s": evaluation["models"]["finetuned"]["latency_s"]["p50"],
-            "ocr_latency_p50_s": (evaluation.get("ocr_baseline") or {}).get("latency_s", {}).get("p50")}
+            "ocr_latency_p50_s": ((evaluation["baselines"].get("ocr_rules") or {}).get("latency_s") or {}).get("p50")}
 
 
-def verdict(grounded: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
-    """On the held-out test split: does the grounded fine-tuned model beat the trivial answer,
-    and the OCR baseline's recall?"""
-    test, before = grounded["scores"].get("test", {}), plain["scores"].get("test", {})
-    if "finetuned" not in test:
-        return {}
-    tuned, ocr = test["finetuned"], test.get("ocr_rules") or {}
-    return {"finetuned_accuracy": {"plain": before["finetuned"]["accuracy"], "grounded": tuned["accuracy"]},
-            "trivial_accuracy": test["trivial"]["accuracy"],
-            "beats_trivial": tuned["accuracy"] > test["trivial"]["accuracy"],
-            "finetuned_term_recall": {"plain": before["finetuned"]["term_recall"], "grounded": tuned["term_recall"]},
-            "ocr_term_recall": ocr.get("term_recall"),
-            "beats_ocr_term_recall": ocr.get("term_recall") is not None and tuned["term_recall"] > ocr["term_recall"],
-            "ocr_value_recall": ocr.get("value_recall"),
-            "beats_ocr_value_recall": ocr.get("value_recall") is not None
-            and tuned["value_recall"] > ocr["value_recall"]}
+def verdict(grounded: Workdir, plain: Workdir) -> dict[str, Any]:
+    """On the held-out test split, each from the 95% interval of a paired difference: grounded
+    against plain prompts (the same test cases in both runs), and the grounded fine-tuned model
+    against the most common answer and OCR + rules (from the grounded run's phase 7)."""
+    ev_grounded, ev_plain = (read_json(wd.bench("evaluation_finetuned")) for wd in (grounded, plain))
+    versus_plain = scoring.compare(ev_grounded["models"]["finetuned"]["scores"], ev_plain["models"]["finetuned"]["scores"])
+    comparisons = ev_grounded["comparisons"]
+    return {"grounded_vs_plain": versus_plain["subsets"].get("test", {}),
+            **{f"grounded_vs_{name}": comparisons[f"finetuned_vs_{name}"]["subsets"].get("test", {})
+               for name in ("most_common", "ocr_rules") if f"finetuned_vs_{name}" in comparisons}}
 
 
 def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> None:
     if settings.data.ocr_grounded_prompt:
         raise PhaseError("--workdir must hold the run with plain prompts (data.ocr_grounded_prompt off)")
     folder = Path(args.grounded_workdir) if args.grounded_workdir else wd.root / "experiments" / "ocr_grounded"
-    grounded = run_summary(grounded_run(settings, wd, folder.resolve(), args.grounded_set))
-    plain = run_summary(wd)
-    result = {**settings.record(PHASES[7].sections), "plain": plain, "grounded": grounded,
-              "verdict": verdict(grounded, plain),
+    grounded_wd = grounded_run(settings, wd, folder.resolve(), args.grounded_set)
+    result = {**settings.record(PHASES[7].sections), "plain": run_summary(wd), "grounded": run_summary(grounded_wd),
+              "verdict": verdict(grounded_wd, wd),
               "grounded_overrides": [GROUNDED, *args.grounded_set],
               "note": "scores compare (same cases, scorer and splits); latencies do not: each comes from its "
                       "own run's phase 7, and runs made at different times on a shared machine see other loads",
               "command": " ".join(["python bench/ocr_grounded_prompt.py --profile", settings.profile,
                                    *(f"--grounded-set {item}" for item in args.grounded_set)])}
     atomic_write_json(wd.bench("ocr_grounded_prompt"), result)
-    v = result["verdict"]
-    if v:
-        log.info("test split: fine-tuned accuracy plain %.3f -> grounded %.3f (trivial %.3f); term recall grounded "
-                 "%.3f vs OCR + rules %s", v["finetuned_accuracy"]["plain"], v["finetuned_accuracy"]["grounded"],
-                 v["trivial_accuracy"], v["finetuned_term_recall"]["grounded"], v["ocr_term_recall"])
+    for name, metrics in result["verdict"].items():
+        for metric, d in metrics.items():
+            log.info("test split, %s: %s %+.3f [%+.3f, %+.3f] -> %s", name, metric, d["difference"], *d["ci95"],
+                     d["verdict"])
+
 
 if __name__ == "__main__":
     run_tool("ocr_grounded_prompt", (7,), main, __doc__, add_arguments)

@@ -195,15 +195,17 @@ def _diagnosis_note(rng: random.Random, doc_id: str) -> MedicalDocument:
 
 
 def _radiology_report(rng: random.Random, doc_id: str) -> MedicalDocument:
-    modality, findings, impressions = rng.choice(RADIOLOGY)
+    """The record holds the exam (an imaging procedure) and the diagnosis the impression prints;
+    the indication is why the exam was asked for, not a diagnosis, so it stays out of it."""
+    modality, findings, impressions, diagnosis = rng.choice(RADIOLOGY)
     title, lines = _header(rng, "Radiology Report")
     chosen = rng.sample(findings, rng.randint(2, len(findings)))
-    dx = _conditions(rng, 1)
-    lines += [f"Exam: {modality}", f"Indication: {dx[0]}, evaluate.",
+    indication = _conditions(rng, 1)[0]
+    lines += [f"Exam: {modality}", f"Indication: {indication}, evaluate.",
               "Comparison: None available.", "", "Findings:"]
     lines += [f"- {sentence}" for _, sentence in chosen]
     lines += ["", "Impression:", *[f"{i}. {s}" for i, s in enumerate(impressions, 1)]]
-    return MedicalDocument(doc_id, "radiology_report", title, lines, diagnoses=dx,
+    return MedicalDocument(doc_id, "radiology_report", title, lines, diagnoses=[diagnosis],
                            procedures=[modality], findings=[term for term, _ in chosen])
 
 
@@ -236,12 +238,15 @@ def _discharge_summary(rng: random.Random, doc_id: str) -> MedicalDocument:
     dx = _conditions(rng, rng.randint(3, 4))
     meds = _medications(rng, rng.randint(3, 5))
     procs = rng.sample(PROCEDURES, rng.randint(1, 2))
-    labs = _labs(rng, 2)
+    # The course prints a lab's value, unit and flag but no reference range: the record holds
+    # the same (a range in the target would teach the model to state what the page does not).
+    labs = [{**lab, "reference_range": ""} for lab in _labs(rng, 2)]
     lines += [f"Admission diagnosis: {dx[0]}", "Discharge diagnoses:"]
     lines += [f"  {i}. {d}" for i, d in enumerate(dx, 1)]
     lines += ["", f"Procedures: {'; '.join(procs)}", "",
               "Hospital course: Treated and improved. "
-              + "; ".join(f"{lab['name']} {lab['value']} {lab['unit']}" for lab in labs) + ".",
+              + "; ".join(f"{lab['name']} {lab['value']} {lab['unit']}" + (f" ({lab['flag']})" if lab["flag"] else "")
+                          for lab in labs) + ".",
               "", "Discharge medications:"]
     lines += [f"- {_med_line(m)}" for m in meds]
     lines += ["", "Condition at discharge: stable. Follow up with PCP in 1 week."]

@@ -21,7 +21,8 @@ def _lab(name: str, value: str, unit: str, flag: str, ref: str) -> dict[str, str
 
 
 def evaluation_documents() -> list[MedicalDocument]:
-    """Five documents with their expected terms and values (in their structured fields)."""
+    """Five documents with their expected records: only what each page prints (a flag or a
+    reference range only where the page shows it)."""
     ed_note = MedicalDocument(
         "eval-ed-nstemi", "diagnosis_note", "Harbor View Hospital - ED Physician Note",
         ["Pt: R. Delgado   MRN 4402871   Age/Sex: 71 M   2026-03-14 02:10",
@@ -42,7 +43,7 @@ def evaluation_documents() -> list[MedicalDocument]:
                      _med("Metoprolol tartrate", "25 mg", "PO", "BID"),
                      _med("Nitroglycerin", "0.4 mg", "SL", "q5min PRN")],
         diagnoses=["NSTEMI", "DM2", "HTN", "COPD", "CKD 3b"],
-        lab_values=[_lab("Troponin I", "0.42", "ng/mL", "H", "0.00-0.04")],
+        lab_values=[_lab("Troponin I", "0.42", "ng/mL", "H", "")],
         vitals={"blood_pressure": "142/91 mmHg", "heart_rate": "104 bpm", "temperature": "37.2 C",
                 "respiratory_rate": "22 /min", "spo2": "94% on 2 L NC"},
     )
@@ -98,8 +99,8 @@ def evaluation_documents() -> list[MedicalDocument]:
                      _med("Acetaminophen", "650 mg", "PO", "q6h PRN")],
         diagnoses=["CHF", "AFib", "AKI", "CKD 3b", "UTI"],
         procedures=["Echocardiogram", "Thoracentesis"],
-        lab_values=[_lab("Creatinine", "1.9", "mg/dL", "H", "0.60-1.20"),
-                    _lab("Potassium", "3.3", "mmol/L", "L", "3.5-5.1")],
+        # the course prints values and units, no flag or range: the record holds no more
+        lab_values=[_lab("Creatinine", "1.9", "mg/dL", "", ""), _lab("Potassium", "3.3", "mmol/L", "", "")],
     )
     scan = MedicalDocument(
         "eval-scan-progress", "diagnosis_note", "Valley Family Practice - Progress Note (scanned)",
@@ -115,8 +116,8 @@ def evaluation_documents() -> list[MedicalDocument]:
          "   Stress test ordered. RTC 4 wks."],
         medications=[_med("Metformin", "1000 mg", "PO", "BID"), _med("Lisinopril", "20 mg", "PO", "QD"),
                      _med("Atorvastatin", "40 mg", "PO", "QHS"), _med("Gabapentin", "300 mg", "PO", "TID")],
-        diagnoses=["DM2", "HTN", "HLD", "CAD"],
-        lab_values=[_lab("Glucose", "184", "mg/dL", "H", "70-99"), _lab("LDL cholesterol", "162", "mg/dL", "H", "0-99")],
+        diagnoses=["DM2", "HTN", "HLD"],  # "r/o CAD" is a diagnosis to rule out, not one made
+        lab_values=[_lab("Glucose", "184", "mg/dL", "H", ""), _lab("LDL cholesterol", "162", "mg/dL", "H", "")],
         vitals={"blood_pressure": "158/96 mmHg", "heart_rate": "88 bpm", "spo2": "97% on RA"},
         noise=1.0,
     )

@@ -14,7 +14,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,53 +22,52 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from medvl import benchmark, lexicon, scoring
-from medvl.documents import generate_document, save_document
+from medvl import benchmark, scoring
+from medvl.documents import save_document
 from medvl.evalsuite import evaluation_documents
-from medvl.io import atomic_dir
+from medvl.io import atomic_dir, atomic_write_bytes
 from medvl.prompts import EXTRACTION_PROMPT, OCR_HEADER, ocr_grounded
-from medvl.records import RECORD_FORMAT, is_valid_record, structured_result
+from medvl.records import RECORD_FORMAT, empty_structured, is_valid_record, structured_result
+from medvl.scoring import Case
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Case:
-    case_id: str
-    subset: str  # "suite" (hand-written) or "test" (phase-5 test split)
-    image_path: Path
-    prompt: str
-    expected: scoring.Expected
-    record: bool  # the answer is an extraction record: decoded under its schema; else free text
-    reference: str = ""  # the reference answer a free-text answer is scored against (ROUGE-L)
-
-
-def suite_cases(folder: Path) -> list[Case]:
+def suite_cases(folder: Path, root: Path) -> list[Case]:
     """Render the hand-written suite to PNG (with ground truth JSON) and wrap it as cases."""
     cases = []
     for doc in evaluation_documents():
         image, _ = save_document(doc, folder)
-        cases.append(Case(doc.doc_id, "suite", image, EXTRACTION_PROMPT, scoring.Expected.from_document(doc), True))
+        cases.append(Case(doc.doc_id, "suite", "suite", str(image.relative_to(root)), EXTRACTION_PROMPT,
+                          doc.structured()))
     return cases
 
 
-def test_split_cases(formatted: Path, limit: int) -> list[Case]:
-    """Phase-5 test rows: synthetic ones scored against their regenerated record."""
+def test_split_cases(formatted: Path, root: Path, limit: int) -> list[Case]:
+    """Phase-5 test rows: a synthetic row's reference is the record it was trained to answer
+    (the page's own record, written by phase 5), a hub row's its reference text."""
     rows = json.loads((formatted / "test.json").read_text())
     if limit:
         rows = rows[:limit]
     cases = []
     for row in rows:
         prompt = row["messages"][0]["content"][1]["text"]
-        reference = row["messages"][1]["content"][0]["text"]
-        match = re.fullmatch(r"syn-(\w+)-(\d+)", row["id"])
-        if row["source"] == "synthetic" and match:
-            expected = scoring.Expected.from_document(_regenerated(row["id"], int(match.group(2)), reference))
-        else:
-            expected = scoring.Expected.from_reference(reference)
-        cases.append(Case(row["id"], "test", formatted / row["image"], prompt, expected, row["source"] == "synthetic",
-                          reference))
+        answer = row["messages"][1]["content"][0]["text"]
+        reference = json.loads(answer) if row["source"] == "synthetic" else answer
+        cases.append(Case(row["id"], "test", row["source"], str((formatted / row["image"]).relative_to(root)),
+                          prompt, reference))
     return cases
+
+
+def write_cases(path: Path, cases: list[Case]) -> None:
+    """``benchmarks/eval_cases.jsonl``: what ``medvl-score`` scores any model's answers against."""
+    atomic_write_bytes(path, "".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in cases).encode())
+
+
+def write_answers(path: Path, answers: dict[str, str]) -> None:
+    """A model's answers as ``medvl-score`` reads them: ``{"case_id", "answer"}`` per line."""
+    atomic_write_bytes(path, "".join(json.dumps({"case_id": k, "answer": v}, ensure_ascii=False) + "\n"
+                                     for k, v in answers.items()).encode())
 
 
 class MergeError(RuntimeError):
@@ -131,40 +130,26 @@ def merge_lora_in_place(model: Any) -> tuple[int, int]:
     return changed, targeted
 
 
-def _regenerated(sample_id: str, seed: int, reference: str) -> Any:
-    """The synthetic document a test row was made from, checked against the row's answer.
-
-    It must be drawn exactly as phase 5 drew it (the kind from the seed too: naming the kind
-    skips that draw and yields another document, which is how test rows were once scored
-    against the wrong ground truth)."""
-    doc = generate_document(seed, prefix="syn")
-    if doc.doc_id != sample_id or doc.target_answer() != reference:
-        raise ValueError(f"test row {sample_id} does not match its regenerated document {doc.doc_id}: "
-                         "the generator changed since phase 5 ran; rerun phase 5")
-    return doc
-
-
-def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases: list[Case],
+def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases: list[Case], root: Path,
                    max_new_tokens: int, decode: Any) -> dict[str, Any]:
-    """Generate an answer per case (through the serving engine, per ``decode``), score it,
-    and time it with the shared harness."""
+    """Generate an answer per case (through the serving engine, per ``decode``), time it with
+    the shared harness, and score the answers with :func:`medvl.scoring.score_answers` (the
+    function ``medvl-score`` runs)."""
     model, load = benchmark.timed_load(loader)
-    first = benchmark.BenchSample(cases[0].case_id, cases[0].image_path, cases[0].prompt)
+    first = benchmark.BenchSample(cases[0].case_id, root / cases[0].image, cases[0].prompt)
     engine, warm_up_s = benchmark.make_engine(model, processor, decode, first)
     rows = []
-    images: dict[Path, Image.Image] = {}
+    images: dict[str, Image.Image] = {}
     for case in tqdm(cases, desc=f"evaluate {label}", unit="case"):
-        if case.image_path not in images:
-            images[case.image_path] = Image.open(case.image_path).convert("RGB")
-        out = benchmark.generate_timed(engine, images[case.image_path], case.prompt, max_new_tokens,
+        if case.image not in images:
+            images[case.image] = Image.open(root / case.image).convert("RGB")
+        out = benchmark.generate_timed(engine, images[case.image], case.prompt, max_new_tokens,
                                        RECORD_FORMAT if case.record else None)
-        result = scoring.score(out["response"], case.expected)
         extracted = structured_result(out["response"])
-        rows.append({"case_id": case.case_id, "subset": case.subset, "prompt": case.prompt, "record": case.record,
+        rows.append({"case_id": case.case_id, "subset": case.subset, "source": case.source, "record": case.record,
                      "response": out["response"], "generated_tokens": out["generated_tokens"],
                      "finish_reason": out["finish_reason"], "closed_early": out["closed_early"],
-                     "latency_s": out["latency_s"], "ttft_s": out["ttft_s"], **result.to_dict(),
-                     "rouge_l": None if case.record else scoring.rouge_l(out["response"], case.reference),
+                     "latency_s": out["latency_s"], "ttft_s": out["ttft_s"],
                      "parse_status": extracted["parse_status"], "flags": extracted["flags"]})
     peak = benchmark.peak_memory_mb()
     benchmark.unload(model)
@@ -177,25 +162,21 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
         "cases": rows,
         "latency_s": benchmark.summarize([r["latency_s"] for r in rows]),
         "ttft_s": benchmark.summarize([r["ttft_s"] for r in rows]),
-        "scores": scores_by_subset(rows),
+        "scores": scoring.score_answers(cases, answers_of(rows)),
         "flagged_items": flagged_items(rows),
         "decoding": decoding_outcomes(rows),
-        "free_text": free_text_scores(rows),
     }
 
 
-def free_text_scores(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """ROUGE-L of the free-text answers (captions, question answers) per subset: their terms
-    and values are scored with the rest, but a caption's quality is its overlap with the reference."""
-    free = [r for r in rows if r["rouge_l"] is not None]
-    by_subset = {subset: [r["rouge_l"] for r in free if r["subset"] == subset] for subset in sorted({r["subset"] for r in free})}
-    return {"answers": len(free),
-            "rouge_l": {subset: {"mean": sum(v) / len(v), "n": len(v)} for subset, v in by_subset.items()}}
+def answers_of(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """case_id -> the answer a model (or baseline) gave."""
+    return {r["case_id"]: r["response"] for r in rows}
 
 
-def evaluate_ocr(cases: list[Case]) -> dict[str, Any]:
+def evaluate_ocr(cases: list[Case], root: Path) -> dict[str, Any]:
     """The classical baseline on the same cases and scorer: OCR plus rules (:mod:`medvl.ocr`),
-    with its latency and the memory its engine takes."""
+    with its latency and the memory its engine takes. A record case is answered with the
+    rules' record, a free-text case with the OCR text."""
     from medvl import ocr
 
     before = benchmark.memory_now()
@@ -204,27 +185,24 @@ def evaluate_ocr(cases: list[Case]) -> dict[str, Any]:
     load = {"load_time_s": time.perf_counter() - started, "before_load": before, "after_load": benchmark.memory_now()}
     rows = []
     for case in tqdm(cases, desc="evaluate ocr", unit="case"):
-        with Image.open(case.image_path) as image:
+        with Image.open(root / case.image) as image:
             out = ocr.extract(image)
-        rows.append({"case_id": case.case_id, "subset": case.subset, "record": case.record,
-                     "response": out["response"], "ocr_lines": out["lines"], "latency_s": out["latency_s"],
-                     "ocr_s": out["ocr_s"],
-                     **scoring.score(out["response"], case.expected).to_dict(),
-                     "rouge_l": None if case.record else scoring.rouge_l(" ".join(out["lines"]), case.reference)})
+        rows.append({"case_id": case.case_id, "subset": case.subset, "source": case.source, "record": case.record,
+                     "response": out["response"] if case.record else " ".join(out["lines"]),
+                     "ocr_lines": out["lines"], "latency_s": out["latency_s"], "ocr_s": out["ocr_s"]})
     return {"label": "ocr", "engine": ocr.describe(), "load": load,
             "memory_mb": benchmark.headline_memory_mb(load["after_load"]) - benchmark.headline_memory_mb(before),
             "memory_kind": benchmark.memory_kind(), "cases": rows,
             "latency_s": benchmark.summarize([r["latency_s"] for r in rows]),
-            "scores": scores_by_subset(rows),
-            "free_text": free_text_scores(rows)}
+            "scores": scoring.score_answers(cases, answers_of(rows))}
 
 
 def ocr_grounded_cases(cases: list[Case], ocr_baseline: dict[str, Any]) -> list[Case]:
     """The cases with OCR-grounded prompts (data.ocr_grounded_prompt), from the lines the OCR
     baseline read: suite cases get them here, test rows already have them from phase 5."""
-    lines = {(row["subset"], row["case_id"]): row["ocr_lines"] for row in ocr_baseline["cases"]}
+    lines = {row["case_id"]: row["ocr_lines"] for row in ocr_baseline["cases"]}
     return [case if case.prompt.startswith(OCR_HEADER)
-            else replace(case, prompt=ocr_grounded(case.prompt, lines[case.subset, case.case_id]))
+            else replace(case, prompt=ocr_grounded(case.prompt, lines[case.case_id]))
             for case in cases]
 
 
@@ -256,52 +234,57 @@ def flagged_items(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "examples": examples, "parse_status": dict(Counter(r["parse_status"] for r in rows))}
 
 
-def scores_by_subset(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {subset: aggregate_rows([r for r in rows if r["subset"] == subset])
-            for subset in sorted({r["subset"] for r in rows})}
+# --------------------------------------------------------------------------- baselines
 
 
-def aggregate_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("term_recall", "value_recall", "accuracy", "precision", "f1", "missed", "hallucinated",
-            "category_recall")
-    return scoring.aggregate([scoring.Score(**{k: r[k] for k in keys}) for r in rows])
+def empty_record_answers(cases: list[Case]) -> dict[str, str]:
+    """The floor: the record with every key and nothing in it; an empty free-text answer."""
+    empty = json.dumps(empty_structured())
+    return {c.case_id: empty if c.record else "" for c in cases}
 
 
-def most_common_answer(train_rows: list[dict[str, Any]], top: int = 12) -> str:
-    """The trivial baseline: always answer the terms and values most frequent in training."""
-    counts: Counter = Counter()
+def most_common_answers(train_rows: list[dict[str, Any]], cases: list[Case]) -> dict[str, str]:
+    """The memorising baseline: every record case answered with one record of the training
+    answers' most frequent items (as many of each type as a median training record has), every
+    free-text case with the training answers' most frequent words. A model that does not beat
+    it has learnt the distribution, not to read."""
+    records, texts = [], []
     for row in train_rows:
         answer = row["messages"][1]["content"][0]["text"]
-        norm = scoring.normalize(answer)
-        counts.update(w for w in lexicon.terms() if scoring.contains(norm, w))
-        counts.update(re.findall(r"\b\d+(?:\.\d+)? (?:mg|mcg|units|g)\b", norm))
-        counts.update(re.findall(r"\b(?:BID|TID|QD|QHS|PRN|q\d+h)\b", answer))
-    return " ".join(item for item, _ in counts.most_common(top))
+        (records if row["source"] == "synthetic" else texts).append(answer)
+    return {c.case_id: (_most_common_record([json.loads(a) for a in records]) if c.record
+                        else _most_common_text(texts)) for c in cases}
 
 
-def score_fixed_answer(answer: str, cases: list[Case]) -> dict[str, Any]:
-    results = [scoring.score(answer, case.expected) for case in cases]
-    by_subset: dict[str, list[scoring.Score]] = {}
-    for case, result in zip(cases, results, strict=True):
-        by_subset.setdefault(case.subset, []).append(result)
-    rows = [{"subset": case.subset, "rouge_l": None if case.record else scoring.rouge_l(answer, case.reference)}
-            for case in cases]
-    return {"answer": answer, "scores": {s: scoring.aggregate(v) for s, v in sorted(by_subset.items())},
-            "free_text": free_text_scores(rows)}
+def _most_common_record(records: list[dict[str, Any]]) -> str:
+    out = empty_structured()
+    middle = len(records) // 2
+    for key in ("medications", "diagnoses", "procedures", "lab_values"):
+        counts = Counter(json.dumps(item, sort_keys=True) for r in records for item in r[key])
+        typical = sorted(len(r[key]) for r in records)[middle] if records else 0
+        out[key] = [json.loads(item) for item, _ in counts.most_common(typical)]
+    typical = sorted(len(r["vitals"]) for r in records)[middle] if records else 0
+    for name, _ in Counter(k for r in records for k in r["vitals"]).most_common(typical):
+        out["vitals"][name] = Counter(r["vitals"][name] for r in records if name in r["vitals"]).most_common(1)[0][0]
+    return json.dumps(out)
+
+
+def _most_common_text(texts: list[str], words: int = 30) -> str:
+    counts = Counter(w for t in texts for w in re.findall(r"[\w'-]+", t.lower()))
+    return " ".join(w for w, _ in counts.most_common(words))
+
+
+def score_baseline(name: str, answers: dict[str, str], cases: list[Case]) -> dict[str, Any]:
+    """A fixed-answer baseline scored like a model; its answers kept for the record."""
+    return {"label": name, "answers": sorted(set(answers.values()), key=len)[:3],
+            "scores": scoring.score_answers(cases, answers)}
 
 
 def score_standard_bench(record: dict[str, Any], truth_folder: Path) -> dict[str, Any]:
-    """Accuracy of a phase-3/4/7 harness record on the five standard documents."""
-    results = []
+    """Extraction scores of a phase-3/4/7 harness record on the five standard documents."""
+    cases = []
     for row in record.get("samples", []):
         truth = json.loads((truth_folder / f"{row['doc_id']}.json").read_text())
-        doc = truth["document"]
-        expected = scoring.Expected.from_document(_document_from_dict(doc))
-        results.append(scoring.score(row["response"], expected))
-    return scoring.aggregate(results)
-
-
-def _document_from_dict(data: dict[str, Any]):
-    from medvl.documents import MedicalDocument
-
-    return MedicalDocument(**data)
+        cases.append(Case(row["doc_id"], "standard", "synthetic", f"{row['doc_id']}.png", "", truth["structured"]))
+    answers = {row["doc_id"]: row["response"] for row in record.get("samples", [])}
+    return scoring.score_answers(cases, answers)["subsets"]["standard"]["extraction"]

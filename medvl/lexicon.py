@@ -90,34 +90,36 @@ LABS: list[tuple[str, str, float, float, int]] = [
     ("Magnesium", "mg/dL", 1.7, 2.2, 1),
 ]
 
-# modality, findings (term, sentence), impressions
-RADIOLOGY: list[tuple[str, list[tuple[str, str]], list[str]]] = [
+# modality, findings (term, sentence), impressions, and the diagnosis the impression prints (word
+# for word: a radiology report's record lists what the radiologist concluded, not the indication
+# that asked for the exam).
+RADIOLOGY: list[tuple[str, list[tuple[str, str]], list[str], str]] = [
     ("Chest X-ray PA and lateral", [
         ("consolidation", "Right lower lobe consolidation with air bronchograms."),
         ("pleural effusion", "Small left pleural effusion blunting the costophrenic angle."),
         ("cardiomegaly", "Mild cardiomegaly with cardiothoracic ratio 0.56."),
         ("pneumothorax", "No pneumothorax."),
         ("pulmonary edema", "Interstitial pulmonary edema with Kerley B lines."),
-    ], ["Findings consistent with pneumonia.", "Recommend follow-up imaging in 6 weeks."]),
+    ], ["Findings consistent with pneumonia.", "Recommend follow-up imaging in 6 weeks."], "pneumonia"),
     ("CT abdomen and pelvis with contrast", [
         ("cholelithiasis", "Cholelithiasis without CT evidence of cholecystitis."),
         ("hepatic steatosis", "Diffuse hepatic steatosis."),
         ("appendicitis", "Dilated appendix measuring 11 mm with periappendiceal fat stranding."),
         ("renal cyst", "Simple 2.1 cm left renal cyst (Bosniak I)."),
         ("free fluid", "No free fluid or free air."),
-    ], ["Acute appendicitis without perforation.", "Incidental Bosniak I renal cyst."]),
+    ], ["Acute appendicitis without perforation.", "Incidental Bosniak I renal cyst."], "Acute appendicitis"),
     ("CT chest pulmonary angiogram", [
         ("pulmonary embolism", "Filling defect in the right lower lobe segmental artery."),
         ("nodule", "4 mm solid nodule in the right upper lobe."),
         ("emphysema", "Centrilobular emphysema, upper lobe predominant."),
         ("lymphadenopathy", "No mediastinal lymphadenopathy."),
-    ], ["Segmental pulmonary embolism on the right.", "Fleischner follow-up for the nodule."]),
+    ], ["Segmental pulmonary embolism on the right.", "Fleischner follow-up for the nodule."], "pulmonary embolism"),
     ("MRI brain without contrast", [
         ("infarct", "Acute infarct in the left MCA territory on DWI."),
         ("white matter hyperintensities", "Scattered periventricular white matter hyperintensities."),
         ("mass effect", "No mass effect or midline shift."),
         ("hemorrhage", "No intracranial hemorrhage."),
-    ], ["Acute left MCA infarct.", "Chronic small vessel ischemic change."]),
+    ], ["Acute left MCA infarct.", "Chronic small vessel ischemic change."], "Acute left MCA infarct"),
 ]
 
 PROCEDURES = [
@@ -140,6 +142,6 @@ def terms() -> tuple[str, ...]:
     words = {name for name, *_ in DRUGS} | set(SUITE_ONLY_DRUGS) | {lab[0] for lab in LABS} | set(PROCEDURES)
     for full, abbr in CONDITIONS:
         words |= {full} | ({abbr} if abbr else set())
-    for _, findings, _ in RADIOLOGY:
-        words |= {term for term, _ in findings}
+    for _, findings, _, diagnosis in RADIOLOGY:
+        words |= {term for term, _ in findings} | {diagnosis}
     return tuple(sorted(words, key=len, reverse=True))

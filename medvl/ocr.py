@@ -127,9 +127,9 @@ def record_from_lines(lines: list[str]) -> dict[str, Any]:
         found = next((w for w in (full, abbr) if w and _written(w, text, exact_case=w == abbr)), None)
         if found:
             out["diagnoses"].append(found)
-    for modality, findings, _ in RADIOLOGY:  # a report's exam is its procedure, its findings are diagnoses
+    for modality, _, _, diagnosis in RADIOLOGY:  # a report's exam is its procedure, its impression a diagnosis
         out["procedures"] += [modality] if _written(modality, text) else []
-        out["diagnoses"] += [term for term, _ in findings if _written(term, text)]
+        out["diagnoses"] += [diagnosis] if _written(diagnosis, text) else []
     out["procedures"] += [p for p in PROCEDURES if _written(p, text)]
     return out
 

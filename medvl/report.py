@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from medvl.benchmark import headline_memory_mb  # noqa: E402
 from medvl.environment import hardware_label  # noqa: E402
 from medvl.gates import benchmark_outputs  # noqa: E402
+from medvl.scoring import headline  # noqa: E402
 from medvl.workdir import REPO_ROOT  # noqa: E402
 
 # What the report reads: every benchmark JSON of phases 1-8, and the runs of the tools in
@@ -58,7 +59,7 @@ def stage_table(b: dict[str, Any]) -> list[dict[str, Any]]:
         "quantized_int4": (b.get("quantization_info") or {}).get("size_on_disk_bytes", {}).get("quantized"),
         "finetuned_standard_bench": (b.get("evaluation_finetuned") or {}).get("merge", {}).get("served_size_bytes"),
     }
-    accuracy = (b.get("evaluation_finetuned") or {}).get("standard_bench_accuracy", {})
+    standard_f1 = (b.get("evaluation_finetuned") or {}).get("standard_bench_f1", {})
     acc_key = {"baseline_fp16": "baseline", "quantized_int4": "int4", "finetuned_standard_bench": "finetuned"}
     rows = []
     for label, key in STAGES:
@@ -78,7 +79,7 @@ def stage_table(b: dict[str, Any]) -> list[dict[str, Any]]:
             "ttft_s": _round(agg["ttft_s"]["avg"]),
             "tokens_per_s": _round(agg["tokens_per_s"]["avg"], 1),
             "size_gb": _round(sizes[key] / 1e9, 3) if sizes.get(key) else None,
-            "accuracy": _round(accuracy.get(acc_key[key])),
+            "f1": _round(standard_f1.get(acc_key[key])),
         })
     return rows
 
@@ -90,17 +91,6 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
     ev = b.get("evaluation_finetuned") or {}
     api = b.get("api_validation") or {}
     profile = next((r.get("profile") for r in b.values() if isinstance(r, dict) and r.get("profile")), None)
-    evaluation = {}
-    for name in ("base", "finetuned"):
-        for subset, s in (ev.get("models", {}).get(name, {}).get("scores") or {}).items():
-            evaluation.setdefault(subset, {})[name] = {k: _round(s.get(k)) for k in
-                                                      ("term_recall", "value_recall", "accuracy", "precision", "f1")}
-            evaluation[subset][name]["category_recall"] = {c: _round(v) for c, v in (s.get("category_recall") or {}).items()}
-            evaluation[subset][name]["most_missed"] = s.get("most_missed", {})
-    for key, name in (("trivial_baseline", "trivial_most_common_terms"), ("ocr_baseline", "ocr_rules")):
-        for subset, s in ((ev.get(key) or {}).get("scores") or {}).items():
-            evaluation.setdefault(subset, {})[name] = {
-                k: _round(s.get(k)) for k in ("term_recall", "value_recall", "accuracy", "precision", "f1")}
     return {
         "pipeline": "Qwen2.5-VL-7B-Instruct -> 4-bit quantization -> QLoRA fine-tuning for medical documents "
                     "-> evaluation -> API",
@@ -127,16 +117,7 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
                         | {"logits_vs_full_precision": {name: _round(rec.get("relative_l2_mean")) for name, rec in
                                                         (quant.get("logits_vs_full_precision") or {}).items()
                                                         if "relative_l2_mean" in rec}} if quant else None,
-        "evaluation": evaluation or None,
-        "evaluated_form": ev.get("served_form_description"),
-        "free_text_rouge_l": {name: (m.get("free_text") or {}).get("rouge_l") for name, m in
-                              [*(ev.get("models") or {}).items(), ("trivial_most_common_terms", ev.get("trivial_baseline") or {}),
-                               ("ocr_rules", ev.get("ocr_baseline") or {})]}
-                             if ev else None,
-        "ocr_baseline": ({"engine": ev["ocr_baseline"].get("engine"), "error": ev["ocr_baseline"].get("error"),
-                          "latency_p50_s": _round((ev["ocr_baseline"].get("latency_s") or {}).get("p50")),
-                          "memory_mb": _round(ev["ocr_baseline"].get("memory_mb"), 1)}
-                         if ev.get("ocr_baseline") else None),
+        "evaluation": evaluation_section(ev) if ev.get("models") else None,
         "flagged_items": (ev.get("models", {}).get("finetuned") or {}).get("flagged_items"),
         "decoding": (ev.get("models", {}).get("finetuned") or {}).get("decoding"),
         "api_validation": {"all_ok": api.get("all_ok"),
@@ -148,16 +129,36 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
     }
 
 
+def evaluation_section(ev: dict[str, Any]) -> dict[str, Any]:
+    """Phase 7's figures as the report shows them: per subset and per source, every model and
+    baseline's headline figures with their 95% intervals, and the verdicts of the paired
+    differences (fine-tuned vs base, vs each baseline, vs its own full-precision form)."""
+    named = {**ev["models"], **ev.get("baselines", {})}
+    groups = {key: {group: {name: {"cases": m["scores"][key][group]["cases"], **headline(m["scores"][key][group])}
+                            for name, m in named.items()}
+                    for group in ev["models"]["finetuned"]["scores"][key]}
+              for key in ("subsets", "sources")}
+    tuned_test = ev["models"]["finetuned"]["scores"]["subsets"].get("test", {}).get("extraction", {})
+    ocr = ev.get("baselines", {}).get("ocr_rules") or {}
+    return {"served_form": ev.get("served_form_description"), **groups,
+            "comparisons": ev.get("comparisons", {}),
+            "finetuned_test_fields": tuned_test.get("fields"), "finetuned_test_by_type": tuned_test.get("by_type"),
+            "ocr_rules": {"engine": ocr.get("engine"), "error": ev.get("ocr_error"),
+                          "latency_p50_s": _round((ocr.get("latency_s") or {}).get("p50")),
+                          "memory_mb": _round(ocr.get("memory_mb"), 1)}}
+
+
 def ocr_grounded_experiment(run: dict[str, Any] | None, profile: str | None) -> dict[str, Any] | None:
     """The OCR-grounded prompt experiment: this run's (bench/ocr_grounded_prompt.py), else the
-    committed measurement for the same profile, saying which it is."""
+    committed measurement for the same profile, saying which it is. A committed measurement
+    from the scorer before records were scored field by field is not quoted."""
     source = "this run"
     if run is None:
         try:
             run = json.loads(COMMITTED_OCR_GROUNDED.read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        if run.get("profile") != profile:
+        if run.get("profile") != profile or "grounded_vs_plain" not in (run.get("verdict") or {}):
             return None
         source = f"{COMMITTED_OCR_GROUNDED.relative_to(REPO_ROOT)} (committed; measured by `{run['command']}`)"
     return {"source": source, "verdict": run.get("verdict"),
@@ -167,35 +168,42 @@ def ocr_grounded_experiment(run: dict[str, Any] | None, profile: str | None) -> 
             "ocr_latency_p50_s": run["grounded"].get("ocr_latency_p50_s")}
 
 
+def _with_ci(figure: dict[str, Any] | None) -> str:
+    if not figure:
+        return "-"
+    return f"{_cell(figure['value'])} [{_cell(figure['ci95'][0])}, {_cell(figure['ci95'][1])}]"
+
+
+def _difference(d: dict[str, Any]) -> str:
+    return f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]: {d['verdict']}"
+
+
 def ocr_grounded_markdown(experiment: dict[str, Any]) -> list[str]:
-    """The experiment's table (test and suite, plain and grounded) and its verdict in words."""
+    """The experiment's table (each subset, plain and grounded) and its verdicts from intervals."""
     parts = ["## OCR-grounded prompt (experiment)", "",
              f"Source: {experiment['source']}. The same pipeline trained and evaluated twice: prompts as "
              "the page alone (plain), and with the page's OCR text before the instruction "
-             "(`data.ocr_grounded_prompt=true`).", "",
-             "| set | model | prompts | term recall | value recall | precision | F1 | accuracy |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(`data.ocr_grounded_prompt=true`). Figures with 95% bootstrap intervals.", "",
+             "| set | model | prompts | precision | recall | F1 | ROUGE-L |", "|---|---|---|---|---|---|---|"]
     for subset in experiment["scores"]["grounded"]:
         for mode in ("plain", "grounded"):
             for name, s in experiment["scores"][mode].get(subset, {}).items():
-                if mode == "plain" and name in ("trivial", "ocr_rules"):
+                if mode == "plain" and name not in ("base", "finetuned"):
                     continue  # the baselines do not read the prompt: one row each
                 prompts = mode if name in ("base", "finetuned") else "-"
                 parts.append(f"| {subset} | {name} | {prompts} | "
-                             + " | ".join(_cell(s.get(k)) for k in ("term_recall", "value_recall", "precision",
-                                                                     "f1", "accuracy")) + " |")
-    v = experiment.get("verdict") or {}
-    if v:
-        parts += ["", f"On the held-out test split the grounded fine-tuned model "
-                      f"{'beats' if v['beats_trivial'] else 'does not beat'} the trivial answer (accuracy "
-                      f"{_cell(v['finetuned_accuracy']['grounded'])} against {_cell(v['trivial_accuracy'])}; "
-                      f"plain prompts: {_cell(v['finetuned_accuracy']['plain'])}), and "
-                      f"{'beats' if v['beats_ocr_term_recall'] else 'does not beat'} the OCR baseline's term recall "
-                      f"({_cell(v['finetuned_term_recall']['grounded'])} against {_cell(v['ocr_term_recall'])}). "
-                      f"Prompt tokens per training sample (p50): {_cell(experiment['tokens_per_training_sample_p50']['plain'])}"
-                      f" plain, {_cell(experiment['tokens_per_training_sample_p50']['grounded'])} grounded; a "
-                      f"grounded answer also waits for OCR (the OCR baseline's p50 in the grounded run: "
-                      f"{_cell(experiment['ocr_latency_p50_s'])} s per page)."]
+                             + " | ".join(_with_ci(s.get(k)) for k in ("precision", "recall", "f1", "rouge_l")) + " |")
+    labels = {"grounded_vs_plain": "grounded vs plain prompts (fine-tuned)",
+              "grounded_vs_most_common": "grounded fine-tuned vs the most common answer",
+              "grounded_vs_ocr_rules": "grounded fine-tuned vs OCR + rules"}
+    verdicts = [f"{labels.get(name, name)}, {metric}: {_difference(d)}"
+                for name, metrics in (experiment.get("verdict") or {}).items() for metric, d in metrics.items()]
+    if verdicts:
+        parts += ["", "On the held-out test split (paired bootstrap of the difference): " + "; ".join(verdicts) + ".",
+                  "", f"Prompt tokens per training sample (p50): "
+                      f"{_cell(experiment['tokens_per_training_sample_p50']['plain'])} plain, "
+                      f"{_cell(experiment['tokens_per_training_sample_p50']['grounded'])} grounded; a grounded answer "
+                      f"also waits for OCR ({_cell(experiment['ocr_latency_p50_s'])} s per page, p50)."]
     return [*parts, ""]
 
 
@@ -232,26 +240,7 @@ def findings(report: dict[str, Any]) -> list[str]:
         out.append(f"QLoRA trained {train['trainable_params']:,} parameters ({train['trainable_pct']:.2f}% of "
                    f"{train['total_params']:,}); training loss fell from {train['initial_loss']:.3f} to "
                    f"{train['final_loss']:.3f} in {train['global_step']} steps.")
-    for subset, models in (report.get("evaluation") or {}).items():
-        b_acc = (models.get("base") or {}).get("accuracy")
-        t_acc = (models.get("finetuned") or {}).get("accuracy")
-        trivial = (models.get("trivial_most_common_terms") or {}).get("accuracy")
-        if b_acc is not None and t_acc is not None:
-            verdict = "above" if t_acc > b_acc else ("equal to" if t_acc == b_acc else "below")
-            text = (f"On the {subset} set, fine-tuned extraction accuracy is {t_acc:.3f}, {verdict} the base "
-                    f"model's {b_acc:.3f}")
-            if trivial is not None:
-                text += (f"; a fixed answer of the most common training terms scores {trivial:.3f}"
-                         + (" (higher: the model has not learned to read these documents)" if trivial >= t_acc else ""))
-            out.append(text + ".")
-        ocr = models.get("ocr_rules") or {}
-        if t_acc is not None and ocr.get("accuracy") is not None:
-            beats = t_acc > ocr["accuracy"]
-            out.append(f"Against OCR + rules on the {subset} set (term recall {ocr['term_recall']:.3f}, value recall "
-                       f"{ocr['value_recall']:.3f}, precision {ocr['precision']:.3f}, accuracy {ocr['accuracy']:.3f}), "
-                       f"the fine-tuned model (accuracy {t_acc:.3f}) "
-                       + ("does better." if beats else "does not beat the classical pipeline: there is no case for "
-                          "deploying it over OCR on these documents yet."))
+    out += evaluation_findings(report.get("evaluation") or {}, ("finetuned_vs_base",))
     api = report.get("api_validation")
     if api and api.get("endpoints"):
         ok = sum(1 for e in api["endpoints"].values() if e["ok"])
@@ -259,6 +248,30 @@ def findings(report: dict[str, Any]) -> list[str]:
     if report.get("quality_meaningful") is False:
         out.append("Quality figures come from a model with random weights (profile "
                    f"{report.get('profile')}): they test the plumbing, not medical skill.")
+    return out
+
+
+_VERSUS = {"finetuned_vs_base": "the base model", "finetuned_vs_most_common": "the most common training answer",
+           "finetuned_vs_ocr_rules": "OCR + rules",
+           "finetuned_vs_finetuned_bf16": "its own full-precision form (what 4 bits cost)"}
+_METRIC_WORDS = {"extraction_f1": "extraction F1", "rouge_l": "free-text ROUGE-L"}
+
+
+def evaluation_findings(evaluation: dict[str, Any], comparisons: tuple[str, ...] = tuple(_VERSUS)) -> list[str]:
+    """One sentence per source and comparison, its verdict read from the 95% interval of the
+    paired difference (never from the point estimates alone)."""
+    out = []
+    for name in comparisons:
+        versus = _VERSUS[name]
+        for source, metrics in ((evaluation.get("comparisons") or {}).get(name, {}).get("sources") or {}).items():
+            for metric, d in metrics.items():
+                tuned = (evaluation["sources"][source].get("finetuned") or {}).get(
+                    "f1" if metric == "extraction_f1" else "rouge_l")
+                words = {"better": "better than", "worse": "worse than",
+                         "no significant difference": "not significantly different from"}[d["verdict"]]
+                out.append(f"On {source} ({evaluation['sources'][source]['finetuned']['cases']} cases) the fine-tuned "
+                           f"model's {_METRIC_WORDS[metric]} ({_with_ci(tuned)}) is {words} {versus}: difference "
+                           f"{d['difference']:+.3f}, 95% interval [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}].")
     return out
 
 
@@ -294,23 +307,30 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, str]:
         fig.savefig(folder / "training_loss.png", dpi=110)
         plt.close(fig)
         made["loss"] = "training_loss.png"
-    evaluation = report.get("evaluation") or {}
-    if evaluation:
-        subsets = sorted(evaluation)
-        labels = [("base", "base"), ("finetuned", "fine-tuned"), ("trivial_most_common_terms", "trivial")]
-        fig, axis = plt.subplots(figsize=(6, 3.4))
-        width = 0.25
+    sources = (report.get("evaluation") or {}).get("sources") or {}
+    record_sources = [name for name, models in sources.items() if (models.get("finetuned") or {}).get("f1")]
+    if record_sources:
+        labels = [("base", "base"), ("finetuned", "fine-tuned"), ("most_common", "most common"),
+                  ("ocr_rules", "OCR + rules")]
+        fig, axis = plt.subplots(figsize=(6.4, 3.4))
+        width = 0.2
         for i, (key, label) in enumerate(labels):
-            values = [(evaluation[s].get(key) or {}).get("accuracy") or 0 for s in subsets]
-            axis.bar([j + i * width for j in range(len(subsets))], values, width, label=label)
-        axis.set_xticks([j + width for j in range(len(subsets))], subsets)
+            figures = [(sources[name].get(key) or {}).get("f1") for name in record_sources]
+            if not any(figures):
+                continue
+            values = [f["value"] if f else 0 for f in figures]
+            errors = [[f["value"] - f["ci95"][0] if f else 0 for f in figures],
+                      [f["ci95"][1] - f["value"] if f else 0 for f in figures]]
+            axis.bar([j + i * width for j in range(len(record_sources))], values, width, yerr=errors, capsize=3,
+                     label=label)
+        axis.set_xticks([j + 1.5 * width for j in range(len(record_sources))], record_sources)
         axis.set_ylim(0, 1)
-        axis.set_title("Extraction accuracy: base vs fine-tuned")
-        axis.legend()
+        axis.set_title("Extraction F1 by source (95% intervals)")
+        axis.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(folder / "accuracy_base_vs_finetuned.png", dpi=110)
+        fig.savefig(folder / "extraction_f1_by_source.png", dpi=110)
         plt.close(fig)
-        made["accuracy"] = "accuracy_base_vs_finetuned.png"
+        made["f1"] = "extraction_f1_by_source.png"
     return made
 
 
@@ -326,7 +346,7 @@ def _cell(value: Any) -> str:
 
 
 def stage_markdown(report: dict[str, Any]) -> str:
-    head = "| stage | memory MB | weights MB | peak MB | load s | p50 s | p95 s | TTFT s | tokens/s | size GB | accuracy |"
+    head = "| stage | memory MB | weights MB | peak MB | load s | p50 s | p95 s | TTFT s | tokens/s | size GB | F1 |"
     lines = [head, "|" + "---|" * 11]
     for r in report["stages"]:
         if r["missing"]:
@@ -334,7 +354,7 @@ def stage_markdown(report: dict[str, Any]) -> str:
             continue
         lines.append("| " + " | ".join([r["stage"]] + [_cell(r[k]) for k in (
             "memory_mb", "weights_mb", "peak_memory_mb", "load_time_s", "latency_p50_s", "latency_p95_s", "ttft_s",
-            "tokens_per_s", "size_gb", "accuracy")]) + " |")
+            "tokens_per_s", "size_gb", "f1")]) + " |")
     return "\n".join(lines)
 
 
@@ -351,7 +371,8 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
     parts += ["## Key findings", "", *[f"- {f}" for f in findings(report)], "",
               "## Stage by stage", "", stage_markdown(report), "",
               "Memory is GPU memory allocated after load on a GPU, process RSS on a CPU; weights is the "
-              "model's own footprint. Accuracy is term/value recall on the five standard documents.", ""]
+              "model's own footprint. F1 is extraction F1 (records matched field by field) on the five "
+              "standard documents.", ""]
     for key in ("weights_mb", "latency_p50_s"):
         if key in figures:
             parts += [f"![{key}](figures/{figures[key]})", ""]
@@ -379,50 +400,8 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
             parts += ["Next-token logits against the full-precision model on the five documents (relative L2, mean): "
                       + ", ".join(f"{name.replace('_', ' ')} {_cell(v)}"
                                   for name, v in quant["logits_vs_full_precision"].items()) + ".", ""]
-    evaluation = report.get("evaluation")
-    if evaluation:
-        parts += ["## Evaluation: base vs fine-tuned", "",
-                  f"Both models evaluated in the form the server serves: **{report.get('evaluated_form')}**.", "",
-                  "| set | model | term recall | value recall | accuracy | precision | F1 |", "|---|---|---|---|---|---|---|"]
-        for subset, models in evaluation.items():
-            for name, s in models.items():
-                parts.append(f"| {subset} | {name} | " + " | ".join(_cell(s.get(k)) for k in (
-                    "term_recall", "value_recall", "accuracy", "precision", "f1")) + " |")
-        parts.append("")
-        flagged = report.get("flagged_items") or {}
-        if flagged:
-            parts += ["Plausibility flags on the fine-tuned model's answers: "
-                      f"{flagged.get('cases_with_flags', 0)} cases flagged; by rule "
-                      f"{json.dumps(flagged.get('by_rule', {}))}.", ""]
-        ocr = report.get("ocr_baseline") or {}
-        if ocr.get("engine"):
-            parts += [f"`ocr_rules` is the classical baseline: {ocr['engine']}; {_cell(ocr['latency_p50_s'])} s per "
-                      f"page (p50), {_cell(ocr['memory_mb'])} MB for its engine.", ""]
-        elif ocr.get("error"):
-            parts += [f"The OCR + rules baseline did not run: `{ocr['error']}`.", ""]
-        rouge = {name: by_subset for name, by_subset in (report.get("free_text_rouge_l") or {}).items() if by_subset}
-        if rouge:
-            parts += ["Free-text answers (captions, question answers) against their references, ROUGE-L F-measure "
-                      "(rouge-score): " + "; ".join(
-                          f"{name} " + ", ".join(f"{subset} {_cell(v['mean'])} (n={v['n']})" for subset, v in by_subset.items())
-                          for name, by_subset in rouge.items()) + ".", ""]
-        elif report.get("free_text_rouge_l") is not None:
-            parts += ["No free-text cases in this run (only extraction records), so ROUGE-L was not measured.", ""]
-        decoding = report.get("decoding") or {}
-        if decoding:
-            parts += [f"Extraction answers are decoded under the record's JSON schema: of the fine-tuned model's "
-                      f"{decoding['record_answers']}, {decoding['record_valid_against_schema']} are JSON valid against it "
-                      f"(parse status {json.dumps(decoding['record_parse_status'])}); "
-                      f"{decoding['record_closed_early']} were steered to close their JSON as the token budget ran "
-                      f"out, {decoding['record_hit_max_tokens']} hit it before the JSON closed. Free-text answers "
-                      f"({decoding['free_text_answers']}) by parse status (repair and lexicon fallback): "
-                      f"{json.dumps(decoding['free_text_parse_status'])}.", ""]
-        tuned = evaluation.get("test", {}).get("finetuned") or {}
-        if tuned.get("category_recall"):
-            parts += ["Per-category recall of the fine-tuned model (test set): "
-                      + ", ".join(f"{c} {_cell(v)}" for c, v in tuned["category_recall"].items()) + ".", ""]
-        if "accuracy" in figures:
-            parts += [f"![accuracy](figures/{figures['accuracy']})", ""]
+    if report.get("evaluation"):
+        parts += evaluation_markdown(report, figures)
     if report.get("ocr_grounded_prompt"):
         parts += ocr_grounded_markdown(report["ocr_grounded_prompt"])
     reliability = report.get("reliability")
@@ -448,6 +427,59 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
                   for k, v in api["endpoints"].items()]
         parts.append("")
     return "\n".join(parts) + "\n"
+
+
+def evaluation_markdown(report: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """Per-source figures with intervals, the verdicts from the intervals, and the error analysis."""
+    evaluation = report["evaluation"]
+    parts = ["## Evaluation: base vs fine-tuned", "",
+             f"Both models evaluated in the form the server serves: **{evaluation.get('served_form')}**. "
+             "Extraction answers are parsed into the record and matched item by item (a medication counts "
+             "only with its own dose, route and frequency; a lab only with its own value, unit and flag); "
+             "free-text references (captions, question answers, transcriptions) are scored with ROUGE-L "
+             "only. Every figure carries a bootstrap 95% interval over cases; `medvl-score` reproduces them "
+             "from `benchmarks/eval_cases.jsonl` and any model's answers.", "",
+             "| source | model | cases | precision | recall | F1 | name recall | ROUGE-L |",
+             "|---|---|---|---|---|---|---|---|"]
+    for source, models in evaluation["sources"].items():
+        for name, s in models.items():
+            parts.append(f"| {source} | {name} | {s['cases']} | "
+                         + " | ".join(_with_ci(s.get(k)) for k in ("precision", "recall", "f1", "name_recall",
+                                                                   "rouge_l")) + " |")
+    parts += ["", "Verdicts (fine-tuned minus the other, paired bootstrap; \"better\" or \"worse\" only where "
+              "the 95% interval excludes zero):", ""]
+    parts += [f"- {sentence}" for sentence in evaluation_findings(evaluation)]
+    parts.append("")
+    by_type, fields = evaluation.get("finetuned_test_by_type") or {}, evaluation.get("finetuned_test_fields") or {}
+    if by_type:
+        parts += ["Fine-tuned model on the test split, by item type: " + ", ".join(
+            f"{t} F1 {_cell(v['f1'])} (name recall {_cell(v['name_recall'])})" for t, v in by_type.items())
+            + "; field agreement where the name matched: "
+            + ", ".join(f"{k} {_cell(v['agreement'])}" for k, v in fields.items()) + ".", ""]
+    flagged = report.get("flagged_items") or {}
+    if flagged:
+        parts += ["Plausibility flags on the fine-tuned model's answers: "
+                  f"{flagged.get('cases_with_flags', 0)} cases flagged; by rule "
+                  f"{json.dumps(flagged.get('by_rule', {}))}.", ""]
+    ocr = evaluation.get("ocr_rules") or {}
+    if ocr.get("engine"):
+        parts += [f"`ocr_rules` is the classical baseline: {ocr['engine']}; {_cell(ocr['latency_p50_s'])} s per "
+                  f"page (p50), {_cell(ocr['memory_mb'])} MB for its engine. `most_common` answers every record "
+                  "case with the training answers' most frequent items, `empty_record` with the empty record.", ""]
+    elif ocr.get("error"):
+        parts += [f"The OCR + rules baseline did not run: `{ocr['error']}`.", ""]
+    if not any("rouge_l" in s for models in evaluation["sources"].values() for s in models.values()):
+        parts += ["No free-text cases in this run (only extraction records), so ROUGE-L was not measured.", ""]
+    decoding = report.get("decoding") or {}
+    if decoding:
+        parts += [f"Extraction answers are decoded under the record's JSON schema: of the fine-tuned model's "
+                  f"{decoding['record_answers']}, {decoding['record_valid_against_schema']} are JSON valid against it "
+                  f"(parse status {json.dumps(decoding['record_parse_status'])}); "
+                  f"{decoding['record_closed_early']} were steered to close their JSON as the token budget ran "
+                  f"out, {decoding['record_hit_max_tokens']} hit it before the JSON closed.", ""]
+    if "f1" in figures:
+        parts += [f"![extraction F1 by source](figures/{figures['f1']})", ""]
+    return parts
 
 
 # --------------------------------------------------------------------------- content

@@ -4,22 +4,25 @@
 The adapter is merged into a full-precision base and the merged model saved; then both models
 are put in the form the server serves (medvl/forms.py: on the 7b profiles the 4-bit method
 phase 4 chose, AWQ int4 calibrated as phase 4 calibrated the base, or NF4; on tiny full
-precision) and answer the hand-written evaluation suite and the phase-5 test split. Answers
-are scored for term and value recall, precision against a medical lexicon, F1, and
-per-category misses; free-text answers also with ROUGE-L. Two baselines are scored the same
-way: a trivial "most common terms" answer (does the model read or only memorise?) and OCR +
-rules (medvl/ocr.py: does the VLM beat a classical pipeline that costs a fraction to run?). The fine-tuned model also runs the five phase-3 documents
+precision) and answer the hand-written evaluation suite and the phase-5 test split. The cases
+go to benchmarks/eval_cases.jsonl and each model's answers to eval_answers_<model>.jsonl; the
+answers are scored by medvl/scoring.py, the function `medvl-score` runs: records field by field
+(a medication right only with its own dose, route and frequency), free text by ROUGE-L, each
+figure with a bootstrap 95% interval, per subset and per source. Three baselines bound the
+scale: the empty record, the most common training answer, and OCR + rules (medvl/ocr.py).
+Fine-tuned minus base is a paired bootstrap; its interval gives the verdict, and the gate fails
+only when the fine-tuned model is significantly worse on the held-out test split. Where the
+served form is 4-bit, the merged model is also scored in full precision on the same cases, so
+the cost of 4 bits is measured. The fine-tuned model also runs the five phase-3 documents
 through the shared harness. Writes benchmarks/evaluation_finetuned.json and
 benchmarks/finetuned_standard_bench.json, both naming the form evaluated.
 """
 
 import json
 import shutil
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from collections import Counter
 
-from medvl import benchmark, evaluation
+from medvl import benchmark, evaluation, scoring
 from medvl.engine import PromptTooLong
 from medvl.forms import FORMS, FormError, load_in_form, model_dir, profile_form
 from medvl.gates import PHASES
@@ -38,11 +41,8 @@ def main(settings: Settings, wd: Workdir) -> dict:
     sections = PHASE.sections
     record = settings.record(sections)
     b = settings.bench
-    try:
-        cases = (evaluation.suite_cases(wd.datasets / "eval_suite")
-                 + evaluation.test_split_cases(wd.datasets / "formatted", b.eval_test_samples))
-    except ValueError as exc:
-        raise PhaseError(str(exc)) from None
+    cases = (evaluation.suite_cases(wd.datasets / "eval_suite", wd.root)
+             + evaluation.test_split_cases(wd.datasets / "formatted", wd.root, b.eval_test_samples))
 
     # ---- the fine-tuned model in the served form: merged in full precision, then (7b profiles)
     # quantized with phase 4's method; the control is the base model in the same form.
@@ -61,7 +61,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         raise PhaseError(f"AWQ of the merged model failed (phase 4's succeeded on the base): {exc}") from None
 
     try:  # the classical bar: OCR + rules on the same cases and scorer
-        ocr_baseline = evaluation.evaluate_ocr(cases)
+        ocr_baseline = evaluation.evaluate_ocr(cases, wd.root)
     except OcrUnavailable as exc:
         if settings.data.ocr_grounded_prompt:
             raise PhaseError(f"data.ocr_grounded_prompt is on but OCR cannot run: {exc}") from None
@@ -69,29 +69,40 @@ def main(settings: Settings, wd: Workdir) -> dict:
         ocr_baseline = {"error": str(exc)}
     if settings.data.ocr_grounded_prompt:
         cases = evaluation.ocr_grounded_cases(cases, ocr_baseline)
+    evaluation.write_cases(PHASE.output(wd, "eval_cases.jsonl"), cases)
 
-    def loader(folder: Path) -> Callable[[], Any]:
-        return lambda: load_in_form(folder, settings, form)
-
-    # ---- both models on the same cases
-    try:
-        models = {
-            "base": evaluation.evaluate_model("base", loader(base_dir),
-                                              load_processor(base_dir, settings), cases, b.eval_max_new_tokens,
-                                              settings.decode),
-            "finetuned": evaluation.evaluate_model("finetuned", loader(finetuned_dir),
-                                                   load_processor(finetuned_dir, None), cases, b.eval_max_new_tokens,
-                                                   settings.decode),
-        }
-    except PromptTooLong as exc:  # e.g. OCR-grounded prompts on a profile sized for plain ones
-        raise PhaseError(f"an evaluation case does not fit: {exc}; raise decode.max_cache_len or lower "
-                         "bench.eval_max_new_tokens") from None
-    trivial = evaluation.score_fixed_answer(
-        evaluation.most_common_answer(read_json(wd.datasets / "formatted" / "train.json")), cases)
+    # ---- both models on the same cases (and, where the served form is 4-bit, the merged model
+    # in full precision: what 4 bits cost the fine-tune)
+    runs = {"base": (base_dir, form), "finetuned": (finetuned_dir, form)}
+    if form != "bf16":
+        runs["finetuned_bf16"] = (merged_dir, "bf16")
+    models = {}
+    for name, (folder, in_form) in runs.items():
+        try:
+            models[name] = evaluation.evaluate_model(
+                name, lambda f=folder, i=in_form: load_in_form(f, settings, i),
+                load_processor(folder, settings if name == "base" else None), cases, wd.root,
+                b.eval_max_new_tokens, settings.decode)
+        except PromptTooLong as exc:  # e.g. OCR-grounded prompts on a profile sized for plain ones
+            raise PhaseError(f"an evaluation case does not fit: {exc}; raise decode.max_cache_len or lower "
+                             "bench.eval_max_new_tokens") from None
+        evaluation.write_answers(wd.benchmarks / f"eval_answers_{name}.jsonl",
+                                 evaluation.answers_of(models[name]["cases"]))
+    train_rows = read_json(wd.datasets / "formatted" / "train.json")
+    baselines = {"empty_record": evaluation.score_baseline("empty_record", evaluation.empty_record_answers(cases), cases),
+                 "most_common": evaluation.score_baseline(
+                     "most_common", evaluation.most_common_answers(train_rows, cases), cases)}
+    if "scores" in ocr_baseline:
+        baselines["ocr_rules"] = ocr_baseline
+    scores = {name: m["scores"] for name, m in models.items()} | {name: v["scores"] for name, v in baselines.items()}
+    comparisons = {"finetuned_vs_base": scoring.compare(scores["finetuned"], scores["base"]),
+                   **{f"finetuned_vs_{name}": scoring.compare(scores["finetuned"], scores[name]) for name in baselines}}
+    if "finetuned_bf16" in models:
+        comparisons["finetuned_vs_finetuned_bf16"] = scoring.compare(scores["finetuned"], scores["finetuned_bf16"])
 
     # ---- the fine-tuned model on the five standard documents, as phases 3 and 4 measured
     samples = benchmark.load_benchmark_samples(wd.test_images)
-    standard = benchmark.benchmark_variant("finetuned", loader(finetuned_dir),
+    standard = benchmark.benchmark_variant("finetuned", lambda: load_in_form(finetuned_dir, settings, form),
                                            load_processor(finetuned_dir, None), samples,
                                            b.max_new_tokens, b.warmup_runs, settings.decode)
     standard_record = {**record, "model_dir": str(finetuned_dir.relative_to(wd.root)), "form": FORMS[form], **standard}
@@ -99,8 +110,8 @@ def main(settings: Settings, wd: Workdir) -> dict:
 
     stages = {"baseline": read_json(wd.bench("baseline_fp16")), "int4": read_json(wd.bench("quantized_int4")),
               "finetuned": standard_record}
-    standard_accuracy = {name: evaluation.score_standard_bench(rec, wd.test_images)["accuracy"]
-                         for name, rec in stages.items()}
+    standard_f1 = {name: evaluation.score_standard_bench(rec, wd.test_images)["f1"]["value"]
+                   for name, rec in stages.items()}
     result = {
         **record,
         "quality_meaningful": settings.model.source == "hub",
@@ -112,49 +123,60 @@ def main(settings: Settings, wd: Workdir) -> dict:
                   "merged_dir": str(merged_dir.relative_to(wd.root)),
                   "served_dir": str(finetuned_dir.relative_to(wd.root)), "served_size_bytes": merge["size_bytes"],
                   "quantize_time_s": merge.get("time_s"), "awq_calibration": merge.get("calibration")},
-        "cases": {"suite": sum(c.subset == "suite" for c in cases), "test": sum(c.subset == "test" for c in cases)},
+        "cases": {"suite": sum(c.subset == "suite" for c in cases), "test": sum(c.subset == "test" for c in cases),
+                  "by_source": dict(Counter(c.source for c in cases)), "file": "benchmarks/eval_cases.jsonl"},
         "models": models,
-        "trivial_baseline": trivial,
-        "ocr_baseline": ocr_baseline,
-        "standard_bench_accuracy": standard_accuracy,
+        "baselines": baselines,
+        "ocr_error": ocr_baseline.get("error"),
+        "comparisons": comparisons,
+        "standard_bench_f1": standard_f1,
     }
     atomic_write_json(PHASE.output(wd, "evaluation_finetuned.json"), result)
-    report(settings, wd, result, stages)
+    report(wd, result, stages)
     return result
 
 
-def report(settings: Settings, wd: Workdir, result: dict, stages: dict) -> None:
-    """Side-by-side table and build-log entry."""
-    lines = [f"{'stage':<12}{'memory MB':>11}{'p50 s':>8}{'std-doc acc':>12}"]
+def _figure(group: dict, kind: str, metric: str) -> str:
+    block = group.get(kind) or {}
+    if not block.get("cases"):
+        return "-"
+    value = block[metric]
+    return f"{value['value']:.3f} [{value['ci95'][0]:.3f}, {value['ci95'][1]:.3f}]"
+
+
+def report(wd: Workdir, result: dict, stages: dict) -> None:
+    """Side-by-side table and build-log entry: every figure with its interval, each verdict
+    from the interval of the paired difference."""
+    lines = [f"{'stage':<12}{'memory MB':>11}{'p50 s':>8}{'std-doc F1':>12}"]
     for name, rec in stages.items():
         lines.append(f"{name:<12}{benchmark.headline_memory_mb(rec['load']['after_load']):>11.0f}"
-                     f"{rec['aggregate']['latency_s']['p50']:>8.3f}{result['standard_bench_accuracy'][name]:>12.3f}")
-    lines.append("")
-    lines.append(f"{'model':<16}{'subset':<8}{'terms':>7}{'values':>8}{'acc':>7}{'prec':>7}{'F1':>7}")
-    rows = [(name, m["scores"]) for name, m in result["models"].items()]
-    rows.append(("trivial", result["trivial_baseline"]["scores"]))
-    if "scores" in result["ocr_baseline"]:
-        rows.append(("ocr + rules", result["ocr_baseline"]["scores"]))
-    for name, scores in rows:
-        for subset, s in scores.items():
-            lines.append(f"{name:<16}{subset:<8}{s['term_recall']:>7.3f}{s['value_recall']:>8.3f}"
-                         f"{s['accuracy']:>7.3f}{s['precision']:>7.3f}{s['f1']:>7.3f}")
+                     f"{rec['aggregate']['latency_s']['p50']:>8.3f}{result['standard_bench_f1'][name]:>12.3f}")
+    lines += ["", f"{'source':<14}{'model':<16}{'extraction F1 [95% CI]':<26}{'ROUGE-L [95% CI]':<26}"]
+    named = {**result["models"], **result["baselines"]}
+    for source in result["models"]["finetuned"]["scores"]["sources"]:
+        for name, m in named.items():
+            group = m["scores"]["sources"][source]
+            lines.append(f"{source:<14}{name:<16}{_figure(group, 'extraction', 'f1'):<26}"
+                         f"{_figure(group, 'free_text', 'rouge_l'):<26}")
     log.info("\n%s", "\n".join(lines))
-    base, tuned = (result["models"][k]["scores"] for k in ("base", "finetuned"))
+    verdicts = [f"{key} {group}: {metric} {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] -> "
+                f"{d['verdict']}"
+                for key in ("subsets", "sources")
+                for group, metrics in result["comparisons"]["finetuned_vs_base"][key].items()
+                for metric, d in metrics.items()]
     append_build_log(wd.build_log, PHASE.number, "evaluation", [
         f"Merged the adapter into a {result['merge']['merged_dtype']} base; both models evaluated in the served "
         f"form: {result['served_form_description']}.",
-        f"{result['cases']['suite']} hand-written suite documents and {result['cases']['test']} test-split samples"
+        f"{result['cases']['suite']} hand-written suite documents and {result['cases']['test']} test-split samples "
+        f"(by source {json.dumps(result['cases']['by_source'])}), written to {result['cases']['file']}"
         + (", each prompt OCR-grounded (the page's OCR text before the instruction)."
            if result["ocr_grounded_prompt"] else "."),
-        *(f"{subset}: accuracy base {base[subset]['accuracy']:.3f} -> fine-tuned {tuned[subset]['accuracy']:.3f} "
-          f"(trivial most-common-terms answer {result['trivial_baseline']['scores'][subset]['accuracy']:.3f}"
-          + (f", OCR + rules {result['ocr_baseline']['scores'][subset]['accuracy']:.3f}"
-             if "scores" in result["ocr_baseline"] else "") + "); "
-          f"F1 {base[subset]['f1']:.3f} -> {tuned[subset]['f1']:.3f}" for subset in base),
+        "Fine-tuned minus base (paired bootstrap, 95% interval): " + "; ".join(verdicts) + ".",
         "Quality numbers are from a random stand-in and mean nothing about the real model."
         if not result["quality_meaningful"] else "Quality numbers are from the real model.",
-        "Most missed (fine-tuned, test): " + json.dumps(tuned.get("test", {}).get("most_missed", {}))[:400],
+        "Most missed (fine-tuned, test): "
+        + json.dumps(result["models"]["finetuned"]["scores"]["subsets"].get("test", {}).get("extraction", {})
+                     .get("most_missed", []))[:400],
     ])
 
 
