@@ -93,11 +93,29 @@ def _json_candidate(text: str) -> str | None:
 
 
 def repair_json(text: str) -> Any:
-    """Best-effort repair of a model's almost-JSON: fences, trailing commas, unclosed brackets."""
+    """Best-effort repair of a model's almost-JSON: fences, trailing commas, unclosed brackets;
+    an answer cut inside a key or value loses its last, unfinished item (cut back to an earlier
+    comma, at most 50 tries), so a cut answer keeps what it completed."""
     candidate = _json_candidate(text)
     if candidate is None:
         raise ValueError("no JSON object in the answer")
     candidate = re.sub(r",\s*([}\]])", r"\1", candidate)
+    try:
+        return json.loads(_closed(candidate))
+    except json.JSONDecodeError as exc:
+        error = exc
+    commas = [i for i, ch in enumerate(candidate) if ch == ","]
+    for cut in reversed(commas[-50:]):
+        try:
+            return json.loads(_closed(candidate[:cut]))
+        except json.JSONDecodeError:
+            continue
+    raise error
+
+
+def _closed(candidate: str) -> str:
+    """``candidate`` up to its first complete top-level value, or with its open string and
+    brackets closed."""
     stack: list[str] = []
     in_string = escaped = False
     end = len(candidate)
@@ -121,7 +139,7 @@ def repair_json(text: str) -> Any:
                 break
     body = candidate[:end] + ('"' if in_string else "")
     body = re.sub(r",\s*$", "", body) + "".join(reversed(stack))
-    return json.loads(re.sub(r",\s*([}\]])", r"\1", body))
+    return re.sub(r",\s*([}\]])", r"\1", body)
 
 
 def normalize_structured(data: Any) -> dict[str, Any]:

@@ -465,13 +465,26 @@ def last_complete_checkpoint(folder: Path, remove_incomplete: bool = True) -> Pa
     return None
 
 
+def resume_fingerprint(settings_fingerprint: str, data_dir: Path) -> str:
+    """What a checkpoint must match to be resumed: the settings and the training data (a hash
+    of the split files). Settings alone were not enough: after phase 5 reran on other rows,
+    phase 6 silently resumed a checkpoint trained on the old ones."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("train.json", "val.json"):
+        digest.update((data_dir / name).read_bytes())
+    return f"{settings_fingerprint}-data-{digest.hexdigest()[:16]}"
+
+
 def prepare_checkpoint_dir(folder: Path, fingerprint: str) -> Path | None:
-    """Keep checkpoints only if they were made with the same settings; return the resume point."""
+    """Keep checkpoints only if they were made with the same settings and data (the
+    :func:`resume_fingerprint`); return the resume point."""
     import shutil
 
     marker = folder / "settings_hash.txt"
     if folder.is_dir() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
-        log.info("discarding checkpoints made with other settings in %s", folder)
+        log.info("discarding checkpoints made with other settings or data in %s", folder)
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint)
@@ -602,7 +615,7 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     args = training_arguments(settings, checkpoint_dir, has_eval=len(val_set) > 0)
     # The main process cleans stale/incomplete checkpoints; every rank then resumes from the same one.
     if is_main_process():
-        prepare_checkpoint_dir(checkpoint_dir, fingerprint)
+        prepare_checkpoint_dir(checkpoint_dir, resume_fingerprint(fingerprint, data_dir))
     _barrier()
     resume = last_complete_checkpoint(checkpoint_dir, remove_incomplete=False)
     resumed_step = int(resume.name.split("-")[-1]) if resume else 0

@@ -64,3 +64,52 @@ def test_every_ground_truth_item_is_on_a_drawn_line():
             crop_page, crop_alone = page.crop(box), alone.crop(box)
             assert ImageChops.difference(crop_page, crop_alone).getbbox() is None, (doc.doc_id, item)
             assert crop_alone.convert("L").getextrema()[0] < 100  # the line really has ink
+
+
+def unsupported_items(record: dict, page_text: str) -> list[str]:
+    """The items of ``record`` the page does not print: a medication's or a lab's fields must all
+    sit on one line of the page (a flag, a reference range only where printed), a vital's value,
+    a diagnosis and a procedure must appear in the text."""
+    from medvl.scoring import contains, normalize
+
+    lines = [normalize(line) for line in page_text.splitlines()]
+    text = normalize(page_text)
+    problems = []
+    for key, fields in (("medications", ("name", "dose", "route", "frequency")),
+                        ("lab_values", ("name", "value", "unit", "flag", "reference_range"))):
+        for item in record[key]:
+            wanted = [item[f] for f in fields if item[f]]
+            if not any(all(contains(line, w) for w in wanted) for line in lines):
+                problems.append(f"{key}: {wanted}")
+    problems += [f"vital {k}: {v}" for k, v in record["vitals"].items() if not contains(text, v)]
+    problems += [f"{key}: {name}" for key in ("diagnoses", "procedures") for name in record[key]
+                 if not contains(text, name)]
+    return problems
+
+
+def test_every_target_value_is_printed_on_its_page():
+    """Training on targets that state what a page does not print teaches invention (a discharge
+    summary's lab once carried a flag and a reference range the page did not show; a radiology
+    report's indication became a diagnosis). 200 documents of every kind: each target item is on
+    its page, and the page's lab lines carry the flag the target says."""
+    from medvl.evalsuite import evaluation_documents
+
+    for kind in KINDS:
+        for seed in range(200):
+            doc = generate_document(seed, kind)
+            assert not unsupported_items(doc.structured(), doc.text), (doc.doc_id, unsupported_items(
+                doc.structured(), doc.text))
+    for doc in evaluation_documents():
+        assert not unsupported_items(doc.structured(), doc.text), (doc.doc_id, unsupported_items(
+            doc.structured(), doc.text))
+    radiology = generate_document(3, "radiology_report")
+    indication = next(line for line in radiology.lines if line.startswith("Indication:"))
+    assert not any(d in indication for d in radiology.diagnoses)
+
+
+def test_the_support_check_refuses_what_a_page_does_not_print():
+    doc = generate_document(7, "discharge_summary")
+    record = doc.structured()
+    record["lab_values"] = [{**record["lab_values"][0], "reference_range": "70-99"}]
+    record["diagnoses"] = [*record["diagnoses"], "Atrial fibrillation"]
+    assert len(unsupported_items(record, doc.text)) == 2

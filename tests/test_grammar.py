@@ -36,6 +36,21 @@ def test_the_record_grammar_accepts_every_training_answer_token_by_token(engine)
         assert row.finished
 
 
+def test_the_empty_object_is_not_a_record(engine):
+    """Every key of the record is required (lists may be empty): ``{}`` is refused by the schema,
+    by the record's validator and by the grammar /extract decodes under (after ``{`` the grammar
+    allows no ``}``); the empty record with all its keys is accepted."""
+    from medvl.records import empty_structured, is_valid_record
+
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({}, RECORD_SCHEMA)
+    assert not is_valid_record("{}") and is_valid_record(json.dumps(empty_structured()))
+    tokenizer = engine.processor.tokenizer
+    row = engine.grammars.row(RECORD_FORMAT)
+    ids = tokenizer("{}", add_special_tokens=False)["input_ids"] + [engine.decoder.eos_ids[0]]
+    assert not all(row.accept(token) for token in ids), tokenizer.convert_ids_to_tokens(ids)
+
+
 def test_grammar_rows_answer_valid_json_beside_free_rows_that_stay_unchanged(engine, pages):
     images, prompts = pages
     free_alone = [engine.generate(engine.prepare(images[i], prompts[i]), SamplingParams(20)).token_ids for i in (1, 2)]
