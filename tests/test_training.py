@@ -382,3 +382,26 @@ def test_a_mismatched_or_untrained_adapter_fails_the_merge(tiny_model_dir, tiny_
     processor.save_pretrained(good)  # phase 6 saves it beside the adapter
     result = merge_adapter(tiny_model_dir, good, tmp_path / "merged")
     assert result["changed_weights"] == result["targeted_weights"] > 0
+
+
+def test_checkpoints_resume_only_on_the_same_settings_and_data(tmp_path):
+    """The resume fingerprint covers the split files: after phase 5 reruns on other rows, the
+    checkpoints of the old rows are discarded instead of silently resumed."""
+    from medvl.training import prepare_checkpoint_dir, resume_fingerprint
+
+    data = tmp_path / "formatted"
+    data.mkdir()
+    (data / "train.json").write_text('[{"id": "a"}]')
+    (data / "val.json").write_text("[]")
+    checkpoints = tmp_path / "checkpoints"
+    first = resume_fingerprint("settings1", data)
+    prepare_checkpoint_dir(checkpoints, first)
+    (checkpoints / "checkpoint-10").mkdir()
+    for name in ("trainer_state.json", "adapter_model.safetensors"):  # what a complete checkpoint has
+        (checkpoints / "checkpoint-10" / name).write_text("{}")
+    resumed = prepare_checkpoint_dir(checkpoints, resume_fingerprint("settings1", data))
+    assert resumed == checkpoints / "checkpoint-10"  # same settings and data: resumed
+    (data / "train.json").write_text('[{"id": "b"}]')
+    assert resume_fingerprint("settings1", data) != first
+    prepare_checkpoint_dir(checkpoints, resume_fingerprint("settings1", data))
+    assert not (checkpoints / "checkpoint-10").exists()  # other rows: discarded
