@@ -49,9 +49,11 @@ log = logging.getLogger(__name__)
 JSON_SEPARATORS = (", ", ": ")
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": JSON_SEPARATORS[0],
                 "key_separator": JSON_SEPARATORS[1]}
-# Tokens left when a grammar row starts closing its JSON. The record's deepest point (inside a
-# key of a lab value) closes in under 20 tokens even when every token is one character.
-CLOSE_RESERVE = 24
+# Tokens left when a grammar row starts closing its JSON. Every key of the record is required,
+# so closing from its deepest point (inside the first medication) writes every empty list that
+# follows: 36 tokens at most with the tiny stand-in's tokenizer (every cut of 10 answers
+# replayed, steered to close), where optional keys needed under 20.
+CLOSE_RESERVE = 48
 COMPILED_KEPT = 64  # distinct response formats kept compiled (a user schema compiles in ~1-4 ms)
 
 

@@ -11,7 +11,7 @@ from medvl.documents import KINDS, benchmark_documents, generate_document, rende
 from medvl.engine import SamplingParams
 from medvl.grammar import CLOSE_RESERVE, GrammarError, ResponseFormat
 from medvl.prompts import BENCHMARK_PROMPTS, EXTRACTION_PROMPT
-from medvl.records import RECORD_FORMAT, RECORD_SCHEMA, structured_result
+from medvl.records import RECORD_FORMAT, RECORD_SCHEMA, is_valid_record, structured_result
 
 from conftest import run_to_end
 
@@ -40,7 +40,7 @@ def test_the_empty_object_is_not_a_record(engine):
     """Every key of the record is required (lists may be empty): ``{}`` is refused by the schema,
     by the record's validator and by the grammar /extract decodes under (after ``{`` the grammar
     allows no ``}``); the empty record with all its keys is accepted."""
-    from medvl.records import empty_structured, is_valid_record
+    from medvl.records import empty_structured
 
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({}, RECORD_SCHEMA)
@@ -80,16 +80,19 @@ NOTE_SCHEMA = {"type": "object", "properties": {"note": {"type": "string"}, "cod
 def test_a_budget_that_runs_out_still_closes_the_json(engine, pages, budget):
     """The random tiny model does not close a required string by itself (it writes until the
     budget ends); with CLOSE_RESERVE tokens left the row is steered to close, and the answer is
-    valid JSON, marked closed_early. The record schema the same, from any budget."""
+    valid JSON, marked closed_early. The record schema the same, from a budget with room for its
+    required keys; below that the answer is cut at the budget and says so."""
     prompt = engine.prepare(pages[0][0], EXTRACTION_PROMPT)
     free = engine.generate(prompt, SamplingParams(4 * budget, response_format=ResponseFormat.json_schema(NOTE_SCHEMA)))
     assert free.generated_tokens > budget  # left alone, it would not have closed in time
     result = engine.generate(prompt, SamplingParams(budget, response_format=ResponseFormat.json_schema(NOTE_SCHEMA)))
     jsonschema.validate(json.loads(result.text), NOTE_SCHEMA)
     assert result.finish_reason == "stop" and result.generated_tokens <= budget and result.closed_early
-    for small in (2, 3, budget):  # an object takes at least 2: {} and the end token
+    record = engine.generate(prompt, SamplingParams(budget, response_format=RECORD_FORMAT))
+    jsonschema.validate(json.loads(record.text), RECORD_SCHEMA)
+    for small in (2, 3):  # too few for every required key: cut at the budget, said so
         record = engine.generate(prompt, SamplingParams(small, response_format=RECORD_FORMAT))
-        jsonschema.validate(json.loads(record.text), RECORD_SCHEMA)
+        assert record.finish_reason == "length" and not is_valid_record(record.text)
 
 
 def test_a_user_schema_and_json_object_are_followed_with_sampling(engine, pages):
