@@ -397,12 +397,20 @@ class SlotDecoder:
         if not self.keys:
             self._allocate(layers)
         rows = slice(first, first + batch)
+        # Each row's own tokens go to the front of its slot and it writes on from its own length:
+        # a short prompt prefilled beside a long one must not start at the batch's padded width
+        # (it would then write past the slot's end while its own length + max_tokens fits). The
+        # keys already carry their rotary positions, so moving them left changes no attention score.
+        lengths = attention.sum(dim=1)
+        columns = torch.arange(prompt_len, device=self.device)
+        source = (columns + (prompt_len - lengths)[:, None]).clamp(max=prompt_len - 1)  # past a row's length: masked
         for (key, value), keys, values in zip(layers, self.keys, self.values, strict=True):
-            keys[rows, :, :prompt_len] = key
-            values[rows, :, :prompt_len] = value
+            index = source[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3]).to(key.device)
+            keys[rows, :, :prompt_len] = key.gather(2, index)
+            values[rows, :, :prompt_len] = value.gather(2, index)
         self.mask[rows] = False
-        self.mask[rows, :prompt_len] = attention.bool()
-        self.write_at[rows] = prompt_len
+        self.mask[rows, :prompt_len] = columns < lengths[:, None]
+        self.write_at[rows] = lengths
         self.position[rows] = positions[1:, :, -1].amax(dim=0) + 1  # text after the prompt: all 3 rows equal
         # Padding is not "seen": a row counts the tokens it would have alone (its last token stands in).
         real = torch.where(attention.bool(), inputs["input_ids"], inputs["input_ids"][:, -1:])
@@ -454,6 +462,13 @@ class SlotDecoder:
             values[target] = values[source]
         for state in (self.mask, self.write_at, self.position, self.seen, self.last_token):
             state[target] = state[source]
+
+    def free(self, slot: int) -> None:
+        """Forget slot ``slot`` (its row ended and no running row was moved into it): a step over
+        a larger bucket still computes this slot, and must write inside it (at column 0), never at
+        the column past the end that an exactly-fitting row's look-ahead step leaves behind."""
+        for state in (self.mask, self.write_at, self.position):
+            state[slot] = 0
 
     def reset(self) -> None:
         """Forget every row (warm-up leaves its traces in the per-slot state)."""

@@ -559,6 +559,7 @@ class Engine:
             self.running[slot] = last
             last.slot = slot
         self.running.pop()
+        self.decoder.free(len(self.running))
         request.slot = -1
         self._resolve(request, reason, error)
 

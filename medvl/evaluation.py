@@ -27,7 +27,7 @@ from medvl.documents import save_document
 from medvl.evalsuite import evaluation_documents
 from medvl.io import atomic_dir, atomic_write_bytes
 from medvl.prompts import EXTRACTION_PROMPT, OCR_HEADER, ocr_grounded
-from medvl.records import RECORD_FORMAT, empty_structured, is_valid_record, structured_result
+from medvl.records import RECORD_FORMAT, empty_structured, is_valid_record, record_answer, structured_result
 from medvl.scoring import Case
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def _most_common_record(records: list[dict[str, Any]]) -> str:
     typical = sorted(len(r["vitals"]) for r in records)[middle] if records else 0
     for name, _ in Counter(k for r in records for k in r["vitals"]).most_common(typical):
         out["vitals"][name] = Counter(r["vitals"][name] for r in records if name in r["vitals"]).most_common(1)[0][0]
-    return json.dumps(out)
+    return record_answer(out)
 
 
 def _most_common_text(texts: list[str], words: int = 30) -> str:

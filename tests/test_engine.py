@@ -139,3 +139,26 @@ def test_engine_matches_plain_generate(tiny_model_dir, tiny_settings, engine, pr
     eos = set(model.generation_config.eos_token_id)
     expected = expected[: next((i + 1 for i, t in enumerate(expected) if t in eos), len(expected))]
     assert engine.generate(prompts[0], SamplingParams(20)).token_ids == expected
+
+
+def test_prompts_at_the_exact_limit_prefilled_together_stay_inside_their_slots(engine, prompts):
+    """Issue 30's reproduction: text-only chats (prompt + max_tokens = max_cache_len exactly)
+    prefilled together with a page (far longer prompt) once wrote from the batch's padded width
+    and ran past the cache (IndexError on a CPU, a device-side assert on a GPU). Here each row
+    writes from its own length. The page fits exactly too and ends first, from the last slot:
+    the step over the 4-slot bucket that still computes its freed slot writes inside it."""
+    limit = engine.decoder.max_cache_len
+    chat = engine.prepare(None, "Name one drug and its dose.")
+    page = prompts[0]
+    assert chat.length < page.length and limit - page.length < limit - chat.length
+    chat_alone = engine.generate(chat, SamplingParams(limit - chat.length, ignore_eos=True)).token_ids
+    page_alone = engine.generate(page, SamplingParams(limit - page.length, ignore_eos=True)).token_ids
+    requests = [engine.submit(chat, SamplingParams(limit - chat.length, ignore_eos=True)) for _ in range(3)]
+    requests.append(engine.submit(page, SamplingParams(limit - page.length, ignore_eos=True)))
+    engine.run_once()
+    assert engine.stats.prefill_rows >= 4 and engine.num_running == 4  # one prefill, padded to the page
+    results = run_to_end(engine, requests)
+    assert [r.finish_reason for r in results] == ["length"] * 4
+    assert [r.generated_tokens for r in results] == [limit - chat.length] * 3 + [limit - page.length]
+    assert all(r.token_ids == chat_alone for r in results[:3]) and results[3].token_ids == page_alone
+    assert int(engine.decoder.write_at.max()) <= limit
