@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorEnvelope
-from medvl.engine import Overloaded, PromptTooLong
+from medvl.engine import EngineDead, Overloaded, PromptTooLong
 from medvl.grammar import GrammarError
 from medvl.images import BadInput
 
@@ -76,6 +76,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Overloaded)
     async def overloaded(_: Request, exc: Overloaded):
         return envelope(503, "overloaded", str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(EngineDead)
+    async def engine_dead(_: Request, exc: EngineDead):  # the process exits shortly; a new one takes over
+        return envelope(503, "engine_dead", str(exc), {"Retry-After": "10"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):

@@ -16,6 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -24,7 +25,8 @@ from fastapi.responses import StreamingResponse
 from api.errors import ERROR_RESPONSES, ApiError
 from api.schemas import ChatRequest, ModelCard, ModelList
 from api.state import ServerState, State, check_prompt, usage
-from medvl.engine import Prompt, SamplingParams
+from medvl.engine import EngineDead, SamplingParams
+from medvl.engine import Request as EngineRequest
 from medvl.grammar import ResponseFormat
 from medvl.images import BadInput
 
@@ -52,11 +54,16 @@ async def chat_completions(body: ChatRequest, http: Request, state: State):
         await asyncio.to_thread(engine.grammars.compile, params.response_format)
     messages, image = chat_to_messages(body, state)
     prompt = await state.prepare(image, messages=messages)
+    params = replace(params, max_tokens=state.answer_tokens(prompt, body.max_completion_tokens or body.max_tokens))
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
+        # Submitted before the response starts: a request over the context, a full queue or a dead
+        # engine answers with its own status (400, 503), not with a 200 and an empty stream.
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        request = engine.submit(prompt, params, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream_chat(state, prompt, params, completion_id, created, body.model, include_usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(stream_chat(state, request, pieces, completion_id, created, body.model,
+                                             include_usage), media_type="text/event-stream")
     result = await state.wait(engine.submit(prompt, params), http)
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -144,16 +151,15 @@ def decode_data_url(url: str) -> bytes:
         raise BadInput("image_url holds invalid base64", 400, "bad_base64") from None
 
 
-async def stream_chat(state: ServerState, prompt: Prompt, params: SamplingParams, completion_id: str, created: int,
-                      model: str, include_usage: bool) -> AsyncIterator[str]:
+async def stream_chat(state: ServerState, request: EngineRequest, pieces: asyncio.Queue, completion_id: str,
+                      created: int, model: str, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chat.completion.chunk format, as the engine produces text.
 
-    The request is submitted before the first event, so a full queue or an over-long request
-    still answers with its status; a client that hangs up cancels the request (its slot frees).
+    The request was submitted before the response started (so a full queue or an over-long
+    request answered with its status); an error after the first event is sent as an error event
+    followed by ``data: [DONE]``; a client that hangs up cancels the request (its slot frees).
     """
     loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str] = asyncio.Queue()
-    request = state.engine().submit(prompt, params, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
 
     def event(delta: dict[str, Any] | None, finish: str | None = None, usage_body: dict[str, Any] | None = None) -> str:
         payload: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -180,14 +186,21 @@ async def stream_chat(state: ServerState, prompt: Prompt, params: SamplingParams
                 request.cancel()
                 error = {"status": 504, "code": "timeout", "message": "stream timed out"}
                 yield f"data: {json.dumps({'error': error})}\n\n"
+                yield "data: [DONE]\n\n"
                 return
         while not pieces.empty():
             yield event({"content": pieces.get_nowait()})
         try:
             result = future.result()
+        except EngineDead as exc:
+            error = {"status": 503, "code": "engine_dead", "message": str(exc)[:300]}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         except Exception as exc:  # the engine failed this request (and only this one)
             error = {"status": 500, "code": "generation_failed", "message": f"{type(exc).__name__}: {exc}"[:300]}
             yield f"data: {json.dumps({'error': error})}\n\n"
+            yield "data: [DONE]\n\n"
             return
         yield event({}, result.finish_reason)
         if include_usage:

@@ -26,13 +26,15 @@ async def read_image(state: ServerState, file: UploadFile) -> Any:
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 async def health(state: State):
-    """200 once the model serves; 503 (with Retry-After) while it loads or after it failed."""
+    """200 once the model serves; 503 (with Retry-After) while it loads, after it failed to load,
+    and after the engine died (the process then exits for its supervisor to restart it)."""
     import torch
 
     served = state.served
     ready = served.ready.is_set()
     engine = served.engine if ready else None
-    status = "error" if served.error else ("ok" if ready else "loading")
+    dead = engine.dead if engine is not None else None
+    status = "error" if served.error else "dead" if dead else ("ok" if ready else "loading")
     body = HealthResponse(
         status=status, model_loaded=ready, model_path=str(served.model_dir), weights=served.form,
         device=served.device,
@@ -40,7 +42,7 @@ async def health(state: State):
         gpu_memory_used_mb=torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         gpu_memory_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         requests_running=engine.num_running if engine else 0, requests_waiting=engine.num_waiting if engine else 0,
-        decoding=served.decoding, startup_s=served.startup_s, error=served.error,
+        decoding=served.decoding, startup_s=served.startup_s, error=served.error or (str(dead) if dead else None),
         settings_hash=state.settings.fingerprint(SERVED_SETTINGS))
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503,
                         headers=None if status == "ok" else {"Retry-After": "5"})
@@ -56,7 +58,7 @@ async def extract(http: Request, state: State,
     if state.served.engine is None:
         return await ocr_extract(state, image)
     prompt = await state.prepare(image, EXTRACTION_PROMPT)
-    result = await state.generate(prompt, SamplingParams(state.settings.api.max_new_tokens, response_format=RECORD_FORMAT),
+    result = await state.generate(prompt, SamplingParams(state.answer_tokens(prompt), response_format=RECORD_FORMAT),
                                   http)
     return ExtractResponse(request_id=uuid.uuid4().hex, **structured_result(result.text), raw_text=result.text,
                            closed_early=result.closed_early, latency_s=result.latency_s, usage=usage(result),
@@ -77,7 +79,7 @@ async def analyze(http: Request, state: State, file: Annotated[UploadFile, File(
     prompt = check_prompt(prompt)
     image = await read_image(state, file)
     prepared = await state.prepare(image, prompt)
-    result = await state.generate(prepared, SamplingParams(state.settings.api.max_new_tokens), http)
+    result = await state.generate(prepared, SamplingParams(state.answer_tokens(prepared)), http)
     return AnalyzeResponse(request_id=uuid.uuid4().hex, text=result.text, latency_s=result.latency_s,
                            usage=usage(result), model=state.model_info())
 

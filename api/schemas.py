@@ -57,7 +57,7 @@ class AnalyzeResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "loading", "error"]
+    status: Literal["ok", "loading", "error", "dead"]  # dead: the engine failed; the process exits shortly
     model_loaded: bool
     model_path: str
     weights: str  # the served form: bf16, awq, nf4 or int4 (medvl.forms); ocr for the OCR baseline

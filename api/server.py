@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -100,6 +102,7 @@ def _record(state: ServerState, access: logging.Logger, route: str, method: str,
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Serve until stopped; exit with status 1 when the engine died (a supervisor restarts it)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,7 +111,32 @@ def main(argv: list[str] | None = None) -> None:
     sys.setswitchinterval(0.0005)
     config = ServerConfig.from_env_and_args(argv)
     app = create_app(config)
-    uvicorn.run(app, host=config.settings.api.host, port=config.settings.api.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, host=config.settings.api.host, port=config.settings.api.port,
+                                           log_level="warning"))
+    state: ServerState = app.state.medvl
+    threading.Thread(target=_exit_when_the_engine_dies, args=(state, server), name="watchdog", daemon=True).start()
+    server.run()
+    if _dead(state):
+        sys.exit(1)
+
+
+def _dead(state: ServerState) -> bool:
+    engine = state.served.engine
+    return engine is not None and engine.dead is not None
+
+
+def _exit_when_the_engine_dies(state: ServerState, server: Any) -> None:
+    """A dead engine serves nothing again: /health answers 503 with the reason for
+    ``api.dead_engine_exit_s`` (a probe or an operator sees why), then the server stops and the
+    process exits non-zero, as vLLM's does, so Docker's restart policy or Kubernetes replaces it."""
+    while not server.should_exit:
+        if _dead(state):
+            grace = state.settings.api.dead_engine_exit_s
+            log.critical("the engine is dead; /health answers 503; exiting in %.0f s", grace)
+            time.sleep(grace)
+            server.should_exit = True
+            return
+        time.sleep(0.2)
 
 
 if __name__ == "__main__":

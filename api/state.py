@@ -52,6 +52,8 @@ class ServerState:
             raise ApiError(503, "model_failed", f"the model failed to load: {self.served.error}")
         if not self.served.ready.is_set():
             raise ApiError(503, "model_loading", "the model is still loading; retry shortly", {"Retry-After": "5"})
+        if self.served.engine is not None and self.served.engine.dead is not None:
+            raise self.served.engine.dead  # 503 engine_dead (api/errors.py)
 
     def engine(self) -> Engine:
         """The engine, or a 503 while it is not ready; a 400 when the server runs the OCR
@@ -104,6 +106,20 @@ class ServerState:
             if await http.is_disconnected():
                 request.cancel()
                 raise ApiError(499, "client_closed", "the client closed the connection")
+
+    def answer_tokens(self, prompt: Prompt, requested: int | None = None) -> int:
+        """``max_tokens`` for a request: what the client asked for, else the context the prompt
+        leaves, capped by ``api.max_new_tokens`` (as vLLM defaults it). A prompt that leaves no
+        room is a 400 naming the prompt, not a parameter the client never sent."""
+        if requested is not None:
+            return requested
+        limit = self.engine().decoder.max_cache_len
+        room = limit - prompt.length
+        if room <= 0:
+            raise ApiError(400, "context_length_exceeded", f"the prompt is {prompt.length} tokens (image included); "
+                           f"the context holds {limit} (decode.max_cache_len), which leaves no room for an answer",
+                           param="messages")
+        return min(self.settings.api.max_new_tokens, room)
 
     async def generate(self, prompt: Prompt, params: SamplingParams, http: Request) -> Result:
         return await self.wait(self.engine().submit(prompt, params), http)

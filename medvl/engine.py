@@ -44,6 +44,12 @@ class Overloaded(RuntimeError):
     """The waiting queue is full; the caller should retry later."""
 
 
+class EngineDead(RuntimeError):
+    """The engine's loop failed (a decoding step raised; on a GPU, a device error leaves the
+    CUDA context unusable): every pending and running request fails with this, later submits
+    too, and the process must be restarted (vLLM's EngineDeadError)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request's tokens are chosen and when it ends.
@@ -154,10 +160,14 @@ class Request:
     generator: torch.Generator | None = None
     grammar: RowGrammar | None = None  # the row's matcher, when it decodes under a response format
     slot: int = -1  # the cache slot while running
+    withdraw: Callable[[Request], None] | None = None  # set by the engine: takes it out of the queue
 
     def cancel(self) -> None:
-        """Ask the engine to drop this request; its slot frees on the engine's next turn."""
+        """Drop this request: if it still waits it leaves the queue at once (it no longer holds a
+        place under ``max_waiting``); if it runs, its slot frees on the engine's next turn."""
         self.cancelled = True
+        if self.withdraw is not None:
+            self.withdraw(self)
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -216,6 +226,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.stats = EngineStats()
         self._in_flight: tuple[list[Request], Any] | None = None  # a launched step not yet read
+        self.dead: EngineDead | None = None  # set once the loop has failed; the engine serves nothing after
         # Rust tokenizers refuse concurrent use that changes their padding state ("Already
         # borrowed"): callers prepare one at a time, and the loop detokenizes with its own copy.
         self._prepare_lock = threading.Lock()
@@ -247,9 +258,11 @@ class Engine:
 
     def submit(self, prompt: Prompt, params: SamplingParams, on_text: Callable[[str], None] | None = None) -> Request:
         """Queue a request; raises :class:`PromptTooLong`, :class:`medvl.grammar.GrammarError`
-        (a response format that does not compile) or :class:`Overloaded` at once."""
+        (a response format that does not compile), :class:`Overloaded` or :class:`EngineDead` at once."""
+        if self.dead is not None:
+            raise self.dead
         self.decoder.check_fits(prompt.length, params.max_tokens)
-        request = Request(prompt, params, on_text)
+        request = Request(prompt, params, on_text, withdraw=self._withdraw)
         if params.response_format is not None:
             request.grammar = self.grammars.row(params.response_format)
         if params.temperature > 0:
@@ -259,11 +272,23 @@ class Engine:
             else:
                 request.generator.seed()
         with self._wake:
+            if self.dead is not None:
+                raise self.dead
             if len(self.waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(self.waiting)} requests are waiting (the limit); retry shortly")
             self.waiting.append(request)
             self._wake.notify()
         return request
+
+    def _withdraw(self, request: Request) -> None:
+        """Take a cancelled request out of the waiting queue and resolve it (a running one is
+        dropped by the loop, which owns the cache slots)."""
+        with self._wake:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                return  # admitted (the loop drops it) or already gone
+        self._resolve(request, "cancelled")
 
     def generate(self, prompt: Prompt, params: SamplingParams) -> Result:
         """Submit and wait; runs the loop here when no worker thread does."""
@@ -314,11 +339,38 @@ class Engine:
                     continue
             try:
                 self.run_once()
-            except Exception:  # a step that fails fails its rows (run_once does), never the loop
-                log.exception("engine step failed")
+            except EngineDead:
+                return  # every request has its error; the server reports it and exits
+
+    def _die(self, exc: Exception) -> EngineDead:
+        """Fail every waiting and running request without touching the device again (after a CUDA
+        error any kernel may fail too), and refuse every later one."""
+        dead = EngineDead(f"the engine failed and serves no more requests: {type(exc).__name__}: {exc}"[:500])
+        log.critical("%s", dead, exc_info=exc)
+        with self._wake:
+            self.dead = dead
+            pending = [*self.waiting, *self.running, *(self._in_flight[0] if self._in_flight else [])]
+            self.waiting.clear()
+        self.running, self._in_flight = [], None
+        for request in pending:
+            request.slot = -1
+            if not request.future.done():
+                request.future.set_exception(dead)
+        return dead
 
     # ---- one turn: admit, prefill, decode
     def run_once(self) -> None:
+        """One turn of the loop (:meth:`_turn`); any exception it raises kills the engine
+        (:meth:`_die`) and is raised again as :class:`EngineDead`. A failure that concerns one
+        request (its prefill, its grammar) fails that request inside the turn instead."""
+        if self.dead is not None:
+            raise self.dead
+        try:
+            self._turn()
+        except Exception as exc:
+            raise self._die(exc) from exc
+
+    def _turn(self) -> None:
         """Admit what fits and prefill it; launch one decoding step for every running row; then
         read the previous step's tokens while this one runs on the GPU.
 
@@ -352,25 +404,17 @@ class Engine:
         this step's tokens are recorded: finishing moves cache slots."""
         rows = list(self.running)
         ended: list[tuple[Request, str, Exception | None]] = []
-        launched = None
-        try:
-            started = time.perf_counter()
-            logits = self.decoder.step(len(rows))
-            if previous is not None and any(r.grammar is not None for r in rows):
-                self._collect(*previous, ended=ended)
-                previous = None
-            over = {id(request) for request, _, _ in ended}
-            self._constrain(logits, [r if id(r) not in over else None for r in rows])
-            tokens = choose_tokens(logits, rows)
-            self.decoder.accept(0, tokens)
-            self.stats.step(len(rows), time.perf_counter() - started)
-            launched = rows, self._to_host(tokens)
-        except Exception as exc:
-            log.exception("decoding step failed for %d rows", len(rows))
-            done = {id(request) for request, _, _ in ended}
-            for request in rows:
-                if request.slot >= 0 and id(request) not in done:
-                    self._finish(request, "error", exc)
+        started = time.perf_counter()
+        logits = self.decoder.step(len(rows))  # a failure here kills the engine (run_once)
+        if previous is not None and any(r.grammar is not None for r in rows):
+            self._collect(*previous, ended=ended)
+            previous = None
+        over = {id(request) for request, _, _ in ended}
+        self._constrain(logits, [r if id(r) not in over else None for r in rows])
+        tokens = choose_tokens(logits, rows)
+        self.decoder.accept(0, tokens)
+        self.stats.step(len(rows), time.perf_counter() - started)
+        launched = rows, self._to_host(tokens)
         for request, reason, error in ended:
             self._finish(request, reason, error)
         return previous, launched
@@ -588,4 +632,4 @@ class Engine:
             closed_early=request.grammar is not None and request.grammar.closed_early))
 
 
-__all__ = ["Engine", "EngineMetrics", "Overloaded", "Prompt", "PromptTooLong", "Request", "Result", "SamplingParams"]
+__all__ = ["Engine", "EngineDead", "EngineMetrics", "Overloaded", "Prompt", "PromptTooLong", "Request", "Result", "SamplingParams"]

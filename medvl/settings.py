@@ -189,6 +189,9 @@ class ApiSettings:
     max_image_pixels: int = 40_000_000
     request_timeout_s: float = 120.0
     max_new_tokens: int = 512  # answer tokens for /extract and /analyze, and chat's default max_tokens
+    # After the engine dies (any failure in its loop), /health answers 503 for this long, so a
+    # probe sees why, then the process exits non-zero for its supervisor to restart it.
+    dead_engine_exit_s: float = 5.0
 
 
 # What a served model's answers depend on: every setting but where the server listens. The
@@ -453,6 +456,7 @@ def _check_values(s: Settings) -> list[str]:
         p.append("api.port: must lie in 1..65535")
     p += [f"api.{name}: must be > 0" for name in ("max_upload_mb", "max_image_pixels", "request_timeout_s",
                                                   "max_new_tokens") if not getattr(s.api, name) > 0]
+    p += ["api.dead_engine_exit_s: must be >= 0"] if s.api.dead_engine_exit_s < 0 else []
     return p
 
 

@@ -162,3 +162,46 @@ def test_prompts_at_the_exact_limit_prefilled_together_stay_inside_their_slots(e
     assert [r.generated_tokens for r in results] == [limit - chat.length] * 3 + [limit - page.length]
     assert all(r.token_ids == chat_alone for r in results[:3]) and results[3].token_ids == page_alone
     assert int(engine.decoder.write_at.max()) <= limit
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue_at_once(engine, prompts):
+    """A request that times out while it waits no longer holds a place under max_waiting (it
+    once did until it reached the head of the queue, causing 503s during the overload that made
+    it time out)."""
+    requests = [engine.submit(prompts[i % 3], SamplingParams(4)) for i in range(6)]
+    assert engine.num_waiting == 6
+    requests[5].cancel()
+    assert engine.num_waiting == 5 and requests[5].future.result().finish_reason == "cancelled"
+    results = run_to_end(engine, requests[:5])
+    assert [r.finish_reason for r in results] == ["length"] * 5
+
+
+def test_a_failing_step_kills_the_engine_loudly(tiny_model_dir, tiny_settings, prompts):
+    """vLLM's EngineDeadError behaviour: a decoding step that raises (on a GPU, a device-side
+    assert poisons the CUDA context) fails every running and waiting request with EngineDead,
+    refuses every later one, and ends the loop thread, instead of logging and going on."""
+    from medvl.engine import EngineDead
+    from medvl.modeling import load_processor
+    from medvl.serving import build_engine
+
+    engine = build_engine(load_model(tiny_model_dir, tiny_settings), load_processor(tiny_model_dir, None),
+                          tiny_settings.decode, slots=2)
+    calls = {"n": 0}
+    step = engine.decoder.step
+
+    def failing_step(rows):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA error: device-side assert triggered (injected)")
+        return step(rows)
+
+    engine.decoder.step = failing_step
+    engine.start()
+    requests = [engine.submit(prompts[i], SamplingParams(20, ignore_eos=True)) for i in range(3)]  # one waits
+    for request in requests:
+        with pytest.raises(EngineDead, match="injected"):
+            request.future.result(timeout=120)
+    engine._thread.join(timeout=10)
+    assert not engine._thread.is_alive() and engine.dead is not None
+    with pytest.raises(EngineDead):
+        engine.submit(prompts[0], SamplingParams(4))
