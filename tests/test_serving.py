@@ -4,6 +4,9 @@ client (tiny model, CPU, the real server in a subprocess)."""
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +16,7 @@ import openai
 import pytest
 from PIL import Image
 
-from bench.validate import running_server
+from bench.validate import free_port, running_server, wait_ready
 from medvl.records import RECORD_SCHEMA
 
 TIMEOUT_S = 3
@@ -144,6 +147,34 @@ def test_a_request_longer_than_the_context_is_a_400_naming_the_limit(client, mes
     assert refused.value.body["code"] == "context_length_exceeded" and "decode.max_cache_len" in str(refused.value)
 
 
+def test_a_streamed_request_over_the_context_is_the_same_400(client, messages):
+    """Validated and submitted before the stream starts: the client gets the 400 (it once got a
+    200 and an empty event stream, without an error event or [DONE])."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="medvl", messages=messages, max_tokens=5000, stream=True)
+    assert refused.value.body["code"] == "context_length_exceeded"
+
+
+def test_max_tokens_defaults_to_the_context_left(server, client, messages):
+    """Without max_tokens an answer may use the context the prompt leaves (capped by
+    api.max_new_tokens): a prompt near the limit is answered, not refused for a parameter the
+    client never sent; one that leaves no room is a 400 naming the prompt."""
+    def prompt_tokens(words: int) -> int:
+        return client.chat.completions.create(model="medvl", max_tokens=1, messages=[
+            {"role": "user", "content": "BID " * words}]).usage.prompt_tokens
+
+    first, second = prompt_tokens(100), prompt_tokens(200)
+    words = 100 + round((1016 - first) * 100 / (second - first))  # a prompt 8 tokens short of the context
+    near = client.chat.completions.create(model="medvl", messages=[{"role": "user", "content": "BID " * words}],
+                                          extra_body={"ignore_eos": True})
+    assert 1024 - 16 < near.usage.prompt_tokens < 1024  # over the server's --max-new-tokens 16 of room
+    assert near.usage.prompt_tokens + near.usage.completion_tokens == 1024  # the answer took the room left
+    with pytest.raises(openai.BadRequestError) as refused:
+        over = [{"role": "user", "content": [messages[0]["content"][0], {"type": "text", "text": "BID " * words}]}]
+        client.chat.completions.create(model="medvl", messages=over)  # the page's tokens on top: over 1,024
+    assert refused.value.body["param"] == "messages" and "leaves no room" in refused.value.body["message"]
+
+
 def test_an_unknown_model_is_a_404(client, messages):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=4)
@@ -228,6 +259,63 @@ def test_overload_is_a_503_with_retry_after(phases_1_2):
             return r.status_code, r.headers.get("retry-after"), r.json()
         with ThreadPoolExecutor(max_workers=8) as pool:
             results = list(pool.map(one, range(8)))
-    refused = [r for r in results if r[0] == 503]
-    assert refused and all(r[1] and r[2]["error"]["code"] == "overloaded" for r in refused)
-    assert {r[0] for r in results} <= {200, 503} and any(r[0] == 200 for r in results)
+        refused = [r for r in results if r[0] == 503]
+        assert refused and all(r[1] and r[2]["error"]["code"] == "overloaded" for r in refused)
+        assert {r[0] for r in results} <= {200, 503} and any(r[0] == 200 for r in results)
+        # streamed, the same 503 (submitted before the stream starts), as the openai client sees it
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def streamed(_):
+            try:
+                for _chunk in client.chat.completions.create(
+                        model="medvl", max_tokens=200, stream=True, extra_body={"ignore_eos": True},
+                        messages=[{"role": "user", "content": "Write a long note."}]):
+                    pass
+            except openai.APIStatusError as exc:
+                return exc.status_code
+            return 200
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            statuses = list(pool.map(streamed, range(8)))
+    assert 503 in statuses and set(statuses) <= {200, 503}
+
+
+# The server with a decoding step that fails once a marker file exists (the test creates it after
+# start-up): the injected failure stands for a CUDA error in a compiled step.
+FAILING_SERVER = """
+import pathlib, sys
+from medvl.decoding import SlotDecoder
+marker, step = pathlib.Path(sys.argv[1]), SlotDecoder.step
+def failing_step(self, rows):
+    if marker.exists():
+        raise RuntimeError("CUDA error: device-side assert triggered (injected)")
+    return step(self, rows)
+SlotDecoder.step = failing_step
+from api.server import main
+main(sys.argv[2:])
+"""
+
+
+def test_a_dead_engine_makes_health_503_and_the_process_exit_non_zero(phases_1_2, tmp_path):
+    marker = tmp_path / "fail-now"
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", FAILING_SERVER, str(marker), "--workdir", str(phases_1_2),
+                                 "--port", str(port), "--set", "api.dead_engine_exit_s=3"],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc, 300, log_path)
+        marker.touch()
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+            "model": "medvl", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead", r.text
+        health = httpx.get(f"{base}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "dead" and "injected" in health.json()["error"]
+        again = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+            "model": "medvl", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]})
+        assert again.status_code == 503 and again.json()["error"]["code"] == "engine_dead"
+        assert proc.wait(timeout=60) == 1  # after the grace period: a supervisor restarts it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
