@@ -52,7 +52,7 @@ async def chat_completions(body: ChatRequest, http: Request, state: State):
     if params.response_format is not None:
         # A schema that does not compile is a 400 before anything runs (compiled off the event loop; cached).
         await asyncio.to_thread(engine.grammars.compile, params.response_format)
-    messages, image = chat_to_messages(body, state)
+    messages, image = chat_to_messages(body)
     prompt = await state.prepare(image, messages=messages)
     params = replace(params, max_tokens=state.answer_tokens(prompt, body.max_completion_tokens or body.max_tokens))
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -117,8 +117,9 @@ def response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
                    "'json_schema'", param="response_format")
 
 
-def chat_to_messages(body: ChatRequest, state: ServerState) -> tuple[list[dict[str, Any]], Any]:
-    """OpenAI messages -> Qwen chat messages plus the decoded image (at most one)."""
+def chat_to_messages(body: ChatRequest) -> tuple[list[dict[str, Any]], bytes | None]:
+    """OpenAI messages -> Qwen chat messages plus the image's bytes (at most one; decoded later,
+    off the event loop)."""
     messages: list[dict[str, Any]] = []
     image = None
     for message in body.messages:
@@ -132,7 +133,7 @@ def chat_to_messages(body: ChatRequest, state: ServerState) -> tuple[list[dict[s
                 continue
             if image is not None:
                 raise BadInput("one image per request is supported", 400, "too_many_images")
-            image = state.decode_image(decode_data_url(part.image_url.url if part.image_url else ""))
+            image = decode_data_url(part.image_url.url if part.image_url else "")
             parts.append({"type": "image"})
         messages.append({"role": message.role, "content": parts})
     return messages, image

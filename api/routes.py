@@ -20,8 +20,9 @@ from medvl.settings import SERVED_SETTINGS
 router = APIRouter()
 
 
-async def read_image(state: ServerState, file: UploadFile) -> Any:
-    return state.decode_image(await file.read(state.max_bytes + 1))
+async def read_upload(state: ServerState, file: UploadFile) -> bytes:
+    """The upload's bytes (held in memory: api/uploads.py); decoded later, off the event loop."""
+    return await file.read(state.max_bytes + 1)
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
@@ -54,10 +55,10 @@ async def extract(http: Request, state: State,
     """Structured medical record from a document image, decoded under the record's JSON schema
     (or read by OCR + rules on a server started with ``--model ocr``)."""
     state.check_ready()
-    image = await read_image(state, file)
+    data = await read_upload(state, file)
     if state.served.engine is None:
-        return await ocr_extract(state, image)
-    prompt = await state.prepare(image, EXTRACTION_PROMPT)
+        return await ocr_extract(state, data)
+    prompt = await state.prepare(data, EXTRACTION_PROMPT)
     result = await state.generate(prompt, SamplingParams(state.answer_tokens(prompt), response_format=RECORD_FORMAT),
                                   http)
     return ExtractResponse(request_id=uuid.uuid4().hex, **structured_result(result.text), raw_text=result.text,
@@ -65,9 +66,9 @@ async def extract(http: Request, state: State,
                            model=state.model_info())
 
 
-async def ocr_extract(state: ServerState, image: Any) -> ExtractResponse:
+async def ocr_extract(state: ServerState, data: bytes) -> ExtractResponse:
     """/extract from the OCR + rules baseline: the record its rules read, with the same flags."""
-    return ExtractResponse(request_id=uuid.uuid4().hex, **await state.ocr_extract(image),
+    return ExtractResponse(request_id=uuid.uuid4().hex, **await state.ocr_extract(data),
                            usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0), model=state.model_info())
 
 
@@ -77,8 +78,8 @@ async def analyze(http: Request, state: State, file: Annotated[UploadFile, File(
     """Free-text answer to a prompt about a document image."""
     state.engine()
     prompt = check_prompt(prompt)
-    image = await read_image(state, file)
-    prepared = await state.prepare(image, prompt)
+    data = await read_upload(state, file)
+    prepared = await state.prepare(data, prompt)
     result = await state.generate(prepared, SamplingParams(state.answer_tokens(prepared)), http)
     return AnalyzeResponse(request_id=uuid.uuid4().hex, text=result.text, latency_s=result.latency_s,
                            usage=usage(result), model=state.model_info())

@@ -28,6 +28,7 @@ from api.config import ServerConfig, served_model
 from api.errors import envelope, install_error_handlers
 from api.metrics import ServerMetrics
 from api.state import ServerState
+from api.uploads import BodyLimit, body_limit, keep_uploads_in_memory
 from medvl.serving import Served
 from medvl.workdir import Workdir
 
@@ -52,6 +53,8 @@ def create_app(config: ServerConfig, served: Served | None = None, model_kind: s
     app = FastAPI(title="medvl API", version="0.2.0", lifespan=lifespan,
                   description="Medical document understanding with a QLoRA-fine-tuned Qwen2.5-VL.")
     app.state.medvl = state
+    limit = body_limit(config.settings.api.max_upload_mb)
+    keep_uploads_in_memory(limit)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
@@ -77,6 +80,7 @@ def create_app(config: ServerConfig, served: Served | None = None, model_kind: s
         return response
 
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=limit)  # added last: the outermost, before anything reads the body
     app.include_router(routes.router)
     app.include_router(openai_chat.router)
     return app

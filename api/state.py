@@ -4,9 +4,12 @@ request through the engine (timeouts and hang-ups cancel the request and free it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -16,7 +19,7 @@ from api.errors import ApiError
 from api.metrics import ServerMetrics
 from api.schemas import ModelInfo, Usage
 from medvl import ocr
-from medvl.engine import Engine, Prompt, Result, SamplingParams
+from medvl.engine import Engine, Overloaded, Prompt, Result, SamplingParams
 from medvl.engine import Request as EngineRequest
 from medvl.images import BadInput, decode_image
 from medvl.serving import Served
@@ -37,6 +40,8 @@ class ServerState:
     model_kind: str
     metrics: ServerMetrics
     workdir: Workdir
+    preparing: int = 0  # requests admitted to preparation (decoding, templating), not yet submitted
+    _admission_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def settings(self) -> Settings:
@@ -71,8 +76,28 @@ class ServerState:
     def decode_image(self, data: bytes) -> Any:
         return decode_image(data, self.max_bytes, self.settings.api.max_image_pixels)
 
-    async def prepare(self, image: Any, prompt: str = "", messages: list[dict[str, Any]] | None = None) -> Prompt:
-        """Template and image processing, in a worker thread (off the event loop and the engine).
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """A place among the requests being prepared, or :class:`Overloaded` (503 with
+        Retry-After) before any expensive work: requests in preparation and those waiting for a
+        slot together stay within ``decode.max_waiting`` (they once queued without bound for the
+        two preparation threads, ahead of the engine's own limit)."""
+        engine = self.served.engine
+        with self._admission_lock:
+            waiting = engine.num_waiting if engine is not None else 0
+            if self.preparing + waiting >= self.settings.decode.max_waiting:
+                raise Overloaded(f"{self.preparing} requests are being prepared and {waiting} wait for a slot "
+                                 "(decode.max_waiting); retry shortly")
+            self.preparing += 1
+        try:
+            yield
+        finally:
+            with self._admission_lock:
+                self.preparing -= 1
+
+    async def prepare(self, data: bytes | None, prompt: str = "", messages: list[dict[str, Any]] | None = None) -> Prompt:
+        """Image decoding, template and image processing, in a worker thread (off the event loop
+        and the engine), once admitted (:meth:`admission`).
 
         Two threads of its own rather than the server's pool of 40: the processor runs one
         request at a time anyway (see ``Engine.prepare``), and every thread that allocates a
@@ -82,13 +107,17 @@ class ServerState:
         engine = self.engine()
 
         def prepare() -> Prompt:  # a prompt (/extract, /analyze) as in training; chat's messages as sent
+            image = self.decode_image(data) if data is not None else None
             return engine.prepare(image, self.served.prompt_for(image, prompt) if messages is None else prompt, messages)
 
-        return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, prepare)
+        with self.admission():
+            return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, prepare)
 
-    async def ocr_extract(self, image: Any) -> dict[str, Any]:
-        """The OCR baseline's result for a page (``--model ocr``), in a worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, ocr.structured_result, image)
+    async def ocr_extract(self, data: bytes) -> dict[str, Any]:
+        """The OCR baseline's result for a page (``--model ocr``), decoded and read in a worker thread."""
+        with self.admission():
+            return await asyncio.get_running_loop().run_in_executor(
+                PREPARE_POOL, lambda: ocr.structured_result(self.decode_image(data)))
 
     async def wait(self, request: EngineRequest, http: Request) -> Result:
         """The request's result; on timeout (504) or client hang-up the request is cancelled."""

@@ -228,3 +228,33 @@ def test_perf_serving_smoke_run_measures_every_level_over_http(phases_1_2, tmp_p
         else:  # /extract ends at the end-of-sequence token or the server's 8
             assert 0 < level["tokens_per_request"] <= 8
         assert level["ttft_s"]["n"] > 0 and level["engine"]["steps"] > 0
+
+
+def test_uploads_stay_in_memory_and_over_the_limit_are_refused_before_reading(phases_1_4, monkeypatch):
+    """A page over 1 MB once went to a temporary file (Starlette spools multipart parts there);
+    now every part stays in memory, and a body over the limit is a 413 from its Content-Length, or
+    while it is read when it comes without one (chunked), never after all of it arrived."""
+    import tempfile
+
+    rolled_over = []
+    real = tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: rolled_over.append(1) or real(*a, **k))
+    settings = load_settings("tiny", ["api.max_upload_mb=4"])
+    served = ServedModel(phases_1_4 / "models" / "tiny-qwen25-vl-base", settings)
+    client = TestClient(create_app(ServerConfig(workdir=str(phases_1_4), settings=settings), served=served))
+    big_page = png(Image.effect_noise((1100, 1100), 60).convert("RGB"))  # ~3.6 MB of PNG: under 4 MB
+    assert 1 << 20 < len(big_page) < 4 << 20
+    r = client.post("/extract", files={"file": ("p.png", big_page, "image/png")})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"  # parsed, then refused: not loaded
+    assert rolled_over == []  # the 3.6 MB part never touched the disk
+    too_big = b"\x89PNG" + bytes(7 << 20)
+    r = client.post("/extract", files={"file": ("p.png", too_big, "image/png")})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large" and "bytes or more" in r.text
+
+    def chunks():  # no Content-Length: the limit applies while reading
+        for _ in range(16):
+            yield bytes(1 << 20)
+
+    r = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+    assert rolled_over == []
