@@ -102,8 +102,5 @@ async def benchmark_files(state: State):
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def prometheus_metrics(state: State):
-    engine = state.served.engine if state.served.ready.is_set() else None
-    text = state.metrics.render(engine.num_running if engine else 0, engine.num_waiting if engine else 0,
-                                engine.kv_cache_usage if engine else 0.0, engine is not None,
-                                engine.stats if engine else None)
+    text = state.metrics.render(state.served.engine if state.served.ready.is_set() else None)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

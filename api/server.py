@@ -37,7 +37,7 @@ log = logging.getLogger("medvl.api")
 
 def create_app(config: ServerConfig, served: Served | None = None, model_kind: str = "custom") -> FastAPI:
     """Wire the app; the served model starts loading when the app starts (lifespan)."""
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(config.served_model_name)
     wd = Workdir.at(config.workdir or None)
     if served is None:
         served, model_kind = served_model(config, wd, metrics)
@@ -76,7 +76,18 @@ def create_app(config: ServerConfig, served: Served | None = None, model_kind: s
         except Exception:
             log.exception("unhandled error on %s", route)
             response = envelope(500, "internal_error", "internal error; see the server log")
-        _record(state, access, route, request.method, response.status_code, started)
+            _record(state, access, route, request.method, response.status_code, started)
+            return response
+        body, status = response.body_iterator, response.status_code
+
+        async def recorded_at_the_end():  # a stream's latency is its whole length, not its headers'
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:
+                _record(state, access, route, request.method, status, started)
+
+        response.body_iterator = recorded_at_the_end()
         return response
 
     install_error_handlers(app)

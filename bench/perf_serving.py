@@ -172,9 +172,10 @@ def server_counters(metrics_text: str) -> dict[str, float]:
     out = {}
     for line in metrics_text.splitlines():
         match = re.match(r"^(medvl_(?:time_to_first_token_seconds|inter_token_latency_seconds|engine_\w+?)"
-                         r"(?:_(?:sum|count|bucket))?)(\{le=\"([^\"]+)\"\})? (\S+)$", line)
+                         r"(?:_(?:sum|count|bucket))?)(?:_total)?(\{[^}]*\})? (\S+)$", line)
         if match:
-            out[match.group(1) + (f"@{match.group(3)}" if match.group(3) else "")] = float(match.group(4))
+            le = re.search(r'le="([^"]+)"', match.group(2) or "")
+            out[match.group(1) + (f"@{le.group(1)}" if le else "")] = float(match.group(3))
     return out
 
 

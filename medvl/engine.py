@@ -314,8 +314,14 @@ class Engine:
         return len(self.running)
 
     @property
-    def kv_cache_usage(self) -> float:
-        """Share of the cache's token capacity that running rows fill (0..1)."""
+    def kv_cache_reserved(self) -> float:
+        """Share of the cache that running rows hold (0..1): each holds a whole slot, so with every
+        slot taken this is 1 and the next request waits, however few tokens are filled."""
+        return len(self.running) / self.decoder.slots
+
+    @property
+    def kv_cache_filled(self) -> float:
+        """Share of the cache's token positions that running rows fill (0..1)."""
         used = sum(r.prompt.length + len(r.tokens) for r in self.running)
         return used / (self.decoder.slots * self.decoder.max_cache_len)
 

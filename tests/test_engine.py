@@ -1,6 +1,7 @@
 """The continuous-batching engine on the tiny model (CPU): rows join and leave independently and
 each gets exactly what it gets alone; cancelled requests free their slots; sampling repeats."""
 
+import re
 import threading
 import time
 
@@ -205,3 +206,24 @@ def test_a_failing_step_kills_the_engine_loudly(tiny_model_dir, tiny_settings, p
     assert not engine._thread.is_alive() and engine.dead is not None
     with pytest.raises(EngineDead):
         engine.submit(prompts[0], SamplingParams(4))
+
+
+def test_metrics_read_as_a_serving_engineer_reads_them(engine, prompts):
+    """Cache usage counts reserved slots (a row holds its whole slot: every slot taken reads 1,
+    where the token count read ~0.6), tokens filled are a second gauge, the engine's totals are
+    counters, and engine metrics carry the model_name label vLLM's dashboards filter on."""
+    from api.metrics import ServerMetrics
+
+    metrics = ServerMetrics("medvl-test")
+    requests = [engine.submit(prompts[i % 3], SamplingParams(8)) for i in range(4)]
+    engine.run_once()
+    text = metrics.render(engine)
+    assert 'medvl_kv_cache_usage_perc{model_name="medvl-test"} 1.0' in text  # 4 rows in 4 slots
+    filled = float(next(line.split()[-1] for line in text.splitlines()
+                        if line.startswith("medvl_kv_cache_filled_perc{")))
+    assert 0 < filled < 1
+    assert re.search(r"# TYPE medvl_engine_prefills(_total)? counter", text)
+    assert 'medvl_engine_prefills_total{model_name="medvl-test"}' in text
+    assert 'medvl_num_requests_running{model_name="medvl-test"} 4.0' in text
+    run_to_end(engine, requests)
+    assert 'medvl_kv_cache_usage_perc{model_name="medvl-test"} 0.0' in metrics.render(engine)
