@@ -182,6 +182,7 @@ def test_api_validation_and_report_files(full_run):
     # the OCR-grounded prompt experiment: not run here, so the committed tiny measurement, labelled
     assert "## OCR-grounded prompt (experiment)" in markdown
     assert "Source: docs/results/cpu/ocr_grounded_prompt.json (committed" in markdown
+    assert "grounded vs plain prompts (fine-tuned), extraction_f1: +0.004 [+0.000, +0.013]: no significant" in markdown
     for figure in re.findall(r"\(figures/([\w.]+\.png)\)", markdown):
         assert (wd / "docs" / "figures" / figure).stat().st_size > 1000
     readme = (wd / "README.md").read_text()
