@@ -175,6 +175,26 @@ def test_max_tokens_defaults_to_the_context_left(server, client, messages):
     assert refused.value.body["param"] == "messages" and "leaves no room" in refused.value.body["message"]
 
 
+def test_chats_at_the_exact_limit_beside_pages_all_answer(server, client, page_png):
+    """Issue 30's reproduction over HTTP: text-only chats whose prompt + max_tokens is exactly the
+    context, sent together with /extract pages (prefilled in one batch with them), once answered
+    500 (a write past the cache); every one answers 200 with all its tokens."""
+    text = [{"role": "user", "content": "Name one drug and its dose."}]
+    exact = 1024 - client.chat.completions.create(model="medvl", max_tokens=1, messages=text).usage.prompt_tokens
+
+    def chat(_):
+        return client.chat.completions.create(model="medvl", max_tokens=exact, messages=text,
+                                              extra_body={"ignore_eos": True}).usage.completion_tokens
+
+    def extract(_):
+        return httpx.post(f"{server}/extract", files={"file": ("p.png", page_png, "image/png")}, timeout=300).status_code
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        pages = [pool.submit(extract, i) for i in range(2)]
+        chats = [pool.submit(chat, i) for i in range(2)]
+        assert [c.result() for c in chats] == [exact, exact] and [p.result() for p in pages] == [200, 200]
+
+
 def test_an_unknown_model_is_a_404(client, messages):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=4)
