@@ -24,7 +24,7 @@ from conftest import REPO, extend_run
 @pytest.fixture(scope="module")
 def server(phases_1_4):
     """The server on the tiny base model (phases 1-4 ran), short answers so the suite stays quick."""
-    with running_server(phases_1_4, extra_args=["--max-new-tokens", "24", "--max-upload-mb", "8"]) as base:
+    with running_server(phases_1_4, extra_args=["--max-new-tokens", "48", "--max-upload-mb", "8"]) as base:
         yield base
 
 
@@ -62,7 +62,7 @@ def test_extract_returns_the_documented_envelope(server, page):
 
 def test_server_serves_the_awq_checkpoint_4_bit_when_asked(phases_1_4, page):
     """--weights awq: phase 4's compressed-tensors checkpoint in the int4 kernel, /extract as usual."""
-    with running_server(phases_1_4, extra_args=["--weights", "awq", "--max-new-tokens", "24"]) as base:
+    with running_server(phases_1_4, extra_args=["--weights", "awq", "--max-new-tokens", "48"]) as base:
         health = httpx.get(f"{base}/health", timeout=5).json()
         assert health["weights"] == "awq" and health["model_path"].endswith("tiny-qwen25-vl-awq-int4")
         assert "AWQ int4" in health["decoding"]
