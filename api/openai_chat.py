@@ -173,6 +173,7 @@ async def stream_chat(state: ServerState, request: EngineRequest, pieces: asynci
 
     future = asyncio.wrap_future(request.future)
     deadline = loop.time() + state.settings.api.request_timeout_s
+    getter: asyncio.Future | None = None
     try:
         yield event({"role": "assistant", "content": ""})
         while not future.done():
@@ -209,3 +210,5 @@ async def stream_chat(state: ServerState, request: EngineRequest, pieces: asynci
         yield "data: [DONE]\n\n"
     finally:
         request.cancel()  # a no-op once finished; frees the slot when the client went away
+        if getter is not None and not getter.done():
+            getter.cancel()  # a client that hung up leaves the wait for the next piece pending
