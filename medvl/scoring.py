@@ -283,10 +283,18 @@ def _interval(samples: np.ndarray) -> list[float]:
 _TOTALS = ("expected", "answered", "correct", "named")
 
 
-def _record_samples(rows: list[dict[str, Any]], idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Each record figure over the bootstrap resamples ``idx`` of ``rows``."""
-    counts = np.array([[sum(c[k] for c in r["counts"].values()) for k in _TOTALS] for r in rows], dtype=float)
-    e, a, c, named = (counts[idx][..., i].sum(axis=1) for i in range(4))
+def _counts(rows: list[dict[str, Any]]) -> np.ndarray:
+    """Each record row's summed counts over item types, ``[cases, 4]`` in :data:`_TOTALS` order."""
+    return np.array([[sum(c[k] for c in r["counts"].values()) for k in _TOTALS] for r in rows], dtype=np.int64)
+
+
+def _totals(counts: np.ndarray) -> dict[str, int]:
+    return {k: int(v) for k, v in zip(_TOTALS, counts.sum(axis=0), strict=True)}
+
+
+def _record_samples(counts: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Each record figure over the bootstrap resamples ``idx`` of the cases' ``counts``."""
+    e, a, c, named = (counts[idx][..., i].sum(axis=1).astype(float) for i in range(4))
     with np.errstate(divide="ignore", invalid="ignore"):
         return {"precision": np.nan_to_num(c / a), "recall": np.nan_to_num(c / e),
                 "f1": np.nan_to_num(2 * c / (a + e)), "name_recall": np.nan_to_num(named / e)}
@@ -296,9 +304,10 @@ def extraction_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Micro figures with 95% intervals, per type, per field, parse status and error analysis."""
     if not rows:
         return {"cases": 0}
-    totals = {k: sum(sum(c[k] for c in r["counts"].values()) for r in rows) for k in _TOTALS}
+    counts = _counts(rows)
+    totals = _totals(counts)
     point = record_figures(totals)
-    samples = _record_samples(rows, _bootstrap_indices(len(rows)))
+    samples = _record_samples(counts, _bootstrap_indices(len(rows)))
     by_type = {}
     for item_type in ITEM_FIELDS:
         type_totals = {k: sum(r["counts"][item_type][k] for r in rows) for k in _TOTALS}
@@ -366,9 +375,9 @@ def compare_rows(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> 
     rec_a, rec_b = [r for r in rows_a if r["record"]], [r for r in rows_b if r["record"]]
     if rec_a:
         idx = _bootstrap_indices(len(rec_a))
-        sa, sb = _record_samples(rec_a, idx), _record_samples(rec_b, idx)
-        out["extraction_f1"] = _difference(sa["f1"], sb["f1"], extraction_summary(rec_a)["f1"]["value"]
-                                           - extraction_summary(rec_b)["f1"]["value"])
+        ca, cb = _counts(rec_a), _counts(rec_b)
+        point = record_figures(_totals(ca))["f1"] - record_figures(_totals(cb))["f1"]
+        out["extraction_f1"] = _difference(_record_samples(ca, idx)["f1"], _record_samples(cb, idx)["f1"], point)
     free_a, free_b = [r for r in rows_a if not r["record"]], [r for r in rows_b if not r["record"]]
     if free_a:
         idx = _bootstrap_indices(len(free_a))
