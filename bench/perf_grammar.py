@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What a grammar costs per decoding step, on this run's tokenizer and on a 151 k-token one.
+"""What a grammar costs per decoding step, on this run's tokenizer.
 
 Two measurements, each over the training answers of ``--answers`` synthetic documents replayed
 token by token under the extraction record's schema (every answer token, and the end token
@@ -13,10 +13,9 @@ its speed):
   together per step (parallel fill, copy to the device, masking kernel, padding columns),
   with and without the steering that closes JSON as a budget runs out.
 
-The run's tokenizer is the stand-in's (1,778 tokens for 7b-random, far fewer than Qwen's
-151,665, so its masks are cheap); ``--large-vocab`` also trains a byte-level BPE of that many
-tokens with Qwen's pre-tokenizer on the text of the installed Python packages (~1 minute on
-2 cores) and measures the same on it, with the model's 152,064 logit columns.
+The run's tokenizer is the model's: for 7b-random, Qwen2.5's own (151,665 tokens in 152,064
+logit columns, as the real model), so the masks cost what they cost at full vocabulary; tiny's
+is a small trained one and measures only the plumbing.
 
     python bench/perf_grammar.py --profile 7b-random
 
@@ -29,9 +28,7 @@ import json
 import shlex
 import statistics
 import sys
-import sysconfig
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,16 +41,11 @@ from medvl.modeling import load_processor
 from medvl.phase import log, run_tool
 from medvl.records import RECORD_FORMAT, RECORD_SCHEMA
 from medvl.settings import Settings
-from medvl.standin import qwen_tokenizer, train_tokenizer
 from medvl.workdir import Workdir
-
-LARGE_CORPUS_BYTES = 300 * 2**20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answers", type=int, default=32, help="training answers replayed (default: %(default)s)")
-    parser.add_argument("--large-vocab", type=int, default=151643,
-                        help="also measure on a BPE of this many tokens trained here (0: skip; default: %(default)s)")
     parser.add_argument("--out", default="", help="output JSON (default: benchmarks/perf_grammar.json)")
 
 
@@ -148,18 +140,6 @@ def engine_masks(tokenizer, logits_width: int, end: int, answers: list[list[int]
     return {"rows": rows, "steering": steering, "step_us": microseconds(times)}
 
 
-def installed_text() -> Iterator[str]:
-    """The installed packages' Python and text files, up to LARGE_CORPUS_BYTES, in a fixed order."""
-    total = 0
-    for path in sorted(Path(sysconfig.get_paths()["purelib"]).rglob("*")):
-        if path.suffix in (".py", ".pyi", ".md", ".rst", ".txt") and path.is_file():
-            text = path.read_text(errors="ignore")
-            total += len(text)
-            yield text
-            if total > LARGE_CORPUS_BYTES:
-                return
-
-
 def measure(name: str, tokenizer, logits_width: int, answers_text: list[str], device: torch.device) -> dict:
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers_text]
@@ -186,13 +166,8 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
     report = {**settings.record(("model",)), "command": shlex.join(["python", *sys.argv]),
               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
               "answers": len(answers), "results": []}
-    report["results"].append(measure("run", load_processor(model_dir, None).tokenizer, logits_width, answers, device))
-    if args.large_vocab:
-        started = time.perf_counter()
-        large = qwen_tokenizer(train_tokenizer(args.large_vocab, installed_text()))
-        log.info("trained a %d-token BPE in %.0f s", len(large), time.perf_counter() - started)
-        report["large_tokenizer_train_s"] = time.perf_counter() - started
-        report["results"].append(measure(f"bpe-{len(large)}", large, max(logits_width, 152064), answers, device))
+    report["results"].append(measure(settings.model.standin_tokenizer if settings.model.source == "standin" else "hub",
+                                     load_processor(model_dir, None).tokenizer, logits_width, answers, device))
     atomic_write_json(Path(args.out) if args.out else wd.bench("perf_grammar"), report)
     return report
 

@@ -45,7 +45,11 @@ class ModelSettings:
     # For source=standin: "tiny" dimensions (CPU) or "7b" (the real 7B shapes, random weights).
     standin_architecture: str = "tiny"
     slug: str = "tiny-qwen25-vl"
-    # The vocabulary the offline byte-level BPE tokenizer is trained to (stand-ins only).
+    # The stand-in's tokenizer: "qwen2.5" (the real one, rebuilt offline from its rank file;
+    # 7b-random) or "trained" (a small BPE trained on synthetic text; tiny, whose 128-wide
+    # model 151k embedding rows would swamp).
+    standin_tokenizer: str = "trained"
+    # The vocabulary the "trained" tokenizer is trained to (refused with "qwen2.5").
     standin_tokenizer_vocab: int = 4096
     seed: int = 0
     # Pixel budget of the Qwen2-VL image processor; 28x28 pixels = one visual token.
@@ -400,6 +404,11 @@ def _check_values(s: Settings) -> list[str]:
         p.append("model.max_pixels: must be >= model.min_pixels")
     if not m.slug or "/" in m.slug:
         p.append("model.slug: must be a non-empty folder name")
+    if m.standin_tokenizer not in ("trained", "qwen2.5"):
+        p.append(f"model.standin_tokenizer: must be 'trained' or 'qwen2.5', got {m.standin_tokenizer!r}")
+    if m.standin_tokenizer == "qwen2.5" and m.standin_tokenizer_vocab != ModelSettings.standin_tokenizer_vocab:
+        p.append("model.standin_tokenizer_vocab: applies only to standin_tokenizer 'trained' "
+                 "(Qwen2.5's tokenizer has 151,665 tokens)")
     if m.standin_tokenizer_vocab < 512:
         p.append("model.standin_tokenizer_vocab: must be at least 512 (256 bytes + merges)")
     for name in ("num_documents", "max_new_tokens", "eval_max_new_tokens"):

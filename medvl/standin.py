@@ -10,9 +10,12 @@ Qwen2-VL image processor config, safetensors weights) so that ``AutoProcessor`` 
 - ``7b``: the real 7B dimensions (8.3 B parameters, vocab 152064) with random weights, for
   measuring memory and speed at full scale without a download.
 
-The tokenizer is a byte-level BPE trained here on synthetic medical text, with Qwen's
-pre-tokenizer regex and special tokens. Its ids differ from the real tokenizer's, so the
-config's special-token ids are taken from it; no dimension changes.
+The tokenizer is chosen by ``model.standin_tokenizer``: ``qwen2.5`` is Qwen2.5's real
+151,643-rank byte-level BPE with Qwen2.5-VL's added tokens at their real ids, rebuilt offline
+(``medvl.qwen_tokenizer_build``), so 7B-scale figures count real tokens; ``trained`` is a
+small byte-level BPE trained here on synthetic medical text with Qwen's pre-tokenizer and
+special tokens (151k embedding rows would swamp the tiny model). The config's special-token
+ids are always read from the tokenizer; no dimension changes.
 """
 
 from __future__ import annotations
@@ -27,15 +30,13 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from medvl.documents import tokenizer_corpus
+from medvl.qwen_tokenizer_build import ADDED_TOKENS, N_SPECIAL, build_qwen25_tokenizer
 
 log = logging.getLogger(__name__)
 
 # Qwen2.5's special tokens, in the hub tokenizer's order.
-SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
+SPECIAL_TOKENS = ADDED_TOKENS[:N_SPECIAL]
+TOKENIZERS = ("trained", "qwen2.5")
 
 # Qwen2.5-VL-7B-Instruct's chat template (chat_template.json on the hub).
 CHAT_TEMPLATE = (
@@ -129,12 +130,23 @@ def qwen_tokenizer(bpe: Tokenizer) -> Any:
     return tokenizer
 
 
-def build_processor(vocab_size: int, min_pixels: int, max_pixels: int):
-    """A Qwen2_5_VLProcessor around a freshly trained tokenizer."""
+def build_tokenizer(kind: str, vocab_size: int) -> Any:
+    """Qwen2.5's real tokenizer (``qwen2.5``) or one trained on synthetic text (``trained``)."""
+    if kind == "qwen2.5":
+        log.info("building Qwen2.5's tokenizer from its rank file (151,643 ranks)")
+        return build_qwen25_tokenizer()
+    if kind == "trained":
+        log.info("training a %d-token byte-level BPE tokenizer on synthetic medical text", vocab_size)
+        return qwen_tokenizer(train_tokenizer(vocab_size))
+    raise ValueError(f"unknown stand-in tokenizer {kind!r}; one of {', '.join(TOKENIZERS)}")
+
+
+def build_processor(tokenizer_kind: str, vocab_size: int, min_pixels: int, max_pixels: int):
+    """A Qwen2_5_VLProcessor with the hub's chat template around the chosen tokenizer."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    tokenizer = qwen_tokenizer(train_tokenizer(vocab_size))
+    tokenizer = build_tokenizer(tokenizer_kind, vocab_size)
     image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     video_processor = Qwen2VLVideoProcessor()
     return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -182,8 +194,8 @@ def meta_model(architecture: str, vocab_size: int = 4096):
         return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def build_standin(out_dir: Path, architecture: str, vocab_size: int, min_pixels: int,
-                  max_pixels: int, seed: int) -> dict[str, Any]:
+def build_standin(out_dir: Path, architecture: str, tokenizer_kind: str, vocab_size: int,
+                  min_pixels: int, max_pixels: int, seed: int) -> dict[str, Any]:
     """Write the stand-in snapshot to ``out_dir``; returns what was built.
 
     Weights are drawn on the GPU when one is present (an 8 B model initialised on a CPU
@@ -194,8 +206,7 @@ def build_standin(out_dir: Path, architecture: str, vocab_size: int, min_pixels:
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown stand-in architecture {architecture!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("training a %d-token byte-level BPE tokenizer on synthetic medical text", vocab_size)
-    processor = build_processor(vocab_size, min_pixels, max_pixels)
+    processor = build_processor(tokenizer_kind, vocab_size, min_pixels, max_pixels)
     config = build_config(architecture, processor.tokenizer)
     dtype = torch.bfloat16 if architecture == "7b" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -209,12 +220,15 @@ def build_standin(out_dir: Path, architecture: str, vocab_size: int, min_pixels:
     processor.save_pretrained(out_dir)
     (out_dir / "STANDIN.md").write_text(
         f"# Stand-in for Qwen/Qwen2.5-VL-7B-Instruct ({architecture})\n\n"
-        "Built offline by medvl.standin: the Qwen2.5-VL architecture with random weights and a\n"
-        "tokenizer trained on synthetic medical text. Its outputs are not meaningful text;\n"
-        "use it for plumbing, memory and speed, never for quality claims.\n"
+        "Built offline by medvl.standin: the Qwen2.5-VL architecture with random weights and "
+        + ("Qwen2.5's own tokenizer (rebuilt from its rank file)"
+           if tokenizer_kind == "qwen2.5" else "a tokenizer trained on synthetic medical text")
+        + ".\nIts outputs are not meaningful text; use it for plumbing, memory and speed, never\n"
+        "for quality claims.\n"
     )
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"architecture": architecture, "parameters": n_params, "dtype": str(dtype),
-            "tokenizer_size": len(processor.tokenizer), "init_device": device}
+            "tokenizer": tokenizer_kind, "tokenizer_size": len(processor.tokenizer),
+            "init_device": device}

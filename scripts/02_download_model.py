@@ -36,7 +36,8 @@ def main(settings: Settings, wd: Workdir) -> dict:
         # A stand-in is cheap to rebuild and has no partial state worth keeping.
         shutil.rmtree(model_dir, ignore_errors=True)
         built = standin.build_standin(
-            model_dir, settings.model.standin_architecture, settings.model.standin_tokenizer_vocab,
+            model_dir, settings.model.standin_architecture, settings.model.standin_tokenizer,
+            settings.model.standin_tokenizer_vocab,
             settings.model.min_pixels, settings.model.max_pixels, settings.model.seed)
     fetch_s = time.perf_counter() - started
 

@@ -48,8 +48,8 @@ def run_to_end(engine, requests):
 def tiny_model_dir(tmp_path_factory, tiny_settings) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
     m = tiny_settings.model
-    build_standin(out, m.standin_architecture, m.standin_tokenizer_vocab, m.min_pixels,
-                  m.max_pixels, m.seed)
+    build_standin(out, m.standin_architecture, m.standin_tokenizer, m.standin_tokenizer_vocab,
+                  m.min_pixels, m.max_pixels, m.seed)
     return out
 
 

@@ -17,6 +17,16 @@ def test_profiles_load_and_carry_the_seed_hyperparameters():
     assert (t.save_steps, t.save_total_limit) == (200, 3)
     assert seven.model.source == "hub" and seven.model.require_cuda
     assert load_settings("7b-random").model.standin_architecture == "7b"
+    assert load_settings("7b-random").model.standin_tokenizer == "qwen2.5"
+    assert load_settings("tiny").model.standin_tokenizer == "trained"
+
+
+def test_stand_in_tokenizer_choice_is_checked():
+    with pytest.raises(SettingsError, match="standin_tokenizer: must be 'trained' or 'qwen2.5'"):
+        load_settings("tiny", ["model.standin_tokenizer=gpt2"])
+    # a vocabulary size would be silently ignored by the real tokenizer: refused instead
+    with pytest.raises(SettingsError, match="applies only to standin_tokenizer 'trained'"):
+        load_settings("7b-random", ["model.standin_tokenizer_vocab=8192"])
 
 
 def test_overrides_are_parsed_to_the_field_types():
