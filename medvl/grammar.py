@@ -10,9 +10,11 @@ the greedy choice or sampling, so every answer the model finishes is valid JSON.
 The engine is llguidance, chosen by measurement (``bench/perf_grammar.py``: the record
 schema, 32 training answers replayed token by token, both libraries accepting every token).
 On a 151,643-token byte-level BPE (Qwen's size) one mask took 26 µs on average with llguidance
-against 129 µs with xgrammar on an H100 host (32 against 105 µs on a 2-core CPU); on the
-stand-ins' 1,778-token tokenizer xgrammar was faster (3.7 against 11.8 µs), but the real
-model's vocabulary is the one that counts (docs/results/h100/README.md). Each
+against 129 µs with xgrammar on an H100 host (32 against 105 µs on a 2-core CPU); on a
+1,778-token tokenizer xgrammar was faster (3.7 against 11.8 µs), but the real model's
+vocabulary is the one that counts (docs/results/h100/README.md). With Qwen2.5's own tokenizer
+(the 7b-random stand-in's) one llguidance mask took 33 µs and 32 rows' masks 1.6 ms per step
+on an H200 host (docs/results/h200/README.md). Each
 running row keeps its own matcher; a step's rows are filled together on llguidance's thread
 pool; rows with and without a grammar share a batch (only the grammar rows are masked).
 
@@ -51,8 +53,8 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": JSON_SEPARATORS[
                 "key_separator": JSON_SEPARATORS[1]}
 # Tokens left when a grammar row starts closing its JSON. Every key of the record is required,
 # so closing from its deepest point (inside the first medication) writes every empty list that
-# follows: 36 tokens at most with the tiny stand-in's tokenizer (every cut of 10 answers
-# replayed, steered to close), where optional keys needed under 20.
+# follows: 36 tokens at most with the tiny stand-in's tokenizer, 37 with Qwen2.5's (every cut
+# of 10 answers replayed, steered to close), where optional keys needed under 20.
 CLOSE_RESERVE = 48
 COMPILED_KEPT = 64  # distinct response formats kept compiled (a user schema compiles in ~1-4 ms)
 
@@ -128,8 +130,7 @@ class Grammars:
     (each request gets a copy of the compiled matcher), so the record schema compiles once.
 
     The masks cover the tokenizer's own tokens; the logits' extra columns (the embedding's
-    padding rows: 152,064 columns for Qwen's 151,665 tokens; 1,778 tokens in the 7b-random
-    stand-in's 152,064) are set to -inf for grammar rows apart, never walked by the grammar
+    padding rows: 152,064 columns for Qwen's 151,665 tokens) are set to -inf for grammar rows apart, never walked by the grammar
     engine: with the padding inside xgrammar's tables, a mask took 143 µs on average instead
     of a few µs on an H100 host, and 32 grammar rows slowed decoding from 1,638 to 1,024
     tokens/s (docs/results/h100/, first run).
