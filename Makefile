@@ -1,6 +1,7 @@
 # make test      - set up .venv on first use, lint, run the test suite (what CI runs)
 # make pipeline  - run the whole pipeline on the tiny profile
-# make lint      - ruff on the code, hadolint on the Dockerfile
+# make lint      - ruff on the code, the import contracts of the package's layers, hadolint
+#                  on the Dockerfile
 .PHONY: test lint pipeline clean-outputs
 
 # An interpreter of one's own (MEDVL_PYTHON) has no editable install: the repository goes on its
@@ -11,6 +12,7 @@ test: lint
 
 lint:
 	@py=$$(scripts/ensure_venv.sh) && $$py -m ruff check medvl scripts api bench tests \
+	  && $$(dirname $$py)/lint-imports --no-cache \
 	  && if [ -f Dockerfile ]; then $$(dirname $$py)/hadolint Dockerfile; fi
 
 pipeline:

@@ -61,7 +61,7 @@ elif [[ -n "$from" ]]; then
 elif [[ "$force" == 1 ]]; then
   start=1; stop="$to"
 else
-  start="$("$py" -m medvl.gates --first-failing "${common[@]}")"
+  start="$("$py" -m medvl.cli.gates --first-failing "${common[@]}")"
   stop="$to"
   if [[ "$start" == 0 || "$start" -gt "$stop" ]]; then
     echo "All gates up to phase $stop pass for profile $profile: nothing to do (--force reruns everything)."

@@ -1,6 +1,7 @@
 """Measurement and test tooling, outside the product package (as vLLM keeps ``benchmarks/``).
 
-Benchmarks (``perf_*.py``), the reliability run, the endpoint checker phase 8 and the tests
-share (``validate.py``), the GPU scripts (``device/``). Everything here imports medvl's public
-helpers; nothing in ``medvl/`` or ``api/`` imports from here.
+Benchmarks (``perf_*.py``), the reliability and soak runs, the GPU scripts (``device/``). The
+endpoint checker that phase 8 and the tests share is inside the package
+(``medvl/http/validate.py``), since a phase runs it.
+Everything here imports medvl; nothing in ``medvl/`` imports from here (an import contract).
 """

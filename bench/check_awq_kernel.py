@@ -4,7 +4,7 @@ dequantization, on this machine's kernel (a GPU's tinygemm tiles, or the CPU lay
 
 Loads the checkpoint unfused, reads each checked layer's weights back through the kernel and
 compares them with compressed-tensors' dequantization of the saved layer, within the rounding
-bound medvl/int4.py states (tests/test_int4.py runs the same check on the CPU):
+bound medvl/model/int4.py states (tests/test_int4.py runs the same check on the CPU):
 
     python bench/check_awq_kernel.py --profile 7b-random --layers 7
 
@@ -15,11 +15,11 @@ import argparse
 import shlex
 import sys
 
-from medvl.int4 import dequantization_check, load_awq_model
-from medvl.io import atomic_write_json
-from medvl.phase import PhaseError, log, run_tool
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import atomic_write_json
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.model.int4 import dequantization_check, load_awq_model
+from medvl.pipeline.runner import PhaseError, log, run_tool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ the stand-in's tokenizer built as phase 2 builds it, without building its weight
 
 Phase 5 drops (never cuts) every sample whose prompt, page image and answer exceed
 ``train.max_length`` and fails when more than ``data.max_too_long_fraction`` go. This runs the
-same collection, de-duplication and count (``medvl.data.drop_too_long``) on a CPU, so the
+same collection, de-duplication and count (``medvl.training.data.drop_too_long``) on a CPU, so the
 profile's limit can be set from a measurement for each tokenizer:
 
     python bench/count_dropped.py --profile 7b-random --out docs/results/cpu/dropped_7b_random.json
@@ -22,12 +22,13 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from medvl import data, standin
-from medvl.io import atomic_write_json
-from medvl.modeling import load_processor
-from medvl.phase import PhaseError, log, run_tool
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import atomic_write_json
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.model import standin
+from medvl.model.loading import load_processor
+from medvl.pipeline.runner import PhaseError, log, run_tool
+from medvl.training import data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,12 +29,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medvl import scoring
-from medvl.gates import PHASES, check_phase
-from medvl.io import atomic_write_json, read_json
-from medvl.phase import PhaseError, log, run_tool
-from medvl.settings import Settings, load_settings
-from medvl.workdir import REPO_ROOT, Workdir
+from medvl.core.io import atomic_write_json, read_json
+from medvl.core.settings import Settings, load_settings
+from medvl.core.workdir import REPO_ROOT, Workdir
+from medvl.evaluation import scoring
+from medvl.pipeline.gates import PHASES, check_phase
+from medvl.pipeline.runner import PhaseError, log, run_tool
 
 GROUNDED = "data.ocr_grounded_prompt=true"
 

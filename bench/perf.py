@@ -5,13 +5,13 @@ plain decoding), so every claim here is a ratio measured in the same process: ba
 project side by side, on the same weights, documents and batch sizes.
 
 - :func:`inference_report`: plain ``generate`` (bf16, and bitsandbytes NF4 as the seed
-  would serve 4-bit) against :class:`medvl.decoding.SlotDecoder` (bf16, and torchao int4),
+  would serve 4-bit) against :class:`medvl.engine.slot_cache.SlotDecoder` (bf16, and torchao int4),
   at batch 1 and 8: TTFT, decode tokens/s, end-to-end latency, peak memory, the compile
   cost, the share of the memory-bandwidth floor reached, and a logits check against plain
   generate on the same weights.
 - :func:`training_report`: plain PEFT QLoRA (``prepare_model_for_kbit_training``, full
-  causal-LM loss) against :func:`medvl.training.load_for_training` +
-  :func:`medvl.training.answer_only_loss`, at growing batch sizes until memory runs out.
+  causal-LM loss) against :func:`medvl.training.trainer.load_for_training` +
+  :func:`medvl.training.trainer.answer_only_loss`, at growing batch sizes until memory runs out.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria
 
-from medvl.benchmark import BenchSample, build_inputs, free_memory, relative_l2, summarize, tensor_bytes
-from medvl.settings import Settings
+from medvl.core.settings import Settings
+from medvl.core.stats import summarize
+from medvl.evaluation.benchmark import BenchSample
+from medvl.model.compare import build_inputs, relative_l2
+from medvl.model.memory import free_memory, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +287,7 @@ def measure_variant(label: str, model: Any, processor: Any, samples: list[BenchS
                     project: bool, baseline: bool, fp32_reference: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Baseline (plain generate) and/or project (static decoder) on one loaded model; with
     ``fp32_reference`` (a loader) the logits are also compared with a float32 run."""
-    from medvl.decoding import SlotDecoder
+    from medvl.engine.slot_cache import SlotDecoder
 
     device = model.get_input_embeddings().weight.device
     record: dict[str, Any] = {"label": label, "weights_gb": sum(tensor_bytes(p) for p in model.parameters()) / 1e9}
@@ -358,9 +361,9 @@ def inference_report(model_dir: Path, settings: Settings, samples: list[BenchSam
 
     ``save`` is called with the report after each variant, so a run cut short keeps what it measured.
     """
-    from medvl.decoding import fuse_projections
-    from medvl.int4 import int4_weight_only, load_awq_model
-    from medvl.modeling import load_model, load_processor
+    from medvl.model.fusion import fuse_projections
+    from medvl.model.int4 import int4_weight_only, load_awq_model
+    from medvl.model.loading import load_model, load_processor
 
     processor = load_processor(model_dir, settings, padding_side="left")
     bandwidth = copy_bandwidth_gbs()
@@ -469,8 +472,8 @@ def load_plain_peft(model_dir: Path, settings: Settings) -> Any:
     then LoRA on the same modules as the project's path (same trainable parameters)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from medvl.modeling import load_model
-    from medvl.training import lora_config
+    from medvl.model.loading import load_model
+    from medvl.training.trainer import lora_config
 
     model = load_model(model_dir, settings, "nf4", dtype=torch.bfloat16, batched_vision=False)
     model.config.use_cache = False
@@ -483,7 +486,7 @@ def _plain_loss(model: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor
 
 
 def _project_loss(model: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    from medvl.training import answer_only_loss
+    from medvl.training.trainer import answer_only_loss
 
     return answer_only_loss(model, batch, labels)[0]
 
@@ -563,8 +566,8 @@ def training_report(model_dir: Path, data_dir: Path, settings: Settings,
     """Plain PEFT QLoRA vs the project's path at each batch size, until memory runs out."""
     import json
 
-    from medvl.modeling import load_processor
-    from medvl.training import VisionChatCollator, check_trainable, load_for_training
+    from medvl.model.loading import load_processor
+    from medvl.training.trainer import VisionChatCollator, check_trainable, load_for_training
 
     processor = load_processor(model_dir, settings, padding_side="right")
     rows = json.loads((data_dir / "train.json").read_text())

@@ -6,10 +6,10 @@ token by token under the extraction record's schema (every answer token, and the
 after it, must be allowed: a library that refuses a training answer is wrong here, whatever
 its speed):
 
-- the libraries: llguidance (what medvl/grammar.py uses) against xgrammar, one mask at a
+- the libraries: llguidance (what medvl/engine/grammar.py uses) against xgrammar, one mask at a
   time: tokenizer table build, schema compile, time per mask (xgrammar is not a dependency:
   ``pip install xgrammar==0.2.8`` to compare; without it its row says so);
-- the engine's own path (:meth:`medvl.grammar.Grammars.apply`): 1 and 32 rows masked
+- the engine's own path (:meth:`medvl.engine.grammar.Grammars.apply`): 1 and 32 rows masked
   together per step (parallel fill, copy to the device, masking kernel, padding columns),
   with and without the steering that closes JSON as a budget runs out.
 
@@ -33,15 +33,15 @@ from pathlib import Path
 
 import torch
 
-from medvl.benchmark import summarize
-from medvl.documents import KINDS, generate_document
-from medvl.grammar import CLOSE_RESERVE, JSON_SEPARATORS, Grammars
-from medvl.io import atomic_write_json
-from medvl.modeling import load_processor
-from medvl.phase import log, run_tool
-from medvl.records import RECORD_FORMAT, RECORD_SCHEMA
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import atomic_write_json
+from medvl.core.settings import Settings
+from medvl.core.stats import summarize
+from medvl.core.workdir import Workdir
+from medvl.engine.grammar import CLOSE_RESERVE, JSON_SEPARATORS, RECORD_FORMAT, Grammars
+from medvl.medical.documents import KINDS, generate_document
+from medvl.medical.records import RECORD_SCHEMA
+from medvl.model.loading import load_processor
+from medvl.pipeline.runner import log, run_tool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,11 +21,11 @@ import sys
 import torch
 
 from bench.perf import INFERENCE_VARIANTS, inference_report
-from medvl.benchmark import ensure_benchmark_documents
-from medvl.io import atomic_write_json
-from medvl.phase import PhaseError, log, run_tool
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import atomic_write_json
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.evaluation.benchmark import ensure_benchmark_documents
+from medvl.pipeline.runner import PhaseError, log, run_tool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

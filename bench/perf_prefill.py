@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Where a page's prefill time goes: the processor, the vision tower, the M-RoPE positions and
-the language model, per batch size, with the vision tower's windows batched (medvl.vision) and
+the language model, per batch size, with the vision tower's windows batched (medvl.model.vision) and
 as transformers runs them (one SDPA call per window). GPU times from CUDA events, host times
 from the wall clock; then a profiler table of one batch-8 prefill.
 
@@ -17,15 +17,15 @@ import time
 import torch
 from PIL import Image
 
-from medvl.benchmark import ensure_benchmark_documents
-from medvl.decoding import generation_position_ids
-from medvl.io import atomic_write_json
-from medvl.modeling import load_model, load_processor
-from medvl.phase import PhaseError, log, run_tool
-from medvl.serving import build_engine
-from medvl.settings import Settings
-from medvl.vision import batch_window_attention
-from medvl.workdir import Workdir
+from medvl.core.io import atomic_write_json
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.engine.loader import build_engine
+from medvl.engine.slot_cache import generation_position_ids
+from medvl.evaluation.benchmark import ensure_benchmark_documents
+from medvl.model.loading import load_model, load_processor
+from medvl.model.vision import batch_window_attention
+from medvl.pipeline.runner import PhaseError, log, run_tool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

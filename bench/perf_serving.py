@@ -2,7 +2,7 @@
 """Serving under load: closed-loop clients against the real HTTP server, as vLLM's serving
 benchmark measures it.
 
-Starts ``python -m api.server`` on the run's base model (``--weights`` picks the served form),
+Starts ``python -m medvl.http.server`` on the run's base model (``--weights`` picks the served form),
 times process start to the first /health 200, then for each route and each client count runs
 that many clients for ``--seconds``, each sending its next request as soon as the last one
 answers. Requests are a phase-3 lab-report page (``/extract``, or OpenAI chat streamed with
@@ -37,14 +37,15 @@ from pathlib import Path
 
 import httpx
 
-from api.config import WEIGHTS
-from bench.validate import running_server
-from medvl.benchmark import ensure_benchmark_documents, summarize
-from medvl.io import atomic_write_json
-from medvl.phase import log, run_tool
-from medvl.records import RECORD_SCHEMA
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import atomic_write_json
+from medvl.core.settings import Settings
+from medvl.core.stats import summarize
+from medvl.core.workdir import Workdir
+from medvl.evaluation.benchmark import ensure_benchmark_documents
+from medvl.http.config import WEIGHTS
+from medvl.http.validate import running_server
+from medvl.medical.records import RECORD_SCHEMA
+from medvl.pipeline.runner import log, run_tool
 
 # The engine this one replaced, same H100 and page (issue 17): (form, route, clients) -> (requests/s, p50 s).
 BASELINE = {

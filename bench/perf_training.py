@@ -3,7 +3,7 @@
 
 Side by side in one run, on the phase-5 training rows (full-page documents, the profile's
 max length): plain PEFT QLoRA (``prepare_model_for_kbit_training``, full causal-LM loss)
-vs ``medvl.training`` (frozen weights kept bf16, answer-only logits), each at batch 1, 2,
+vs ``medvl.training.trainer`` (frozen weights kept bf16, answer-only logits), each at batch 1, 2,
 4, ... until memory runs out. Records seconds per step, tokens/s and peak memory. Needs a
 CUDA GPU; run on 7b-random for real-scale figures:
 
@@ -19,10 +19,10 @@ import sys
 import torch
 
 from bench.perf import training_report
-from medvl.io import atomic_write_json
-from medvl.phase import PhaseError, log, run_tool
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import atomic_write_json
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.pipeline.runner import PhaseError, log, run_tool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,8 +27,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from medvl.gates import PHASES
-from medvl.workdir import REPO_ROOT
+from medvl.core.workdir import REPO_ROOT
+from medvl.pipeline.gates import PHASES
 
 DOCUMENTED = {200, 400, 401, 404, 405, 413, 422, 503, 504}
 

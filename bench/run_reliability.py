@@ -16,10 +16,10 @@ import argparse
 import logging
 
 from bench import reliability
-from bench.validate import running_server
-from medvl.io import atomic_write_json
-from medvl.settings import load_settings
-from medvl.workdir import Workdir
+from medvl.core.io import atomic_write_json
+from medvl.core.settings import load_settings
+from medvl.core.workdir import Workdir
+from medvl.http.validate import running_server
 
 log = logging.getLogger("medvl.reliability")
 

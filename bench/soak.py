@@ -3,7 +3,7 @@
 
     python bench/soak.py [--workdir WD] [--seconds 600] [--clients 8] [--out soak.json]
 
-Starts the API (``bench.validate.running_server``: the run's model in WD, tiny by default) with
+Starts the API (``medvl.http.validate.running_server``: the run's model in WD, tiny by default) with
 a small waiting queue, then ``--clients`` threads send, until ``--seconds`` have passed, a
 random mix of: /extract pages, text-only and page chats with ``max_tokens`` from 1 up to exactly
 the context left (and some over it), streamed and not, sampled and greedy; requests cancelled
@@ -34,11 +34,11 @@ from typing import Any
 
 import httpx
 
-from bench.validate import running_server
-from medvl.documents import benchmark_documents, render_document
-from medvl.io import atomic_write_json
-from medvl.settings import load_settings
-from medvl.workdir import REPO_ROOT
+from medvl.core.io import atomic_write_json
+from medvl.core.settings import load_settings
+from medvl.core.workdir import REPO_ROOT
+from medvl.http.validate import running_server
+from medvl.medical.documents import benchmark_documents, render_document
 
 CLIENT_TIMEOUT_S = 180.0  # a request still unanswered after this has hung
 

@@ -8,12 +8,12 @@ benchmarks/environment.json and starts docs/BUILD_LOG.md.
 
 
 
-from medvl import environment
-from medvl.gates import PHASES
-from medvl.io import append_build_log, atomic_write_json
-from medvl.phase import PhaseError, log, run_phase
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core import environment
+from medvl.core.io import append_build_log, atomic_write_json
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.pipeline.gates import PHASES
+from medvl.pipeline.runner import PhaseError, log, run_phase
 
 PHASE = PHASES[1]
 

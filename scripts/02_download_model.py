@@ -10,12 +10,13 @@ AutoModelForImageTextToText before the phase passes. Writes benchmarks/model_dow
 import shutil
 import time
 
-from medvl import model_source, standin
-from medvl.gates import PHASES
-from medvl.io import append_build_log, atomic_write_json, dir_size_bytes
-from medvl.phase import PhaseError, log, run_phase
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import append_build_log, atomic_write_json, dir_size_bytes
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.model import source as model_source
+from medvl.model import standin
+from medvl.pipeline.gates import PHASES
+from medvl.pipeline.runner import PhaseError, log, run_phase
 
 PHASE = PHASES[2]
 

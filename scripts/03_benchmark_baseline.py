@@ -9,13 +9,13 @@ float32 on a CPU, labelled. Saves benchmarks/baseline_fp16.json.
 
 
 
-from medvl import benchmark
-from medvl.gates import PHASES
-from medvl.io import append_build_log, atomic_write_json
-from medvl.modeling import attention_implementation, half_dtype, load_model, load_processor
-from medvl.phase import log, run_phase
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import append_build_log, atomic_write_json
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.evaluation import benchmark
+from medvl.model.loading import attention_implementation, half_dtype, load_model, load_processor
+from medvl.pipeline.gates import PHASES
+from medvl.pipeline.runner import log, run_phase
 
 PHASE = PHASES[3]
 

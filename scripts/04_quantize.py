@@ -12,15 +12,15 @@ benchmarks/quantization_info.json and benchmarks/quantized_int4.json.
 """
 
 
-from medvl import benchmark
-from medvl.forms import FORMS, METHOD_FORMS, load_in_form
-from medvl.gates import PHASES
-from medvl.io import append_build_log, atomic_write_json, dir_size_bytes, read_json
-from medvl.modeling import load_processor
-from medvl.phase import log, run_phase
-from medvl.quantize import forms_agreement, quantize_base
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import append_build_log, atomic_write_json, dir_size_bytes, read_json
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.evaluation import benchmark
+from medvl.model.forms import FORMS, METHOD_FORMS, load_in_form
+from medvl.model.loading import load_processor
+from medvl.model.quantize import forms_agreement, quantize_base
+from medvl.pipeline.gates import PHASES
+from medvl.pipeline.runner import log, run_phase
 
 PHASE = PHASES[4]
 

@@ -8,21 +8,21 @@ Discards unreadable images and short texts, de-duplicates, keeps every phase-3 t
 phase-7 evaluation document out, drops (counts, never cuts) samples longer than
 train.max_length with the phase-2 model's processor and fails when more than
 data.max_too_long_fraction would be dropped, with data.ocr_grounded_prompt puts each page's
-OCR text before its instruction (medvl/ocr.py), shuffles with the split seed and writes
+OCR text before its instruction (medvl/medical/ocr.py), shuffles with the split seed and writes
 80/10/10 splits as Qwen2.5-VL conversations to datasets/formatted/, plus
 download_summary.json and data_summary.json.
 """
 
 from collections import Counter
 
-from medvl import data
-from medvl.gates import PHASES
-from medvl.io import append_build_log, atomic_dir, atomic_write_json
-from medvl.modeling import load_processor
-from medvl.ocr import OcrUnavailable
-from medvl.phase import PhaseError, log, run_phase
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import append_build_log, atomic_dir, atomic_write_json
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.medical.ocr import OcrUnavailable
+from medvl.model.loading import load_processor
+from medvl.pipeline.gates import PHASES
+from medvl.pipeline.runner import PhaseError, log, run_phase
+from medvl.training import data
 
 PHASE = PHASES[5]
 
@@ -52,7 +52,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     splits = data.split(kept, settings.data.split_seed, settings.data.val_fraction, settings.data.test_fraction)
 
     fallback_note = ("no hub source reachable: the training set is entirely synthetic medical documents "
-                     "generated offline by medvl.documents" if offline else None)
+                     "generated offline by medvl.medical.documents" if offline else None)
     download = {**record, "hub_sources_ok": hub_ok, "offline_fallback": offline,
                 "fallback_note": fallback_note,
                 "sources": {name: r.to_dict() for name, r in reports.items()}}

@@ -3,7 +3,7 @@
 
 Loads the base in bitsandbytes NF4 (bf16 compute), freezes the whole vision tower, puts
 LoRA on the language model's q/k/v/o/gate/up/down projections only, and trains on the
-assistant answers only (see medvl/training.py). Checkpoints every train.save_steps
+assistant answers only (see medvl/training/trainer.py). Checkpoints every train.save_steps
 (keeping train.save_total_limit); a rerun after a crash resumes from the last complete
 checkpoint. The loss is a token mean over each optimizer step; samples too long for
 train.max_length were dropped (and counted) by phase 5. Saves the adapter and processor to
@@ -15,12 +15,12 @@ per_device_batch_size x grad_accum_steps x N.
 
 
 
-from medvl import training
-from medvl.gates import PHASES
-from medvl.io import append_build_log, atomic_write_json, read_json
-from medvl.phase import PhaseError, log, run_phase
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import append_build_log, atomic_write_json, read_json
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.pipeline.gates import PHASES
+from medvl.pipeline.runner import PhaseError, log, run_phase
+from medvl.training import trainer
 
 PHASE = PHASES[6]
 
@@ -29,17 +29,17 @@ def main(settings: Settings, wd: Workdir) -> dict:
     fingerprint = settings.fingerprint(PHASE.sections)
     formatted = wd.datasets / "formatted"
     try:
-        metrics = training.run_training(
+        metrics = trainer.run_training(
             settings, wd.base_model_dir(settings), formatted, wd.adapter_dir(settings),
             wd.models / f"{settings.model.slug}-medical-lora-checkpoints", fingerprint, wd.logs / "tensorboard")
-    except (training.TruncationError, training.TrainingSetupError) as exc:
+    except (trainer.TruncationError, trainer.TrainingSetupError) as exc:
         raise PhaseError(str(exc)) from None
     if metrics is None:  # a non-main data-parallel rank: the main process reports
         return {}
     t = settings.train
     record = {**settings.record(PHASE.sections), "adapter_dir": str(wd.adapter_dir(settings).relative_to(wd.root)),
               "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
-                       "target_modules": training.LORA_TARGET_REGEX, "quantized_base": "nf4" if t.quantize_4bit else None},
+                       "target_modules": trainer.LORA_TARGET_REGEX, "quantized_base": "nf4" if t.quantize_4bit else None},
               "batch": {"per_device": t.per_device_batch_size, "grad_accum": t.grad_accum_steps,
                         "max_length": t.max_length},
               "length_check": read_json(formatted / "data_summary.json")["length_check"],

@@ -2,14 +2,14 @@
 """Phase 7: evaluate the base model (control) against the fine-tuned model, in the served form.
 
 The adapter is merged into a full-precision base and the merged model saved; then both models
-are put in the form the server serves (medvl/forms.py: on the 7b profiles the 4-bit method
+are put in the form the server serves (medvl/model/forms.py: on the 7b profiles the 4-bit method
 phase 4 chose, AWQ int4 calibrated as phase 4 calibrated the base, or NF4; on tiny full
 precision) and answer the hand-written evaluation suite and the phase-5 test split. The cases
 go to benchmarks/eval_cases.jsonl and each model's answers to eval_answers_<model>.jsonl; the
-answers are scored by medvl/scoring.py, the function `medvl-score` runs: records field by field
+answers are scored by medvl/evaluation/scoring.py, the function `medvl-score` runs: records field by field
 (a medication right only with its own dose, route and frequency), free text by ROUGE-L, each
 figure with a bootstrap 95% interval, per subset and per source. Three baselines bound the
-scale: the empty record, the most common training answer, and OCR + rules (medvl/ocr.py).
+scale: the empty record, the most common training answer, and OCR + rules (medvl/medical/ocr.py).
 Fine-tuned minus base is a paired bootstrap; its interval gives the verdict, and the gate fails
 only when the fine-tuned model is significantly worse on the held-out test split. Where the
 served form is 4-bit, the merged model is also scored in full precision on the same cases, so
@@ -22,17 +22,18 @@ import json
 import shutil
 from collections import Counter
 
-from medvl import benchmark, evaluation, scoring
-from medvl.engine import PromptTooLong
-from medvl.forms import FORMS, FormError, load_in_form, model_dir, profile_form
-from medvl.gates import PHASES
-from medvl.io import append_build_log, atomic_write_json, read_json
-from medvl.modeling import load_processor
-from medvl.ocr import OcrUnavailable
-from medvl.phase import PhaseError, log, run_phase
-from medvl.quantize import AwqUnavailable, quantize_in_form
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import append_build_log, atomic_write_json, read_json
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.engine.scheduler import PromptTooLong
+from medvl.evaluation import benchmark, evaluate, scoring
+from medvl.medical.ocr import OcrUnavailable
+from medvl.model import memory
+from medvl.model.forms import FORMS, FormError, load_in_form, model_dir, profile_form
+from medvl.model.loading import load_processor
+from medvl.model.quantize import AwqUnavailable, quantize_in_form
+from medvl.pipeline.gates import PHASES
+from medvl.pipeline.runner import PhaseError, log, run_phase
 
 PHASE = PHASES[7]
 
@@ -41,16 +42,16 @@ def main(settings: Settings, wd: Workdir) -> dict:
     sections = PHASE.sections
     record = settings.record(sections)
     b = settings.bench
-    cases = (evaluation.suite_cases(wd.datasets / "eval_suite", wd.root)
-             + evaluation.test_split_cases(wd.datasets / "formatted", wd.root, b.eval_test_samples))
+    cases = (evaluate.suite_cases(wd.datasets / "eval_suite", wd.root)
+             + evaluate.test_split_cases(wd.datasets / "formatted", wd.root, b.eval_test_samples))
 
     # ---- the fine-tuned model in the served form: merged in full precision, then (7b profiles)
     # quantized with phase 4's method; the control is the base model in the same form.
     merged_dir = wd.merged_model_dir(settings)
     try:
         form = profile_form(settings, wd)
-        merge = evaluation.merge_adapter(wd.base_model_dir(settings), wd.adapter_dir(settings), merged_dir)
-    except (FormError, evaluation.MergeError) as exc:
+        merge = evaluate.merge_adapter(wd.base_model_dir(settings), wd.adapter_dir(settings), merged_dir)
+    except (FormError, evaluate.MergeError) as exc:
         raise PhaseError(str(exc)) from None
     base_dir, finetuned_dir = model_dir(settings, wd, form, False), model_dir(settings, wd, form, True)
     for stale in {wd.finetuned_awq_dir(settings), wd.finetuned_nf4_dir(settings)} - {finetuned_dir}:
@@ -61,15 +62,15 @@ def main(settings: Settings, wd: Workdir) -> dict:
         raise PhaseError(f"AWQ of the merged model failed (phase 4's succeeded on the base): {exc}") from None
 
     try:  # the classical bar: OCR + rules on the same cases and scorer
-        ocr_baseline = evaluation.evaluate_ocr(cases, wd.root)
+        ocr_baseline = evaluate.evaluate_ocr(cases, wd.root)
     except OcrUnavailable as exc:
         if settings.data.ocr_grounded_prompt:
             raise PhaseError(f"data.ocr_grounded_prompt is on but OCR cannot run: {exc}") from None
         log.warning("OCR baseline not run: %s", exc)
         ocr_baseline = {"error": str(exc)}
     if settings.data.ocr_grounded_prompt:
-        cases = evaluation.ocr_grounded_cases(cases, ocr_baseline)
-    evaluation.write_cases(PHASE.output(wd, "eval_cases.jsonl"), cases)
+        cases = evaluate.ocr_grounded_cases(cases, ocr_baseline)
+    evaluate.write_cases(PHASE.output(wd, "eval_cases.jsonl"), cases)
 
     # ---- both models on the same cases (and, where the served form is 4-bit, the merged model
     # in full precision: what 4 bits cost the fine-tune)
@@ -79,19 +80,19 @@ def main(settings: Settings, wd: Workdir) -> dict:
     models = {}
     for name, (folder, in_form) in runs.items():
         try:
-            models[name] = evaluation.evaluate_model(
+            models[name] = evaluate.evaluate_model(
                 name, lambda f=folder, i=in_form: load_in_form(f, settings, i),
                 load_processor(folder, settings if name == "base" else None), cases, wd.root,
                 b.eval_max_new_tokens, settings.decode)
         except PromptTooLong as exc:  # e.g. OCR-grounded prompts on a profile sized for plain ones
             raise PhaseError(f"an evaluation case does not fit: {exc}; raise decode.max_cache_len or lower "
                              "bench.eval_max_new_tokens") from None
-        evaluation.write_answers(wd.benchmarks / f"eval_answers_{name}.jsonl",
-                                 evaluation.answers_of(models[name]["cases"]))
+        evaluate.write_answers(wd.benchmarks / f"eval_answers_{name}.jsonl",
+                                 evaluate.answers_of(models[name]["cases"]))
     train_rows = read_json(wd.datasets / "formatted" / "train.json")
-    baselines = {"empty_record": evaluation.score_baseline("empty_record", evaluation.empty_record_answers(cases), cases),
-                 "most_common": evaluation.score_baseline(
-                     "most_common", evaluation.most_common_answers(train_rows, cases), cases)}
+    baselines = {"empty_record": evaluate.score_baseline("empty_record", evaluate.empty_record_answers(cases), cases),
+                 "most_common": evaluate.score_baseline(
+                     "most_common", evaluate.most_common_answers(train_rows, cases), cases)}
     if "scores" in ocr_baseline:
         baselines["ocr_rules"] = ocr_baseline
     scores = {name: m["scores"] for name, m in models.items()} | {name: v["scores"] for name, v in baselines.items()}
@@ -110,7 +111,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
 
     stages = {"baseline": read_json(wd.bench("baseline_fp16")), "int4": read_json(wd.bench("quantized_int4")),
               "finetuned": standard_record}
-    standard_f1 = {name: evaluation.score_standard_bench(rec, wd.test_images)["f1"]["value"]
+    standard_f1 = {name: evaluate.score_standard_bench(rec, wd.test_images)["f1"]["value"]
                    for name, rec in stages.items()}
     result = {
         **record,
@@ -149,7 +150,7 @@ def report(wd: Workdir, result: dict, stages: dict) -> None:
     from the interval of the paired difference."""
     lines = [f"{'stage':<12}{'memory MB':>11}{'p50 s':>8}{'std-doc F1':>12}"]
     for name, rec in stages.items():
-        lines.append(f"{name:<12}{benchmark.headline_memory_mb(rec['load']['after_load']):>11.0f}"
+        lines.append(f"{name:<12}{memory.headline_memory_mb(rec['load']['after_load']):>11.0f}"
                      f"{rec['aggregate']['latency_s']['p50']:>8.3f}{result['standard_bench_f1'][name]:>12.3f}")
     lines += ["", f"{'source':<14}{'model':<16}{'extraction F1 [95% CI]':<26}{'ROUGE-L [95% CI]':<26}"]
     named = {**result["models"], **result["baselines"]}

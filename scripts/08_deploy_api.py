@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Phase 8: start the API on the fine-tuned model and validate every endpoint.
 
-Starts `python -m api.server` in a subprocess on a free loopback port (the model loads in
+Starts `python -m medvl.http.server` in a subprocess on a free loopback port (the model loads in
 the background; /health answers 503 until it is ready), calls every endpoint with a
 phase-3 document plus two bad inputs, /extract on all five phase-3 documents (each answer must
 be JSON valid against the record's schema), checks that the server serves the model and form
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import httpx
 
-from bench.validate import running_server, validate
-from medvl.gates import PHASES
-from medvl.io import append_build_log, atomic_write_json, read_json
-from medvl.phase import PhaseError, log, run_phase
-from medvl.settings import SERVED_SETTINGS, Settings
-from medvl.workdir import Workdir
+from medvl.core.io import append_build_log, atomic_write_json, read_json
+from medvl.core.settings import SERVED_SETTINGS, Settings
+from medvl.core.workdir import Workdir
+from medvl.http.validate import running_server, validate
+from medvl.pipeline.gates import PHASES
+from medvl.pipeline.runner import PhaseError, log, run_phase
 
 PHASE = PHASES[8]
 

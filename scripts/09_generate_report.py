@@ -10,18 +10,18 @@ valid, a build-log entry for every phase, the README's sections in place.
 
 
 
-from medvl import report
-from medvl.gates import PHASES
-from medvl.io import append_build_log, atomic_write_json, atomic_write_text
-from medvl.phase import log, run_phase
-from medvl.settings import Settings
-from medvl.workdir import Workdir
+from medvl.core.io import append_build_log, atomic_write_json, atomic_write_text
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.evaluation import report
+from medvl.pipeline.gates import PHASES, benchmark_outputs
+from medvl.pipeline.runner import log, run_phase
 
 PHASE = PHASES[9]
 
 
 def main(settings: Settings, wd: Workdir) -> dict:
-    benchmarks, missing = report.load_benchmarks(wd.benchmarks)
+    benchmarks, missing = report.load_benchmarks(wd.benchmarks, benchmark_outputs(before=PHASE.number))
     final = {**settings.record(PHASE.sections), **report.build_final_report(benchmarks, missing)}
 
     figures = report.charts(final, wd.docs / "figures")

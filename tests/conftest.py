@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from medvl.gates import PHASES
-from medvl.settings import Settings, load_settings
-from medvl.standin import build_standin
+from medvl.core.settings import Settings, load_settings
+from medvl.model.standin import build_standin
+from medvl.pipeline.gates import PHASES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,8 +29,8 @@ def tiny_settings() -> Settings:
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tiny_settings):
     """The serving engine over the tiny model, 4 cache slots, driven by the test's thread."""
-    from medvl.modeling import load_model, load_processor
-    from medvl.serving import build_engine
+    from medvl.engine.loader import build_engine
+    from medvl.model.loading import load_model, load_processor
 
     model = load_model(tiny_model_dir, tiny_settings)
     return build_engine(model, load_processor(tiny_model_dir, None), tiny_settings.decode, slots=4)

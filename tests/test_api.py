@@ -12,11 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from api.server import ServerConfig, create_app
-from bench.validate import running_server, validate
-from medvl.records import is_valid_record, parse_structured, repair_json
-from medvl.serving import ServedModel
-from medvl.settings import load_settings
+from medvl.core.settings import load_settings
+from medvl.engine.loader import ServedModel
+from medvl.http.server import ServerConfig, create_app
+from medvl.http.validate import running_server, validate
+from medvl.medical.records import is_valid_record, parse_structured, repair_json
 
 from conftest import REPO, extend_run
 

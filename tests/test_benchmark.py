@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from medvl.benchmark import summarize
-from medvl.gates import PHASES, check_phase
-from medvl.workdir import Workdir
+from medvl.core.stats import summarize
+from medvl.core.workdir import Workdir
+from medvl.pipeline.gates import PHASES, check_phase
 
 from conftest import REPO
 

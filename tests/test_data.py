@@ -8,12 +8,12 @@ from collections import Counter
 
 from PIL import Image
 
-from medvl import data
-from medvl.documents import benchmark_documents, generate_document
-from medvl.evalsuite import evaluation_documents
-from medvl.gates import check_phase
-from medvl.settings import DataSettings
-from medvl.workdir import Workdir
+from medvl.core.settings import DataSettings
+from medvl.core.workdir import Workdir
+from medvl.medical.documents import benchmark_documents, generate_document
+from medvl.medical.suite import evaluation_documents
+from medvl.pipeline.gates import check_phase
+from medvl.training import data
 
 LONG_CAPTION = "Axial CT of the chest shows a 3 cm spiculated mass in the right upper lobe."
 
@@ -114,7 +114,7 @@ def test_a_long_transcription_becomes_pages_that_fit(tiny_model_dir, tiny_settin
     """An MTSamples row of 2,400 characters (the longest ~45% of the 7b set had) becomes
     pages whose answers all fit max_length beside the page image; none is cut, and pages of one
     transcription stay in one split."""
-    from medvl.modeling import load_processor
+    from medvl.model.loading import load_processor
 
     sentence = "The patient is a 67-year-old male with hypertension, on lisinopril 10 mg daily. "
     transcription = "HISTORY OF PRESENT ILLNESS:\n" + sentence * 30  # 2,400+ characters

@@ -10,17 +10,17 @@ import torch
 from PIL import Image
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from medvl.benchmark import build_inputs
-from medvl.decoding import (
+from medvl.engine.slot_cache import (
     PromptTooLong,
     SlotDecoder,
     bucket_sizes,
     fuse_projections,
     grouped_decode_attention,
 )
-from medvl.documents import benchmark_documents, render_document
-from medvl.modeling import load_model, load_processor
-from medvl.prompts import BENCHMARK_PROMPTS
+from medvl.medical.documents import benchmark_documents, render_document
+from medvl.medical.prompts import BENCHMARK_PROMPTS
+from medvl.model.compare import build_inputs
+from medvl.model.loading import load_model, load_processor
 
 NEW_TOKENS = 24
 

@@ -5,7 +5,7 @@ import io
 
 from PIL import Image, ImageChops, ImageDraw
 
-from medvl.documents import (
+from medvl.medical.documents import (
     KINDS,
     LINE_HEIGHT,
     MARGIN,
@@ -70,7 +70,7 @@ def unsupported_items(record: dict, page_text: str) -> list[str]:
     """The items of ``record`` the page does not print: a medication's or a lab's fields must all
     sit on one line of the page (a flag, a reference range only where printed), a vital's value,
     a diagnosis and a procedure must appear in the text."""
-    from medvl.scoring import contains, normalize
+    from medvl.evaluation.scoring import contains, normalize
 
     lines = [normalize(line) for line in page_text.splitlines()]
     text = normalize(page_text)
@@ -92,7 +92,7 @@ def test_every_target_value_is_printed_on_its_page():
     summary's lab once carried a flag and a reference range the page did not show; a radiology
     report's indication became a diagnosis). 200 documents of every kind: each target item is on
     its page, and the page's lab lines carry the flag the target says."""
-    from medvl.evalsuite import evaluation_documents
+    from medvl.medical.suite import evaluation_documents
 
     for kind in KINDS:
         for seed in range(200):

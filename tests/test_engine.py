@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from medvl.documents import benchmark_documents, render_document
-from medvl.engine import Overloaded, PromptTooLong, SamplingParams
-from medvl.modeling import load_model
-from medvl.prompts import BENCHMARK_PROMPTS
+from medvl.engine.scheduler import Overloaded, PromptTooLong, SamplingParams
+from medvl.medical.documents import benchmark_documents, render_document
+from medvl.medical.prompts import BENCHMARK_PROMPTS
+from medvl.model.loading import load_model
 
 from conftest import run_to_end
 
@@ -181,9 +181,9 @@ def test_a_failing_step_kills_the_engine_loudly(tiny_model_dir, tiny_settings, p
     """vLLM's EngineDeadError behaviour: a decoding step that raises (on a GPU, a device-side
     assert poisons the CUDA context) fails every running and waiting request with EngineDead,
     refuses every later one, and ends the loop thread, instead of logging and going on."""
-    from medvl.engine import EngineDead
-    from medvl.modeling import load_processor
-    from medvl.serving import build_engine
+    from medvl.engine.loader import build_engine
+    from medvl.engine.scheduler import EngineDead
+    from medvl.model.loading import load_processor
 
     engine = build_engine(load_model(tiny_model_dir, tiny_settings), load_processor(tiny_model_dir, None),
                           tiny_settings.decode, slots=2)
@@ -212,7 +212,7 @@ def test_metrics_read_as_a_serving_engineer_reads_them(engine, prompts):
     """Cache usage counts reserved slots (a row holds its whole slot: every slot taken reads 1,
     where the token count read ~0.6), tokens filled are a second gauge, the engine's totals are
     counters, and engine metrics carry the model_name label vLLM's dashboards filter on."""
-    from api.metrics import ServerMetrics
+    from medvl.http.metrics import ServerMetrics
 
     metrics = ServerMetrics("medvl-test")
     requests = [engine.submit(prompts[i % 3], SamplingParams(8)) for i in range(4)]

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from medvl import report
-from medvl.gates import check_phase
-from medvl.score_cli import main
-from medvl.scoring import verdict
-from medvl.settings import SERVED_SETTINGS, load_settings
-from medvl.workdir import Workdir
+from medvl.cli.score import main
+from medvl.core.settings import SERVED_SETTINGS, load_settings
+from medvl.core.workdir import Workdir
+from medvl.evaluation import report
+from medvl.evaluation.scoring import verdict
+from medvl.pipeline.gates import benchmark_outputs, check_phase
 
 from conftest import phase_script
 
@@ -95,7 +95,7 @@ def test_the_gate_fails_only_on_a_significant_regression(full_run, tmp_path, tin
 
 
 def _score_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medvl.score_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "medvl.cli.score", *args], capture_output=True, text=True,
                           timeout=300)
 
 
@@ -225,7 +225,7 @@ def test_every_table_number_comes_from_its_json(full_run, tmp_path):
     shutil.copytree(wd / "benchmarks", bench)
     for name in ("finetuned_standard_bench", "evaluation_finetuned"):  # pretend phase 7 never ran
         (bench / f"{name}.json").unlink()
-    found, missing = report.load_benchmarks(bench)
+    found, missing = report.load_benchmarks(bench, benchmark_outputs(before=9))
     final = report.build_final_report(found, missing)
     markdown = report.benchmark_markdown(final, {})
 
@@ -266,7 +266,7 @@ def test_every_table_number_comes_from_its_json(full_run, tmp_path):
 
 def test_posts_respect_their_limits(full_run):
     wd, _ = full_run
-    found, missing = report.load_benchmarks(wd / "benchmarks")
+    found, missing = report.load_benchmarks(wd / "benchmarks", benchmark_outputs(before=9))
     long_post, short_post = report.content_draft(report.build_final_report(found, missing))
     assert len(long_post.split()) < 200 and len(short_post) < 280
     for post in (long_post, short_post):

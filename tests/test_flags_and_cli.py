@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from medvl import flags
+from medvl.medical import flags
 
 from conftest import REPO
 
@@ -76,7 +76,7 @@ def test_interactions_fire_in_either_order_and_pairs_are_symmetric():
 
 def cli(workdir, *args, stdin=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "medvl.infer", "--workdir", str(workdir), "--max-new-tokens", "16",
+    return subprocess.run([sys.executable, "-m", "medvl.cli.infer", "--workdir", str(workdir), "--max-new-tokens", "16",
                            *args], cwd=REPO, env=env, input=stdin, capture_output=True, text=True, timeout=600)
 
 

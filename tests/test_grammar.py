@@ -7,11 +7,11 @@ import json
 import jsonschema
 import pytest
 
-from medvl.documents import KINDS, benchmark_documents, generate_document, render_document
-from medvl.engine import SamplingParams
-from medvl.grammar import CLOSE_RESERVE, GrammarError, ResponseFormat
-from medvl.prompts import BENCHMARK_PROMPTS, EXTRACTION_PROMPT
-from medvl.records import RECORD_FORMAT, RECORD_SCHEMA, is_valid_record, structured_result
+from medvl.engine.grammar import CLOSE_RESERVE, RECORD_FORMAT, GrammarError, ResponseFormat
+from medvl.engine.scheduler import SamplingParams
+from medvl.medical.documents import KINDS, benchmark_documents, generate_document, render_document
+from medvl.medical.prompts import BENCHMARK_PROMPTS, EXTRACTION_PROMPT
+from medvl.medical.records import RECORD_SCHEMA, is_valid_record, structured_result
 
 from conftest import run_to_end
 
@@ -40,7 +40,7 @@ def test_the_empty_object_is_not_a_record(engine):
     """Every key of the record is required (lists may be empty): ``{}`` is refused by the schema,
     by the record's validator and by the grammar /extract decodes under (after ``{`` the grammar
     allows no ``}``); the empty record with all its keys is accepted."""
-    from medvl.records import empty_structured
+    from medvl.medical.records import empty_structured
 
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({}, RECORD_SCHEMA)

@@ -1,15 +1,16 @@
 """AWQ checkpoints in the serving int4 kernel: the same weights as compressed-tensors' own
-dequantization, within the rounding bound medvl/int4.py states, and the same model function."""
+dequantization, within the rounding bound medvl/model/int4.py states, and the same model function."""
 
 
 import torch
 from PIL import Image
 
-from medvl.benchmark import build_inputs, load_benchmark_samples
-from medvl.int4 import GroupInt4, dequantization_check, load_awq_model
-from medvl.modeling import load_processor
-from medvl.quantize import quantize_awq
-from medvl.workdir import Workdir
+from medvl.core.workdir import Workdir
+from medvl.evaluation.benchmark import load_benchmark_samples
+from medvl.model.compare import build_inputs
+from medvl.model.int4 import GroupInt4, dequantization_check, load_awq_model
+from medvl.model.loading import load_processor
+from medvl.model.quantize import quantize_awq
 
 
 def test_awq_checkpoint_in_the_int4_kernel_matches_compressed_tensors_within_the_bound(phases_1_4, tiny_settings):

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from medvl.gates import PHASES
+from medvl.pipeline.gates import PHASES
 
 from conftest import REPO
 

@@ -2,8 +2,9 @@
 
 import pytest
 
-from medvl import ocr, scoring
-from medvl.documents import benchmark_documents, render_document
+from medvl.evaluation import scoring
+from medvl.medical import ocr
+from medvl.medical.documents import benchmark_documents, render_document
 
 
 def test_rules_read_ocr_lines_without_their_spaces():
@@ -40,7 +41,9 @@ def test_grounded_prompts_put_the_pages_ocr_text_before_the_instruction():
     """data.ocr_grounded_prompt: phase 5 writes the page's OCR lines into each training prompt,
     the instruction stays recoverable (the data summary counts instructions), and phase 7 grounds
     the suite's prompts with the lines its OCR baseline read (test rows come grounded)."""
-    from medvl import data, evaluation, prompts
+    from medvl.evaluation import evaluate
+    from medvl.medical import prompts
+    from medvl.training import data
 
     doc = next(d for d in benchmark_documents(1234) if d.kind == "prescription")
     sample = data.Sample("syn-x", "synthetic", data.png_bytes(render_document(doc)), "List the drugs.", "{}", "x")
@@ -53,5 +56,5 @@ def test_grounded_prompts_put_the_pages_ocr_text_before_the_instruction():
     test_row = scoring.Case("t1", "test", "synthetic", "t1.png", grounded.prompt, doc.structured())
     baseline = {"cases": [{"subset": "suite", "case_id": "s1", "ocr_lines": ["Aspirin 81 mg"]},
                           {"subset": "test", "case_id": "t1", "ocr_lines": ["unused"]}]}
-    cases = evaluation.ocr_grounded_cases([suite, test_row], baseline)
+    cases = evaluate.ocr_grounded_cases([suite, test_row], baseline)
     assert cases[0].prompt == prompts.ocr_grounded("Extract.", ["Aspirin 81 mg"]) and cases[1] is test_row

@@ -4,8 +4,9 @@ import pytest
 import tiktoken
 from transformers import AutoProcessor
 
-from medvl.documents import tokenizer_corpus
-from medvl.qwen_tokenizer_build import (
+from medvl.medical.documents import tokenizer_corpus
+from medvl.model.standin import CHAT_TEMPLATE, build_processor
+from medvl.model.tokenizer import (
     ADDED_TOKENS,
     N_RANKS,
     RankFileMissing,
@@ -13,7 +14,6 @@ from medvl.qwen_tokenizer_build import (
     rank_file,
     replay_bpe,
 )
-from medvl.standin import CHAT_TEMPLATE, build_processor
 
 # Qwen's pre-tokenizer pattern, as tiktoken's reference encoding takes it.
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""

@@ -8,9 +8,7 @@ import json
 
 import pytest
 
-from medvl.evalsuite import evaluation_documents
-from medvl.records import empty_structured
-from medvl.scoring import (
+from medvl.evaluation.scoring import (
     Case,
     compare,
     normalize,
@@ -20,6 +18,8 @@ from medvl.scoring import (
     score_record,
     verdict,
 )
+from medvl.medical.records import empty_structured
+from medvl.medical.suite import evaluation_documents
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import openai
 import pytest
 from PIL import Image
 
-from bench.validate import free_port, running_server, wait_ready
-from medvl.records import RECORD_SCHEMA
+from medvl.http.validate import free_port, running_server, wait_ready
+from medvl.medical.records import RECORD_SCHEMA
 
 TIMEOUT_S = 1  # a 3-row, 960-token answer takes ~2.6 s on the 2-core CPU (measured 2.4 s for 900)
 
@@ -303,14 +303,14 @@ def test_overload_is_a_503_with_retry_after(phases_1_2):
 # start-up): the injected failure stands for a CUDA error in a compiled step.
 FAILING_SERVER = """
 import pathlib, sys
-from medvl.decoding import SlotDecoder
+from medvl.engine.slot_cache import SlotDecoder
 marker, step = pathlib.Path(sys.argv[1]), SlotDecoder.step
 def failing_step(self, rows):
     if marker.exists():
         raise RuntimeError("CUDA error: device-side assert triggered (injected)")
     return step(self, rows)
 SlotDecoder.step = failing_step
-from api.server import main
+from medvl.http.server import main
 main(sys.argv[2:])
 """
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from medvl.settings import SettingsError, available_profiles, load_settings
+from medvl.core.settings import SettingsError, available_profiles, load_settings
 
 from conftest import phase_script
 

@@ -5,8 +5,8 @@ no 5xx but 503 overloaded, and /health stays 200 throughout. The long form is
 ``python bench/soak.py --seconds 600``."""
 
 from bench.soak import run
-from bench.validate import running_server
-from medvl.settings import load_settings
+from medvl.core.settings import load_settings
+from medvl.http.validate import running_server
 
 
 def test_a_short_soak_ends_every_request_with_its_status(phases_1_2):

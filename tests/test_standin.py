@@ -5,8 +5,8 @@ import json
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from medvl.documents import benchmark_documents, render_document
-from medvl.standin import meta_model
+from medvl.medical.documents import benchmark_documents, render_document
+from medvl.model.standin import meta_model
 
 
 def test_standin_loads_with_auto_classes_and_generates(tiny_model_dir):

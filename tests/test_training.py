@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from medvl.gates import PHASES, check_phase
-from medvl.modeling import load_processor
-from medvl.settings import load_settings
-from medvl.training import (
+from medvl.core.settings import load_settings
+from medvl.core.workdir import Workdir
+from medvl.model.loading import load_processor
+from medvl.pipeline.gates import PHASES, check_phase
+from medvl.training.trainer import (
     IGNORE_INDEX,
     ConversationDataset,
     StepTimer,
@@ -27,7 +28,6 @@ from medvl.training import (
     token_count,
     training_arguments,
 )
-from medvl.workdir import Workdir
 
 from conftest import REPO
 
@@ -124,7 +124,7 @@ def test_too_long_samples_are_counted_once_and_none_reach_dataloader_workers(pro
     worker processes on a GPU (their counts never reach the main process) and every epoch."""
     import random
 
-    from medvl import data
+    from medvl.training import data
 
     pages = [Image.new("RGB", (112 + 28 * i, 112), "white") for i in range(6)]
     samples = [data.Sample(f"s{i}", "synthetic", data.png_bytes(page), "Read it.", "Metformin 500 mg BID. " * (1 + 12 * (i % 3)),
@@ -361,7 +361,7 @@ def test_an_all_masked_micro_batch_gives_a_finite_zero_loss(tiny_model_dir, tiny
 def test_a_mismatched_or_untrained_adapter_fails_the_merge(tiny_model_dir, tiny_settings, processor, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from medvl.evaluation import MergeError, merge_adapter
+    from medvl.evaluation.evaluate import MergeError, merge_adapter
 
     untrained = tmp_path / "untrained"
     load_for_training(tiny_model_dir, tiny_settings).save_pretrained(untrained)  # lora_B still zero
@@ -387,7 +387,7 @@ def test_a_mismatched_or_untrained_adapter_fails_the_merge(tiny_model_dir, tiny_
 def test_checkpoints_resume_only_on_the_same_settings_and_data(tmp_path):
     """The resume fingerprint covers the split files: after phase 5 reruns on other rows, the
     checkpoints of the old rows are discarded instead of silently resumed."""
-    from medvl.training import prepare_checkpoint_dir, resume_fingerprint
+    from medvl.training.trainer import prepare_checkpoint_dir, resume_fingerprint
 
     data = tmp_path / "formatted"
     data.mkdir()

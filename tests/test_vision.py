@@ -3,8 +3,8 @@
 import torch
 from PIL import Image
 
-from medvl.modeling import load_model, load_processor
-from medvl.vision import align_vision_mlp, batch_window_attention, segmented_attention
+from medvl.model.loading import load_model, load_processor
+from medvl.model.vision import align_vision_mlp, batch_window_attention, segmented_attention
 
 
 def test_segmented_attention_is_attention_within_each_segment():

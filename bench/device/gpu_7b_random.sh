@@ -14,4 +14,4 @@ for n in 1 2 3 4 5 6; do
   cp "$wd"/benchmarks/*.json "$OUT"/ 2>/dev/null
 done
 cp "$wd"/docs/BUILD_LOG.md "$OUT"/ 2>/dev/null
-python3 -m medvl.gates --profile 7b-random --workdir "$wd" 2>&1 | sed -n 1,20p
+python3 -m medvl.cli.gates --profile 7b-random --workdir "$wd" 2>&1 | sed -n 1,20p

@@ -11,7 +11,7 @@ set -uo pipefail
 source "$(dirname "$0")/wheels.sh"
 wd=/tmp/run-7b-random
 for n in 1 2 5; do  # a warm machine that already passed a phase's gate keeps its outputs
-  python3 -m medvl.gates --profile 7b-random --workdir "$wd" | grep "^phase $n .*: pass" >/dev/null && continue
+  python3 -m medvl.cli.gates --profile 7b-random --workdir "$wd" | grep "^phase $n .*: pass" >/dev/null && continue
   ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
     || { tail -20 "$OUT/pipeline.log"; exit 1; }
 done

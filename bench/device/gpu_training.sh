@@ -10,8 +10,8 @@ source "$(dirname "$0")/wheels.sh"
 wd=/tmp/train-7b-random
 batch="${BATCH:-2}"
 for n in 1 2 5; do  # the inputs of phase 6, each run only where its gate fails
-  python3 -c "import sys; from medvl.gates import check_phase; from medvl.settings import load_settings
-from medvl.workdir import Workdir; sys.exit(bool(check_phase($n, Workdir.at('$wd'), load_settings('7b-random'))))" \
+  python3 -c "import sys; from medvl.pipeline.gates import check_phase; from medvl.core.settings import load_settings
+from medvl.core.workdir import Workdir; sys.exit(bool(check_phase($n, Workdir.at('$wd'), load_settings('7b-random'))))" \
     && continue
   ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
     || { tail -20 "$OUT/pipeline.log"; exit 1; }

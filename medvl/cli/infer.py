@@ -1,0 +1,206 @@
+"""Command-line inference on the same engine as the API.
+
+    python -m medvl.cli.infer --image scan.png                    # one document, structured JSON
+    python -m medvl.cli.infer --dir datasets/test_images --out results.jsonl
+    python -m medvl.cli.infer --dir "scans/*.jpg"                 # a glob works too
+    python -m medvl.cli.infer --interactive                       # image paths and prompts until EOF
+    python -m medvl.cli.infer --image scan.png --prompt "List the medications."   # free text
+
+--model is a model folder (merged, base, AWQ or NF4), a LoRA adapter folder (loaded on its
+base), one of the keywords best (default: fine-tuned if phase 7 ran, else base), base,
+finetuned, or ocr: the classical OCR + rules baseline phase 7 scores beside the models, to
+compare on your own documents (records only, no --prompt); --weights picks the form as the server's flag does (default: the profile's form,
+the one phase 7 evaluated), so the CLI answers with the model the API serves.
+Batch mode writes one JSON line per file, continues past unreadable files, lists them at
+the end and exits with status 1 if there were any. Every structured result carries
+plausibility flags; they are informational, not clinical advice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from PIL import Image
+from tqdm import tqdm
+
+from medvl.core.settings import DEFAULT_PROFILE, ApiSettings, SettingsError, load_settings
+from medvl.core.workdir import Workdir
+from medvl.engine.grammar import RECORD_FORMAT
+from medvl.engine.images import BadInput, decode_image
+from medvl.engine.loader import ServedModel, open_served
+from medvl.engine.scheduler import PromptTooLong, SamplingParams
+from medvl.medical import ocr
+from medvl.medical.prompts import EXTRACTION_PROMPT
+from medvl.medical.records import structured_result
+from medvl.model.forms import FORMS, FormError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+
+
+def collect_files(target: str) -> list[Path]:
+    """A folder (its images, sorted) or a glob pattern."""
+    path = Path(target)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(Path(p) for p in glob.glob(target))
+
+
+Answer = Callable[[Image.Image, "str | None", int], dict[str, Any]]
+
+
+@dataclass
+class Job:
+    """What every document of one run gets: who answers, the prompt, the answer length, and the
+    upload limits the server applies (api.max_upload_mb, api.max_image_pixels)."""
+
+    answer: Answer
+    prompt: str | None
+    max_new_tokens: int
+    limits: ApiSettings
+
+
+def model_answer(served: ServedModel) -> Answer:
+    """Answers from the served model: the record under its schema, or free text for a prompt
+    (OCR-grounded as the server grounds it when the profile says so)."""
+    engine = served.engine
+
+    def answer(image: Image.Image, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
+        params = SamplingParams(max_new_tokens, response_format=None if prompt else RECORD_FORMAT)
+        result = engine.generate(engine.prepare(image, served.prompt_for(image, prompt or EXTRACTION_PROMPT)), params)
+        record: dict[str, Any] = {"latency_s": round(result.latency_s, 4), "generated_tokens": result.generated_tokens}
+        if prompt:
+            return {**record, "text": result.text}
+        # decoded under the record's schema, as /extract does
+        return {**record, **structured_result(result.text), "raw_text": result.text, "closed_early": result.closed_early}
+    return answer
+
+
+def ocr_answer(image: Image.Image, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
+    """The classical baseline (--model ocr): OCR + rules, the record with the same flags."""
+    if prompt:
+        raise BadInput("the OCR baseline only extracts records: --prompt needs a model")
+    out = ocr.structured_result(image)
+    return {**out, "latency_s": round(out["latency_s"], 4)}
+
+
+def run_one(job: Job, path: Path, prompt: str | None) -> dict[str, Any]:
+    """Read, check and answer one file; raises BadInput/OSError/PromptTooLong for unusable files."""
+    image = decode_image(path.read_bytes(), int(job.limits.max_upload_mb * 2**20), job.limits.max_image_pixels)
+    return {"file": str(path), **job.answer(image, prompt, job.max_new_tokens)}
+
+
+def batch(job: Job, files: list[Path], out: TextIO) -> int:
+    failures: list[tuple[Path, str]] = []
+    for path in tqdm(files, desc="documents", unit="doc", file=sys.stderr):
+        try:
+            record = run_one(job, path, job.prompt)
+        except (BadInput, OSError, PromptTooLong) as exc:
+            failures.append((path, str(exc)))
+            continue
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+    done = len(files) - len(failures)
+    print(f"{done} of {len(files)} documents processed", file=sys.stderr)
+    for path, reason in failures:
+        print(f"unreadable: {path}: {reason}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def interactive(job: Job, stdin: TextIO, out: TextIO) -> int:
+    """Ask for an image path, then a prompt (empty = structured extraction), until EOF."""
+    while True:
+        print("image path (Ctrl-D to quit)> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            return 0
+        path = Path(line.strip()).expanduser()
+        print("prompt (empty = structured extraction)> ", end="", file=sys.stderr, flush=True)
+        prompt = stdin.readline().strip() or None
+        try:
+            record = run_one(job, path, prompt)
+        except (BadInput, OSError, PromptTooLong) as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            continue
+        out.write(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+        out.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medvl.cli.infer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--image", help="one document image")
+    mode.add_argument("--dir", help="a folder of images or a glob pattern (batch, JSON lines)")
+    mode.add_argument("--interactive", action="store_true", help="ask for images and prompts until EOF")
+    parser.add_argument("--prompt", help="free-text question instead of structured extraction")
+    parser.add_argument("--model", default="best",
+                        help="model or adapter folder, best/base/finetuned, or ocr (the OCR + rules baseline)")
+    parser.add_argument("--weights", default="auto", choices=("auto", *FORMS),
+                        help="the served form (default: auto, the profile's; a folder's own form)")
+    parser.add_argument("--profile", default=DEFAULT_PROFILE)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a profile setting, as the pipeline and the server take them (repeatable)")
+    parser.add_argument("--workdir", default=None, help="where the pipeline wrote models/ (default: repo root)")
+    parser.add_argument("--out", help="batch output file (default: stdout)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: api.max_new_tokens)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        settings = load_settings(args.profile, args.set)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        served, _ = open_served(settings, Workdir.at(args.workdir), args.model, args.weights, slots=1)
+    except FormError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        served.load()  # the engine's loop then runs in this thread, one document at a time
+    except ocr.OcrUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"error: the model failed to load: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    answer = ocr_answer if served.engine is None else model_answer(served)
+    try:
+        return answer_all(Job(answer, args.prompt, args.max_new_tokens or settings.api.max_new_tokens, settings.api),
+                          args)
+    finally:
+        served.stop()
+
+
+def answer_all(job: Job, args: argparse.Namespace) -> int:
+    """One image, a batch, or interactive, per the arguments; returns the exit status."""
+    if args.image:
+        try:
+            record = run_one(job, Path(args.image), job.prompt)
+        except (BadInput, OSError, PromptTooLong) as exc:
+            print(f"error: {args.image}: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(record, ensure_ascii=False, indent=2))
+        return 0
+    if args.interactive:
+        return interactive(job, sys.stdin, sys.stdout)
+    files = collect_files(args.dir)
+    if not files:
+        print(f"error: no images match {args.dir}", file=sys.stderr)
+        return 2
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as out:
+            return batch(job, files, out)
+    return batch(job, files, sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

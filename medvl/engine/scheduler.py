@@ -1,0 +1,641 @@
+"""The serving engine: continuous batching over the slot decoder, for every caller.
+
+Why: the API used to form a batch from the requests already waiting and run it until its
+longest row ended, so a row that finished early held its place and arrivals waited for the
+whole batch; chats and streams ran alone. On an H100 (``7b-random``, 680-token pages, 128
+new tokens) that served 1.0-4.2 requests/s with 32 clients. Here, as in vLLM and SGLang,
+requests join a running batch as rows free up and each row leaves at its own end:
+
+- a bounded waiting queue (past it :class:`Overloaded`, which the API answers with 503 and
+  ``Retry-After``);
+- each loop turn admits waiting requests into free cache slots (several arrivals prefilled
+  together, up to ``max_prefill_tokens``), then runs one decoding step for every running row;
+- a row ends at its end-of-sequence token, its own ``max_tokens`` or stop string, or when its
+  caller cancels it (timeout, hang-up); its slot is free for the next turn;
+- a failure in one request's prefill is retried alone, so it fails only that request.
+
+Prompts are prepared (chat template, image processor: ~26 ms of CPU per page) by the caller's
+thread in :meth:`Engine.prepare`, off the engine's loop. The API, the CLI, the benchmark
+harness and phase 7 all decode through this class.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from medvl.engine.grammar import Grammars, ResponseFormat, RowGrammar
+from medvl.engine.slot_cache import PromptTooLong, SlotDecoder
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full; the caller should retry later."""
+
+
+class EngineDead(RuntimeError):
+    """The engine's loop failed (a decoding step raised; on a GPU, a device error leaves the
+    CUDA context unusable): every pending and running request fails with this, later submits
+    too, and the process must be restarted (vLLM's EngineDeadError)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request's tokens are chosen and when it ends.
+
+    ``temperature`` 0 is greedy (the default: extraction answers should not vary run to run).
+    With ``seed`` set, sampling draws from a generator of its own: the same request gives the
+    same answer again.
+    """
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks on random weights: always max_tokens tokens (not with a grammar)
+    response_format: ResponseFormat | None = None  # decode under this grammar (medvl.engine.grammar)
+
+
+@dataclass
+class Prompt:
+    """A prepared prompt: the processor's tensors for one request, on the CPU."""
+
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.tensors["input_ids"].shape[1])
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # stop | length | cancelled
+    queue_s: float  # waiting for a slot
+    ttft_s: float  # submit to first token
+    latency_s: float  # submit to last token
+    closed_early: bool = False  # a grammar row steered to close its JSON as its budget ran out
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class EngineMetrics:
+    """What the engine reports as it works; the API's Prometheus metrics subclass this."""
+
+    def prompt_tokens(self, n: int) -> None: ...
+    def generation_tokens(self, n: int) -> None: ...
+    def time_to_first_token(self, seconds: float) -> None: ...
+    def inter_token_latency(self, seconds: float) -> None: ...
+    def request_finished(self, reason: str) -> None: ...
+
+
+@dataclass
+class EngineStats:
+    """Where the engine loop's time goes (host wall clock, as the loop sees it; a prefill's
+    includes waiting for the step in flight). Read by /metrics and the load benchmark."""
+
+    prefills: int = 0
+    prefill_rows: int = 0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    steps: int = 0
+    step_rows: int = 0
+    step_launch_s: float = 0.0  # CPU time to queue steps (the GPU runs them meanwhile); with grammar
+    # rows it includes reading the previous step's tokens and the masks (the GPU runs the forward pass)
+    grammar_masks: int = 0  # rows masked by their grammar, over all steps
+    grammar_mask_s: float = 0.0  # CPU time computing those masks and applying them
+
+    def prefill(self, rows: int, tokens: int, seconds: float) -> None:
+        self.prefills += 1
+        self.prefill_rows += rows
+        self.prefill_tokens += tokens
+        self.prefill_s += seconds
+
+    def step(self, rows: int, seconds: float) -> None:
+        self.steps += 1
+        self.step_rows += rows
+        self.step_launch_s += seconds
+
+    def masks(self, rows: int, seconds: float) -> None:
+        self.grammar_masks += rows
+        self.grammar_mask_s += seconds
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's life in the engine. ``on_text`` (streaming) is called from the engine's
+    thread with each new piece of text; it must not block."""
+
+    prompt: Prompt
+    params: SamplingParams
+    on_text: Callable[[str], None] | None = None
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    # set by the engine
+    admitted: float = 0.0
+    first_token: float = 0.0
+    last_token: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # detokenized so far (streams and stop strings only)
+    _read: int = 0  # tokens already turned into text
+    _prefix: int = 0  # where the last text piece started (for multi-token characters)
+    _sent: int = 0  # characters of ``text`` already passed to ``on_text``
+    generator: torch.Generator | None = None
+    grammar: RowGrammar | None = None  # the row's matcher, when it decodes under a response format
+    slot: int = -1  # the cache slot while running
+    withdraw: Callable[[Request], None] | None = None  # set by the engine: takes it out of the queue
+
+    def cancel(self) -> None:
+        """Drop this request: if it still waits it leaves the queue at once (it no longer holds a
+        place under ``max_waiting``); if it runs, its slot frees on the engine's next turn."""
+        self.cancelled = True
+        if self.withdraw is not None:
+            self.withdraw(self)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities reach ``top_p``."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(descending=True)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # the first token is always kept
+    filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+    return filtered / filtered.sum()
+
+
+# Temperatures below this are greedy: dividing float32 logits by 1e-300 (a fuzzer sent it)
+# divides by a rounded 0 and gives nan; at 1e-4 the distribution is one-hot anyway.
+GREEDY_BELOW = 1e-4
+
+
+def choose_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Greedy argmax for greedy rows; temperature/top-p sampling (own generator) for the rest."""
+    tokens = logits.argmax(dim=-1)
+    for row, request in enumerate(requests):
+        params = request.params
+        if params.temperature < GREEDY_BELOW:
+            continue
+        # Shifted so the largest logit is 0: a small temperature then sends the others to -inf
+        # (a one-hot distribution), never to inf - inf = nan.
+        scaled = (logits[row] - logits[row].max()) / params.temperature
+        probs = _top_p_filter(torch.softmax(scaled, dim=-1), params.top_p)
+        tokens[row] = torch.multinomial(probs, 1, generator=request.generator)[0]
+    return tokens
+
+
+class Engine:
+    """Continuous batching over a :class:`SlotDecoder`; one thread runs the loop.
+
+    ``start()`` runs the loop in a worker thread (the API). Without it, :meth:`generate` runs
+    the loop in the calling thread until its request ends (CLI, harness, phase 7).
+    """
+
+    def __init__(self, model: Any, processor: Any, decoder: SlotDecoder, max_waiting: int,
+                 max_prefill_tokens: int, metrics: EngineMetrics | None = None, prefill_wait_s: float = 0.0) -> None:
+        self.model = model
+        self.processor = processor
+        self.decoder = decoder
+        self.max_waiting = max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_wait_s = prefill_wait_s
+        self.metrics = metrics or EngineMetrics()
+        self.eos_ids = set(decoder.eos_ids)
+        self.device = decoder.device
+        self.vision_dtype = decoder.base.model.visual.dtype
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # running[i] decodes in cache slot i
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = EngineStats()
+        self._in_flight: tuple[list[Request], Any] | None = None  # a launched step not yet read
+        self.dead: EngineDead | None = None  # set once the loop has failed; the engine serves nothing after
+        # Rust tokenizers refuse concurrent use that changes their padding state ("Already
+        # borrowed"): callers prepare one at a time, and the loop detokenizes with its own copy.
+        self._prepare_lock = threading.Lock()
+        self._detokenizer = copy.deepcopy(processor.tokenizer)
+        self.grammars = Grammars(processor.tokenizer, decoder.vocab, decoder.eos_ids, self.device, decoder.slots)
+
+    # ---- what callers use
+    def prepare(self, image: Image.Image | None, prompt: str = "",
+                messages: list[dict[str, Any]] | None = None) -> Prompt:
+        """Chat template and image processing for one request (in the caller's thread).
+
+        ``messages``: a whole chat (Qwen format, ``{"type": "image"}`` parts); otherwise one user
+        turn of ``image`` and ``prompt``.
+        """
+        if messages is None:
+            content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+            messages = [{"role": "user", "content": content}]
+        with self._prepare_lock:
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            tensors = dict(self.processor(text=[text], images=[image] if image is not None else None,
+                                          return_tensors="pt"))
+        if "pixel_values" in tensors:  # the vision tower's dtype now (the model casts to it first thing)
+            tensors["pixel_values"] = tensors["pixel_values"].to(self.vision_dtype)
+        if self.device.type == "cuda":
+            # Pinned: the engine's copies to the GPU (a page is ~6 MB) then neither wait for the
+            # stream nor stall the loop (pageable host-to-device copies synchronize the stream).
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return Prompt(tensors)
+
+    def submit(self, prompt: Prompt, params: SamplingParams, on_text: Callable[[str], None] | None = None) -> Request:
+        """Queue a request; raises :class:`PromptTooLong`, :class:`medvl.engine.grammar.GrammarError`
+        (a response format that does not compile), :class:`Overloaded` or :class:`EngineDead` at once."""
+        if self.dead is not None:
+            raise self.dead
+        self.decoder.check_fits(prompt.length, params.max_tokens)
+        request = Request(prompt, params, on_text, withdraw=self._withdraw)
+        if params.response_format is not None:
+            request.grammar = self.grammars.row(params.response_format)
+        if params.temperature > 0:
+            request.generator = torch.Generator(device=self.device)
+            if params.seed is not None:
+                request.generator.manual_seed(params.seed)
+            else:
+                request.generator.seed()
+        with self._wake:
+            if self.dead is not None:
+                raise self.dead
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded(f"{len(self.waiting)} requests are waiting (the limit); retry shortly")
+            self.waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def _withdraw(self, request: Request) -> None:
+        """Take a cancelled request out of the waiting queue and resolve it (a running one is
+        dropped by the loop, which owns the cache slots)."""
+        with self._wake:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                return  # admitted (the loop drops it) or already gone
+        self._resolve(request, "cancelled")
+
+    def generate(self, prompt: Prompt, params: SamplingParams) -> Result:
+        """Submit and wait; runs the loop here when no worker thread does."""
+        request = self.submit(prompt, params)
+        if self._thread is None:
+            while not request.future.done():
+                self.run_once()
+            self.drain()
+        return request.future.result()
+
+    def drain(self) -> None:
+        """Read the step still in flight (its rows all ended; nothing is appended)."""
+        if self._in_flight is not None:
+            self._collect(*self._in_flight)
+            self._in_flight = None
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def kv_cache_reserved(self) -> float:
+        """Share of the cache that running rows hold (0..1): each holds a whole slot, so with every
+        slot taken this is 1 and the next request waits, however few tokens are filled."""
+        return len(self.running) / self.decoder.slots
+
+    @property
+    def kv_cache_filled(self) -> float:
+        """Share of the cache's token positions that running rows fill (0..1)."""
+        used = sum(r.prompt.length + len(r.tokens) for r in self.running)
+        return used / (self.decoder.slots * self.decoder.max_cache_len)
+
+    # ---- the worker thread
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._wake:
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                if not self.waiting and not self.running:
+                    self._wake.wait(timeout=0.5)
+                    continue
+            try:
+                self.run_once()
+            except EngineDead:
+                return  # every request has its error; the server reports it and exits
+
+    def _die(self, exc: Exception) -> EngineDead:
+        """Fail every waiting and running request without touching the device again (after a CUDA
+        error any kernel may fail too), and refuse every later one."""
+        dead = EngineDead(f"the engine failed and serves no more requests: {type(exc).__name__}: {exc}"[:500])
+        log.critical("%s", dead, exc_info=exc)
+        with self._wake:
+            self.dead = dead
+            pending = [*self.waiting, *self.running, *(self._in_flight[0] if self._in_flight else [])]
+            self.waiting.clear()
+        self.running, self._in_flight = [], None
+        for request in pending:
+            request.slot = -1
+            if not request.future.done():
+                request.future.set_exception(dead)
+        return dead
+
+    # ---- one turn: admit, prefill, decode
+    def run_once(self) -> None:
+        """One turn of the loop (:meth:`_turn`); any exception it raises kills the engine
+        (:meth:`_die`) and is raised again as :class:`EngineDead`. A failure that concerns one
+        request (its prefill, its grammar) fails that request inside the turn instead."""
+        if self.dead is not None:
+            raise self.dead
+        try:
+            self._turn()
+        except Exception as exc:
+            raise self._die(exc) from exc
+
+    def _turn(self) -> None:
+        """Admit what fits and prefill it; launch one decoding step for every running row; then
+        read the previous step's tokens while this one runs on the GPU.
+
+        Why one step ahead: reading a step's tokens back is a GPU sync, and the CPU work after it
+        (end checks, detokenizing, streaming, starting new rows: ~1-2 ms of Python, more when
+        request threads hold the GIL) would otherwise leave the GPU idle between steps. The next
+        step needs nothing from the CPU (each row's last token stays on the GPU), so it is
+        queued before the CPU looks at the previous one. A row that ended in the previous step
+        has one wasted token computed, which is dropped.
+
+        Grammar rows need their mask before their next token is chosen, and the mask depends on
+        every token so far: when the batch holds one, the step's forward pass is queued first,
+        then the previous step's tokens are read (while the GPU runs the forward pass), then the
+        masks are computed and applied and the tokens chosen.
+        """
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        self._drop_cancelled()
+        previous, self._in_flight = self._in_flight, None
+        launched = None
+        if self.running:
+            previous, launched = self._launch_step(previous)
+        if previous is not None:
+            self._collect(*previous)
+        self._in_flight = launched
+
+    def _launch_step(self, previous: tuple[list[Request], Any] | None) -> tuple[Any, Any]:
+        """Queue one step for every running row; returns (``previous`` if still unread, the
+        launched step). Rows that end while ``previous`` is read here are finished only after
+        this step's tokens are recorded: finishing moves cache slots."""
+        rows = list(self.running)
+        ended: list[tuple[Request, str, Exception | None]] = []
+        started = time.perf_counter()
+        logits = self.decoder.step(len(rows))  # a failure here kills the engine (run_once)
+        if previous is not None and any(r.grammar is not None for r in rows):
+            self._collect(*previous, ended=ended)
+            previous = None
+        over = {id(request) for request, _, _ in ended}
+        self._constrain(logits, [r if id(r) not in over else None for r in rows])
+        tokens = choose_tokens(logits, rows)
+        self.decoder.accept(0, tokens)
+        self.stats.step(len(rows), time.perf_counter() - started)
+        launched = rows, self._to_host(tokens)
+        for request, reason, error in ended:
+            self._finish(request, reason, error)
+        return previous, launched
+
+    def _constrain(self, logits: torch.Tensor, rows: list[Request | None]) -> None:
+        """Apply each grammar row's mask (row ``i`` of ``logits`` is ``rows[i]``; None: skip)."""
+        masked = [(i, r.grammar, r.params.max_tokens - len(r.tokens)) for i, r in enumerate(rows)
+                  if r is not None and r.grammar is not None and not r.grammar.finished]
+        if masked:
+            started = time.perf_counter()
+            self.grammars.apply(logits, masked)
+            self.stats.masks(len(masked), time.perf_counter() - started)
+
+    @staticmethod
+    def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying ``tokens`` to the CPU without waiting (pinned memory on a GPU); the
+        event marks the copy's end in the stream, so reading waits for this step only."""
+        if tokens.device.type != "cuda":
+            return tokens, None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True).copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def _collect(self, rows: list[Request], host: tuple[torch.Tensor, torch.cuda.Event | None],
+                 ended: list[tuple[Request, str, Exception | None]] | None = None) -> None:
+        """Take a launched step's tokens (waits for that step only) and advance its rows."""
+        tokens, done = host
+        if done is not None:
+            done.synchronize()
+        self._advance(rows, tokens.tolist(), ended)
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests that get a slot this turn (cancelled ones are dropped)."""
+        admitted: list[Request] = []
+        budget = self.max_prefill_tokens
+        free = self.decoder.slots - len(self.running)
+        if (self.prefill_wait_s and self.running and len(self.waiting) < free and self.waiting
+                and time.perf_counter() - self.waiting[0].submitted < self.prefill_wait_s):
+            return admitted  # let a few more arrive: one prefill for several pauses the running rows once
+        with self._wake:
+            while self.waiting and len(self.running) + len(admitted) < self.decoder.slots:
+                head = self.waiting[0]
+                if head.cancelled:
+                    self.waiting.popleft()
+                    self._resolve(head, "cancelled")
+                    continue
+                if admitted and head.prompt.length > budget:
+                    break
+                budget -= head.prompt.length
+                admitted.append(self.waiting.popleft())
+        now = time.perf_counter()
+        for request in admitted:
+            request.admitted = now
+            if not request.future.set_running_or_notify_cancel():
+                request.cancelled = True
+        return [r for r in admitted if not r.cancelled]
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill ``requests`` together into the next free slots; if that fails, one at a time,
+        so that a bad request fails alone."""
+        first = len(self.running)
+        started = time.perf_counter()
+        try:
+            logits = self.decoder.prefill(self._collate(requests), first)
+            self._constrain(logits, list(requests))
+            tokens = choose_tokens(logits, requests)
+        except Exception as exc:  # every admitted request is answered, with its error if need be
+            if len(requests) > 1:
+                log.warning("prefill of %d requests failed (%s); retrying one by one", len(requests), exc)
+                for request in requests:
+                    self._prefill([request])
+                return
+            log.exception("prefill failed")
+            self._resolve(requests[0], "error", exc)
+            return
+        self.decoder.accept(first, tokens)
+        for slot, request in enumerate(requests, start=first):
+            request.slot = slot
+            self.running.append(request)
+            self.metrics.prompt_tokens(request.prompt.length)
+        first_tokens = tokens.tolist()
+        self.stats.prefill(len(requests), sum(r.prompt.length for r in requests), time.perf_counter() - started)
+        self._advance(requests, first_tokens)
+
+    def _collate(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """Left-pad the prepared prompts into one batch on the model's device (copied first, from
+        pinned memory on a GPU, so the copies do not wait for the step in flight)."""
+        width = max(r.prompt.length for r in requests)
+        pad = self.processor.tokenizer.pad_token_id or 0
+        batch: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+        for request in requests:
+            t = {k: v.to(self.device, non_blocking=True) for k, v in request.prompt.tensors.items()}
+            missing = width - request.prompt.length
+            for key, fill in (("input_ids", pad), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+                if key in t:
+                    batch[key].append(torch.nn.functional.pad(t[key], (missing, 0), value=fill))
+            for key in ("pixel_values", "image_grid_thw"):
+                if key in t:
+                    batch[key].append(t[key])
+        return {key: torch.cat(parts) for key, parts in batch.items()}
+
+    # ---- after each token
+    def _advance(self, requests: list[Request], tokens: list[int],
+                 ended: list[tuple[Request, str, Exception | None]] | None = None) -> None:
+        """Append each request's new token (requests that ended meanwhile are skipped) and end
+        the rows that are done (or, with ``ended``, list them for the caller to end)."""
+        now = time.perf_counter()
+        for request, token in zip(requests, tokens, strict=True):
+            if request.slot < 0:  # ended after this step was launched: its token is not part of the answer
+                continue
+            if request.tokens:
+                self.metrics.inter_token_latency(now - request.last_token)
+            else:
+                request.first_token = now
+                self.metrics.time_to_first_token(now - request.submitted)
+            request.tokens.append(token)
+            request.last_token = now
+            error = None
+            if request.grammar is not None and not request.grammar.accept(token):
+                reason, error = "error", RuntimeError(f"token {token} broke the answer's grammar")
+            else:
+                reason = self._end_reason(request, token)
+            if reason and ended is not None:
+                ended.append((request, reason, error))
+            elif reason:
+                self._finish(request, reason, error)
+
+    def _end_reason(self, request: Request, token: int) -> str | None:
+        params = request.params
+        if token in self.eos_ids and (not params.ignore_eos or request.grammar is not None):  # a grammar ends there
+            self._emit(request, final=True)
+            return "stop"
+        if request.on_text is not None or params.stop:
+            if self._emit(request):
+                return "stop"
+        if len(request.tokens) >= params.max_tokens:
+            self._emit(request, final=True)
+            return "length"
+        return None
+
+    def _emit(self, request: Request, final: bool = False) -> bool:
+        """Detokenize what is new (streams, stop strings); True when a stop string appeared.
+
+        Incremental, as TGI and vLLM do it: decode from the previous piece's start, so a
+        character spread over several tokens is sent once complete.
+        """
+        if request.on_text is None and not request.params.stop:
+            return False
+        decode = self._detokenizer.decode
+        before = decode(request.tokens[request._prefix:request._read], skip_special_tokens=True)
+        after = decode(request.tokens[request._prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return False
+        start = len(request.text)
+        request.text += after[len(before):]
+        request._prefix, request._read = request._read, len(request.tokens)
+        hold = 0
+        stopped = False
+        for stop in request.params.stop:
+            at = request.text.find(stop, max(0, start - len(stop)))
+            if at >= 0:
+                request.text, stopped = request.text[:at], True
+        if request.params.stop and not stopped and not final:
+            hold = max(len(s) for s in request.params.stop) - 1  # may be the start of a stop string
+        self._send(request, len(request.text) - hold)
+        return stopped
+
+    @staticmethod
+    def _send(request: Request, upto: int) -> None:
+        """Pass ``text`` up to ``upto`` to a streaming caller (what it has not had yet)."""
+        if request.on_text is not None and upto > request._sent:
+            request.on_text(request.text[request._sent:upto])
+            request._sent = upto
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self.running if r.cancelled]:
+            self._finish(request, "cancelled")
+
+    def _finish(self, request: Request, reason: str = "error", error: Exception | None = None) -> None:
+        """End ``request``'s row: the last running row moves into its slot (rows stay packed at
+        the front of the cache); resolve the request."""
+        slot, last = request.slot, self.running[-1]
+        if last is not request:
+            self.decoder.move(last.slot, slot)
+            self.running[slot] = last
+            last.slot = slot
+        self.running.pop()
+        self.decoder.free(len(self.running))
+        request.slot = -1
+        self._resolve(request, reason, error)
+
+    def _resolve(self, request: Request, reason: str, error: Exception | None = None) -> None:
+        self.metrics.request_finished(reason)
+        self.metrics.generation_tokens(len(request.tokens))
+        if request.future.done():
+            return
+        if error is not None:
+            request.future.set_exception(error)
+            return
+        if request.params.stop and reason == "stop" and request.text:
+            text = request.text
+        else:
+            text = self._detokenizer.decode(request.tokens, skip_special_tokens=True)
+            if request.params.stop:  # a stop string may also end a row that stopped otherwise
+                for stop in request.params.stop:
+                    text = text.split(stop, 1)[0]
+            request.text = text
+        self._send(request, len(request.text))  # what was held back for a possible stop string
+        now = time.perf_counter()
+        request.future.set_result(Result(
+            text=text, token_ids=list(request.tokens), prompt_tokens=request.prompt.length, finish_reason=reason,
+            queue_s=(request.admitted or now) - request.submitted,
+            ttft_s=(request.first_token or now) - request.submitted, latency_s=now - request.submitted,
+            closed_early=request.grammar is not None and request.grammar.closed_early))
+
+
+__all__ = ["Engine", "EngineDead", "EngineMetrics", "Overloaded", "Prompt", "PromptTooLong", "Request", "Result", "SamplingParams"]

@@ -1,0 +1,448 @@
+"""Fast greedy decoding over a KV cache of independent slots, with one compiled decoding step.
+
+Why this exists: plain ``model.generate`` spends most of each decoding step in Python (input
+preparation, logits processors, stopping criteria, cache bookkeeping). At batch 1 on a 7B
+model the GPU then waits on the CPU, and the speed swings with the host (10-46 tokens/s was
+measured on one kind of H100). Here prompts run once, eagerly and at any length, and their
+keys and values go into preallocated cache slots; every later step has fixed shapes per batch
+bucket, so it is compiled with ``torch.compile(mode="reduce-overhead")`` and replayed as a CUDA
+graph. Compilation happens in :meth:`SlotDecoder.warm_up` (the server calls it before it
+accepts traffic), never inside a request. Each slot keeps its own length and position, so the
+serving engine (:mod:`medvl.engine.scheduler`) admits and ends requests one by one (continuous batching).
+
+For each row it computes what plain greedy ``generate`` computes for that prompt alone:
+
+- the same position ids: Qwen2.5-VL's M-RoPE rows (``get_rope_index``), built exactly as
+  ``generate`` builds them, then +1 per step;
+- the same argmax over the same next-token logits (upcast to float32, as generate does),
+  after the generation config's repetition penalty, which generate applies even when greedy
+  (Qwen2.5-VL ships ``repetition_penalty=1.05``): every token id already in the row has its
+  logit divided (or, if negative, multiplied) by it.
+
+Two changes make the compiled step cheaper without changing what it computes (at batch 1 a
+step is bound by reading the weights, so every extra byte or kernel shows):
+
+- :func:`medvl.model.fusion.fuse_projections`: each layer's q/k/v projections become one matmul and gate/up
+  another (the same weights, concatenated): 4 weight matmuls per layer instead of 7;
+- :func:`grouped_decode_attention`: attention for the one new token per row reads the KV
+  cache once per key/value head, where transformers' SDPA path copies it for each of the
+  query heads sharing it whenever an attention mask is present (always, with a cache of slots).
+
+``tests/test_decoding.py`` and ``tests/test_engine.py`` check identical tokens against
+``generate`` on the tiny model on the CPU; ``bench/perf_inference.py`` checks next-token
+logits on the GPU, where random 7B weights have near-ties and a flipped token alone proves
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from medvl.model.fusion import fuse_projections, fused_layer_count
+from medvl.model.vision import align_vision_mlp
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- attention for one new token
+
+
+DECODE_ATTENTION = "medvl_grouped_decode"
+
+
+def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float | None = None,
+                             dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention of one new token per row over the cache, query heads grouped by KV head.
+
+    Why: with a static cache the mask is never None, and transformers' SDPA path then expands
+    each of Qwen2.5-7B's 4 key/value heads to its 7 query heads before the kernel: at ~1.3 k
+    cached tokens that writes and reads ~37 MB per layer and token, ~1 GB per batch-1 step
+    next to 14 GB of weights. Here the 7 queries of a KV head are 7 query rows of one SDPA call
+    against that head's cache, read once, in its own dtype (an earlier form upcast the cache to
+    float32 first: ~2 ms of a batch-32 step on an H100). The fused kernels keep scores and
+    softmax in float32. Prompts (more than one query position) go to SDPA unchanged.
+    """
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h uses KV head h // group
+    # attention_mask: [batch, 1, 1, cache], True (or 0.0) where a row may attend; it applies to every query row
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                                           scale=scaling or dim**-0.5)
+    return out.reshape(batch, 1, heads, dim), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, grouped_decode_attention)
+AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)  # the same boolean mask as SDPA's
+
+
+@contextlib.contextmanager
+def _attention(text_config: Any, implementation: str) -> Any:
+    """Use ``implementation`` for the language model inside the block, then restore it (the
+    prompt and plain ``generate`` keep the model's own)."""
+    previous = text_config._attn_implementation
+    text_config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = previous
+
+
+# --------------------------------------------------------------------------- the slot decoder
+
+
+class PromptTooLong(ValueError):
+    """The prompt plus the answer budget does not fit a cache slot."""
+
+
+@dataclass
+class Decoded:
+    """One fixed batch's result: new tokens per row (through the end-of-sequence token, if any)."""
+
+    sequences: list[list[int]]
+    ttft_s: float
+    latency_s: float
+    step_logits: list[torch.Tensor] | None = None  # float32 [rows, vocab] per step, when kept
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generation_position_ids(model: Any, inputs: Any) -> torch.Tensor:
+    """[4, batch, length] position ids, as ``generate`` prepares them for Qwen2.5-VL.
+
+    Row 0 is the text position (attention-mask cumulative sum, 0 on padding); rows 1-3 are
+    the temporal/height/width M-RoPE positions (equal to the text position for text-only
+    prompts).
+    """
+    mask = inputs["attention_mask"]
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    grid = inputs.get("image_grid_thw")
+    kinds = inputs.get("mm_token_type_ids")
+    if grid is not None and kinds is not None:
+        vision, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=kinds,
+                                               image_grid_thw=grid, attention_mask=mask)
+    else:
+        vision = text.unsqueeze(0).expand(3, -1, -1)
+    return torch.cat([text.unsqueeze(0), vision.to(text.device)], dim=0)
+
+
+def bucket_sizes(slots: int, compiled: bool) -> tuple[int, ...]:
+    """Batch sizes a decoding step runs at: powers of two up to ``slots``, and ``slots``.
+
+    A running batch of n rows runs the smallest bucket >= n (the extra rows are idle slots):
+    decoding is bound by reading the weights, so a few idle rows cost little, and a handful of
+    CUDA graphs cover every batch size. Compiled, the smallest bucket is 2: the step is
+    compiled once with a dynamic batch dimension (torch.compile specializes a size of 1, so a
+    bucket of 1 would be a second compilation: 72 s of an H100's start-up for batch 1 alone,
+    against 94 s for the dynamic one), and one row decodes beside an idle one.
+    """
+    sizes, size = [], 2 if compiled and slots > 1 else 1
+    while size < slots:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, slots)
+
+
+class _SlotCacheView:
+    """What the model's attention layers see during one decoding step: ``update`` writes each
+    row's new key/value at that row's own column and returns the first ``rows`` slots."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write_at: torch.Tensor) -> None:
+        self.keys, self.values, self.write_at = keys, values, write_at
+        self.rows = torch.arange(write_at.shape[0], device=write_at.device)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        n = key.shape[0]
+        keys[self.rows, :, self.write_at] = key[:, :, 0]
+        values[self.rows, :, self.write_at] = value[:, :, 0]
+        return keys[:n], values[:n]
+
+
+class SlotDecoder:
+    """A KV cache of ``slots`` rows, each with its own length and position, and one decoding step.
+
+    Why slots: continuous batching needs rows that start and end independently. Each slot keeps
+    its own write column, M-RoPE position, attention mask over the cache, and the token ids it
+    has seen (for the repetition penalty), so a request can be prefilled into a free slot while
+    others are mid-answer, and leave without waiting for them. The rows of a step are slots
+    ``0..n-1``; the engine keeps running requests packed there (:meth:`move`).
+
+    What a row computes is what plain greedy ``generate`` computes for that prompt alone:
+
+    - the prompt runs eagerly (any length; several prompts left-padded together) and its keys
+      and values are copied into the slots; positions are built as ``generate`` builds them
+      (Qwen2.5-VL's M-RoPE rows from ``get_rope_index``), then +1 per step;
+    - each step's logits are float32, after the generation config's repetition penalty (Qwen2.5-VL
+      ships 1.05, which greedy ``generate`` applies): every token id already in the row has its
+      logit divided (or, if negative, multiplied) by it; padding is not counted as seen, so a row
+      prefilled beside longer prompts sees what it would see alone;
+    - a step's attention covers exactly the row's own filled columns (a boolean mask per slot).
+
+    The step is the one compiled function (``torch.compile``, ``reduce-overhead``: replayed as
+    a CUDA graph): one graph per bucket of :func:`bucket_sizes`, compiled in :meth:`warm_up`,
+    never inside a request.
+    """
+
+    def __init__(self, model: Any, max_cache_len: int, slots: int, compile_step: bool) -> None:
+        self.model = model
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # Serving-only rewrites (same function, other parameter shapes: never save after them).
+        fuse_projections(self.base)
+        align_vision_mlp(self.base)
+        self.fused_layers = fused_layer_count(self.base)  # fused here or before (int4 serving fuses first)
+        self.max_cache_len = max_cache_len
+        self.slots = slots
+        self.compiled = compile_step
+        self.buckets = bucket_sizes(slots, compile_step)
+        gen = self.base.generation_config
+        eos = gen.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.repetition_penalty = float(gen.repetition_penalty or 1.0)
+        self.device = self.base.get_input_embeddings().weight.device
+        text = self.base.config.text_config
+        self.vocab = self.base.get_output_embeddings().weight.shape[0]
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        # Per-slot state, on the device; rows 0..n-1 of these are a step's inputs.
+        self.mask = torch.zeros(slots, max_cache_len, dtype=torch.bool, device=self.device)
+        self.write_at = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+        self.last_token = torch.zeros(slots, dtype=torch.long, device=self.device)
+        # Written with index_put_ from this device tensor, never a Python True: a CPU value is
+        # copied to the GPU from pageable memory, which waits for the whole stream (the step in
+        # flight) every time.
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)
+        self._text_config = text
+        self._step = (torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=True)
+                      if compile_step else self._forward_step)
+        self.compile_s: dict[int, float] = {}
+
+    # ---- bookkeeping
+    @property
+    def description(self) -> str:
+        """How this decoder runs, in words (for records, logs and /health)."""
+        fused = ", fused projections" if self.fused_layers else ""
+        mode = "compiled step" if self.compiled else "eager step"
+        return f"continuous batching over {self.slots} cache slots, {mode}{fused}"
+
+    def bucket(self, rows: int) -> int:
+        """The batch size actually run for ``rows`` running rows."""
+        for size in self.buckets:
+            if size >= rows:
+                return size
+        raise ValueError(f"{rows} rows exceed the {self.slots} cache slots")
+
+    def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
+        return prompt_len + max_new_tokens <= self.max_cache_len
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if not self.fits(prompt_len, max_new_tokens):
+            raise PromptTooLong(f"{prompt_len} prompt tokens + {max_new_tokens} new tokens exceed the context of "
+                                f"{self.max_cache_len} tokens (decode.max_cache_len)")
+
+    def _allocate(self, like: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The cache itself, shaped after the first prompt's keys/values (dtype and device per layer)."""
+        for key, _ in like:
+            shape = (self.slots, key.shape[1], self.max_cache_len, key.shape[3])
+            self.keys.append(torch.zeros(shape, dtype=key.dtype, device=key.device))
+            self.values.append(torch.zeros(shape, dtype=key.dtype, device=key.device))
+        if self.compiled:  # fixed addresses: the CUDA graphs read and write these in place
+            for t in (*self.keys, *self.values, self.mask, self.write_at, self.position, self.seen):
+                torch._dynamo.mark_static_address(t)
+
+    def _penalize(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        p = self.repetition_penalty
+        if p == 1.0:
+            return logits
+        return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+
+    # ---- prefill
+    @torch.inference_mode()
+    def prefill(self, inputs: Any, first: int) -> torch.Tensor:
+        """Run left-padded prompts (as the processor makes them) into slots ``first``, ``first+1``,
+        ...; returns each row's first-token logits (float32, penalized), ``[rows, vocab]``."""
+        from transformers import DynamicCache
+
+        batch, prompt_len = inputs["input_ids"].shape
+        if prompt_len > self.max_cache_len:
+            self.check_fits(prompt_len, 0)
+        attention = inputs["attention_mask"]
+        positions = generation_position_ids(self.base, inputs)
+        cache = DynamicCache(config=self.base.config)
+        prompt = {k: v for k, v in inputs.items() if k != "attention_mask"}
+        out = self.model(**prompt, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        self.base.model.rope_deltas = None  # positions are passed in; a stale batch size would confuse later calls
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        if not self.keys:
+            self._allocate(layers)
+        rows = slice(first, first + batch)
+        # Each row's own tokens go to the front of its slot and it writes on from its own length:
+        # a short prompt prefilled beside a long one must not start at the batch's padded width
+        # (it would then write past the slot's end while its own length + max_tokens fits). The
+        # keys already carry their rotary positions, so moving them left changes no attention score.
+        lengths = attention.sum(dim=1)
+        columns = torch.arange(prompt_len, device=self.device)
+        source = (columns + (prompt_len - lengths)[:, None]).clamp(max=prompt_len - 1)  # past a row's length: masked
+        for (key, value), keys, values in zip(layers, self.keys, self.values, strict=True):
+            index = source[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3]).to(key.device)
+            keys[rows, :, :prompt_len] = key.gather(2, index)
+            values[rows, :, :prompt_len] = value.gather(2, index)
+        self.mask[rows] = False
+        self.mask[rows, :prompt_len] = columns < lengths[:, None]
+        self.write_at[rows] = lengths
+        self.position[rows] = positions[1:, :, -1].amax(dim=0) + 1  # text after the prompt: all 3 rows equal
+        # Padding is not "seen": a row counts the tokens it would have alone (its last token stands in).
+        real = torch.where(attention.bool(), inputs["input_ids"], inputs["input_ids"][:, -1:])
+        seen = torch.zeros(batch, self.vocab, dtype=torch.bool, device=self.device).scatter_(1, real, True)
+        self.seen[rows] = seen
+        return self._penalize(out.logits[:, -1, :].float(), seen)
+
+    # ---- decoding steps
+    def _forward_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The compiled function: one new token for each of the first ``len(tokens)`` slots."""
+        rows = tokens.shape[0]
+        positions = self.position[:rows].view(1, rows, 1).expand(3, rows, 1)
+        mask = {"full_attention": self.mask[:rows, None, None, :]}
+        out = self.model(input_ids=tokens.view(rows, 1), attention_mask=mask, position_ids=positions,
+                         past_key_values=_SlotCacheView(self.keys, self.values, self.write_at[:rows]), use_cache=True)
+        return self._penalize(out.logits[:, -1, :].float(), self.seen[:rows])
+
+    @torch.inference_mode()
+    def step(self, rows: int) -> torch.Tensor:
+        """Feed each of slots ``0..rows-1`` its last token; returns their next-token logits
+        ``[rows, vocab]`` (float32, penalized; valid until the next step)."""
+        bucket = self.bucket(rows)
+        live = torch.arange(rows, device=self.device)
+        self.mask.index_put_((live, self.write_at[:rows]), self._true)  # the new token attends to itself
+        tokens = self.last_token[:bucket]
+        if self.compiled:
+            if bucket > 1:
+                torch._dynamo.mark_dynamic(tokens, 0)  # one compiled graph for every bucket (a CUDA graph each)
+            torch.compiler.cudagraph_mark_step_begin()
+        with _attention(self._text_config, DECODE_ATTENTION):
+            logits = self._step(tokens)
+        self.write_at[:rows] += 1
+        self.position[:rows] += 1
+        return logits[:rows]
+
+    @torch.inference_mode()
+    def accept(self, first: int, tokens: torch.Tensor) -> None:
+        """Record the chosen tokens of slots ``first``, ``first+1``, ...: the next step's inputs,
+        and seen for the repetition penalty."""
+        rows = torch.arange(first, first + tokens.shape[0], device=self.device)
+        self.last_token[rows] = tokens
+        self.seen.index_put_((rows, tokens), self._true)
+
+    @torch.inference_mode()
+    def move(self, source: int, target: int) -> None:
+        """Copy slot ``source`` into slot ``target`` (keeps running rows packed at the front)."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[target] = keys[source]
+            values[target] = values[source]
+        for state in (self.mask, self.write_at, self.position, self.seen, self.last_token):
+            state[target] = state[source]
+
+    def free(self, slot: int) -> None:
+        """Forget slot ``slot`` (its row ended and no running row was moved into it): a step over
+        a larger bucket still computes this slot, and must write inside it (at column 0), never at
+        the column past the end that an exactly-fitting row's look-ahead step leaves behind."""
+        for state in (self.mask, self.write_at, self.position):
+            state[slot] = 0
+
+    def reset(self) -> None:
+        """Forget every row (warm-up leaves its traces in the per-slot state)."""
+        for state in (self.mask, self.write_at, self.position, self.seen, self.last_token):
+            state.zero_()
+
+    # ---- a fixed batch, start to end (benchmarks, tests)
+    @torch.inference_mode()
+    def generate(self, inputs: Any, max_new_tokens: int, stop_at_eos: bool = True,
+                 keep_logits: bool = False) -> Decoded:
+        """Greedy-decode one left-padded batch in slots ``0..batch-1`` (nothing else may run).
+
+        ``stop_at_eos=False`` decodes exactly ``max_new_tokens`` (benchmarks with random weights).
+        """
+        batch, prompt_len = inputs["input_ids"].shape
+        self.check_fits(prompt_len, max_new_tokens)
+        _sync(self.device)
+        started = time.perf_counter()
+        logits = self.prefill(inputs, 0)
+        token = logits.argmax(dim=-1)
+        self.accept(0, token)
+        _sync(self.device)
+        ttft = time.perf_counter() - started
+        kept = [logits.clone()] if keep_logits else None
+        tokens = [token]
+        eos = torch.tensor(self.eos_ids or [-1], device=self.device)
+        finished = torch.isin(token, eos) if stop_at_eos else torch.zeros_like(token, dtype=torch.bool)
+        for step in range(1, max_new_tokens):
+            if stop_at_eos and step % 8 == 0 and bool(finished.all()):
+                break
+            logits = self.step(batch)
+            token = logits.argmax(dim=-1)
+            if kept is not None:
+                kept.append(logits.clone())
+            self.accept(0, token)
+            tokens.append(token)
+            if stop_at_eos:
+                finished |= torch.isin(token, eos)
+        generated = torch.stack(tokens, dim=1).cpu()
+        latency = time.perf_counter() - started
+        return Decoded(sequences=[self._trim(generated[i].tolist(), stop_at_eos) for i in range(batch)],
+                       ttft_s=ttft, latency_s=latency, step_logits=kept)
+
+    def _trim(self, ids: list[int], stop_at_eos: bool) -> list[int]:
+        """Cut after the first end-of-sequence token (what follows is not part of the answer)."""
+        if stop_at_eos:
+            for i, token in enumerate(ids):
+                if token in self.eos_ids:
+                    return ids[: i + 1]
+        return ids
+
+    def warm_up(self, inputs: Any, steps: int = 3) -> dict[int, float]:
+        """Compile (and capture) the step for every bucket; returns seconds per bucket.
+
+        Run once at start-up: the first call compiles the step (batch dimension dynamic), each
+        bucket's first calls record its CUDA graph; after this no request pays for compilation.
+        """
+        self.prefill(inputs, 0)
+        for rows in self.buckets if self.compiled else (1,):
+            started = time.perf_counter()
+            for _ in range(steps):
+                self.step(rows)
+            _sync(self.device)
+            self.compile_s[rows] = time.perf_counter() - started
+            log.info("decode step for batch %d ready in %.1f s (%s)", rows, self.compile_s[rows],
+                     "compiled" if self.compiled else "eager")
+        self.reset()
+        return dict(self.compile_s)
+
+
+def should_compile(choice: str, model: Any = None) -> bool:
+    """``decode.compile``: "auto" compiles on a GPU only (CPU compilation costs more than it
+    saves), and never a bitsandbytes 4-bit model (its kernels do not compile into one graph;
+    int4 serving uses torchao instead)."""
+    if model is not None and getattr(model, "is_loaded_in_4bit", False):
+        return False
+    if choice == "auto":
+        return torch.cuda.is_available()
+    return choice == "on"

@@ -1,0 +1,293 @@
+"""Phase 7: base versus fine-tuned, on documents neither has seen, merged the right way.
+
+Order matters for the fine-tuned model: merging LoRA weights into a 4-bit base is lossy
+(the merged deltas are re-quantized layer by layer against the already-rounded weights),
+so the adapter is merged into a full-precision base, the merged model saved, and that model
+quantized to NF4 for evaluation and serving, the same deployment form as the NF4 control.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from medvl.core.io import atomic_dir, atomic_write_bytes
+from medvl.core.stats import summarize
+from medvl.engine.grammar import RECORD_FORMAT
+from medvl.evaluation import benchmark, scoring
+from medvl.evaluation.scoring import Case
+from medvl.medical.documents import save_document
+from medvl.medical.prompts import EXTRACTION_PROMPT, OCR_HEADER, ocr_grounded
+from medvl.medical.records import empty_structured, is_valid_record, record_answer, structured_result
+from medvl.medical.suite import evaluation_documents
+from medvl.model import memory
+
+log = logging.getLogger(__name__)
+
+
+def suite_cases(folder: Path, root: Path) -> list[Case]:
+    """Render the hand-written suite to PNG (with ground truth JSON) and wrap it as cases."""
+    cases = []
+    for doc in evaluation_documents():
+        image, _ = save_document(doc, folder)
+        cases.append(Case(doc.doc_id, "suite", "suite", str(image.relative_to(root)), EXTRACTION_PROMPT,
+                          doc.structured()))
+    return cases
+
+
+def test_split_cases(formatted: Path, root: Path, limit: int) -> list[Case]:
+    """Phase-5 test rows: a synthetic row's reference is the record it was trained to answer
+    (the page's own record, written by phase 5), a hub row's its reference text."""
+    rows = json.loads((formatted / "test.json").read_text())
+    if limit:
+        rows = rows[:limit]
+    cases = []
+    for row in rows:
+        prompt = row["messages"][0]["content"][1]["text"]
+        answer = row["messages"][1]["content"][0]["text"]
+        reference = json.loads(answer) if row["source"] == "synthetic" else answer
+        cases.append(Case(row["id"], "test", row["source"], str((formatted / row["image"]).relative_to(root)),
+                          prompt, reference))
+    return cases
+
+
+def write_cases(path: Path, cases: list[Case]) -> None:
+    """``benchmarks/eval_cases.jsonl``: what ``medvl-score`` scores any model's answers against."""
+    atomic_write_bytes(path, "".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in cases).encode())
+
+
+def write_answers(path: Path, answers: dict[str, str]) -> None:
+    """A model's answers as ``medvl-score`` reads them: ``{"case_id", "answer"}`` per line."""
+    atomic_write_bytes(path, "".join(json.dumps({"case_id": k, "answer": v}, ensure_ascii=False) + "\n"
+                                     for k, v in answers.items()).encode())
+
+
+class MergeError(RuntimeError):
+    """The adapter does not fit the base, or merging it changed nothing."""
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """LoRA merged into a full-precision base (bf16 on GPU, fp32 on CPU), saved whole.
+
+    Checked on the way, because PEFT only warns: an adapter key that finds no module of the
+    base, or a LoRA module the adapter has no weights for, is a :class:`MergeError`; so is a
+    merge that changed none of the targeted weights (a mismatched or untrained adapter would
+    otherwise be evaluated as "fine-tuned == base").
+    """
+    import time
+
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    started = time.perf_counter()
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    base = AutoModelForImageTextToText.from_pretrained(
+        base_dir, dtype=dtype, device_map="auto" if torch.cuda.is_available() else None)
+    model = PeftModel(base, PeftConfig.from_pretrained(adapter_dir))
+    loaded = model.load_adapter(adapter_dir, "default")
+    if loaded.missing_keys or loaded.unexpected_keys:
+        raise MergeError(
+            f"adapter {adapter_dir.name} does not fit base {base_dir.name}: {len(loaded.missing_keys)} LoRA weights "
+            f"missing (e.g. {loaded.missing_keys[:2]}), {len(loaded.unexpected_keys)} adapter weights with no place "
+            f"in the base (e.g. {loaded.unexpected_keys[:2]}); was it trained on another model?")
+    changed, targeted = merge_lora_in_place(model)
+    if not changed:
+        raise MergeError(f"merging {adapter_dir.name} changed none of the {targeted} targeted weights in {dtype}: "
+                         "the adapter is zero (untrained) or its update is below the weights' precision")
+    if changed < targeted:
+        log.warning("merging changed %d of %d targeted weights; the rest are unchanged in %s", changed, targeted, dtype)
+    merged = model.unload()  # the LoRA layers' base weights now hold the merge
+    with atomic_dir(out_dir) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        AutoProcessor.from_pretrained(adapter_dir).save_pretrained(staging)
+    del merged, model, base
+    memory.free_memory()
+    return {"merge_time_s": time.perf_counter() - started, "merged_dtype": str(dtype),
+            "targeted_weights": targeted, "changed_weights": changed}
+
+
+def merge_lora_in_place(model: Any) -> tuple[int, int]:
+    """Merge every LoRA layer into its base weight (refusing NaN/inf); returns (changed, targeted)."""
+    from peft.tuners.lora import LoraLayer
+
+    changed = targeted = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        weight = module.get_base_layer().weight
+        before = weight.detach().clone()
+        module.merge(safe_merge=True)
+        targeted += 1
+        changed += int(not torch.equal(before, weight.detach()))
+    return changed, targeted
+
+
+def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases: list[Case], root: Path,
+                   max_new_tokens: int, decode: Any) -> dict[str, Any]:
+    """Generate an answer per case (through the serving engine, per ``decode``), time it with
+    the shared harness, and score the answers with :func:`medvl.evaluation.scoring.score_answers` (the
+    function ``medvl-score`` runs)."""
+    model, load = benchmark.timed_load(loader)
+    first = benchmark.BenchSample(cases[0].case_id, root / cases[0].image, cases[0].prompt)
+    engine, warm_up_s = benchmark.make_engine(model, processor, decode, first)
+    rows = []
+    images: dict[str, Image.Image] = {}
+    for case in tqdm(cases, desc=f"evaluate {label}", unit="case"):
+        if case.image not in images:
+            images[case.image] = Image.open(root / case.image).convert("RGB")
+        out = benchmark.generate_timed(engine, images[case.image], case.prompt, max_new_tokens,
+                                       RECORD_FORMAT if case.record else None)
+        extracted = structured_result(out["response"])
+        rows.append({"case_id": case.case_id, "subset": case.subset, "source": case.source, "record": case.record,
+                     "response": out["response"], "generated_tokens": out["generated_tokens"],
+                     "finish_reason": out["finish_reason"], "closed_early": out["closed_early"],
+                     "latency_s": out["latency_s"], "ttft_s": out["ttft_s"],
+                     "parse_status": extracted["parse_status"], "flags": extracted["flags"]})
+    peak = memory.peak_memory_mb()
+    memory.unload(model)
+    return {
+        "label": label,
+        "load": load,
+        "decoder_warm_up_s": warm_up_s,
+        "peak_memory_mb": peak,
+        "memory_kind": memory.memory_kind(),
+        "cases": rows,
+        "latency_s": summarize([r["latency_s"] for r in rows]),
+        "ttft_s": summarize([r["ttft_s"] for r in rows]),
+        "scores": scoring.score_answers(cases, answers_of(rows)),
+        "flagged_items": flagged_items(rows),
+        "decoding": decoding_outcomes(rows),
+    }
+
+
+def answers_of(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """case_id -> the answer a model (or baseline) gave."""
+    return {r["case_id"]: r["response"] for r in rows}
+
+
+def evaluate_ocr(cases: list[Case], root: Path) -> dict[str, Any]:
+    """The classical baseline on the same cases and scorer: OCR plus rules (:mod:`medvl.medical.ocr`),
+    with its latency and the memory its engine takes. A record case is answered with the
+    rules' record, a free-text case with the OCR text."""
+    from medvl.medical import ocr
+
+    before = memory.memory_now()
+    started = time.perf_counter()
+    ocr.load()
+    load = {"load_time_s": time.perf_counter() - started, "before_load": before, "after_load": memory.memory_now()}
+    rows = []
+    for case in tqdm(cases, desc="evaluate ocr", unit="case"):
+        with Image.open(root / case.image) as image:
+            out = ocr.extract(image)
+        rows.append({"case_id": case.case_id, "subset": case.subset, "source": case.source, "record": case.record,
+                     "response": out["response"] if case.record else " ".join(out["lines"]),
+                     "ocr_lines": out["lines"], "latency_s": out["latency_s"], "ocr_s": out["ocr_s"]})
+    return {"label": "ocr", "engine": ocr.describe(), "load": load,
+            "memory_mb": memory.headline_memory_mb(load["after_load"]) - memory.headline_memory_mb(before),
+            "memory_kind": memory.memory_kind(), "cases": rows,
+            "latency_s": summarize([r["latency_s"] for r in rows]),
+            "scores": scoring.score_answers(cases, answers_of(rows))}
+
+
+def ocr_grounded_cases(cases: list[Case], ocr_baseline: dict[str, Any]) -> list[Case]:
+    """The cases with OCR-grounded prompts (data.ocr_grounded_prompt), from the lines the OCR
+    baseline read: suite cases get them here, test rows already have them from phase 5."""
+    lines = {row["case_id"]: row["ocr_lines"] for row in ocr_baseline["cases"]}
+    return [case if case.prompt.startswith(OCR_HEADER)
+            else replace(case, prompt=ocr_grounded(case.prompt, lines[case.case_id]))
+            for case in cases]
+
+
+def decoding_outcomes(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the answers ended: record answers (decoded under the schema) by parse status, how many
+    were steered to close their JSON as the token budget ran out, how many still hit it; free-text
+    answers' parse status apart (their repair and fallback are the only ones left)."""
+    records = [r for r in rows if r["record"]]
+    free = [r for r in rows if not r["record"]]
+    return {"record_answers": len(records),
+            "record_parse_status": dict(Counter(r["parse_status"] for r in records)),
+            "record_valid_against_schema": sum(is_valid_record(r["response"]) for r in records),
+            "record_closed_early": sum(r["closed_early"] for r in records),
+            "record_hit_max_tokens": sum(r["finish_reason"] == "length" for r in records),
+            "free_text_answers": len(free),
+            "free_text_parse_status": dict(Counter(r["parse_status"] for r in free))}
+
+
+def flagged_items(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Error analysis of plausibility flags: how often each rule fired, with examples."""
+    by_rule = Counter(f["rule"] for r in rows for f in r["flags"])
+    examples: dict[str, list[str]] = {}
+    for r in rows:
+        for f in r["flags"]:
+            examples.setdefault(f["rule"], [])
+            if len(examples[f["rule"]]) < 3:
+                examples[f["rule"]].append(f"{r['case_id']}: {f['reason']}")
+    return {"cases_with_flags": sum(1 for r in rows if r["flags"]), "by_rule": dict(by_rule),
+            "examples": examples, "parse_status": dict(Counter(r["parse_status"] for r in rows))}
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def empty_record_answers(cases: list[Case]) -> dict[str, str]:
+    """The floor: the record with every key and nothing in it; an empty free-text answer."""
+    empty = json.dumps(empty_structured())
+    return {c.case_id: empty if c.record else "" for c in cases}
+
+
+def most_common_answers(train_rows: list[dict[str, Any]], cases: list[Case]) -> dict[str, str]:
+    """The memorising baseline: every record case answered with one record of the training
+    answers' most frequent items (as many of each type as a median training record has), every
+    free-text case with the training answers' most frequent words. A model that does not beat
+    it has learnt the distribution, not to read."""
+    records, texts = [], []
+    for row in train_rows:
+        answer = row["messages"][1]["content"][0]["text"]
+        (records if row["source"] == "synthetic" else texts).append(answer)
+    return {c.case_id: (_most_common_record([json.loads(a) for a in records]) if c.record
+                        else _most_common_text(texts)) for c in cases}
+
+
+def _most_common_record(records: list[dict[str, Any]]) -> str:
+    out = empty_structured()
+    middle = len(records) // 2
+    for key in ("medications", "diagnoses", "procedures", "lab_values"):
+        counts = Counter(json.dumps(item, sort_keys=True) for r in records for item in r[key])
+        typical = sorted(len(r[key]) for r in records)[middle] if records else 0
+        out[key] = [json.loads(item) for item, _ in counts.most_common(typical)]
+    typical = sorted(len(r["vitals"]) for r in records)[middle] if records else 0
+    for name, _ in Counter(k for r in records for k in r["vitals"]).most_common(typical):
+        out["vitals"][name] = Counter(r["vitals"][name] for r in records if name in r["vitals"]).most_common(1)[0][0]
+    return record_answer(out)
+
+
+def _most_common_text(texts: list[str], words: int = 30) -> str:
+    counts = Counter(w for t in texts for w in re.findall(r"[\w'-]+", t.lower()))
+    return " ".join(w for w, _ in counts.most_common(words))
+
+
+def score_baseline(name: str, answers: dict[str, str], cases: list[Case]) -> dict[str, Any]:
+    """A fixed-answer baseline scored like a model; its answers kept for the record."""
+    return {"label": name, "answers": sorted(set(answers.values())),  # one per kind: record, free text
+            "scores": scoring.score_answers(cases, answers)}
+
+
+def score_standard_bench(record: dict[str, Any], truth_folder: Path) -> dict[str, Any]:
+    """Extraction scores of a phase-3/4/7 harness record on the five standard documents."""
+    cases = []
+    for row in record.get("samples", []):
+        truth = json.loads((truth_folder / f"{row['doc_id']}.json").read_text())
+        cases.append(Case(row["doc_id"], "standard", "synthetic", f"{row['doc_id']}.png", "", truth["structured"]))
+    answers = {row["doc_id"]: row["response"] for row in record.get("samples", [])}
+    return scoring.score_answers(cases, answers)["subsets"]["standard"]["extraction"]

@@ -1,0 +1,147 @@
+"""Request and response bodies of every route (the OpenAPI schema is generated from these)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from medvl.medical.records import ExtractionRecord
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelInfo(BaseModel):
+    path: str
+    kind: str  # finetuned, base, custom (a --model folder) or ocr (the OCR + rules baseline)
+    form: str  # how the weights are served: bf16, awq, nf4 or int4 (medvl.model.forms); ocr for the baseline
+    device: str
+
+
+class FlagItem(BaseModel):
+    rule: str
+    item: str
+    value: str
+    reason: str
+    severity: Literal["info", "warning", "error"]
+
+
+class ExtractResponse(BaseModel):
+    request_id: str
+    structured: ExtractionRecord
+    flags: list[FlagItem] = Field(description="plausibility and safety flags (medvl/medical/flags.py)")
+    disclaimer: str
+    parse_status: Literal["json", "repaired", "fallback", "ocr"] = Field(
+        description="json: the answer parsed as JSON (always, for answers decoded under the record's schema); "
+                    "repaired: after fixing brackets/commas; fallback: no JSON - drugs and conditions found "
+                    "in the raw text (the last two for free-text answers only); ocr: read by the OCR + rules "
+                    "baseline (--model ocr; raw_text is its OCR lines)")
+    closed_early: bool = Field(False, description="the token budget ran low and the answer was steered to close "
+                                                  "its JSON (its last item may be shortened)")
+    raw_text: str
+    latency_s: float
+    usage: Usage
+    model: ModelInfo
+
+
+class AnalyzeResponse(BaseModel):
+    request_id: str
+    text: str
+    latency_s: float
+    usage: Usage
+    model: ModelInfo
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "loading", "error", "dead"]  # dead: the engine failed; the process exits shortly
+    model_loaded: bool
+    model_path: str
+    weights: str  # the served form: bf16, awq, nf4 or int4 (medvl.model.forms); ocr for the OCR baseline
+    device: str
+    gpu_name: str | None
+    gpu_memory_used_mb: float | None
+    gpu_memory_peak_mb: float | None  # torch's high-water mark since start (weights, cache, activations)
+    requests_running: int
+    requests_waiting: int
+    decoding: str = ""  # e.g. "continuous batching over 32 cache slots, compiled step, weights AWQ int4 (...)"
+    startup_s: dict[str, float] = {}  # load (with int4 packing), decoder warm-up (compilation): once per start
+    error: str | None = None
+    # Fingerprint of the settings the answers depend on (medvl.core.settings.SERVED_SETTINGS): phase 8
+    # checks it is its run's, so a --set override that never reached the server fails the phase.
+    settings_hash: str = ""
+
+
+class ErrorBody(BaseModel):
+    status: int
+    code: str
+    message: str
+    param: str | None = None  # the request field at fault, where there is one (as OpenAI names it)
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+# --------------------------------------------------------------------------- OpenAI chat
+
+
+class ChatImageUrl(BaseModel):
+    url: str
+
+
+class ChatPart(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ChatImageUrl | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ChatPart]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat-completion request. Every field here is honoured, or refused with a 400
+    naming it when set to something this server does not do (``n`` > 1, ``logprobs``,
+    penalties, a ``response_format`` other than text); any other field is a 400 too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "medvl"
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 or absent: greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, description="with temperature > 0: the same seed gives the same answer")
+    stop: str | list[str] | None = Field(default=None, description="up to 4 strings; the answer ends before the first")
+    n: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    response_format: dict[str, Any] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, description="an end-user id; logged, not used")
+    ignore_eos: bool = Field(default=False, description="vLLM's extension: always generate max_tokens tokens")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "medvl"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,158 @@
+"""The medvl HTTP API: structured extraction, free analysis, OpenAI-compatible chat.
+
+Start it with ``python -m medvl.http.server`` (``--help`` lists every option; each also reads a
+``MEDVL_*`` environment variable). The model loads, and the engine compiles its decoding
+steps, in the background: until then every inference route answers 503 with ``Retry-After``
+and ``/health`` says ``model_loaded: false``. One engine (medvl/engine/scheduler.py) serves every route
+with continuous batching: requests join the running batch as rows free up.
+
+Layout, as vLLM's OpenAI server lays it out: this module wires the app and runs it;
+``config`` (flags and environment), ``schemas`` (bodies), ``errors`` (the one envelope),
+``routes`` and ``openai_chat`` (the routes), ``state`` (what routes share), ``metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+
+from medvl.core.workdir import Workdir
+from medvl.engine.loader import Served
+from medvl.http import openai_chat, routes
+from medvl.http.config import ServerConfig, served_model
+from medvl.http.errors import envelope, install_error_handlers
+from medvl.http.metrics import ServerMetrics
+from medvl.http.state import ServerState
+from medvl.http.uploads import BodyLimit, body_limit, keep_uploads_in_memory
+
+log = logging.getLogger("medvl.api")
+
+
+def create_app(config: ServerConfig, served: Served | None = None, model_kind: str = "custom") -> FastAPI:
+    """Wire the app; the served model starts loading when the app starts (lifespan)."""
+    metrics = ServerMetrics(config.served_model_name)
+    wd = Workdir.at(config.workdir or None)
+    if served is None:
+        served, model_kind = served_model(config, wd, metrics)
+    state = ServerState(config, served, model_kind, metrics, wd)
+    access = _access_logger(state.workdir)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        served.start()
+        yield
+        served.stop()
+
+    app = FastAPI(title="medvl API", version="0.2.0", lifespan=lifespan,
+                  description="Medical document understanding with a QLoRA-fine-tuned Qwen2.5-VL.")
+    app.state.medvl = state
+    limit = body_limit(config.settings.api.max_upload_mb)
+    keep_uploads_in_memory(limit)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+
+    @app.middleware("http")
+    async def guard_and_log(request: Request, call_next):
+        """API key (all routes but /health), one access-log line and metrics per request, and
+        never a bare 500 with a traceback."""
+        started = time.perf_counter()
+        route = request.url.path
+        if config.api_key and route != "/health" and request.method != "OPTIONS":
+            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+            if given != config.api_key:
+                response = envelope(401, "unauthorized", "missing or wrong API key (X-API-Key or Bearer token)")
+                _record(state, access, route, request.method, response.status_code, started)
+                return response
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error on %s", route)
+            response = envelope(500, "internal_error", "internal error; see the server log")
+            _record(state, access, route, request.method, response.status_code, started)
+            return response
+        body, status = response.body_iterator, response.status_code
+
+        async def recorded_at_the_end():  # a stream's latency is its whole length, not its headers'
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:
+                _record(state, access, route, request.method, status, started)
+
+        response.body_iterator = recorded_at_the_end()
+        return response
+
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=limit)  # added last: the outermost, before anything reads the body
+    app.include_router(routes.router)
+    app.include_router(openai_chat.router)
+    return app
+
+
+def _access_logger(wd: Workdir) -> logging.Logger:
+    """logs/api.log: one line per request (time, method, route, status, latency)."""
+    logger = logging.getLogger("medvl.api.access")
+    if not logger.handlers:
+        wd.logs.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(wd.logs / "api.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def _record(state: ServerState, access: logging.Logger, route: str, method: str, status: int, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    state.metrics.record_http(route, status, elapsed)
+    access.info("%s %s %d %.4f", method, route, status, elapsed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until stopped; exit with status 1 when the engine died (a supervisor restarts it)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The engine's loop shares the GIL with request threads (image decoding, the processor): hand
+    # it over every 0.5 ms instead of every 5 ms, so the loop waits less to queue the next step.
+    sys.setswitchinterval(0.0005)
+    config = ServerConfig.from_env_and_args(argv)
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.settings.api.host, port=config.settings.api.port,
+                                           log_level="warning"))
+    state: ServerState = app.state.medvl
+    threading.Thread(target=_exit_when_the_engine_dies, args=(state, server), name="watchdog", daemon=True).start()
+    server.run()
+    if _dead(state):
+        sys.exit(1)
+
+
+def _dead(state: ServerState) -> bool:
+    engine = state.served.engine
+    return engine is not None and engine.dead is not None
+
+
+def _exit_when_the_engine_dies(state: ServerState, server: Any) -> None:
+    """A dead engine serves nothing again: /health answers 503 with the reason for
+    ``api.dead_engine_exit_s`` (a probe or an operator sees why), then the server stops and the
+    process exits non-zero, as vLLM's does, so Docker's restart policy or Kubernetes replaces it."""
+    while not server.should_exit:
+        if _dead(state):
+            grace = state.settings.api.dead_engine_exit_s
+            log.critical("the engine is dead; /health answers 503; exiting in %.0f s", grace)
+            time.sleep(grace)
+            server.should_exit = True
+            return
+        time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""What every route reads: the settings, the served model, the metrics; and how a route runs a
+request through the engine (timeouts and hang-ups cancel the request and free its slot)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
+from medvl.engine.images import BadInput, decode_image
+from medvl.engine.loader import Served
+from medvl.engine.scheduler import Engine, Overloaded, Prompt, Result, SamplingParams
+from medvl.engine.scheduler import Request as EngineRequest
+from medvl.http.config import ServerConfig
+from medvl.http.errors import ApiError
+from medvl.http.metrics import ServerMetrics
+from medvl.http.schemas import ModelInfo, Usage
+from medvl.medical import ocr
+
+log = logging.getLogger("medvl.api")
+
+MAX_PROMPT_CHARS = 4000
+DISCONNECT_POLL_S = 0.5
+PREPARE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    served: Served
+    model_kind: str
+    metrics: ServerMetrics
+    workdir: Workdir
+    preparing: int = 0  # requests admitted to preparation (decoding, templating), not yet submitted
+    _admission_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def settings(self) -> Settings:
+        return self.config.settings
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.settings.api.max_upload_mb * 2**20)
+
+    def check_ready(self) -> None:
+        """A 503 while the model (or the OCR engine) loads or after it failed to."""
+        if self.served.error:
+            raise ApiError(503, "model_failed", f"the model failed to load: {self.served.error}")
+        if not self.served.ready.is_set():
+            raise ApiError(503, "model_loading", "the model is still loading; retry shortly", {"Retry-After": "5"})
+        if self.served.engine is not None and self.served.engine.dead is not None:
+            raise self.served.engine.dead  # 503 engine_dead (medvl/http/errors.py)
+
+    def engine(self) -> Engine:
+        """The engine, or a 503 while it is not ready; a 400 when the server runs the OCR
+        baseline, which answers /extract only."""
+        self.check_ready()
+        if self.served.engine is None:
+            raise ApiError(400, "unsupported_by_model", "this server runs the OCR + rules baseline (--model ocr), "
+                           "which answers /extract only; start it with a model for this route")
+        return self.served.engine
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(path=str(self.served.model_dir), kind=self.model_kind, form=self.served.form,
+                         device=self.served.device)
+
+    def decode_image(self, data: bytes) -> Any:
+        return decode_image(data, self.max_bytes, self.settings.api.max_image_pixels)
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """A place among the requests being prepared, or :class:`Overloaded` (503 with
+        Retry-After) before any expensive work: requests in preparation and those waiting for a
+        slot together stay within ``decode.max_waiting`` (they once queued without bound for the
+        two preparation threads, ahead of the engine's own limit)."""
+        engine = self.served.engine
+        with self._admission_lock:
+            waiting = engine.num_waiting if engine is not None else 0
+            if self.preparing + waiting >= self.settings.decode.max_waiting:
+                raise Overloaded(f"{self.preparing} requests are being prepared and {waiting} wait for a slot "
+                                 "(decode.max_waiting); retry shortly")
+            self.preparing += 1
+        try:
+            yield
+        finally:
+            with self._admission_lock:
+                self.preparing -= 1
+
+    async def prepare(self, data: bytes | None, prompt: str = "", messages: list[dict[str, Any]] | None = None) -> Prompt:
+        """Image decoding, template and image processing, in a worker thread (off the event loop
+        and the engine), once admitted (:meth:`admission`).
+
+        Two threads of its own rather than the server's pool of 40: the processor runs one
+        request at a time anyway (see ``Engine.prepare``), and every thread that allocates a
+        page's tensors gets a malloc arena of its own: with the shared pool the server's resident
+        memory grew by ~340 MB in its first 10 s of load before levelling off (tiny, CPU).
+        """
+        engine = self.engine()
+
+        def prepare() -> Prompt:  # a prompt (/extract, /analyze) as in training; chat's messages as sent
+            image = self.decode_image(data) if data is not None else None
+            return engine.prepare(image, self.served.prompt_for(image, prompt) if messages is None else prompt, messages)
+
+        with self.admission():
+            return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, prepare)
+
+    async def ocr_extract(self, data: bytes) -> dict[str, Any]:
+        """The OCR baseline's result for a page (``--model ocr``), decoded and read in a worker thread."""
+        with self.admission():
+            return await asyncio.get_running_loop().run_in_executor(
+                PREPARE_POOL, lambda: ocr.structured_result(self.decode_image(data)))
+
+    async def wait(self, request: EngineRequest, http: Request) -> Result:
+        """The request's result; on timeout (504) or client hang-up the request is cancelled."""
+        loop = asyncio.get_running_loop()
+        future = asyncio.wrap_future(request.future)
+        deadline = loop.time() + self.settings.api.request_timeout_s
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                request.cancel()
+                raise ApiError(504, "timeout", f"no answer within {self.settings.api.request_timeout_s:.0f} s")
+            done, _ = await asyncio.wait({future}, timeout=min(DISCONNECT_POLL_S, remaining))
+            if done:
+                return future.result()
+            if await http.is_disconnected():
+                request.cancel()
+                raise ApiError(499, "client_closed", "the client closed the connection")
+
+    def answer_tokens(self, prompt: Prompt, requested: int | None = None) -> int:
+        """``max_tokens`` for a request: what the client asked for, else the context the prompt
+        leaves, capped by ``api.max_new_tokens`` (as vLLM defaults it). A prompt that leaves no
+        room is a 400 naming the prompt, not a parameter the client never sent."""
+        if requested is not None:
+            return requested
+        limit = self.engine().decoder.max_cache_len
+        room = limit - prompt.length
+        if room <= 0:
+            raise ApiError(400, "context_length_exceeded", f"the prompt is {prompt.length} tokens (image included); "
+                           f"the context holds {limit} (decode.max_cache_len), which leaves no room for an answer",
+                           param="messages")
+        return min(self.settings.api.max_new_tokens, room)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams, http: Request) -> Result:
+        return await self.wait(self.engine().submit(prompt, params), http)
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.medvl
+
+
+State = Annotated[ServerState, Depends(server_state)]  # what a route declares to get the state
+
+
+def check_prompt(prompt: str) -> str:
+    if not prompt.strip():
+        raise BadInput("the prompt is empty", 400, "bad_prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise BadInput(f"the prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}", 400, "bad_prompt")
+    return prompt
+
+
+def usage(result: Result) -> Usage:
+    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.generated_tokens,
+                 total_tokens=result.prompt_tokens + result.generated_tokens)
