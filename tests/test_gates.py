@@ -75,6 +75,6 @@ def test_gates_cli_prints_first_failing(run12):
 
     from conftest import REPO
 
-    out = subprocess.run([sys.executable, "-m", "medvl.pipeline.gates", "--first-failing", "--workdir",
+    out = subprocess.run([sys.executable, "-m", "medvl.cli.gates", "--first-failing", "--workdir",
                           str(run12.root)], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "3"  # phases 1-2 pass; 3 is next
