@@ -19,8 +19,8 @@ import shlex
 import sys
 
 import torch
+from perf import INFERENCE_VARIANTS, inference_report
 
-from bench.perf import INFERENCE_VARIANTS, inference_report
 from medvl.core.io import atomic_write_json
 from medvl.core.settings import Settings
 from medvl.core.workdir import Workdir

@@ -17,8 +17,8 @@ import shlex
 import sys
 
 import torch
+from perf import training_report
 
-from bench.perf import training_report
 from medvl.core.io import atomic_write_json
 from medvl.core.settings import Settings
 from medvl.core.workdir import Workdir

@@ -15,7 +15,8 @@ same (tests/test_reliability.py); this command with its defaults is the long run
 import argparse
 import logging
 
-from bench import reliability
+import reliability  # a sibling: bench/ is not installed, scripts here run as files
+
 from medvl.core.io import atomic_write_json
 from medvl.core.settings import load_settings
 from medvl.core.workdir import Workdir
