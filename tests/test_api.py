@@ -181,6 +181,13 @@ def test_api_key_guards_every_route_but_health(phases_1_4):
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         assert httpx.get(f"{base}/benchmark", headers={"X-API-Key": "s3cret"}, timeout=5).status_code == 200
         assert httpx.get(f"{base}/metrics", headers={"Authorization": "Bearer s3cret"}, timeout=5).status_code == 200
+    # the audit trail names the client by its key's fingerprint, never by the key
+    from medvl.http.audit import client_fingerprint
+
+    audit = (phases_1_4 / "logs" / "audit.jsonl").read_text()
+    assert "s3cret" not in audit
+    clients = {(line["route"], line["status"], line["client"]) for line in map(json.loads, audit.splitlines())}
+    assert ("/benchmark", 401, "anonymous") in clients and ("/benchmark", 200, client_fingerprint("s3cret")) in clients
 
 
 def test_inference_routes_answer_503_until_the_model_is_loaded(phases_1_4):
@@ -258,3 +265,84 @@ def test_uploads_stay_in_memory_and_over_the_limit_are_refused_before_reading(ph
     r = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
     assert rolled_over == []
+
+
+def document_values(doc) -> set[str]:
+    """Every value a test document holds (names, doses, lab values with units, vitals, lines of
+    its text), long enough not to occur in a log line by chance."""
+    values = {doc.title, *doc.lines, *doc.diagnoses, *doc.procedures, *doc.findings}
+    for item in [*doc.medications, *doc.lab_values]:
+        values |= set(item.values())
+        if "value" in item and item.get("unit"):
+            values.add(f"{item['value']} {item['unit']}")
+    values |= {f"{name} {value}" for name, value in doc.vitals.items()}
+    return {v for v in values if len(v) >= 5 and any(c.isalpha() for c in v)}
+
+
+def test_audit_trail_names_request_document_and_model_but_holds_no_patient_data(server, phases_1_4):
+    import hashlib
+
+    from medvl.medical.documents import benchmark_documents, render_document
+
+    doc = benchmark_documents(4242, 4)[2]  # a lab report: analytes, values, units, flags
+    data = png(render_document(doc))
+    files = {"file": ("p.png", data, "image/png")}
+    sent = httpx.post(f"{server}/extract", files=files, headers={"X-Request-ID": "ward-7.req:0042"}, timeout=120)
+    fresh = httpx.post(f"{server}/analyze", files=files, data={"prompt": "Summarise."},
+                       headers={"X-Request-ID": "bad id; drop table"}, timeout=120)
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    chat = httpx.post(f"{server}/v1/chat/completions", timeout=120, json={
+        "model": "medvl", "max_tokens": 8, "stream": True,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                  {"type": "text", "text": "What is on the page?"}]}]})
+    assert sent.status_code == fresh.status_code == chat.status_code == 200, (sent.text, fresh.text, chat.text)
+    # the client's well-formed id is kept (header and body); a malformed one is replaced
+    assert sent.headers["X-Request-ID"] == sent.json()["request_id"] == "ward-7.req:0042"
+    assert fresh.headers["X-Request-ID"] == fresh.json()["request_id"] != "bad id; drop table"
+    assert len(chat.headers["X-Request-ID"]) == 32
+
+    logs = phases_1_4 / "logs"
+    lines = [json.loads(line) for line in (logs / "audit.jsonl").read_text().splitlines()]
+    by_id = {line["request_id"]: line for line in lines}
+    digest = hashlib.sha256(data).hexdigest()
+    for response, route in ((sent, "/extract"), (fresh, "/analyze"), (chat, "/v1/chat/completions")):
+        line = by_id[response.headers["X-Request-ID"]]
+        assert (line["route"], line["method"], line["status"]) == (route, "POST", 200)
+        assert line["document_sha256"] == digest and line["pages"] == 1
+        assert line["client"] == "anonymous" and line["latency_s"] > 0
+        assert line["served_form"] == "bf16" and line["model_path"].endswith("-base")
+        assert len(line["settings_hash"]) >= 8 and line["tokens"]["completion_tokens"] > 0
+    health = [line for line in lines if line["route"] == "/health"]
+    assert health and health[-1]["document_sha256"] is None
+
+    values = document_values(doc)
+    assert len(values) > 15, values
+    for name in ("audit.jsonl", "api.log"):
+        text = (logs / name).read_text()
+        leaked = sorted(v for v in values if v in text)
+        assert not leaked, f"{name} holds document values: {leaked[:5]}"
+    assert base64.b64encode(data).decode()[:64] not in (logs / "audit.jsonl").read_text()
+
+
+def test_audit_ids_fingerprints_and_rotation(tmp_path):
+    from medvl.http.audit import AuditTrail, RequestAudit, client_fingerprint, request_id
+
+    assert request_id("abc-1.2:3") == "abc-1.2:3"
+    for bad in (None, "", "x" * 129, "two words", "line\nbreak", "é"):
+        assert len(request_id(bad)) == 32 and request_id(bad) != bad
+    key = "sk-very-secret-key"
+    assert client_fingerprint(key).startswith("sha256:") and key not in client_fingerprint(key)
+    assert client_fingerprint(key) == client_fingerprint(key) != client_fingerprint(key + "2")
+    assert client_fingerprint(None) == "anonymous"
+
+    trail = AuditTrail(tmp_path / "audit.jsonl", max_mb=1 / 1024, backups=2,
+                       model={"model_path": "m", "served_form": "bf16", "settings_hash": "h"})
+    for i in range(60):  # ~250 bytes a line: past 1 KiB several times
+        audit = RequestAudit(f"r{i}", "anonymous")
+        audit.document(b"page bytes")
+        trail.write(audit, "POST", "/extract", 200, 0.5)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    assert all(p.stat().st_size <= 1024 + 300 for p in tmp_path.iterdir())
+    last = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert last["request_id"] == "r59" and last["pages"] == 1 and "page bytes" not in json.dumps(last)

@@ -196,6 +196,10 @@ class ApiSettings:
     # After the engine dies (any failure in its loop), /health answers 503 for this long, so a
     # probe sees why, then the process exits non-zero for its supervisor to restart it.
     dead_engine_exit_s: float = 5.0
+    # logs/audit.jsonl (medvl/http/audit.py): one line per request, no patient data; rotated
+    # past this size, keeping this many earlier files.
+    audit_max_mb: float = 50.0
+    audit_backups: int = 5
 
 
 # What a served model's answers depend on: every setting but where the server listens. The
@@ -464,7 +468,8 @@ def _check_values(s: Settings) -> list[str]:
     if not 1 <= s.api.port <= 65535:
         p.append("api.port: must lie in 1..65535")
     p += [f"api.{name}: must be > 0" for name in ("max_upload_mb", "max_image_pixels", "request_timeout_s",
-                                                  "max_new_tokens") if not getattr(s.api, name) > 0]
+                                                  "max_new_tokens", "audit_max_mb") if not getattr(s.api, name) > 0]
+    p += ["api.audit_backups: must be >= 0"] if s.api.audit_backups < 0 else []
     p += ["api.dead_engine_exit_s: must be >= 0"] if s.api.dead_engine_exit_s < 0 else []
     return p
 

@@ -26,6 +26,7 @@ from medvl.engine.grammar import ResponseFormat
 from medvl.engine.images import BadInput
 from medvl.engine.scheduler import EngineDead, SamplingParams
 from medvl.engine.scheduler import Request as EngineRequest
+from medvl.http.audit import RequestAudit
 from medvl.http.errors import ERROR_RESPONSES, ApiError
 from medvl.http.schemas import ChatRequest, ModelCard, ModelList
 from medvl.http.state import ServerState, State, check_prompt, usage
@@ -53,6 +54,8 @@ async def chat_completions(body: ChatRequest, http: Request, state: State):
         # A schema that does not compile is a 400 before anything runs (compiled off the event loop; cached).
         await asyncio.to_thread(engine.grammars.compile, params.response_format)
     messages, image = chat_to_messages(body)
+    if image is not None:
+        http.state.audit.document(image)
     prompt = await state.prepare(image, messages=messages)
     params = replace(params, max_tokens=state.answer_tokens(prompt, body.max_completion_tokens or body.max_tokens))
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -63,7 +66,7 @@ async def chat_completions(body: ChatRequest, http: Request, state: State):
         request = engine.submit(prompt, params, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(stream_chat(state, request, pieces, completion_id, created, body.model,
-                                             include_usage), media_type="text/event-stream")
+                                             include_usage, http.state.audit), media_type="text/event-stream")
     result = await state.wait(engine.submit(prompt, params), http)
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -153,7 +156,7 @@ def decode_data_url(url: str) -> bytes:
 
 
 async def stream_chat(state: ServerState, request: EngineRequest, pieces: asyncio.Queue, completion_id: str,
-                      created: int, model: str, include_usage: bool) -> AsyncIterator[str]:
+                      created: int, model: str, include_usage: bool, audit: RequestAudit) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chat.completion.chunk format, as the engine produces text.
 
     The request was submitted before the response started (so a full queue or an over-long
@@ -204,6 +207,7 @@ async def stream_chat(state: ServerState, request: EngineRequest, pieces: asynci
             yield f"data: {json.dumps({'error': error})}\n\n"
             yield "data: [DONE]\n\n"
             return
+        audit.tokens = usage(result).model_dump()
         yield event({}, result.finish_reason)
         if include_usage:
             yield event(None, usage_body=usage(result).model_dump())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -57,19 +56,20 @@ async def extract(http: Request, state: State,
     (or read by OCR + rules on a server started with ``--model ocr``)."""
     state.check_ready()
     data = await read_upload(state, file)
+    http.state.audit.document(data)
     if state.served.engine is None:
-        return await ocr_extract(state, data)
+        return await ocr_extract(state, data, http.state.audit.request_id)
     prompt = await state.prepare(data, EXTRACTION_PROMPT)
     result = await state.generate(prompt, SamplingParams(state.answer_tokens(prompt), response_format=RECORD_FORMAT),
                                   http)
-    return ExtractResponse(request_id=uuid.uuid4().hex, **structured_result(result.text), raw_text=result.text,
+    return ExtractResponse(request_id=http.state.audit.request_id, **structured_result(result.text), raw_text=result.text,
                            closed_early=result.closed_early, latency_s=result.latency_s, usage=usage(result),
                            model=state.model_info())
 
 
-async def ocr_extract(state: ServerState, data: bytes) -> ExtractResponse:
+async def ocr_extract(state: ServerState, data: bytes, request_id: str) -> ExtractResponse:
     """/extract from the OCR + rules baseline: the record its rules read, with the same flags."""
-    return ExtractResponse(request_id=uuid.uuid4().hex, **await state.ocr_extract(data),
+    return ExtractResponse(request_id=request_id, **await state.ocr_extract(data),
                            usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0), model=state.model_info())
 
 
@@ -80,9 +80,10 @@ async def analyze(http: Request, state: State, file: Annotated[UploadFile, File(
     state.engine()
     prompt = check_prompt(prompt)
     data = await read_upload(state, file)
+    http.state.audit.document(data)
     prepared = await state.prepare(data, prompt)
     result = await state.generate(prepared, SamplingParams(state.answer_tokens(prepared)), http)
-    return AnalyzeResponse(request_id=uuid.uuid4().hex, text=result.text, latency_s=result.latency_s,
+    return AnalyzeResponse(request_id=http.state.audit.request_id, text=result.text, latency_s=result.latency_s,
                            usage=usage(result), model=state.model_info())
 
 

@@ -26,6 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from medvl.core.workdir import Workdir
 from medvl.engine.loader import Served
 from medvl.http import openai_chat, routes
+from medvl.http.audit import REQUEST_ID_HEADER, AuditTrail, RequestAudit, client_fingerprint, request_id
 from medvl.http.config import ServerConfig, served_model
 from medvl.http.errors import envelope, install_error_handlers
 from medvl.http.metrics import ServerMetrics
@@ -43,6 +44,8 @@ def create_app(config: ServerConfig, served: Served | None = None, model_kind: s
         served, model_kind = served_model(config, wd, metrics)
     state = ServerState(config, served, model_kind, metrics, wd)
     access = _access_logger(state.workdir)
+    audit_trail = AuditTrail(state.workdir.logs / "audit.jsonl", config.settings.api.audit_max_mb,
+                             config.settings.api.audit_backups, state.audit_model())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,23 +64,32 @@ def create_app(config: ServerConfig, served: Served | None = None, model_kind: s
 
     @app.middleware("http")
     async def guard_and_log(request: Request, call_next):
-        """API key (all routes but /health), one access-log line and metrics per request, and
-        never a bare 500 with a traceback."""
+        """API key (all routes but /health), a request id (``X-Request-ID``), one access-log
+        line, one audit line and metrics per request, and never a bare 500 with a traceback."""
         started = time.perf_counter()
         route = request.url.path
-        if config.api_key and route != "/health" and request.method != "OPTIONS":
-            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-            if given != config.api_key:
-                response = envelope(401, "unauthorized", "missing or wrong API key (X-API-Key or Bearer token)")
-                _record(state, access, route, request.method, response.status_code, started)
-                return response
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        audit = RequestAudit(request_id(request.headers.get(REQUEST_ID_HEADER)), client_fingerprint(given or None))
+        request.state.audit = audit
+
+        def record(status: int) -> None:
+            _record(state, access, route, request.method, status, started)
+            audit_trail.write(audit, request.method, route, status, time.perf_counter() - started)
+
+        if config.api_key and route != "/health" and request.method != "OPTIONS" and given != config.api_key:
+            response = envelope(401, "unauthorized", "missing or wrong API key (X-API-Key or Bearer token)")
+            response.headers[REQUEST_ID_HEADER] = audit.request_id
+            record(response.status_code)
+            return response
         try:
             response = await call_next(request)
         except Exception:
             log.exception("unhandled error on %s", route)
             response = envelope(500, "internal_error", "internal error; see the server log")
-            _record(state, access, route, request.method, response.status_code, started)
+            response.headers[REQUEST_ID_HEADER] = audit.request_id
+            record(response.status_code)
             return response
+        response.headers[REQUEST_ID_HEADER] = audit.request_id
         body, status = response.body_iterator, response.status_code
 
         async def recorded_at_the_end():  # a stream's latency is its whole length, not its headers'
@@ -85,7 +97,7 @@ def create_app(config: ServerConfig, served: Served | None = None, model_kind: s
                 async for chunk in body:
                     yield chunk
             finally:
-                _record(state, access, route, request.method, status, started)
+                record(status)
 
         response.body_iterator = recorded_at_the_end()
         return response

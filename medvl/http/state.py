@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from medvl.core.settings import Settings
+from medvl.core.settings import SERVED_SETTINGS, Settings
 from medvl.core.workdir import Workdir
 from medvl.engine.images import BadInput, decode_image
 from medvl.engine.loader import Served
@@ -68,6 +68,11 @@ class ServerState:
             raise ApiError(400, "unsupported_by_model", "this server runs the OCR + rules baseline (--model ocr), "
                            "which answers /extract only; start it with a model for this route")
         return self.served.engine
+
+    def audit_model(self) -> dict[str, str]:
+        """What every audit line names about the model: its folder, served form, settings hash."""
+        return {"model_path": str(self.served.model_dir), "served_form": self.served.form,
+                "settings_hash": self.settings.fingerprint(SERVED_SETTINGS)}
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(path=str(self.served.model_dir), kind=self.model_kind, form=self.served.form,
@@ -131,7 +136,9 @@ class ServerState:
                 raise ApiError(504, "timeout", f"no answer within {self.settings.api.request_timeout_s:.0f} s")
             done, _ = await asyncio.wait({future}, timeout=min(DISCONNECT_POLL_S, remaining))
             if done:
-                return future.result()
+                result = future.result()
+                http.state.audit.tokens = usage(result).model_dump()
+                return result
             if await http.is_disconnected():
                 request.cancel()
                 raise ApiError(499, "client_closed", "the client closed the connection")
