@@ -346,3 +346,23 @@ def test_audit_ids_fingerprints_and_rotation(tmp_path):
     assert all(p.stat().st_size <= 1024 + 300 for p in tmp_path.iterdir())
     last = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
     assert last["request_id"] == "r59" and last["pages"] == 1 and "page bytes" not in json.dumps(last)
+
+
+def test_extract_as_fhir_returns_a_valid_bundle_naming_the_model(server, page):
+    import hashlib
+
+    from fhir.resources.R4B.bundle import Bundle
+
+    data = page.read_bytes()
+    r = httpx.post(f"{server}/extract?format=fhir", files={"file": ("p.png", data, "image/png")}, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/fhir+json")
+    bundle = Bundle.model_validate_json(r.text)
+    kinds = [e.resource.get_resource_type() for e in bundle.entry]
+    assert {"Patient", "DocumentReference", "Device", "Provenance"} <= set(kinds)
+    document = next(e.resource for e in bundle.entry if e.resource.get_resource_type() == "DocumentReference")
+    assert document.identifier[0].value == hashlib.sha256(data).hexdigest()
+    assert document.content[0].attachment.contentType == "image/png" and document.content[0].attachment.data is None
+    device = next(e.resource for e in bundle.entry if e.resource.get_resource_type() == "Device")
+    assert device.deviceName[0].name.endswith("-base") and "bf16" in {v.value for v in device.version}
+    bad = httpx.post(f"{server}/extract?format=xml", files={"file": ("p.png", data, "image/png")}, timeout=60)
+    assert bad.status_code == 422 and "format" in bad.json()["error"]["message"]

@@ -127,3 +127,22 @@ def test_cli_ocr_baseline_returns_records_with_flags(phases_1_4, tmp_path):
     assert sum(len(r["structured"]["medications"]) + len(r["structured"]["lab_values"]) for r in records) > 5
     refused = cli(phases_1_4, "--model", "ocr", "--image", records[0]["file"], "--prompt", "Summarise.")
     assert refused.returncode == 1 and "--prompt needs a model" in refused.stderr
+
+
+def test_cli_fhir_bundles_of_the_ocr_baseline_hold_the_pages_labs(phases_1_4, tmp_path):
+    """The OCR baseline reads the real values off the pages, so its FHIR output must carry them."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    out = tmp_path / "fhir.jsonl"
+    result = cli(phases_1_4, "--model", "ocr", "--format", "fhir", "--dir", str(phases_1_4 / "datasets" / "test_images"),
+                 "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    bundles = [Bundle.model_validate_json(line) for line in out.read_text().splitlines()]
+    assert len(bundles) == 5
+    observations = [e.resource for b in bundles for e in b.entry if e.resource.get_resource_type() == "Observation"]
+    quantities = [o.valueQuantity for o in observations if o.valueQuantity is not None]
+    assert len(quantities) >= 3 and all(q.system == "http://unitsofmeasure.org" for q in quantities if q.code)
+    devices = [e.resource for b in bundles for e in b.entry if e.resource.get_resource_type() == "Device"]
+    assert all("ocr" in {v.value for v in d.version} for d in devices)
+    refused = cli(phases_1_4, "--format", "fhir", "--image", "x.png", "--prompt", "Summarise.")
+    assert refused.returncode == 2 and "--format fhir" in refused.stderr

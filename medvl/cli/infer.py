@@ -5,6 +5,7 @@
     python -m medvl.cli.infer --dir "scans/*.jpg"                 # a glob works too
     python -m medvl.cli.infer --interactive                       # image paths and prompts until EOF
     python -m medvl.cli.infer --image scan.png --prompt "List the medications."   # free text
+    python -m medvl.cli.infer --image scan.png --format fhir      # the record as a FHIR Bundle
 
 --model is a model folder (merged, base, AWQ or NF4), a LoRA adapter folder (loaded on its
 base), one of the keywords best (default: fine-tuned if phase 7 ran, else base), base,
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import logging
+import mimetypes
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,13 +34,14 @@ from typing import Any, TextIO
 from PIL import Image
 from tqdm import tqdm
 
-from medvl.core.settings import DEFAULT_PROFILE, ApiSettings, SettingsError, load_settings
+from medvl.core.settings import DEFAULT_PROFILE, SERVED_SETTINGS, ApiSettings, SettingsError, load_settings
 from medvl.core.workdir import Workdir
 from medvl.engine.grammar import RECORD_FORMAT
 from medvl.engine.images import BadInput, decode_image
 from medvl.engine.loader import ServedModel, open_served
 from medvl.engine.scheduler import PromptTooLong, SamplingParams
 from medvl.medical import ocr
+from medvl.medical.fhir import record_bundle
 from medvl.medical.prompts import EXTRACTION_PROMPT
 from medvl.medical.records import structured_result
 from medvl.model.forms import FORMS, FormError
@@ -65,6 +69,9 @@ class Job:
     prompt: str | None
     max_new_tokens: int
     limits: ApiSettings
+    # "fhir": each record as a FHIR Bundle naming this model (path, served form, settings hash)
+    output: str = "record"
+    model: dict[str, str] | None = None
 
 
 def model_answer(served: ServedModel) -> Answer:
@@ -93,8 +100,15 @@ def ocr_answer(image: Image.Image, prompt: str | None, max_new_tokens: int) -> d
 
 def run_one(job: Job, path: Path, prompt: str | None) -> dict[str, Any]:
     """Read, check and answer one file; raises BadInput/OSError/PromptTooLong for unusable files."""
-    image = decode_image(path.read_bytes(), int(job.limits.max_upload_mb * 2**20), job.limits.max_image_pixels)
-    return {"file": str(path), **job.answer(image, prompt, job.max_new_tokens)}
+    data = path.read_bytes()
+    image = decode_image(data, int(job.limits.max_upload_mb * 2**20), job.limits.max_image_pixels)
+    answer = job.answer(image, prompt, job.max_new_tokens)
+    if job.output == "fhir":
+        bundle = record_bundle(answer["structured"], hashlib.sha256(data).hexdigest(),
+                               mimetypes.guess_type(path.name)[0] or "application/octet-stream", len(data),
+                               job.model or {})
+        return bundle.model_dump(mode="json", exclude_none=True)
+    return {"file": str(path), **answer}
 
 
 def batch(job: Job, files: list[Path], out: TextIO) -> int:
@@ -151,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where the pipeline wrote models/ (default: repo root)")
     parser.add_argument("--out", help="batch output file (default: stdout)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: api.max_new_tokens)")
+    parser.add_argument("--format", choices=("record", "fhir"), default="record",
+                        help="record: the project's record with flags; fhir: a FHIR R4B Bundle per document "
+                             "(Observations, MedicationStatements, Conditions, ...; medvl/medical/fhir.py)")
     args = parser.parse_args(argv)
+    if args.format == "fhir" and args.prompt:
+        parser.error("--format fhir writes extracted records; it cannot answer a free-text --prompt")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     try:
@@ -174,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     answer = ocr_answer if served.engine is None else model_answer(served)
     try:
-        return answer_all(Job(answer, args.prompt, args.max_new_tokens or settings.api.max_new_tokens, settings.api),
-                          args)
+        model = {"model_path": str(served.model_dir), "served_form": served.form,
+                 "settings_hash": settings.fingerprint(SERVED_SETTINGS)}
+        return answer_all(Job(answer, args.prompt, args.max_new_tokens or settings.api.max_new_tokens, settings.api,
+                              args.format, model), args)
     finally:
         served.stop()
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from medvl.core.settings import SERVED_SETTINGS
 from medvl.engine.grammar import RECORD_FORMAT
@@ -14,6 +14,7 @@ from medvl.engine.scheduler import SamplingParams
 from medvl.http.errors import ERROR_RESPONSES
 from medvl.http.schemas import AnalyzeResponse, ExtractResponse, HealthResponse, Usage
 from medvl.http.state import ServerState, State, check_prompt, usage
+from medvl.medical.fhir import record_bundle
 from medvl.medical.prompts import EXTRACTION_PROMPT
 from medvl.medical.records import structured_result
 
@@ -49,22 +50,33 @@ async def health(state: State):
                         headers=None if status == "ok" else {"Retry-After": "5"})
 
 
-@router.post("/extract", response_model=ExtractResponse, responses=ERROR_RESPONSES)
+@router.post("/extract", response_model=ExtractResponse, responses={
+    **ERROR_RESPONSES, 200: {"content": {"application/fhir+json": {}},
+                             "description": "the record (format=record) or a FHIR R4B Bundle (format=fhir)"}})
 async def extract(http: Request, state: State,
-                  file: Annotated[UploadFile, File(description="a document image (PNG, JPEG, ...)")]):
+                  file: Annotated[UploadFile, File(description="a document image (PNG, JPEG, ...)")],
+                  format: Annotated[Literal["record", "fhir"], Query(
+                      description="record: the project's record; fhir: a FHIR Bundle (medvl/medical/fhir.py)")] = "record"):
     """Structured medical record from a document image, decoded under the record's JSON schema
-    (or read by OCR + rules on a server started with ``--model ocr``)."""
+    (or read by OCR + rules on a server started with ``--model ocr``); as a FHIR Bundle with
+    ``?format=fhir``."""
     state.check_ready()
     data = await read_upload(state, file)
     http.state.audit.document(data)
     if state.served.engine is None:
-        return await ocr_extract(state, data, http.state.audit.request_id)
-    prompt = await state.prepare(data, EXTRACTION_PROMPT)
-    result = await state.generate(prompt, SamplingParams(state.answer_tokens(prompt), response_format=RECORD_FORMAT),
-                                  http)
-    return ExtractResponse(request_id=http.state.audit.request_id, **structured_result(result.text), raw_text=result.text,
-                           closed_early=result.closed_early, latency_s=result.latency_s, usage=usage(result),
-                           model=state.model_info())
+        response = await ocr_extract(state, data, http.state.audit.request_id)
+    else:
+        prompt = await state.prepare(data, EXTRACTION_PROMPT)
+        result = await state.generate(prompt, SamplingParams(state.answer_tokens(prompt), response_format=RECORD_FORMAT),
+                                      http)
+        response = ExtractResponse(request_id=http.state.audit.request_id, **structured_result(result.text),
+                                   raw_text=result.text, closed_early=result.closed_early, latency_s=result.latency_s,
+                                   usage=usage(result), model=state.model_info())
+    if format == "record":
+        return response
+    bundle = record_bundle(response.structured.model_dump(), http.state.audit.document_sha256,
+                           file.content_type or "application/octet-stream", len(data), state.audit_model())
+    return Response(bundle.model_dump_json(), media_type="application/fhir+json")
 
 
 async def ocr_extract(state: ServerState, data: bytes, request_id: str) -> ExtractResponse:
