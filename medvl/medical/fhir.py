@@ -139,13 +139,13 @@ def record_bundle(record: dict[str, Any], document_sha256: str, content_type: st
     def urn() -> str:
         return f"urn:uuid:{uuid.uuid4()}"
 
-    patient = urn()
+    patient, source = urn(), urn()
     entries: list[tuple[str, Any]] = [(patient, Patient())]
     document = DocumentReference(
         status="current", identifier=[{"system": DOCUMENT_HASH_SYSTEM, "value": document_sha256}],
         description="The document the record was read from (its SHA-256; no content kept).",
         content=[{"attachment": {"contentType": content_type, "size": size_bytes}}], subject={"reference": patient})
-    entries.append((urn(), document))
+    entries.append((source, document))
     labs = [(urn(), lab_observation(lab, patient)) for lab in record.get("lab_values", [])]
     entries += labs
     if labs:
@@ -169,6 +169,6 @@ def record_bundle(record: dict[str, Any], document_sha256: str, content_type: st
     entries.append((urn(), Provenance(
         target=[{"reference": ref} for ref in produced] or [{"reference": patient}],
         recorded=datetime.now(timezone.utc), agent=[{"who": {"reference": device}}],
-        entity=[{"role": "source", "what": {"reference": entries[1][0]}}])))
+        entity=[{"role": "source", "what": {"reference": source}}])))
     return Bundle(type="collection", timestamp=datetime.now(timezone.utc),
                   entry=[{"fullUrl": ref, "resource": resource} for ref, resource in entries])
