@@ -15,6 +15,7 @@ benchmarks/quantization_info.json and benchmarks/quantized_int4.json.
 from medvl.core.io import append_build_log, atomic_write_json, dir_size_bytes, read_json
 from medvl.core.settings import Settings
 from medvl.core.workdir import Workdir
+from medvl.engine.pages import PageLimits
 from medvl.evaluation import benchmark
 from medvl.model.forms import FORMS, METHOD_FORMS, load_in_form
 from medvl.model.loading import load_processor
@@ -39,7 +40,9 @@ def main(settings: Settings, wd: Workdir) -> dict:
     samples = benchmark.load_benchmark_samples(wd.test_images)
     processor = load_processor(out_dir, settings)
     result = benchmark.benchmark_variant("int4", lambda: load_in_form(out_dir, settings, form), processor, samples,
-                                         settings.bench.max_new_tokens, settings.bench.warmup_runs, settings.decode)
+                                         settings.bench.max_new_tokens, settings.bench.warmup_runs, settings.decode,
+                                         benchmark.load_benchmark_pdfs(wd.test_images),
+                                         PageLimits.from_settings(settings.api))
     quantized = {**settings.record(sections), "method": method, "form": FORMS[form],
                  "model_dir": str(out_dir.relative_to(wd.root)), **result}
     atomic_write_json(PHASE.output(wd, "quantized_int4.json"), quantized)

@@ -25,6 +25,7 @@ from collections import Counter
 from medvl.core.io import append_build_log, atomic_write_json, read_json
 from medvl.core.settings import Settings
 from medvl.core.workdir import Workdir
+from medvl.engine.pages import PageLimits
 from medvl.engine.scheduler import PromptTooLong
 from medvl.evaluation import benchmark, evaluate, scoring
 from medvl.medical.ocr import OcrUnavailable
@@ -42,6 +43,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     sections = PHASE.sections
     record = settings.record(sections)
     b = settings.bench
+    pdf_limits = PageLimits.from_settings(settings.api)  # the multi-page case, rendered as the server would
     cases = (evaluate.suite_cases(wd.datasets / "eval_suite", wd.root)
              + evaluate.test_split_cases(wd.datasets / "formatted", wd.root, b.eval_test_samples))
 
@@ -62,7 +64,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         raise PhaseError(f"AWQ of the merged model failed (phase 4's succeeded on the base): {exc}") from None
 
     try:  # the classical bar: OCR + rules on the same cases and scorer
-        ocr_baseline = evaluate.evaluate_ocr(cases, wd.root)
+        ocr_baseline = evaluate.evaluate_ocr(cases, wd.root, pdf_limits)
     except OcrUnavailable as exc:
         if settings.data.ocr_grounded_prompt:
             raise PhaseError(f"data.ocr_grounded_prompt is on but OCR cannot run: {exc}") from None
@@ -83,7 +85,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
             models[name] = evaluate.evaluate_model(
                 name, lambda f=folder, i=in_form: load_in_form(f, settings, i),
                 load_processor(folder, settings if name == "base" else None), cases, wd.root,
-                b.eval_max_new_tokens, settings.decode)
+                b.eval_max_new_tokens, settings.decode, pdf_limits, settings.data.ocr_grounded_prompt)
         except PromptTooLong as exc:  # e.g. OCR-grounded prompts on a profile sized for plain ones
             raise PhaseError(f"an evaluation case does not fit: {exc}; raise decode.max_cache_len or lower "
                              "bench.eval_max_new_tokens") from None
@@ -105,7 +107,8 @@ def main(settings: Settings, wd: Workdir) -> dict:
     samples = benchmark.load_benchmark_samples(wd.test_images)
     standard = benchmark.benchmark_variant("finetuned", lambda: load_in_form(finetuned_dir, settings, form),
                                            load_processor(finetuned_dir, None), samples,
-                                           b.max_new_tokens, b.warmup_runs, settings.decode)
+                                           b.max_new_tokens, b.warmup_runs, settings.decode,
+                                           benchmark.load_benchmark_pdfs(wd.test_images), pdf_limits)
     standard_record = {**record, "model_dir": str(finetuned_dir.relative_to(wd.root)), "form": FORMS[form], **standard}
     atomic_write_json(PHASE.output(wd, "finetuned_standard_bench.json"), standard_record)
 

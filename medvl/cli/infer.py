@@ -1,7 +1,8 @@
 """Command-line inference on the same engine as the API.
 
     python -m medvl.cli.infer --image scan.png                    # one document, structured JSON
-    python -m medvl.cli.infer --dir datasets/test_images --out results.jsonl
+    python -m medvl.cli.infer --image discharge.pdf               # a PDF: every page, one record
+    python -m medvl.cli.infer --dir datasets/test_images --out results.jsonl   # its images and PDFs
     python -m medvl.cli.infer --dir "scans/*.jpg"                 # a glob works too
     python -m medvl.cli.infer --interactive                       # image paths and prompts until EOF
     python -m medvl.cli.infer --image scan.png --prompt "List the medications."   # free text
@@ -12,6 +13,8 @@ base), one of the keywords best (default: fine-tuned if phase 7 ran, else base),
 finetuned, or ocr: the classical OCR + rules baseline phase 7 scores beside the models, to
 compare on your own documents (records only, no --prompt); --weights picks the form as the server's flag does (default: the profile's form,
 the one phase 7 evaluated), so the CLI answers with the model the API serves.
+A PDF is rendered page by page (api.max_pdf_pages, api.pdf_render_dpi), its pages answered
+together and merged into one record whose items say their page, as /extract does.
 Batch mode writes one JSON line per file, continues past unreadable files, lists them at
 the end and exits with status 1 if there were any. Every structured result carries
 plausibility flags; they are informational, not clinical advice.
@@ -26,6 +29,7 @@ import json
 import logging
 import mimetypes
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,33 +41,37 @@ from tqdm import tqdm
 from medvl.core.settings import DEFAULT_PROFILE, SERVED_SETTINGS, ApiSettings, SettingsError, load_settings
 from medvl.core.workdir import Workdir
 from medvl.engine.grammar import RECORD_FORMAT
-from medvl.engine.images import BadInput, decode_image
+from medvl.engine.images import BadInput
 from medvl.engine.loader import ServedModel, open_served
+from medvl.engine.pages import PAGE_BREAK, PageLimits, decode_pages, headed_page_texts
 from medvl.engine.scheduler import PromptTooLong, SamplingParams
 from medvl.medical import ocr
 from medvl.medical.fhir import record_bundle
 from medvl.medical.prompts import EXTRACTION_PROMPT
-from medvl.medical.records import structured_result
+from medvl.medical.records import document_result, structured_result
 from medvl.model.forms import FORMS, FormError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+DOCUMENT_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".pdf"}
 
 
 def collect_files(target: str) -> list[Path]:
-    """A folder (its images, sorted) or a glob pattern."""
+    """A folder (its images and PDFs, sorted) or a glob pattern."""
     path = Path(target)
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in DOCUMENT_SUFFIXES)
     return sorted(Path(p) for p in glob.glob(target))
 
 
-Answer = Callable[[Image.Image, "str | None", int], dict[str, Any]]
+# One answer per page: a record result (as medvl.medical.records.structured_result gives it) or
+# {"text": ...} for a prompt, with the page's generated_tokens.
+Answer = Callable[[list[Image.Image], "str | None", int], list[dict[str, Any]]]
 
 
 @dataclass
 class Job:
     """What every document of one run gets: who answers, the prompt, the answer length, and the
-    upload limits the server applies (api.max_upload_mb, api.max_image_pixels)."""
+    upload limits the server applies (api.max_upload_mb, api.max_image_pixels, api.max_pdf_pages,
+    api.pdf_render_dpi)."""
 
     answer: Answer
     prompt: str | None
@@ -76,39 +84,54 @@ class Job:
 
 def model_answer(served: ServedModel) -> Answer:
     """Answers from the served model: the record under its schema, or free text for a prompt
-    (OCR-grounded as the server grounds it when the profile says so)."""
+    (OCR-grounded as the server grounds it when the profile says so); a document's pages are
+    submitted together and decode side by side."""
     engine = served.engine
 
-    def answer(image: Image.Image, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
+    def answer(pages: list[Image.Image], prompt: str | None, max_new_tokens: int) -> list[dict[str, Any]]:
         params = SamplingParams(max_new_tokens, response_format=None if prompt else RECORD_FORMAT)
-        result = engine.generate(engine.prepare(image, served.prompt_for(image, prompt or EXTRACTION_PROMPT)), params)
-        record: dict[str, Any] = {"latency_s": round(result.latency_s, 4), "generated_tokens": result.generated_tokens}
-        if prompt:
-            return {**record, "text": result.text}
-        # decoded under the record's schema, as /extract does
-        return {**record, **structured_result(result.text), "raw_text": result.text, "closed_early": result.closed_early}
+        prompts = [engine.prepare(page, served.prompt_for(page, prompt or EXTRACTION_PROMPT)) for page in pages]
+        answers = []
+        for result in engine.generate_many(prompts, [params] * len(prompts)):
+            if prompt:
+                answers.append({"text": result.text, "generated_tokens": result.generated_tokens})
+            else:  # decoded under the record's schema, as /extract does
+                answers.append({**structured_result(result.text), "raw_text": result.text,
+                                "closed_early": result.closed_early, "generated_tokens": result.generated_tokens})
+        return answers
     return answer
 
 
-def ocr_answer(image: Image.Image, prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
+def ocr_answer(pages: list[Image.Image], prompt: str | None, max_new_tokens: int) -> list[dict[str, Any]]:
     """The classical baseline (--model ocr): OCR + rules, the record with the same flags."""
     if prompt:
         raise BadInput("the OCR baseline only extracts records: --prompt needs a model")
-    out = ocr.structured_result(image)
-    return {**out, "latency_s": round(out["latency_s"], 4)}
+    return [{**ocr.structured_result(page), "closed_early": False, "generated_tokens": 0} for page in pages]
 
 
 def run_one(job: Job, path: Path, prompt: str | None) -> dict[str, Any]:
-    """Read, check and answer one file; raises BadInput/OSError/PromptTooLong for unusable files."""
+    """Read, check and answer one document (an image, or a PDF page by page, merged as /extract
+    merges it); raises BadInput/OSError/PromptTooLong for unusable files."""
     data = path.read_bytes()
-    image = decode_image(data, int(job.limits.max_upload_mb * 2**20), job.limits.max_image_pixels)
-    answer = job.answer(image, prompt, job.max_new_tokens)
+    started = time.perf_counter()
+    pages = decode_pages(data, PageLimits.from_settings(job.limits))
+    answers = job.answer(pages, prompt, job.max_new_tokens)
+    timing = {"latency_s": round(time.perf_counter() - started, 4),
+              "generated_tokens": sum(answer["generated_tokens"] for answer in answers)}
+    if prompt:
+        return {"file": str(path), "text": headed_page_texts([a["text"] for a in answers]),
+                "pages": [{"page": n, "text": a["text"]} for n, a in enumerate(answers, 1)], **timing}
+    document = document_result(answers)
     if job.output == "fhir":
-        bundle = record_bundle(answer["structured"], hashlib.sha256(data).hexdigest(),
+        bundle = record_bundle(document["structured"], hashlib.sha256(data).hexdigest(),
                                mimetypes.guess_type(path.name)[0] or "application/octet-stream", len(data),
                                job.model or {})
         return bundle.model_dump(mode="json", exclude_none=True)
-    return {"file": str(path), **answer}
+    return {"file": str(path), **document, **timing,
+            "pages": [{"page": n, "parse_status": a["parse_status"], "closed_early": a["closed_early"],
+                       "generated_tokens": a["generated_tokens"]} for n, a in enumerate(answers, 1)],
+            "raw_text": PAGE_BREAK.join(a["raw_text"] for a in answers),
+            "closed_early": any(a["closed_early"] for a in answers)}
 
 
 def batch(job: Job, files: list[Path], out: TextIO) -> int:
@@ -129,9 +152,9 @@ def batch(job: Job, files: list[Path], out: TextIO) -> int:
 
 
 def interactive(job: Job, stdin: TextIO, out: TextIO) -> int:
-    """Ask for an image path, then a prompt (empty = structured extraction), until EOF."""
+    """Ask for a document's path (an image or a PDF), then a prompt (empty = structured extraction), until EOF."""
     while True:
-        print("image path (Ctrl-D to quit)> ", end="", file=sys.stderr, flush=True)
+        print("document path (Ctrl-D to quit)> ", end="", file=sys.stderr, flush=True)
         line = stdin.readline()
         if not line:
             return 0
@@ -151,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medvl.cli.infer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--image", help="one document image")
-    mode.add_argument("--dir", help="a folder of images or a glob pattern (batch, JSON lines)")
+    mode.add_argument("--image", help="one document: an image or a PDF")
+    mode.add_argument("--dir", help="a folder of images and PDFs, or a glob pattern (batch, JSON lines)")
     mode.add_argument("--interactive", action="store_true", help="ask for images and prompts until EOF")
     parser.add_argument("--prompt", help="free-text question instead of structured extraction")
     parser.add_argument("--model", default="best",
@@ -179,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        served, _ = open_served(settings, Workdir.at(args.workdir), args.model, args.weights, slots=1)
+        # as many cache slots as a PDF may have pages (at most the engine's batch): its pages decode together
+        slots = min(settings.api.max_pdf_pages, settings.decode.max_batch_size)
+        served, _ = open_served(settings, Workdir.at(args.workdir), args.model, args.weights, slots=slots)
     except FormError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -215,7 +240,7 @@ def answer_all(job: Job, args: argparse.Namespace) -> int:
         return interactive(job, sys.stdin, sys.stdout)
     files = collect_files(args.dir)
     if not files:
-        print(f"error: no images match {args.dir}", file=sys.stderr)
+        print(f"error: no images or PDFs match {args.dir}", file=sys.stderr)
         return 2
     if args.out:
         with open(args.out, "w", encoding="utf-8") as out:

@@ -191,6 +191,10 @@ class ApiSettings:
     port: int = 8000
     max_upload_mb: float = 20.0
     max_image_pixels: int = 40_000_000
+    # PDFs (medvl/engine/pages.py): pages per document (checked before rendering any), and the
+    # resolution pages are rendered at (at most max_image_pixels per page)
+    max_pdf_pages: int = 20
+    pdf_render_dpi: int = 150
     request_timeout_s: float = 120.0
     max_new_tokens: int = 512  # answer tokens for /extract and /analyze, and chat's default max_tokens
     # After the engine dies (any failure in its loop), /health answers 503 for this long, so a
@@ -205,7 +209,8 @@ class ApiSettings:
 # What a served model's answers depend on: every setting but where the server listens. The
 # server reports their fingerprint (/health), phase 8 checks it is the run's.
 SERVED_SETTINGS = ("model", "bench", "quant", "data", "train", "decode", "api.max_upload_mb",
-                   "api.max_image_pixels", "api.request_timeout_s", "api.max_new_tokens")
+                   "api.max_image_pixels", "api.max_pdf_pages", "api.pdf_render_dpi", "api.request_timeout_s",
+                   "api.max_new_tokens")
 
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
@@ -469,6 +474,8 @@ def _check_values(s: Settings) -> list[str]:
         p.append("api.port: must lie in 1..65535")
     p += [f"api.{name}: must be > 0" for name in ("max_upload_mb", "max_image_pixels", "request_timeout_s",
                                                   "max_new_tokens", "audit_max_mb") if not getattr(s.api, name) > 0]
+    p += ["api.max_pdf_pages: must be >= 1"] if s.api.max_pdf_pages < 1 else []
+    p += ["api.pdf_render_dpi: must lie in 36..600"] if not 36 <= s.api.pdf_render_dpi <= 600 else []
     p += ["api.audit_backups: must be >= 0"] if s.api.audit_backups < 0 else []
     p += ["api.dead_engine_exit_s: must be >= 0"] if s.api.dead_engine_exit_s < 0 else []
     return p

@@ -292,12 +292,25 @@ class Engine:
 
     def generate(self, prompt: Prompt, params: SamplingParams) -> Result:
         """Submit and wait; runs the loop here when no worker thread does."""
-        request = self.submit(prompt, params)
+        return self.generate_many([prompt], [params])[0]
+
+    def generate_many(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[Result]:
+        """Submit together (a document's pages: they prefill and decode side by side as the cache
+        slots allow) and wait for all, results in order; one refused at submission cancels those
+        already queued. Runs the loop here when no worker thread does."""
+        requests: list[Request] = []
+        try:
+            for prompt, request_params in zip(prompts, params, strict=True):
+                requests.append(self.submit(prompt, request_params))
+        except Exception:
+            for request in requests:
+                request.cancel()
+            raise
         if self._thread is None:
-            while not request.future.done():
+            while not all(request.future.done() for request in requests):
                 self.run_once()
             self.drain()
-        return request.future.result()
+        return [request.future.result() for request in requests]
 
     def drain(self) -> None:
         """Read the step still in flight (its rows all ended; nothing is appended)."""

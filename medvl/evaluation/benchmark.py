@@ -14,9 +14,11 @@ only place that times generation:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from medvl.core.stats import summarize
-from medvl.medical.prompts import BENCHMARK_PROMPTS
+from medvl.engine.pages import PageLimits
+from medvl.medical.prompts import BENCHMARK_PROMPTS, EXTRACTION_PROMPT
 from medvl.model.loading import input_device
 from medvl.model.memory import (
     _sync,
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class BenchSample:
     doc_id: str
-    image_path: Path
+    image_path: Path  # a page image; for a multi-page document (load_benchmark_pdfs) its PDF
     prompt: str
 
 
@@ -85,6 +88,50 @@ def generate_timed(engine: Any, image: Image.Image, prompt: str, max_new_tokens:
     }
 
 
+def generate_pages_timed(engine: Any, pages: list[Image.Image], prompts: list[str],
+                         max_new_tokens: int) -> dict[str, Any]:
+    """A document's pages answered as /extract answers a PDF, timed end to end: each page
+    prepared with its prompt and decoded under the record's schema (side by side as the
+    engine's slots allow), their records merged with each item's page; the row
+    :func:`generate_timed` gives, its response the merged record."""
+    from medvl.engine.grammar import RECORD_FORMAT
+    from medvl.engine.scheduler import SamplingParams
+    from medvl.medical.records import document_result, structured_result
+
+    _sync()
+    start = time.perf_counter()
+    prepared = [engine.prepare(page, prompt) for page, prompt in zip(pages, prompts, strict=True)]
+    submitted = time.perf_counter()
+    results = engine.generate_many(prepared, [SamplingParams(max_new_tokens, response_format=RECORD_FORMAT)] * len(pages))
+    _sync()
+    latency = time.perf_counter() - start
+    document = document_result([structured_result(result.text) for result in results])
+    generated = sum(result.generated_tokens for result in results)
+    return {
+        "pages": len(pages), "prompt_tokens": sum(p.length for p in prepared), "generated_tokens": generated,
+        "latency_s": latency, "ttft_s": (submitted - start) + min(result.ttft_s for result in results),
+        "tokens_per_s": generated / latency if latency > 0 else 0.0,
+        "response": json.dumps(document["structured"]),
+        "finish_reason": "length" if any(r.finish_reason == "length" for r in results) else results[0].finish_reason,
+        "closed_early": any(result.closed_early for result in results),
+        "items_by_page": dict(Counter(item["page"] for item in document["items"])),
+    }
+
+
+def generate_document_timed(engine: Any, sample: BenchSample, max_new_tokens: int,
+                            limits: PageLimits) -> dict[str, Any]:
+    """A PDF benchmark document, timed from its bytes: rendered (per ``limits``, as the server
+    renders uploads), then :func:`generate_pages_timed`."""
+    from medvl.engine.pages import decode_pages
+
+    _sync()
+    start = time.perf_counter()
+    pages = decode_pages(sample.image_path.read_bytes(), limits)
+    render_s = time.perf_counter() - start
+    row = generate_pages_timed(engine, pages, [sample.prompt] * len(pages), max_new_tokens)
+    return {"doc_id": sample.doc_id, **row, "latency_s": row["latency_s"] + render_s, "render_s": render_s}
+
+
 def timed_load(loader: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
     """Run ``loader`` and measure load time and memory before/after it."""
     reset_peak_memory()
@@ -112,12 +159,18 @@ def make_engine(model: Any, processor: Any, decode: Any, sample: BenchSample) ->
 
 
 def run_benchmark(model: Any, processor: Any, samples: list[BenchSample], max_new_tokens: int,
-                  warmup_runs: int, label: str, decode: Any) -> dict[str, Any]:
+                  warmup_runs: int, label: str, decode: Any, documents: Sequence[BenchSample] = (),
+                  pdf_limits: PageLimits | None = None) -> dict[str, Any]:
     """Warm up, then time every sample; returns per-sample rows and aggregates.
 
     ``decode`` (the settings' decode section) configures the serving engine every answer goes
     through; its one-off compilation is timed apart (``decoder_warm_up_s``), never inside a sample.
+    ``documents`` (multi-page PDFs, rendered per ``pdf_limits``) are timed per document after the
+    pages, under ``documents``: their rows stay out of the per-page aggregates, which earlier runs
+    compare with.
     """
+    if documents and pdf_limits is None:
+        raise ValueError("PDF documents need the limits to render them with (pdf_limits)")
     images = {s.doc_id: Image.open(s.image_path).convert("RGB") for s in samples}
     engine, warm_up_s = make_engine(model, processor, decode, samples[0])
     for _ in range(warmup_runs):
@@ -130,8 +183,11 @@ def run_benchmark(model: Any, processor: Any, samples: list[BenchSample], max_ne
         rows.append({"doc_id": sample.doc_id, "prompt": sample.prompt, **row})
         log.info("%s %-32s %5.2f s  ttft %5.3f s  %3d tok  %6.1f tok/s", label, sample.doc_id,
                  row["latency_s"], row["ttft_s"], row["generated_tokens"], row["tokens_per_s"])
+    document_rows = [generate_document_timed(engine, sample, max_new_tokens, pdf_limits)
+                     for sample in tqdm(documents, desc=f"benchmark {label} PDFs", unit="doc")]
     return {
         "samples": rows,
+        "documents": document_rows,
         "aggregate": {
             "latency_s": summarize([r["latency_s"] for r in rows]),
             "ttft_s": summarize([r["ttft_s"] for r in rows]),
@@ -165,48 +221,72 @@ def summary_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 def ensure_benchmark_documents(folder: Path, seed: int, count: int) -> list[BenchSample]:
-    """Write the phase-3 documents once; later phases reuse the very same files.
+    """Write the phase-3 documents once (the pages, and the two-page PDF); later phases reuse
+    the very same files; returns the pages' samples.
 
     Existing files are kept when their ground truth matches what the seed generates, so a
     rerun never silently swaps the documents every benchmark is measured on.
     """
-    from medvl.core.io import read_json
-    from medvl.medical.documents import benchmark_documents, save_document
+    from medvl.medical.documents import (
+        benchmark_documents,
+        packet_documents,
+        pdf_document_id,
+        save_document,
+        save_pdf_document,
+    )
 
     for doc in benchmark_documents(seed, count):
-        image, truth = folder / f"{doc.doc_id}.png", folder / f"{doc.doc_id}.json"
-        current = None
-        if image.is_file() and truth.is_file():
-            try:
-                current = read_json(truth).get("text")
-            except Exception:
-                current = None
-        if current != doc.text:
+        if _stored_text(folder, doc.doc_id, ".png") != doc.text:
             save_document(doc, folder)
+    packet = packet_documents(seed)
+    if _stored_text(folder, pdf_document_id(seed), ".pdf") != "\f".join(doc.text for doc in packet):
+        save_pdf_document(pdf_document_id(seed), packet, folder)
     return load_benchmark_samples(folder)
 
 
-def load_benchmark_samples(folder: Path) -> list[BenchSample]:
-    """The documents phase 3 wrote, with their prompts (raises if phase 3 has not run)."""
+def _stored_text(folder: Path, doc_id: str, suffix: str) -> str | None:
+    """The text of a stored document's truth, None when it or its file is missing or unreadable."""
+    from medvl.core.io import read_json
+
+    document, truth = folder / f"{doc_id}{suffix}", folder / f"{doc_id}.json"
+    if not (document.is_file() and truth.is_file()):
+        return None
+    try:
+        return read_json(truth).get("text")
+    except Exception:
+        return None
+
+
+def _truths(folder: Path) -> list[dict[str, Any]]:
     from medvl.core.io import OutputError, read_json
 
-    truths = sorted(folder.glob("*.json"))
+    truths = [read_json(path) for path in sorted(folder.glob("*.json"))]
     if not truths:
         raise OutputError(f"no benchmark documents in {folder}; run phase 3 first")
-    samples = []
-    for truth in truths:
-        data = read_json(truth)
-        samples.append(BenchSample(data["doc_id"], truth.with_suffix(".png"), BENCHMARK_PROMPTS[data["kind"]]))
-    return samples
+    return truths
+
+
+def load_benchmark_samples(folder: Path) -> list[BenchSample]:
+    """The pages phase 3 wrote, with their prompts (raises if phase 3 has not run)."""
+    return [BenchSample(data["doc_id"], folder / f"{data['doc_id']}.png", BENCHMARK_PROMPTS[data["kind"]])
+            for data in _truths(folder) if data["kind"] != "pdf"]
+
+
+def load_benchmark_pdfs(folder: Path) -> list[BenchSample]:
+    """The multi-page PDFs phase 3 wrote, each asked for its record as /extract asks."""
+    return [BenchSample(data["doc_id"], folder / f"{data['doc_id']}.pdf", EXTRACTION_PROMPT)
+            for data in _truths(folder) if data["kind"] == "pdf"]
 
 
 def benchmark_variant(label: str, loader: Callable[[], Any], processor: Any,
                       samples: list[BenchSample], max_new_tokens: int, warmup_runs: int,
-                      decode: Any) -> dict[str, Any]:
+                      decode: Any, documents: Sequence[BenchSample] = (),
+                      pdf_limits: PageLimits | None = None) -> dict[str, Any]:
     """Load a variant, benchmark it, free it: the record phases 3, 4 and 7 save."""
     model, load = timed_load(loader)
     device = str(input_device(model))
-    result = run_benchmark(model, processor, samples, max_new_tokens, warmup_runs, label, decode)
+    result = run_benchmark(model, processor, samples, max_new_tokens, warmup_runs, label, decode, documents,
+                           pdf_limits)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result.update({"label": label, "load": load, "device": device, "gpu": gpu,
                    "memory_kind": memory_kind(), "dtype": str(getattr(model, "dtype", ""))})

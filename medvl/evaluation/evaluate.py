@@ -25,25 +25,45 @@ from tqdm import tqdm
 from medvl.core.io import atomic_dir, atomic_write_bytes
 from medvl.core.stats import summarize
 from medvl.engine.grammar import RECORD_FORMAT
+from medvl.engine.pages import PageLimits, decode_pages
 from medvl.evaluation import benchmark, scoring
 from medvl.evaluation.scoring import Case
-from medvl.medical.documents import save_document
+from medvl.medical.documents import pdf_ground_truth, save_document, save_pdf_document
 from medvl.medical.prompts import EXTRACTION_PROMPT, OCR_HEADER, ocr_grounded
-from medvl.medical.records import empty_structured, is_valid_record, record_answer, structured_result
-from medvl.medical.suite import evaluation_documents
+from medvl.medical.records import (
+    empty_structured,
+    is_valid_record,
+    merge_pages,
+    record_answer,
+    structured_result,
+)
+from medvl.medical.suite import MULTI_PAGE_CASE, evaluation_documents, multi_page_document
 from medvl.model import memory
 
 log = logging.getLogger(__name__)
 
 
 def suite_cases(folder: Path, root: Path) -> list[Case]:
-    """Render the hand-written suite to PNG (with ground truth JSON) and wrap it as cases."""
+    """Render the hand-written suite to PNG (with ground truth JSON) and wrap it as cases; its
+    multi-page case as a two-page PDF whose reference is its pages' records merged."""
     cases = []
     for doc in evaluation_documents():
         image, _ = save_document(doc, folder)
         cases.append(Case(doc.doc_id, "suite", "suite", str(image.relative_to(root)), EXTRACTION_PROMPT,
                           doc.structured()))
+    pages = multi_page_document()
+    pdf, _ = save_pdf_document(MULTI_PAGE_CASE, pages, folder)
+    cases.append(Case(MULTI_PAGE_CASE, "suite", "suite", str(pdf.relative_to(root)), EXTRACTION_PROMPT,
+                      pdf_ground_truth(MULTI_PAGE_CASE, pages)["structured"]))
     return cases
+
+
+def case_pages(path: Path, limits: PageLimits) -> list[Image.Image]:
+    """A case's pages: its image, or its PDF rendered as the server renders uploads."""
+    if path.suffix.lower() == ".pdf":
+        return decode_pages(path.read_bytes(), limits)
+    with Image.open(path) as image:
+        return [image.convert("RGB")]
 
 
 def test_split_cases(formatted: Path, root: Path, limit: int) -> list[Case]:
@@ -134,20 +154,30 @@ def merge_lora_in_place(model: Any) -> tuple[int, int]:
 
 
 def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases: list[Case], root: Path,
-                   max_new_tokens: int, decode: Any) -> dict[str, Any]:
+                   max_new_tokens: int, decode: Any, pdf_limits: PageLimits, ground_pdf_pages: bool = False
+                   ) -> dict[str, Any]:
     """Generate an answer per case (through the serving engine, per ``decode``), time it with
     the shared harness, and score the answers with :func:`medvl.evaluation.scoring.score_answers` (the
-    function ``medvl-score`` runs)."""
+    function ``medvl-score`` runs). A PDF case (rendered per ``pdf_limits``) is answered page by
+    page and its records merged, as /extract answers a PDF; with ``ground_pdf_pages`` each of
+    its pages gets its own OCR-grounded prompt (a case's one prompt cannot hold every page's lines)."""
     model, load = benchmark.timed_load(loader)
     first = benchmark.BenchSample(cases[0].case_id, root / cases[0].image, cases[0].prompt)
     engine, warm_up_s = benchmark.make_engine(model, processor, decode, first)
     rows = []
-    images: dict[str, Image.Image] = {}
+    pages: dict[str, list[Image.Image]] = {}
     for case in tqdm(cases, desc=f"evaluate {label}", unit="case"):
-        if case.image not in images:
-            images[case.image] = Image.open(root / case.image).convert("RGB")
-        out = benchmark.generate_timed(engine, images[case.image], case.prompt, max_new_tokens,
-                                       RECORD_FORMAT if case.record else None)
+        if case.image not in pages:
+            pages[case.image] = case_pages(root / case.image, pdf_limits)
+        response_format = RECORD_FORMAT if case.record else None
+        if len(pages[case.image]) == 1:
+            out = benchmark.generate_timed(engine, pages[case.image][0], case.prompt, max_new_tokens, response_format)
+        else:
+            from medvl.medical.ocr import grounded_prompt
+
+            prompts = [grounded_prompt(page, case.prompt) if ground_pdf_pages else case.prompt
+                       for page in pages[case.image]]
+            out = benchmark.generate_pages_timed(engine, pages[case.image], prompts, max_new_tokens)
         extracted = structured_result(out["response"])
         rows.append({"case_id": case.case_id, "subset": case.subset, "source": case.source, "record": case.record,
                      "response": out["response"], "generated_tokens": out["generated_tokens"],
@@ -176,10 +206,10 @@ def answers_of(rows: list[dict[str, Any]]) -> dict[str, str]:
     return {r["case_id"]: r["response"] for r in rows}
 
 
-def evaluate_ocr(cases: list[Case], root: Path) -> dict[str, Any]:
+def evaluate_ocr(cases: list[Case], root: Path, pdf_limits: PageLimits) -> dict[str, Any]:
     """The classical baseline on the same cases and scorer: OCR plus rules (:mod:`medvl.medical.ocr`),
     with its latency and the memory its engine takes. A record case is answered with the
-    rules' record, a free-text case with the OCR text."""
+    rules' record (a PDF's pages' records merged), a free-text case with the OCR text."""
     from medvl.medical import ocr
 
     before = memory.memory_now()
@@ -188,11 +218,13 @@ def evaluate_ocr(cases: list[Case], root: Path) -> dict[str, Any]:
     load = {"load_time_s": time.perf_counter() - started, "before_load": before, "after_load": memory.memory_now()}
     rows = []
     for case in tqdm(cases, desc="evaluate ocr", unit="case"):
-        with Image.open(root / case.image) as image:
-            out = ocr.extract(image)
+        pages = [ocr.extract(page) for page in case_pages(root / case.image, pdf_limits)]
+        record = merge_pages([page["structured"] for page in pages])[0]
+        lines = [line for page in pages for line in page["lines"]]
         rows.append({"case_id": case.case_id, "subset": case.subset, "source": case.source, "record": case.record,
-                     "response": out["response"] if case.record else " ".join(out["lines"]),
-                     "ocr_lines": out["lines"], "latency_s": out["latency_s"], "ocr_s": out["ocr_s"]})
+                     "response": json.dumps(record) if case.record else " ".join(lines),
+                     "ocr_lines": lines, "latency_s": sum(page["latency_s"] for page in pages),
+                     "ocr_s": sum(page["ocr_s"] for page in pages)})
     return {"label": "ocr", "engine": ocr.describe(), "load": load,
             "memory_mb": memory.headline_memory_mb(load["after_load"]) - memory.headline_memory_mb(before),
             "memory_kind": memory.memory_kind(), "cases": rows,
@@ -202,9 +234,11 @@ def evaluate_ocr(cases: list[Case], root: Path) -> dict[str, Any]:
 
 def ocr_grounded_cases(cases: list[Case], ocr_baseline: dict[str, Any]) -> list[Case]:
     """The cases with OCR-grounded prompts (data.ocr_grounded_prompt), from the lines the OCR
-    baseline read: suite cases get them here, test rows already have them from phase 5."""
+    baseline read: suite cases get them here, test rows already have them from phase 5. A PDF
+    case keeps its prompt: each of its pages is grounded with its own lines when it is answered
+    (:func:`evaluate_model`'s ``ground_pdf_pages``)."""
     lines = {row["case_id"]: row["ocr_lines"] for row in ocr_baseline["cases"]}
-    return [case if case.prompt.startswith(OCR_HEADER)
+    return [case if case.prompt.startswith(OCR_HEADER) or case.image.endswith(".pdf")
             else replace(case, prompt=ocr_grounded(case.prompt, lines[case.case_id]))
             for case in cases]
 

@@ -49,7 +49,8 @@ class RequestAudit:
     pages: int | None = None
     tokens: dict[str, int] = field(default_factory=dict)
 
-    def document(self, data: bytes, pages: int = 1) -> None:
+    def document(self, data: bytes, pages: int | None = None) -> None:
+        """The document's hash at once; its page count when known (a PDF's once it is read)."""
         self.document_sha256 = hashlib.sha256(data).hexdigest()
         self.pages = pages
 

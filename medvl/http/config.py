@@ -28,6 +28,8 @@ SETTING_FLAGS = {
     "port": ("api.port", "port to listen on"),
     "max_upload_mb": ("api.max_upload_mb", "largest upload accepted (413 past it)"),
     "max_image_pixels": ("api.max_image_pixels", "largest image accepted, in pixels (413 past it)"),
+    "max_pdf_pages": ("api.max_pdf_pages", "most pages a PDF may have (400 past it, before rendering)"),
+    "pdf_render_dpi": ("api.pdf_render_dpi", "resolution PDF pages are rendered at"),
     "request_timeout_s": ("api.request_timeout_s", "a request's limit, queue included; past it 504 and its slot is freed"),
     "max_new_tokens": ("api.max_new_tokens", "answer tokens for /extract and /analyze, and chat's default max_tokens"),
     "max_batch_size": ("decode.max_batch_size", "requests decoding at once"),

@@ -10,13 +10,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from medvl.core.settings import SERVED_SETTINGS
 from medvl.engine.grammar import RECORD_FORMAT
+from medvl.engine.pages import PAGE_BREAK, headed_page_texts
 from medvl.engine.scheduler import SamplingParams
+from medvl.http.audit import RequestAudit
 from medvl.http.errors import ERROR_RESPONSES
-from medvl.http.schemas import AnalyzeResponse, ExtractResponse, HealthResponse, Usage
-from medvl.http.state import ServerState, State, check_prompt, usage
+from medvl.http.schemas import AnalyzeResponse, ExtractResponse, HealthResponse, PageAnswer, PageText, Usage
+from medvl.http.state import ServerState, State, check_prompt, sum_usage, usage
 from medvl.medical.fhir import record_bundle
 from medvl.medical.prompts import EXTRACTION_PROMPT
-from medvl.medical.records import structured_result
+from medvl.medical.records import document_result, structured_result
 
 router = APIRouter()
 
@@ -50,53 +52,75 @@ async def health(state: State):
                         headers=None if status == "ok" else {"Retry-After": "5"})
 
 
+DOCUMENT_FILE = File(description="a document: an image (PNG, JPEG, ...) or a PDF (each page read; api.max_pdf_pages)")
+
+
 @router.post("/extract", response_model=ExtractResponse, responses={
     **ERROR_RESPONSES, 200: {"content": {"application/fhir+json": {}},
                              "description": "the record (format=record) or a FHIR R4B Bundle (format=fhir)"}})
-async def extract(http: Request, state: State,
-                  file: Annotated[UploadFile, File(description="a document image (PNG, JPEG, ...)")],
+async def extract(http: Request, state: State, file: Annotated[UploadFile, DOCUMENT_FILE],
                   format: Annotated[Literal["record", "fhir"], Query(
                       description="record: the project's record; fhir: a FHIR Bundle (medvl/medical/fhir.py)")] = "record"):
-    """Structured medical record from a document image, decoded under the record's JSON schema
-    (or read by OCR + rules on a server started with ``--model ocr``); as a FHIR Bundle with
-    ``?format=fhir``."""
+    """Structured medical record from a document (an image, or a PDF read page by page and
+    merged, each item with its page), decoded under the record's JSON schema (or read by OCR +
+    rules on a server started with ``--model ocr``); as a FHIR Bundle with ``?format=fhir``."""
     state.check_ready()
     data = await read_upload(state, file)
-    http.state.audit.document(data)
+    audit = http.state.audit
+    audit.document(data)
     if state.served.engine is None:
-        response = await ocr_extract(state, data, http.state.audit.request_id)
+        response = await ocr_extract(state, data, audit)
     else:
-        prompt = await state.prepare(data, EXTRACTION_PROMPT)
-        result = await state.generate(prompt, SamplingParams(state.answer_tokens(prompt), response_format=RECORD_FORMAT),
-                                      http)
-        response = ExtractResponse(request_id=http.state.audit.request_id, **structured_result(result.text),
-                                   raw_text=result.text, closed_early=result.closed_early, latency_s=result.latency_s,
-                                   usage=usage(result), model=state.model_info())
+        prompts = await state.prepare_pages(data, EXTRACTION_PROMPT)
+        audit.pages = len(prompts)
+        params = [SamplingParams(state.answer_tokens(p), response_format=RECORD_FORMAT) for p in prompts]
+        results = await state.generate_pages(prompts, params, http)
+        pages = [structured_result(result.text) for result in results]
+        answers = [PageAnswer(page=number, parse_status=page["parse_status"], closed_early=result.closed_early,
+                              usage=usage(result))
+                   for number, (page, result) in enumerate(zip(pages, results, strict=True), 1)]
+        response = ExtractResponse(
+            request_id=audit.request_id, **document_result(pages), pages=answers,
+            raw_text=PAGE_BREAK.join(result.text for result in results),
+            closed_early=any(result.closed_early for result in results),
+            latency_s=max(result.latency_s for result in results), usage=sum_usage(results), model=state.model_info())
     if format == "record":
         return response
-    bundle = record_bundle(response.structured.model_dump(), http.state.audit.document_sha256,
+    bundle = record_bundle(response.structured.model_dump(), audit.document_sha256,
                            file.content_type or "application/octet-stream", len(data), state.audit_model())
     return Response(bundle.model_dump_json(), media_type="application/fhir+json")
 
 
-async def ocr_extract(state: ServerState, data: bytes, request_id: str) -> ExtractResponse:
+async def ocr_extract(state: ServerState, data: bytes, audit: RequestAudit) -> ExtractResponse:
     """/extract from the OCR + rules baseline: the record its rules read, with the same flags."""
-    return ExtractResponse(request_id=request_id, **await state.ocr_extract(data),
-                           usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0), model=state.model_info())
+    pages = await state.ocr_extract(data)
+    audit.pages = len(pages)
+    none = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+    return ExtractResponse(request_id=audit.request_id, **document_result(pages),
+                           pages=[PageAnswer(page=number, parse_status="ocr", closed_early=False, usage=none)
+                                  for number in range(1, len(pages) + 1)],
+                           raw_text=PAGE_BREAK.join(page["raw_text"] for page in pages),
+                           latency_s=sum(page["latency_s"] for page in pages), usage=none, model=state.model_info())
 
 
 @router.post("/analyze", response_model=AnalyzeResponse, responses=ERROR_RESPONSES)
-async def analyze(http: Request, state: State, file: Annotated[UploadFile, File(description="a document image")],
+async def analyze(http: Request, state: State, file: Annotated[UploadFile, DOCUMENT_FILE],
                   prompt: Annotated[str, Form()] = "Describe this medical document."):
-    """Free-text answer to a prompt about a document image."""
+    """Free-text answer to a prompt about a document; a PDF's pages are each asked it (the
+    context holds one page) and answered under "Page N:" headings."""
     state.engine()
     prompt = check_prompt(prompt)
     data = await read_upload(state, file)
-    http.state.audit.document(data)
-    prepared = await state.prepare(data, prompt)
-    result = await state.generate(prepared, SamplingParams(state.answer_tokens(prepared)), http)
-    return AnalyzeResponse(request_id=http.state.audit.request_id, text=result.text, latency_s=result.latency_s,
-                           usage=usage(result), model=state.model_info())
+    audit = http.state.audit
+    audit.document(data)
+    prompts = await state.prepare_pages(data, prompt)
+    audit.pages = len(prompts)
+    results = await state.generate_pages(prompts, [SamplingParams(state.answer_tokens(p)) for p in prompts], http)
+    texts = [result.text for result in results]
+    return AnalyzeResponse(request_id=audit.request_id, text=headed_page_texts(texts),
+                           pages=[PageText(page=n, text=t) for n, t in enumerate(texts, 1)],
+                           latency_s=max(result.latency_s for result in results), usage=sum_usage(results),
+                           model=state.model_info())
 
 
 @router.get("/benchmark")

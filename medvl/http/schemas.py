@@ -30,27 +30,52 @@ class FlagItem(BaseModel):
     severity: Literal["info", "warning", "error"]
 
 
+class ItemSource(BaseModel):
+    pointer: str = Field(description="the item in `structured`, as an RFC 6901 JSON pointer: /lab_values/0, "
+                                     "/diagnoses/2, /vitals/heart_rate")
+    page: int = Field(description="the page it was read from, from 1 (always 1 for an image)")
+
+
+class PageAnswer(BaseModel):
+    page: int
+    parse_status: Literal["json", "repaired", "fallback", "ocr"]
+    closed_early: bool
+    usage: Usage
+
+
 class ExtractResponse(BaseModel):
     request_id: str
-    structured: ExtractionRecord
-    flags: list[FlagItem] = Field(description="plausibility and safety flags (medvl/medical/flags.py)")
+    structured: ExtractionRecord = Field(description="the document's record: its pages' records merged in page "
+                                                     "order, an item repeated exactly on a later page kept once")
+    items: list[ItemSource] = Field(description="where each item of `structured` came from")
+    pages: list[PageAnswer] = Field(description="each page's answer: an image is one page, a PDF one per page")
+    flags: list[FlagItem] = Field(description="plausibility and safety flags on the whole record "
+                                              "(medvl/medical/flags.py), and vitals that differ between pages")
     disclaimer: str
     parse_status: Literal["json", "repaired", "fallback", "ocr"] = Field(
         description="json: the answer parsed as JSON (always, for answers decoded under the record's schema); "
                     "repaired: after fixing brackets/commas; fallback: no JSON - drugs and conditions found "
                     "in the raw text (the last two for free-text answers only); ocr: read by the OCR + rules "
-                    "baseline (--model ocr; raw_text is its OCR lines)")
+                    "baseline (--model ocr; raw_text is its OCR lines). A document's is its worst page's.")
     closed_early: bool = Field(False, description="the token budget ran low and the answer was steered to close "
-                                                  "its JSON (its last item may be shortened)")
-    raw_text: str
+                                                  "its JSON (its last item may be shortened); on any page")
+    raw_text: str = Field(description="the model's answer; a PDF's page answers in page order, each after a form "
+                                      "feed (\\f) but the first")
     latency_s: float
     usage: Usage
     model: ModelInfo
 
 
+class PageText(BaseModel):
+    page: int
+    text: str
+
+
 class AnalyzeResponse(BaseModel):
     request_id: str
-    text: str
+    text: str = Field(description="the answer; for a PDF each page's answer under a 'Page N:' heading (the context "
+                                  "holds one page, so every page is asked the question on its own)")
+    pages: list[PageText]
     latency_s: float
     usage: Usage
     model: ModelInfo

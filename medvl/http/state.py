@@ -18,6 +18,7 @@ from medvl.core.settings import SERVED_SETTINGS, Settings
 from medvl.core.workdir import Workdir
 from medvl.engine.images import BadInput, decode_image
 from medvl.engine.loader import Served
+from medvl.engine.pages import PageLimits, decode_pages
 from medvl.engine.scheduler import Engine, Overloaded, Prompt, Result, SamplingParams
 from medvl.engine.scheduler import Request as EngineRequest
 from medvl.http.config import ServerConfig
@@ -81,6 +82,10 @@ class ServerState:
     def decode_image(self, data: bytes) -> Any:
         return decode_image(data, self.max_bytes, self.settings.api.max_image_pixels)
 
+    def decode_pages(self, data: bytes) -> list[Any]:
+        """An upload's pages: an image is one, a PDF is rendered page by page (medvl/engine/pages.py)."""
+        return decode_pages(data, PageLimits.from_settings(self.settings.api))
+
     @contextlib.contextmanager
     def admission(self) -> Iterator[None]:
         """A place among the requests being prepared, or :class:`Overloaded` (503 with
@@ -118,30 +123,54 @@ class ServerState:
         with self.admission():
             return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, prepare)
 
-    async def ocr_extract(self, data: bytes) -> dict[str, Any]:
-        """The OCR baseline's result for a page (``--model ocr``), decoded and read in a worker thread."""
+    async def prepare_pages(self, data: bytes, prompt: str) -> list[Prompt]:
+        """Every page of an upload (an image is one page, a PDF many) decoded and prepared with
+        ``prompt``, in a worker thread once admitted (one admission per document)."""
+        engine = self.engine()
+
+        def prepare() -> list[Prompt]:
+            return [engine.prepare(image, self.served.prompt_for(image, prompt)) for image in self.decode_pages(data)]
+
+        with self.admission():
+            return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, prepare)
+
+    async def ocr_extract(self, data: bytes) -> list[dict[str, Any]]:
+        """The OCR baseline's result for each page (``--model ocr``), decoded and read in a worker thread."""
         with self.admission():
             return await asyncio.get_running_loop().run_in_executor(
-                PREPARE_POOL, lambda: ocr.structured_result(self.decode_image(data)))
+                PREPARE_POOL, lambda: [ocr.structured_result(page) for page in self.decode_pages(data)])
 
     async def wait(self, request: EngineRequest, http: Request) -> Result:
         """The request's result; on timeout (504) or client hang-up the request is cancelled."""
+        return (await self.wait_all([request], http))[0]
+
+    async def wait_all(self, requests: list[EngineRequest], http: Request) -> list[Result]:
+        """The requests' results (a document's pages), in order. On timeout (504), client
+        hang-up or any request's failure, every one still running is cancelled (its slot freed)."""
         loop = asyncio.get_running_loop()
-        future = asyncio.wrap_future(request.future)
+        futures = [asyncio.wrap_future(request.future) for request in requests]
         deadline = loop.time() + self.settings.api.request_timeout_s
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                request.cancel()
-                raise ApiError(504, "timeout", f"no answer within {self.settings.api.request_timeout_s:.0f} s")
-            done, _ = await asyncio.wait({future}, timeout=min(DISCONNECT_POLL_S, remaining))
-            if done:
-                result = future.result()
-                http.state.audit.tokens = usage(result).model_dump()
-                return result
-            if await http.is_disconnected():
-                request.cancel()
-                raise ApiError(499, "client_closed", "the client closed the connection")
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ApiError(504, "timeout", f"no answer within {self.settings.api.request_timeout_s:.0f} s")
+                pending = [future for future in futures if not future.done()]
+                if not pending:
+                    results = [future.result() for future in futures]
+                    http.state.audit.tokens = sum_usage(results).model_dump()
+                    return results
+                done, _ = await asyncio.wait(pending, timeout=min(DISCONNECT_POLL_S, remaining),
+                                             return_when=asyncio.FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None:
+                        raise future.exception()  # the others are cancelled on the way out
+                if not done and await http.is_disconnected():
+                    raise ApiError(499, "client_closed", "the client closed the connection")
+        finally:
+            for request in requests:
+                if not request.future.done():
+                    request.cancel()
 
     def answer_tokens(self, prompt: Prompt, requested: int | None = None) -> int:
         """``max_tokens`` for a request: what the client asked for, else the context the prompt
@@ -159,6 +188,21 @@ class ServerState:
 
     async def generate(self, prompt: Prompt, params: SamplingParams, http: Request) -> Result:
         return await self.wait(self.engine().submit(prompt, params), http)
+
+    async def generate_pages(self, prompts: list[Prompt], params: list[SamplingParams], http: Request) -> list[Result]:
+        """A document's pages submitted together (they prefill and decode side by side as the
+        engine's batch allows), their results in page order; one refused page (overload, a
+        prompt too long) cancels those already queued."""
+        engine = self.engine()
+        requests: list[EngineRequest] = []
+        try:
+            for prompt, page_params in zip(prompts, params, strict=True):
+                requests.append(engine.submit(prompt, page_params))
+        except Exception:
+            for request in requests:
+                request.cancel()
+            raise
+        return await self.wait_all(requests, http)
 
 
 def server_state(request: Request) -> ServerState:
@@ -179,3 +223,9 @@ def check_prompt(prompt: str) -> str:
 def usage(result: Result) -> Usage:
     return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.generated_tokens,
                  total_tokens=result.prompt_tokens + result.generated_tokens)
+
+
+def sum_usage(results: list[Result]) -> Usage:
+    """A document's tokens: its pages' together."""
+    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.generated_tokens for r in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

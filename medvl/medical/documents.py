@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -362,6 +363,54 @@ def save_document(doc: MedicalDocument, folder: Path) -> tuple[Path, Path]:
     atomic_write_bytes(image_path, buffer.getvalue())
     atomic_write_json(truth_path, {**doc.ground_truth(), "document": asdict(doc)})
     return image_path, truth_path
+
+
+# --------------------------------------------------------------------------- multi-page PDFs
+
+PDF_RESOLUTION = 150  # dpi a page image is placed at: the render DPI read-back uses (api.pdf_render_dpi)
+PDF_JPEG_QUALITY = 90  # Pillow embeds RGB pages as JPEG; 90 keeps small print legible
+_PDF_DATE = time.gmtime(1_767_225_600)  # 2026-01-01 UTC, fixed, so the same pages give the same bytes
+
+
+def document_pdf(docs: list[MedicalDocument]) -> bytes:
+    """The documents as the pages of one PDF, each page its rendered image at 150 dpi: what a
+    scanner or a fax server sends (image pages, no text layer). Deterministic bytes."""
+    pages = [render_document(doc) for doc in docs]
+    buffer = io.BytesIO()
+    pages[0].save(buffer, format="PDF", save_all=True, append_images=pages[1:], resolution=PDF_RESOLUTION,
+                  quality=PDF_JPEG_QUALITY, creationDate=_PDF_DATE, modDate=_PDF_DATE, producer="medvl")
+    return buffer.getvalue()
+
+
+def packet_documents(seed: int) -> list[MedicalDocument]:
+    """Phase 3's two-page PDF: a discharge summary, then lab results on page 2 (two generated
+    pages; their headers name different patients, as the generator draws each header)."""
+    return [generate_document(seed, "discharge_summary", prefix="packet"),
+            generate_document(seed + 1, "lab_results", prefix="packet")]
+
+
+def pdf_document_id(seed: int) -> str:
+    """The two-page PDF's name among phase 3's benchmark documents."""
+    return f"test-pdf-{seed}"
+
+
+def pdf_ground_truth(doc_id: str, docs: list[MedicalDocument]) -> dict[str, Any]:
+    """A PDF's truth: each page's, and the document's record merged as /extract merges a PDF's
+    pages (:func:`medvl.medical.records.merge_pages`), with each item's page."""
+    from medvl.medical.records import merge_pages
+
+    structured, items, _ = merge_pages([doc.structured() for doc in docs])
+    return {"doc_id": doc_id, "kind": "pdf", "pages": [doc.ground_truth() for doc in docs],
+            "structured": structured, "items": items, "text": "\f".join(doc.text for doc in docs)}
+
+
+def save_pdf_document(doc_id: str, docs: list[MedicalDocument], folder: Path) -> tuple[Path, Path]:
+    """Write ``<doc_id>.pdf`` (one page per document) and ``<doc_id>.json`` (its truth) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pdf_path, truth_path = folder / f"{doc_id}.pdf", folder / f"{doc_id}.json"
+    atomic_write_bytes(pdf_path, document_pdf(docs))
+    atomic_write_json(truth_path, pdf_ground_truth(doc_id, docs))
+    return pdf_path, truth_path
 
 
 def tokenizer_corpus(count: int = 400) -> list[str]:

@@ -99,7 +99,8 @@ def interaction_table() -> dict[frozenset[str], str]:
 def dose_mg(dose: str) -> float | None:
     """'500 mg' -> 500.0, '1 g' -> 1000.0, '18 mcg' -> 0.018; None for units/kg or unknown units."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(mg|g|mcg|ug|µg)\s*", (dose or "").lower())
-    return float(match.group(1)) * _UNIT_TO_MG[match.group(2)] if match else None
+    # rounded: 18 * 0.001 is 0.018000000000000002 in floats, which "exceeded" a 0.018 mg maximum
+    return round(float(match.group(1)) * _UNIT_TO_MG[match.group(2)], 9) if match else None
 
 
 def times_per_day(frequency: str) -> int | None:

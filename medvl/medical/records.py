@@ -6,7 +6,8 @@ written from it (:func:`record_answer`), the API's /extract response embeds it, 
 under (:mod:`medvl.engine.grammar`), so the three cannot drift apart.
 
 /extract, the CLI and phase 7 all go through :func:`structured_result`, so a record has one
-shape and one parsing path. Answers decoded under the schema parse as JSON ("json"); the
+shape and one parsing path; a document of several pages (a PDF) is read page by page and its
+pages' records merged by :func:`document_result`, which says where each item came from. Answers decoded under the schema parse as JSON ("json"); the
 repair pass and the lexicon fallback are for free-text answers only (a model asked without
 the grammar, e.g. through the chat route) and are labelled "repaired" and "fallback".
 """
@@ -194,3 +195,70 @@ def structured_result(text: str) -> dict[str, Any]:
     structured, status = parse_structured(text)
     return {"structured": structured, "parse_status": status, "flags": flags.check(structured),
             "disclaimer": flags.DISCLAIMER}
+
+
+# --------------------------------------------------------------------------- documents of several pages
+
+# A document's parse status is its worst page's: a repaired or fallback page taints the record.
+_PARSE_STATUS_ORDER = ("json", "ocr", "repaired", "fallback")
+_LIST_KEYS = ("medications", "diagnoses", "procedures", "lab_values")
+
+
+def json_pointer(*parts: str | int) -> str:
+    """An RFC 6901 pointer into the record, e.g. ``/lab_values/0`` or ``/vitals/blood_pressure``."""
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in parts)
+
+
+def merge_pages(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, str]]]:
+    """Page records, in page order -> (the document's record, each item's pointer and page, conflicts).
+
+    Lists are concatenated in page order. An item repeated exactly on a later page (a diagnosis
+    in every page's header, a medication list carried over) is kept once, at its first page;
+    items that differ in any field are all kept (serial lab values are distinct readings). A
+    vital sign read on two pages with different values keeps the first page's value in the
+    record and yields a ``vital_differs_between_pages`` flag naming both, so no reading is lost
+    silently. Worked example::
+
+        page 1: {"diagnoses": ["HTN"], "vitals": {"heart_rate": "88 bpm"}, ...}
+        page 2: {"diagnoses": ["HTN", "CKD 3b"], "lab_values": [{"name": "Creatinine", ...}],
+                 "vitals": {"heart_rate": "96 bpm"}, ...}
+        record: {"diagnoses": ["HTN", "CKD 3b"], "lab_values": [{"name": "Creatinine", ...}],
+                 "vitals": {"heart_rate": "88 bpm"}, ...}
+        items:  /diagnoses/0 page 1, /vitals/heart_rate page 1, /diagnoses/1 page 2,
+                /lab_values/0 page 2
+        conflicts: heart_rate 96 bpm on page 2 against 88 bpm on page 1
+    """
+    merged = empty_structured()
+    items: list[dict[str, Any]] = []
+    conflicts: list[dict[str, str]] = []
+    vital_pages: dict[str, int] = {}
+    for page, record in enumerate(records, start=1):
+        for key in _LIST_KEYS:
+            for item in record.get(key, []):
+                if item not in merged[key]:
+                    items.append({"pointer": json_pointer(key, len(merged[key])), "page": page})
+                    merged[key].append(item)
+        for name, value in record.get("vitals", {}).items():
+            kept = merged["vitals"].get(name)
+            if kept is None:
+                merged["vitals"][name] = value
+                vital_pages[name] = page
+                items.append({"pointer": json_pointer("vitals", name), "page": page})
+            elif kept != value:
+                conflicts.append({"rule": "vital_differs_between_pages", "item": name, "value": value,
+                                  "reason": f"page {page} reads {value}; the record keeps page "
+                                            f"{vital_pages[name]}'s {kept}", "severity": "warning"})
+    return merged, items, conflicts
+
+
+def document_result(pages: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result for a document from its pages' results (each as :func:`structured_result` or
+    the OCR baseline gives it, in page order): the merged record, where each item came from, its
+    worst page's parse status, and the flags of the whole record (an interaction between drugs
+    on different pages is caught) with any vital that differs between pages."""
+    from medvl.medical import flags
+
+    structured, items, conflicts = merge_pages([page["structured"] for page in pages])
+    status = max((page["parse_status"] for page in pages), key=_PARSE_STATUS_ORDER.index)
+    return {"structured": structured, "items": items, "parse_status": status,
+            "flags": flags.check(structured) + conflicts, "disclaimer": flags.DISCLAIMER}

@@ -4,7 +4,8 @@ Unlike the generated corpus, these are written by hand to be dense and awkward: 
 abbreviations (BID, QD, PRN, TID, q8h, COPD, DM2, CKD 3b, NSTEMI), drugs with doses and
 routes, lab panels with units, reference ranges and H/L flags, vitals such as
 "BP 142/91 mmHg" and "SpO2 94% on 2 L NC", and one noisy, skewed scan. None of them is
-generated from a seed, and phase 5 refuses to put any of them in a training split.
+generated from a seed, and phase 5 refuses to put any of them in a training split. One case is
+a two-page PDF (:func:`multi_page_document`): the discharge summary, then the lab panel.
 """
 
 from __future__ import annotations
@@ -122,3 +123,14 @@ def evaluation_documents() -> list[MedicalDocument]:
         noise=1.0,
     )
     return [ed_note, bmp, rx, discharge, scan]
+
+
+MULTI_PAGE_CASE = "eval-pdf-discharge-labs"
+
+
+def multi_page_document() -> list[MedicalDocument]:
+    """The multi-page case's pages, in order: the discharge summary, then the lab panel on page 2
+    (a discharge packet as a ward prints it); its expected record is theirs merged, each item
+    on its page (:func:`medvl.medical.documents.pdf_ground_truth`)."""
+    by_id = {doc.doc_id: doc for doc in evaluation_documents()}
+    return [by_id["eval-dc-chf-afib"], by_id["eval-lab-bmp-cbc"]]

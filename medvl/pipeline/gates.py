@@ -23,6 +23,7 @@ from medvl.core.io import OutputError, read_json
 from medvl.core.settings import SERVED_SETTINGS, Settings
 from medvl.core.workdir import REPO_ROOT, Workdir
 from medvl.medical import lexicon
+from medvl.medical.documents import pdf_document_id
 from medvl.model.forms import METHOD_FORMS, form_of
 
 GateCheck = Callable[[Workdir, Settings], list[str]]
@@ -154,6 +155,8 @@ def check_benchmark_record(rec: dict[str, Any], label: str, s: Settings, problem
     samples = rec.get("samples") or []
     if len(samples) < s.bench.num_documents:
         problems.append(f"{label}: {len(samples)} samples, expected {s.bench.num_documents}")
+    if not any(row.get("pages", 0) >= 2 for row in rec.get("documents") or []):
+        problems.append(f"{label}: the two-page PDF was not benchmarked (documents)")
     real_model = s.model.source == "hub"
     for row in samples:
         if not row.get("latency_s", 0) > 0:
@@ -179,6 +182,9 @@ def gate_baseline(wd: Workdir, s: Settings) -> list[str]:
     images = sorted(wd.test_images.glob("*.png")) if wd.test_images.is_dir() else []
     if len(images) < s.bench.num_documents:
         problems.append(f"datasets/test_images has {len(images)} documents, expected {s.bench.num_documents}")
+    pdf = f"{pdf_document_id(s.bench.document_seed)}.pdf"
+    if not (wd.test_images / pdf).is_file():
+        problems.append(f"datasets/test_images has no {pdf} (the two-page PDF)")
     load_benchmark_output(wd, s, 3, "baseline_fp16.json", problems)
     return problems
 
