@@ -255,8 +255,13 @@ def test_uploads_stay_in_memory_and_over_the_limit_are_refused_before_reading(ph
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"  # parsed, then refused: not loaded
     assert rolled_over == []  # the 3.6 MB part never touched the disk
     too_big = b"\x89PNG" + bytes(7 << 20)
-    r = client.post("/extract", files={"file": ("p.png", too_big, "image/png")})
+    r = client.post("/extract", files={"file": ("p.png", too_big, "image/png")}, headers={"X-Request-ID": "big-1"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large" and "bytes or more" in r.text
+    # refused before the app saw it, yet audited and answered with its request id
+    assert r.headers["X-Request-ID"] == "big-1"
+    audit = [json.loads(line) for line in (phases_1_4 / "logs" / "audit.jsonl").read_text().splitlines()]
+    assert any(line["request_id"] == "big-1" and line["status"] == 413 and line["route"] == "/extract"
+               for line in audit)
 
     def chunks():  # no Content-Length: the limit applies while reading
         for _ in range(16):
@@ -339,7 +344,7 @@ def test_audit_ids_fingerprints_and_rotation(tmp_path):
                        model={"model_path": "m", "served_form": "bf16", "settings_hash": "h"})
     for i in range(60):  # ~250 bytes a line: past 1 KiB several times
         audit = RequestAudit(f"r{i}", "anonymous")
-        audit.document(b"page bytes")
+        audit.document(b"page bytes", pages=1)
         trail.write(audit, "POST", "/extract", 200, 0.5)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
@@ -366,3 +371,92 @@ def test_extract_as_fhir_returns_a_valid_bundle_naming_the_model(server, page):
     assert device.deviceName[0].name.endswith("-base") and "bf16" in {v.value for v in device.version}
     bad = httpx.post(f"{server}/extract?format=xml", files={"file": ("p.png", data, "image/png")}, timeout=60)
     assert bad.status_code == 422 and "format" in bad.json()["error"]["message"]
+
+
+def two_page_pdf() -> tuple[bytes, list]:
+    from medvl.medical.documents import document_pdf, packet_documents
+
+    docs = packet_documents(4343)  # a discharge summary, then lab results
+    return document_pdf(docs), docs
+
+
+def test_a_two_page_pdf_through_the_ocr_server_gives_items_from_both_pages_with_their_pages(phases_1_4, tmp_path):
+    """The OCR baseline reads the real values, so the page of each item can be checked against
+    the generator's pages: page 1's medications and diagnoses, page 2's lab values. The demo's
+    client shows the pages, the items by page and the FHIR view from the same server."""
+    from medvl.http.demo_ui import ApiClient, document_pages, extraction_view
+
+    data, (summary, labs) = two_page_pdf()
+    with running_server(phases_1_4, extra_args=["--model", "ocr"]) as base:
+        path = tmp_path / "packet.pdf"
+        path.write_bytes(data)
+        assert len(document_pages(str(path))) == 2
+        _, rows, line = extraction_view(ApiClient(base).extract(str(path)))
+        assert {row[0] for row in rows} == {1, 2} and "2 page(s)" in line
+        lab_rows = [row for row in rows if row[1].startswith("/lab_values/") and row[0] == 2]
+        assert any(labs.lab_values[0]["value"] in row[2] for row in lab_rows), rows
+        _, _, fhir_line = extraction_view(ApiClient(base).extract(str(path), "fhir"))
+        assert fhir_line.startswith("FHIR R4B Bundle:") and "Observation" in fhir_line
+        r = httpx.post(f"{base}/extract", files={"file": ("packet.pdf", data, "application/pdf")}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [p["page"] for p in body["pages"]] == [1, 2] and body["raw_text"].count("\f") == 1
+        record, pages = body["structured"], {i["pointer"]: i["page"] for i in body["items"]}
+        assert len(pages) == len(body["items"])  # one entry per item
+        page_of = {}
+        for pointer, page in pages.items():
+            key, index = pointer.split("/")[1:3]
+            item = record[key][int(index)] if key != "vitals" else index
+            page_of[json.dumps(item, sort_keys=True)] = page
+        page2_labs = [lab for lab in record["lab_values"] if lab["name"] in {x["name"] for x in labs.lab_values}
+                      and lab["value"] in {x["value"] for x in labs.lab_values}]
+        assert len(page2_labs) >= len(labs.lab_values) - 1, (record["lab_values"], labs.lab_values)
+        assert all(page_of[json.dumps(lab, sort_keys=True)] == 2 for lab in page2_labs)
+        page1_meds = [m for m in record["medications"] if m["name"] in {x["name"] for x in summary.medications}]
+        assert page1_meds and all(page_of[json.dumps(m, sort_keys=True)] == 1 for m in page1_meds)
+        assert 1 in pages.values() and 2 in pages.values()
+
+
+def test_a_two_page_pdf_through_the_model_answers_every_page_and_audits_two_pages(server, phases_1_4):
+    data, _ = two_page_pdf()
+    files = {"file": ("packet.pdf", data, "application/pdf")}
+    r = httpx.post(f"{server}/extract", files=files, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [p["page"] for p in body["pages"]] == [1, 2] and body["raw_text"].count("\f") == 1
+    assert body["usage"]["completion_tokens"] == sum(p["usage"]["completion_tokens"] for p in body["pages"]) > 0
+    assert all(i["page"] in (1, 2) for i in body["items"])
+    analyzed = httpx.post(f"{server}/analyze", files=files, data={"prompt": "Summarise."}, timeout=120)
+    assert analyzed.status_code == 200, analyzed.text
+    answer = analyzed.json()
+    assert [p["page"] for p in answer["pages"]] == [1, 2] and answer["text"].startswith("Page 1:\n")
+    fhir = httpx.post(f"{server}/extract?format=fhir", files=files, timeout=120)
+    assert fhir.status_code == 200
+    attachment = [e["resource"] for e in fhir.json()["entry"]
+                  if e["resource"]["resourceType"] == "DocumentReference"][0]["content"][0]["attachment"]
+    assert attachment == {"contentType": "application/pdf", "size": len(data)}
+    lines = [json.loads(line) for line in (phases_1_4 / "logs" / "audit.jsonl").read_text().splitlines()]
+    line = next(x for x in lines if x["request_id"] == r.headers["X-Request-ID"])
+    assert line["pages"] == 2 and line["tokens"]["completion_tokens"] == body["usage"]["completion_tokens"]
+
+
+def test_bad_pdfs_are_400s_naming_the_problem_and_the_server_keeps_serving(server, page):
+    import pypdf
+
+    data, _ = two_page_pdf()
+    writer = pypdf.PdfWriter(clone_from=io.BytesIO(data))
+    writer.encrypt("secret", algorithm="RC4-128")
+    locked = io.BytesIO()
+    writer.write(locked)
+    blank = Image.new("RGB", (60, 80), "white")
+    long = io.BytesIO()
+    blank.save(long, format="PDF", save_all=True, append_images=[blank] * 20)  # 21 pages; the limit is 20
+    cases = {"encrypted_pdf": (locked.getvalue(), "password"), "truncated_pdf": (data[: len(data) // 3], "truncated"),
+             "too_many_pages": (long.getvalue(), "21 pages; the limit is 20")}
+    for code, (body, words) in cases.items():
+        for route in ("/extract", "/analyze"):
+            r = httpx.post(f"{server}{route}", files={"file": ("d.pdf", body, "application/pdf")}, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["code"] == code, (route, r.text)
+            assert words in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/extract", files={"file": ("p.png", page.read_bytes(), "image/png")}, timeout=120)
+    assert r.status_code == 200

@@ -29,10 +29,12 @@ def test_pipeline_resumes_at_phase_7_and_finishes(full_run, tiny_settings):
 def test_evaluation_compares_base_finetuned_and_baselines_with_intervals(full_run):
     wd, _ = full_run
     ev = json.loads((wd / "benchmarks" / "evaluation_finetuned.json").read_text())
-    assert ev["cases"]["suite"] == 5 and ev["cases"]["test"] == 30
-    assert ev["cases"]["by_source"] == {"suite": 5, "synthetic": 30}
+    assert ev["cases"]["suite"] == 6 and ev["cases"]["test"] == 30  # five pages and one two-page PDF
+    assert ev["cases"]["by_source"] == {"suite": 6, "synthetic": 30}
     base, tuned = ev["models"]["base"], ev["models"]["finetuned"]
-    assert len(base["cases"]) == len(tuned["cases"]) == 35
+    assert len(base["cases"]) == len(tuned["cases"]) == 36
+    pdf_row = next(r for r in tuned["cases"] if r["case_id"] == "eval-pdf-discharge-labs")
+    assert pdf_row["parse_status"] == "json" and set(json.loads(pdf_row["response"])) >= {"medications", "lab_values"}
     test = tuned["scores"]["subsets"]["test"]["extraction"]
     for metric in ("precision", "recall", "f1", "name_recall"):
         low, high = test[metric]["ci95"]
@@ -50,7 +52,11 @@ def test_evaluation_compares_base_finetuned_and_baselines_with_intervals(full_ru
     assert empty["f1"]["value"] == 0.0 and empty["recall"]["value"] == 0.0
     # the classical bar, on the same cases and scorer: OCR + rules reads the synthetic pages well
     ocr = ev["baselines"]["ocr_rules"]
-    assert ocr["engine"].startswith("rapidocr-onnxruntime") and len(ocr["cases"]) == 35
+    assert ocr["engine"].startswith("rapidocr-onnxruntime") and len(ocr["cases"]) == 36
+    # the two-page case: OCR + rules reads both pages, so its merged record holds both pages' items
+    ocr_pdf = json.loads(next(r for r in ocr["cases"] if r["case_id"] == "eval-pdf-discharge-labs")["response"])
+    assert {"Potassium", "Creatinine"} <= {lab["name"] for lab in ocr_pdf["lab_values"]}  # page 2's panel
+    assert {"Furosemide", "Apixaban"} <= {m["name"] for m in ocr_pdf["medications"]}  # page 1: the discharge summary
     assert ocr["scores"]["subsets"]["test"]["extraction"]["f1"]["value"] >= 0.6
     assert ocr["latency_s"]["p50"] > 0
     # tiny compares both in full precision (quant.serve_quantized=false): the merged model is served,
@@ -106,7 +112,7 @@ def test_medvl_score_reproduces_phase_7_and_refuses_wrong_answers(full_run, tmp_
     wd, _ = full_run
     cases_file = wd / "benchmarks" / "eval_cases.jsonl"
     cases = [json.loads(line) for line in cases_file.read_text().splitlines()]
-    assert len(cases) == 35 and {c["source"] for c in cases} == {"suite", "synthetic"}
+    assert len(cases) == 36 and {c["source"] for c in cases} == {"suite", "synthetic"}
     assert all((wd / c["image"]).is_file() and isinstance(c["reference"], dict) for c in cases)
 
     out = tmp_path / "finetuned.json"

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,9 +99,11 @@ def test_cli_batch_reports_the_corrupt_file_and_processes_the_rest(phases_1_4, t
     result = cli(phases_1_4, "--dir", str(folder), "--out", str(out))
     assert result.returncode == 1
     assert "unreadable: " in result.stderr and "broken.png" in result.stderr
-    assert "5 of 6 documents processed" in result.stderr
+    assert "6 of 7 documents processed" in result.stderr  # five pages and phase 3's two-page PDF
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(lines) == 5 and all("flags" in r for r in lines)
+    assert len(lines) == 6 and all("flags" in r for r in lines)
+    pdf = next(r for r in lines if r["file"].endswith(".pdf"))
+    assert [p["page"] for p in pdf["pages"]] == [1, 2] and pdf["raw_text"].count("\f") == 1
 
 
 def test_cli_interactive_through_stdin(phases_1_4):
@@ -123,7 +126,15 @@ def test_cli_ocr_baseline_returns_records_with_flags(phases_1_4, tmp_path):
     result = cli(phases_1_4, "--model", "ocr", "--dir", str(phases_1_4 / "datasets" / "test_images"), "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 5 and all(r["parse_status"] == "ocr" and isinstance(r["flags"], list) for r in records)
+    assert len(records) == 6 and all(r["parse_status"] == "ocr" and isinstance(r["flags"], list) for r in records)
+    # the two-page PDF: its lab values read from page 2, its medications from page 1
+    pdf = next(r for r in records if r["file"].endswith(".pdf"))
+    truth = json.loads(Path(pdf["file"]).with_suffix(".json").read_text())
+    page_of = {i["pointer"]: i["page"] for i in pdf["items"]}
+    labs_page2 = {lab["name"] for lab in truth["pages"][1]["structured"]["lab_values"]}
+    read = [(n, lab) for n, lab in enumerate(pdf["structured"]["lab_values"]) if lab["name"] in labs_page2]
+    assert len(read) >= len(labs_page2) - 1 and all(page_of[f"/lab_values/{n}"] == 2 for n, _ in read)
+    assert pdf["structured"]["medications"] and page_of["/medications/0"] == 1
     assert sum(len(r["structured"]["medications"]) + len(r["structured"]["lab_values"]) for r in records) > 5
     refused = cli(phases_1_4, "--model", "ocr", "--image", records[0]["file"], "--prompt", "Summarise.")
     assert refused.returncode == 1 and "--prompt needs a model" in refused.stderr
@@ -138,7 +149,7 @@ def test_cli_fhir_bundles_of_the_ocr_baseline_hold_the_pages_labs(phases_1_4, tm
                  "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     bundles = [Bundle.model_validate_json(line) for line in out.read_text().splitlines()]
-    assert len(bundles) == 5
+    assert len(bundles) == 6
     observations = [e.resource for b in bundles for e in b.entry if e.resource.get_resource_type() == "Observation"]
     quantities = [o.valueQuantity for o in observations if o.valueQuantity is not None]
     assert len(quantities) >= 3 and all(q.system == "http://unitsofmeasure.org" for q in quantities if q.code)

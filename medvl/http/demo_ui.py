@@ -2,7 +2,8 @@
 
     python -m medvl.http.demo_ui --api-url http://127.0.0.1:8000 [--base-api-url URL] [--port 7860]
 
-Tabs: Extraction (upload -> structured record + latency), Custom analysis (upload + prompt),
+Tabs: Extraction (an image or a PDF -> its pages, the structured record with each item's page, or
+the record as a FHIR R4B Bundle, + latency), Custom analysis (upload + prompt),
 Benchmarks (tables and charts from /benchmark), and Base vs fine-tuned when a second API
 serving the base model is given with --base-api-url (env MEDVL_BASE_API_URL).
 """
@@ -10,13 +11,20 @@ serving the base model is given with --base-api-url (env MEDVL_BASE_API_URL).
 from __future__ import annotations
 
 import argparse
+import mimetypes
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import httpx
 import matplotlib
+from PIL import Image
+
+from medvl.core.settings import ApiSettings
+from medvl.engine.images import BadInput
+from medvl.engine.pages import PageLimits, decode_pages
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -37,11 +45,12 @@ class ApiClient:
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.timeout = timeout
 
-    def _post(self, route: str, image_path: str, data: dict[str, str] | None = None) -> dict[str, Any]:
-        if not image_path:
-            return {"error": "upload an image first"}
-        with open(image_path, "rb") as handle:
-            files = {"file": (Path(image_path).name, handle.read(), "application/octet-stream")}
+    def _post(self, route: str, document_path: str, data: dict[str, str] | None = None) -> dict[str, Any]:
+        if not document_path:
+            return {"error": "upload a document (an image or a PDF) first"}
+        with open(document_path, "rb") as handle:
+            content_type = mimetypes.guess_type(document_path)[0] or "application/octet-stream"
+            files = {"file": (Path(document_path).name, handle.read(), content_type)}
         try:
             response = httpx.post(f"{self.url}{route}", files=files, data=data, headers=self.headers,
                                   timeout=self.timeout)
@@ -49,17 +58,54 @@ class ApiClient:
         except (httpx.HTTPError, ValueError) as exc:
             return {"error": f"API unreachable at {self.url}: {exc}"}
 
-    def extract(self, image_path: str) -> dict[str, Any]:
-        return self._post("/extract", image_path)
+    def extract(self, document_path: str, output: str = "record") -> dict[str, Any]:
+        """The record (``output`` "record") or the FHIR Bundle ("fhir") of an image or a PDF."""
+        return self._post(f"/extract?format={output}", document_path)
 
-    def analyze(self, image_path: str, prompt: str) -> dict[str, Any]:
-        return self._post("/analyze", image_path, {"prompt": prompt})
+    def analyze(self, document_path: str, prompt: str) -> dict[str, Any]:
+        return self._post("/analyze", document_path, {"prompt": prompt})
 
     def benchmarks(self) -> dict[str, Any]:
         try:
             return httpx.get(f"{self.url}/benchmark", headers=self.headers, timeout=30).json()
         except (httpx.HTTPError, ValueError) as exc:
             return {"error": f"API unreachable at {self.url}: {exc}"}
+
+
+def document_pages(document_path: str | None) -> list[Image.Image]:
+    """The uploaded document's pages to show (a PDF rendered as the server renders it with the
+    default api settings); none for a file that cannot be read: the API's answer then says why."""
+    if not document_path:
+        return []
+    try:
+        return decode_pages(Path(document_path).read_bytes(), PageLimits.from_settings(ApiSettings()))
+    except (BadInput, OSError):
+        return []
+
+
+def item_rows(body: dict[str, Any]) -> list[list[Any]]:
+    """One row per extracted item: its page, where it sits in the record, and what it says."""
+    rows = []
+    record = body.get("structured") or {}
+    for item in body.get("items") or []:
+        key, _, rest = item["pointer"].lstrip("/").partition("/")
+        value = record.get(key, {}).get(rest) if key == "vitals" else record.get(key, [])[int(rest)]
+        if isinstance(value, dict):
+            value = " ".join(str(v) for v in value.values() if v)
+        rows.append([item["page"], item["pointer"], value])
+    return rows
+
+
+def extraction_view(body: dict[str, Any]) -> tuple[dict[str, Any], list[list[Any]], str]:
+    """What the Extraction tab shows for an answer: the JSON, the items by page, a summary line."""
+    if body.get("resourceType") == "Bundle":
+        kinds = Counter(entry["resource"]["resourceType"] for entry in body.get("entry", []))
+        return body, [], "FHIR R4B Bundle: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    if "latency_s" in body:
+        pages = len(body.get("pages") or [1])
+        return body, item_rows(body), (f"latency **{body['latency_s']:.2f} s**, {pages} page(s), "
+                                       f"{body['usage']['completion_tokens']} tokens")
+    return body, [], ""
 
 
 def stage_rows(bench: dict[str, Any]) -> list[list[Any]]:
@@ -99,14 +145,23 @@ def build(api: ApiClient, base_api: ApiClient | None) -> gr.Blocks:
         gr.Markdown(DESCRIPTION)
         with gr.Tab("Extraction"):
             with gr.Row():
-                image = gr.Image(type="filepath", label="document image")
-                result = gr.JSON(label="structured result")
+                with gr.Column():
+                    document = gr.File(label="document: an image or a PDF", file_types=["image", ".pdf"],
+                                       type="filepath")
+                    pages = gr.Gallery(label="pages", columns=2, height=420)
+                    output = gr.Radio([("record", "record"), ("FHIR R4B Bundle", "fhir")], value="record",
+                                      label="answer as")
+                with gr.Column():
+                    result = gr.JSON(label="structured result")
+                    items = gr.Dataframe(headers=["page", "item", "value"], label="items by page")
             latency = gr.Markdown()
+            document.change(document_pages, inputs=document, outputs=pages)
             gr.Button("Extract", variant="primary").click(
-                lambda path: _with_latency(api.extract(path)), inputs=image, outputs=[result, latency])
+                lambda path, out: extraction_view(api.extract(path, out)), inputs=[document, output],
+                outputs=[result, items, latency])
         with gr.Tab("Custom analysis"):
             with gr.Row():
-                image2 = gr.Image(type="filepath", label="document image")
+                image2 = gr.File(label="document: an image or a PDF", file_types=["image", ".pdf"], type="filepath")
                 with gr.Column():
                     prompt = gr.Textbox(label="prompt", value="Summarise the key clinical findings.")
                     answer = gr.Textbox(label="answer", lines=10)
@@ -128,7 +183,7 @@ def build(api: ApiClient, base_api: ApiClient | None) -> gr.Blocks:
             demo.load(refresh, outputs=[table, chart, raw])
         if base_api is not None:
             with gr.Tab("Base vs fine-tuned"):
-                image3 = gr.Image(type="filepath", label="document image")
+                image3 = gr.File(label="document: an image or a PDF", file_types=["image", ".pdf"], type="filepath")
                 with gr.Row():
                     base_out = gr.JSON(label="base model")
                     tuned_out = gr.JSON(label="fine-tuned model")
@@ -136,12 +191,6 @@ def build(api: ApiClient, base_api: ApiClient | None) -> gr.Blocks:
                     lambda path: (base_api.extract(path), api.extract(path)), inputs=image3,
                     outputs=[base_out, tuned_out])
     return demo
-
-
-def _with_latency(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    if "latency_s" in body:
-        return body, f"latency **{body['latency_s']:.2f} s**, {body['usage']['completion_tokens']} tokens"
-    return body, ""
 
 
 def _answer(body: dict[str, Any]) -> tuple[str, str]:

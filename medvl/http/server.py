@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.datastructures import Headers
 
 from medvl.core.workdir import Workdir
 from medvl.engine.loader import Served
@@ -102,8 +103,18 @@ def create_app(config: ServerConfig, served: Served | None = None, model_kind: s
         response.body_iterator = recorded_at_the_end()
         return response
 
+    def refused_by_size(scope: dict[str, Any], started: float) -> str:
+        """The access and audit lines of a request BodyLimit refuses before the app sees it."""
+        headers = Headers(scope=scope)
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+        audit = RequestAudit(request_id(headers.get(REQUEST_ID_HEADER)), client_fingerprint(given or None))
+        _record(state, access, scope["path"], scope["method"], 413, started)
+        audit_trail.write(audit, scope["method"], scope["path"], 413, time.perf_counter() - started)
+        return audit.request_id
+
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=limit)  # added last: the outermost, before anything reads the body
+    # added last: the outermost, before anything reads the body
+    app.add_middleware(BodyLimit, limit=limit, on_refused=refused_by_size)
     app.include_router(routes.router)
     app.include_router(openai_chat.router)
     return app

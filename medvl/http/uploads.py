@@ -4,7 +4,8 @@ Why: Starlette spools a multipart part over 1 MB to a temporary file (a patient'
 in /tmp), and ``api.max_upload_mb`` was checked only after the whole body had arrived. Here:
 
 - :class:`BodyLimit` (ASGI middleware, outermost) answers 413 from ``Content-Length`` before
-  reading anything, and while reading a body sent without it, as soon as it passes the limit;
+  reading anything (with its access and audit lines and ``X-Request-ID``, through the server's
+  callback), and while reading a body sent without it, as soon as it passes the limit;
 - :func:`keep_uploads_in_memory` raises Starlette's spool threshold to that limit, so a part
   (which the limit keeps below it) stays in a memory buffer and is never rolled over to disk.
 
@@ -16,6 +17,8 @@ checked against ``api.max_upload_mb`` itself (``medvl.engine.images.decode_image
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.formparsers import MultiPartParser
@@ -39,9 +42,12 @@ class BodyLimit:
     Past the limit the app is told the client went away (``http.disconnect``: it stops reading,
     whichever layer reads), and whatever it answers to that is replaced by the 413."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, on_refused: Callable[[dict[str, Any], float], str] | None = None) -> None:
         self.app = app
         self.limit = limit
+        # called for a 413 from Content-Length (the app never sees that request): writes its
+        # access and audit lines, returns its request id for the X-Request-ID header
+        self.on_refused = on_refused
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -49,7 +55,8 @@ class BodyLimit:
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            await self._refuse(send, int(length))
+            started = time.perf_counter()
+            await self._refuse(send, int(length), self.on_refused(scope, started) if self.on_refused else None)
             return
         received, over, refused = 0, False, False
 
@@ -81,11 +88,13 @@ class BodyLimit:
         if over and not refused:
             await self._refuse(send, received)
 
-    async def _refuse(self, send: Any, size: int) -> None:
+    async def _refuse(self, send: Any, size: int, request_id: str | None = None) -> None:
         body = json.dumps({"error": {"status": 413, "code": "file_too_large", "param": None,
                                      "message": f"the request body is {size} bytes or more; the limit is {self.limit} "
                                                 "bytes (api.max_upload_mb, with room for base64 and framing)"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        if request_id is not None:
+            headers.append((b"x-request-id", request_id.encode()))
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
