@@ -294,10 +294,9 @@ class Engine:
         """Submit and wait; runs the loop here when no worker thread does."""
         return self.generate_many([prompt], [params])[0]
 
-    def generate_many(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[Result]:
-        """Submit together (a document's pages: they prefill and decode side by side as the cache
-        slots allow) and wait for all, results in order; one refused at submission cancels those
-        already queued. Runs the loop here when no worker thread does."""
+    def submit_many(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[Request]:
+        """Queue requests together (a document's pages: they prefill and decode side by side as
+        the cache slots allow); one refused at submission cancels those already queued, then raises."""
         requests: list[Request] = []
         try:
             for prompt, request_params in zip(prompts, params, strict=True):
@@ -306,6 +305,12 @@ class Engine:
             for request in requests:
                 request.cancel()
             raise
+        return requests
+
+    def generate_many(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[Result]:
+        """:meth:`submit_many` and wait for all, results in order; runs the loop here when no
+        worker thread does."""
+        requests = self.submit_many(prompts, params)
         if self._thread is None:
             while not all(request.future.done() for request in requests):
                 self.run_once()

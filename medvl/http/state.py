@@ -193,16 +193,7 @@ class ServerState:
         """A document's pages submitted together (they prefill and decode side by side as the
         engine's batch allows), their results in page order; one refused page (overload, a
         prompt too long) cancels those already queued."""
-        engine = self.engine()
-        requests: list[EngineRequest] = []
-        try:
-            for prompt, page_params in zip(prompts, params, strict=True):
-                requests.append(engine.submit(prompt, page_params))
-        except Exception:
-            for request in requests:
-                request.cancel()
-            raise
-        return await self.wait_all(requests, http)
+        return await self.wait_all(self.engine().submit_many(prompts, params), http)
 
 
 def server_state(request: Request) -> ServerState:
