@@ -69,7 +69,7 @@ def test_evaluation_compares_base_finetuned_and_baselines_with_intervals(full_ru
     assert ev["quality_meaningful"] is False
     markdown = (wd / "docs" / "BENCHMARK_REPORT.md").read_text()
     assert "ROUGE-L was not measured" in markdown  # every tiny case is a record, said so
-    assert "| synthetic | finetuned | 30 |" in markdown and "| suite | ocr_rules | 5 |" in markdown
+    assert "| synthetic | finetuned | 30 |" in markdown and "| suite | ocr_rules | 6 |" in markdown
     versus_base = ev["comparisons"]["finetuned_vs_base"]["sources"]["synthetic"]["extraction_f1"]
     words = {"better": "better than", "worse": "worse than",
              "no significant difference": "not significantly different from"}[versus_base["verdict"]]
