@@ -5,8 +5,17 @@ benchmark measures it.
 Starts ``python -m medvl.http.server`` on the run's base model (``--weights`` picks the served form),
 times process start to the first /health 200, then for each route and each client count runs
 that many clients for ``--seconds``, each sending its next request as soon as the last one
-answers. Requests are a phase-3 lab-report page (``/extract``, or OpenAI chat streamed with
-``ignore_eos`` so that every answer is ``--max-tokens`` long). Per (route, clients) record:
+answers. Routes:
+
+- ``mixed`` (the headline, as real traffic comes): OpenAI chat requests, each drawing one of the
+  five phase-3 pages (with its kind's question), ``max_tokens`` from {32, 64, 128, 256}, streamed
+  or not (half each), greedy or sampled (a quarter at temperature 0.7, seeded); answers end at
+  their end-of-sequence token or ``max_tokens``. Every client draws from its own seeded stream,
+  so a rerun sends the same requests. Time to first token at the client for the streams (first
+  content chunk) beside the engine's histogram;
+- ``extract``: /extract on a phase-3 lab-report page (the record schema);
+- ``chat``: OpenAI chat on that page, streamed with ``ignore_eos`` so that every answer is
+  ``--max-tokens`` long (the fixed workload earlier figures were measured with). Per (route, clients) record:
 requests/s, output tokens/s, end-to-end latency p50/p95, time to first token and inter-token
 latency (per token, from the server's histograms over the window; the chat stream's client-side
 chunk timings beside them), errors by status, the engine loop's accounting (prefill batches,
@@ -29,6 +38,7 @@ import argparse
 import asyncio
 import base64
 import json
+import random
 import re
 import shlex
 import sys
@@ -61,7 +71,8 @@ BASELINE = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default="bf16", choices=WEIGHTS, help="the served form (default: %(default)s)")
     parser.add_argument("--clients", default="1,8,32,64", help="client counts (default: %(default)s)")
-    parser.add_argument("--routes", default="extract,chat", help="extract and/or chat (default: %(default)s)")
+    parser.add_argument("--routes", default="mixed,extract,chat",
+                        help="mixed, extract and/or chat (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per level (default: %(default)s)")
     parser.add_argument("--warm-up-s", type=float, default=3.0, help="unmeasured seconds before each level")
     parser.add_argument("--max-tokens", type=int, default=128, help="answer tokens per request (default: %(default)s)")
@@ -132,8 +143,41 @@ async def chat_once(client: httpx.AsyncClient, payload: dict, level: Level) -> N
     level.tokens += usage["completion_tokens"] if usage else len(arrivals)
 
 
+MIXED_MAX_TOKENS = (32, 64, 128, 256)
+
+
+def chat_payload(page: bytes, prompt: str, max_tokens: int) -> dict:
+    return {"model": "medvl", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(page).decode()}},
+                {"type": "text", "text": prompt}]}]}
+
+
+def mixed_request(rng: random.Random, pages: list[tuple[bytes, str]]) -> dict:
+    """One request of the mixed workload: a page and its question, an answer length, streamed or
+    not, greedy or sampled (seeded)."""
+    page, prompt = rng.choice(pages)
+    payload = chat_payload(page, prompt, rng.choice(MIXED_MAX_TOKENS))
+    if rng.random() < 0.5:
+        payload.update(stream=True, stream_options={"include_usage": True})
+    if rng.random() < 0.25:
+        payload.update(temperature=0.7, seed=rng.randrange(2**31))
+    return payload
+
+
+async def chat_plain_once(client: httpx.AsyncClient, payload: dict, level: Level) -> None:
+    started = time.perf_counter()
+    r = await client.post("/v1/chat/completions", json=payload)
+    if r.status_code != 200:
+        level.error(str(r.status_code))
+        return
+    level.latencies.append(time.perf_counter() - started)
+    level.tokens += r.json()["usage"]["completion_tokens"]
+
+
 async def run_level(base: str, route: str, clients: int, seconds: float, warm_up_s: float, page: bytes,
-                    max_tokens: int, response_format: str = "none") -> Level:
+                    max_tokens: int, response_format: str = "none",
+                    pages: list[tuple[bytes, str]] | None = None) -> Level:
     payload = {"model": "medvl", "max_tokens": max_tokens, "stream": True,
                "stream_options": {"include_usage": True},
                "messages": [{"role": "user", "content": [
@@ -149,18 +193,22 @@ async def run_level(base: str, route: str, clients: int, seconds: float, warm_up
         measure_from = time.perf_counter() + warm_up_s
         stop_at = measure_from + seconds
 
-        async def one_client() -> None:
+        async def one_client(index: int) -> None:
+            rng = random.Random(index)  # each client's own stream of mixed requests
             while time.perf_counter() < stop_at:
                 target = level if time.perf_counter() >= measure_from else discard
                 try:
                     if route == "extract":
                         await extract_once(client, page, target)
+                    elif route == "mixed":
+                        request = mixed_request(rng, pages)
+                        await (chat_once if request.get("stream") else chat_plain_once)(client, request, target)
                     else:
                         await chat_once(client, payload, target)
                 except httpx.HTTPError as exc:
                     target.error(type(exc).__name__)
 
-        await asyncio.gather(*(one_client() for _ in range(clients)))
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
     return level
 
 
@@ -217,7 +265,7 @@ def level_record(route: str, clients: int, seconds: float, window_s: float, leve
                          "rows_per_step": engine.get("step_rows", 0) / max(engine.get("steps", 0), 1),
                          "window_s": window_s, "prefill_share_of_window": engine.get("prefill_s", 0) / window_s},
               "server_peak_gpu_memory_mb": health.get("gpu_memory_peak_mb")}
-    if route == "chat":  # as the client saw the stream: text chunks (tokens that decode to no text send none)
+    if route in ("chat", "mixed"):  # as the client saw the streams: text chunks (tokens that decode to none send none)
         record["client_ttft_s"] = summarize(level.ttfts)
         record["client_chunk_gap_s"] = summarize(level.itls)
     return record
@@ -231,9 +279,11 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
     samples = ensure_benchmark_documents(wd.test_images, settings.bench.document_seed, settings.bench.num_documents)
     sample = next((s for s in samples if "lab" in s.doc_id), samples[0])
     page = sample.image_path.read_bytes()
+    pages = [(s.image_path.read_bytes(), s.prompt) for s in samples]
     out = Path(args.out) if args.out else wd.bench("perf_serving")
     report = {**settings.record(("model", "decode")), "command": shlex.join(["python", *sys.argv]),
-              "weights": args.weights, "page": sample.doc_id,
+              "weights": args.weights, "page": sample.doc_id, "mixed_pages": [s.doc_id for s in samples],
+              "mixed_max_tokens": MIXED_MAX_TOKENS,
               "max_tokens": args.max_tokens, "baseline": BASELINE, "levels": []}
     timing: dict[str, float] = {}
     server_args = ["--weights", args.weights, "--max-new-tokens", str(args.max_tokens),
@@ -250,7 +300,7 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
         for route, clients, fmt in levels:
             before = server_counters(httpx.get(f"{base}/metrics", timeout=10).text)
             level = asyncio.run(run_level(base, route, clients, args.seconds, args.warm_up_s, page, args.max_tokens,
-                                          fmt))
+                                          fmt, pages))
             after = server_counters(httpx.get(f"{base}/metrics", timeout=10).text)
             health = httpx.get(f"{base}/health", timeout=10).json()
             record = level_record(route, clients, args.seconds, args.seconds + args.warm_up_s, level, before, after, health)

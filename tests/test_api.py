@@ -226,12 +226,15 @@ def test_perf_serving_smoke_run_measures_every_level_over_http(phases_1_2, tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((wd / "benchmarks" / "perf_serving.json").read_text())
     assert report["startup_to_health_200_s"] > 0 and "decoder_warm_up" in report["startup_s"]
-    assert [(r["route"], r["clients"]) for r in report["levels"]] == [("extract", 1), ("extract", 3),
-                                                                       ("chat", 1), ("chat", 3)]
+    assert [(r["route"], r["clients"]) for r in report["levels"]] == [
+        ("mixed", 1), ("mixed", 3), ("extract", 1), ("extract", 3), ("chat", 1), ("chat", 3)]
+    assert len(report["mixed_pages"]) == 5
     for level in report["levels"]:
         assert level["errors"] == 0 and level["requests"] > 0 and level["requests_per_s"] > 0
         if level["route"] == "chat":  # ignore_eos: every answer is max_tokens long
             assert level["tokens_per_request"] == 8
+        elif level["route"] == "mixed":  # drawn lengths: 32 to 256, or the end-of-sequence token
+            assert 0 < level["tokens_per_request"] <= 256 and "client_ttft_s" in level
         else:  # /extract ends at the end-of-sequence token or the server's 8
             assert 0 < level["tokens_per_request"] <= 8
         assert level["ttft_s"]["n"] > 0 and level["engine"]["steps"] > 0

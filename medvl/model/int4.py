@@ -1,24 +1,28 @@
-"""The int4 kernel every 4-bit served weight goes through, and loading AWQ checkpoints into it.
+"""Every 4-bit served weight, and loading AWQ checkpoints into it.
 
-Two sources of int4 weights share one kernel (torchao's tinygemm layout: on a GPU
-``Int4TilePackedTo4dTensor``, compiled into the decoding step; on a CPU ``Int4OpaqueTensor``):
+Two sources of int4 weights serve through one module, :class:`medvl.model.w4a16.W4A16Linear`
+(codes two per byte, a scale and a zero per group; a Triton W4A16 kernel for decoding steps,
+dequantize + cuBLAS for prefills; the measurements that chose it are in that module):
 - round-to-nearest at load (:func:`int4_weight_only`), from a full-precision checkpoint;
 - AWQ (:func:`load_awq_model`), from the compressed-tensors checkpoint phase 4 writes with
   llm-compressor, whose codes carry over unchanged.
+torchao's tinygemm layout (:meth:`GroupInt4.to_kernel`), which served both until the kernel
+table showed it 3-6x slower than bf16 at the engine's batch and 23x on a page's prefill, stays
+as a candidate of ``bench/int4_kernels.py`` and the reference of the tests.
 
-Why AWQ's codes carry over: tinygemm stores 4-bit codes q in [0, 15] with a scale s and a
-*float* zero z per group and computes w = (q - 8) s + z. compressed-tensors stores signed codes
+Why AWQ's codes carry over: the served layout (tinygemm's convention) stores 4-bit codes q in
+[0, 15] with a scale s and a *float* zero z per group and computes w = (q - 8) s + z. compressed-tensors stores signed codes
 c and zero points zp in [-8, 7] with w = (c - zp) s. So q = c + 8 (the same 16 levels,
 shifted) and z = -zp s: only the zero offset is re-expressed, rounded once to the compute
 dtype. The rounding bound (``tests/test_int4.py`` checks it against compressed-tensors' own
-dequantization): with u the unit roundoff of the compute dtype (2^-24 float32, 2^-8 bf16),
+dequantization): with u the unit roundoff of the weights' dtype (2^-24 float32, 2^-8 bf16),
 
     |w_kernel - w_compressed_tensors| <= 3 u s (|q - 8| + |zp|)
 
 per element: one rounding each for (q - 8) s, for z = -zp s and for their sum, against one
-for (c - zp) s, each at most u times a magnitude bounded by s (|q - 8| + |zp|). The kernel's
-weights are read back by multiplying the identity (:func:`dequantization_check`); in bf16 that
-output is rounded once more, so a GPU's bound is 4 u s (|q - 8| + |zp|).
+for (c - zp) s, each at most u times a magnitude bounded by s (|q - 8| + |zp|). The served
+weights are read back as the long-call path dequantizes them (:func:`dequantization_check`); in
+bf16 the scale and zero are rounded once more, so a GPU's bound is 4 u s (|q - 8| + |zp|).
 Weights stay 4-bit in memory: codes packed two per byte plus a scale and zero per 128 inputs.
 """
 
@@ -37,6 +41,7 @@ from medvl.model.fusion import FUSED_PROJECTIONS, fuse_projections
 from medvl.model.loading import attention_implementation, half_dtype
 from medvl.model.memory import tensor_bytes
 from medvl.model.vision import batch_window_attention
+from medvl.model.w4a16 import W4A16Linear, pack_codes
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,24 @@ class GroupInt4:
         return cls(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                    torch.cat([p.zero for p in parts]), parts[0].group_size)
 
+    @classmethod
+    def round_to_nearest(cls, weight: torch.Tensor, group_size: int) -> GroupInt4:
+        """Round-to-nearest asymmetric int4 per group: q = round((w - min) / s) with
+        s = (max - min) / 15, so w ~ q s + min = (q - 8) s + z with z = min + 8 s."""
+        out_features, in_features = weight.shape
+        grouped = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+        low, high = grouped.amin(-1), grouped.amax(-1)
+        scale = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = ((grouped - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+        return cls(codes.reshape(out_features, in_features), scale, low + 8 * scale, group_size)
+
+    def to_module(self, dtype: torch.dtype, device: torch.device | str,
+                  bias: torch.Tensor | None = None) -> W4A16Linear:
+        """The served layer: codes packed two per byte, scale and zero in ``dtype``."""
+        return W4A16Linear(pack_codes(self.codes).to(device), self.scale.to(device=device, dtype=dtype),
+                           self.zero.to(device=device, dtype=dtype), self.group_size,
+                           None if bias is None else bias.to(device=device, dtype=dtype))
+
     def dequantize(self) -> torch.Tensor:
         """w = (q - 8) s + z in float32 (the reference the kernel is checked against)."""
         out_features, in_features = self.codes.shape
@@ -90,7 +113,8 @@ class GroupInt4:
         return weight.view(out_features, in_features)
 
     def to_kernel(self, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """The packed torchao tensor the serving matmul reads (a GPU's tinygemm tiles, or a CPU's)."""
+        """The weight as torchao's tinygemm tensor (a GPU's tiles, or a CPU's layout): the former
+        serving kernel, kept as the kernel table's candidate and the tests' reference."""
         from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
         out_features, in_features = self.codes.shape
@@ -119,32 +143,27 @@ class GroupInt4:
 
 
 def int4_weight_only(model: Any, group_size: int = 128) -> int:
-    """Round-to-nearest int4 of the language model's linear layers, in place (torchao).
+    """Round-to-nearest int4 of the language model's linear layers, in place: each becomes a
+    :class:`W4A16Linear` (4-bit in memory; bf16 scales on a GPU, float32 on a CPU).
 
-    Why not bitsandbytes for serving: NF4 dequantizes every weight on every decoding step
-    in eager kernels and cannot be captured in a CUDA graph, so batch-1 decoding is slower
-    than bf16 (27 vs 46 tokens/s measured on an H100). torchao's int4 tensors pack weights for
-    the tinygemm matmul and compile with the decoding step. NF4 stays the format for QLoRA.
-    On a CPU the same algorithm goes into torchao's CPU int4 layout (weights 4-bit in memory).
-    Returns the number of layers quantized.
+    Why not bitsandbytes for serving: NF4 dequantizes every weight on every decoding step in
+    eager kernels and cannot be captured in a CUDA graph, so batch-1 decoding is slower than
+    bf16 (27 vs 46 tokens/s measured on an H100). NF4 stays the format for QLoRA. Returns the
+    number of layers quantized.
     """
-    count = sum(1 for name, module in model.named_modules() if language_linear(module, name))
-    if torch.cuda.is_available():
-        from torchao.quantization import Int4WeightOnlyConfig, quantize_
-
-        # set_inductor_config=False: torchao would otherwise switch on inductor's coordinate-descent
-        # tuning process-wide, which made compiling the batch-8 decoding step take 120-214 s on an H100.
-        quantize_(model, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
-                                              set_inductor_config=False),
-                  filter_fn=language_linear)
-        return count
-    from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
-
-    for name, module in model.named_modules():
+    count = 0
+    for name, module in list(model.named_modules()):
         if language_linear(module, name):
-            weight = Int4OpaqueTensor.from_hp(module.weight.detach(), [1, group_size])
-            module.weight = torch.nn.Parameter(weight, requires_grad=False)
+            layer = GroupInt4.round_to_nearest(module.weight, group_size)
+            dtype = torch.bfloat16 if module.weight.is_cuda else module.weight.dtype
+            _replace(model, name, layer.to_module(dtype, module.weight.device, module.bias))
+            count += 1
     return count
+
+
+def _replace(model: Any, name: str, module: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
 
 
 # --------------------------------------------------------------------------- AWQ checkpoints
@@ -231,7 +250,7 @@ def load_awq_model(model_dir: Path, settings: Settings, fuse: bool = True, devic
     if fuse:
         fuse_projections(model, skeleton=True)
     checkpoint = _Checkpoint(model_dir)
-    missing, quantized = [], 0
+    missing, quantized = [], {}
     for name, param in list(model.named_parameters()):
         module_name, _, attr = name.rpartition(".")
         parts = _sources(module_name)
@@ -240,15 +259,17 @@ def load_awq_model(model_dir: Path, settings: Settings, fuse: bool = True, devic
             layers = [GroupInt4.from_compressed(*(checkpoint.get(k[:-6] + part).to(device)
                                                   for part in ("packed", "scale", "zero_point")),
                                                 checkpoint.get(k[:-6] + "shape"), group_size) for k in packed]
-            tensor = GroupInt4.cat(layers).to_kernel(dtype, device)
-            quantized += 1
-        else:
-            keys = [checkpoint.key(f"{p}.{attr}") for p in parts]
-            if not all(keys):
-                missing.append(name)
-                continue
-            tensor = torch.cat([checkpoint.get(k) for k in keys]).to(device=device, dtype=param.dtype)
+            quantized[module_name] = GroupInt4.cat(layers)
+            continue
+        keys = [checkpoint.key(f"{p}.{attr}") for p in parts]
+        if not all(keys):
+            missing.append(name)
+            continue
+        tensor = torch.cat([checkpoint.get(k) for k in keys]).to(device=device, dtype=param.dtype)
         model.get_submodule(module_name).register_parameter(attr, torch.nn.Parameter(tensor, requires_grad=False))
+    weights_dtype = torch.bfloat16 if device == "cuda" else dtype
+    for module_name, layer in quantized.items():  # biases (q/k/v have them) were loaded above
+        _replace(model, module_name, layer.to_module(weights_dtype, device, model.get_submodule(module_name).bias))
     if missing == ["lm_head.weight"] and config.get_text_config().tie_word_embeddings:
         model.tie_weights()
     elif missing:
@@ -258,15 +279,17 @@ def load_awq_model(model_dir: Path, settings: Settings, fuse: bool = True, devic
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     batch_window_attention(model)
     model.eval()
-    log.info("loaded AWQ checkpoint %s: %d int4 layers (group %d) on %s", model_dir, quantized, group_size, device)
+    log.info("loaded AWQ checkpoint %s: %d int4 layers (group %d) on %s", model_dir, len(quantized), group_size,
+             device)
     return model
 
 
-def kernel_weight(linear: torch.nn.Linear) -> torch.Tensor:
-    """The weight the int4 kernel multiplies by, read back through the kernel (x = I gives W^T)."""
-    identity = torch.eye(linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
+def served_weight(layer: W4A16Linear) -> torch.Tensor:
+    """The weight a served layer multiplies by, as its long calls dequantize it (a GPU's Triton
+    kernel, a CPU's torch operations; the decoding kernel is checked against this path in
+    ``tests/test_w4a16.py`` and on the GPU by ``bench/int4_kernels.py``)."""
     with torch.inference_mode():
-        return torch.nn.functional.linear(identity, linear.weight).T.float().cpu()
+        return layer.dequantized().float().cpu()
 
 
 def dequantization_check(folder: Path, model: Any, limit: int | None = None) -> dict[str, Any]:
@@ -289,8 +312,8 @@ def dequantization_check(folder: Path, model: Any, limit: int | None = None) -> 
                  for name in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
         reference = PackedQuantizationCompressor.decompress(state, scheme)["weight"].float()
         linear = model.get_submodule(layer.replace("model.", "model.language_model.", 1))
-        kernel = kernel_weight(linear)
-        compute = torch.bfloat16 if linear.weight.device.type == "cuda" else linear.weight.dtype
+        kernel = served_weight(linear)
+        compute = linear.scale.dtype
         roundings = 4 if compute == torch.bfloat16 else 3
         codes = unpack_from_int32(state["weight_packed"], 4, reference.shape).float() + 8
         zero_point = unpack_from_int32(state["weight_zero_point"], 4, (reference.shape[0], reference.shape[1] // group),

@@ -12,6 +12,16 @@ first), ``[out, in / 2]`` uint8; a bf16 scale s and zero z per group of ``group`
 ``[out, in / group]``; the weight is w = (q - 8) s + z, tinygemm's convention
 (:class:`medvl.model.int4.GroupInt4`), so AWQ's codes carry over as they do there.
 
+:class:`W4A16Linear` is how the int4 forms serve (AWQ and round-to-nearest both): on a GPU a
+call of up to :data:`DEQUANTIZE_ROWS` rows (every decoding step) runs the Triton kernel, a
+longer one (a page's prefill) dequantizes the layer to a bf16 scratch (one layer at a time, freed
+after its matmul) and runs cuBLAS; on a CPU every call dequantizes. The kernel table that chose
+this (``bench/int4_kernels.py``, ``docs/results/h100/int4_kernels.json``; one H100, 28 layers,
+ms with CUDA graphs): M = 1: bf16 4.90, tinygemm 2.60, Triton 4.37, dequantize + cuBLAS 19.7;
+M = 8: 5.03 / 5.65 / 4.43 / 19.7; M = 16: 5.06 / 9.18 / 4.68 / 19.7; M = 32: 5.03 / 16.8 / 6.02 /
+19.6; M = 64: 5.21 / 32.5 / 7.21 / 19.6; one page (736 rows, eager): 15.3 / 359 / 38.4 / 29.6;
+eight pages (5,888): 116 / 2,854 / 288 / 131.
+
 The Triton kernel tiles the output ``BLOCK_M x BLOCK_N``, walks the inputs ``BLOCK_K`` at a time
 (one group per step: ``group`` is a multiple of ``BLOCK_K``), unpacks and scales the weights in
 registers and accumulates ``x @ w^T`` in float32 with ``tl.dot``; ``SPLIT_K`` > 1 splits the
@@ -24,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 try:  # Triton ships with torch's CUDA wheels; the dequantize path needs none
     import triton
@@ -44,6 +55,18 @@ class TileConfig:
     num_stages: int = 3
 
 
+# Past this many rows a call dequantizes and uses cuBLAS: the kernel table's crossover lies between
+# 64 rows (Triton 7.2 ms, dequantize 19.6 ms) and 736 (38.4 against 29.6); 256 is inside it.
+DEQUANTIZE_ROWS = 256
+
+# The tile shape of decoding calls per layer shape (in, out): the kernel table's pick at M = 32
+# (the engine's batch) for Qwen2.5-7B's layers; other shapes get the default. One shape per layer
+# for every batch size, so the compiled decoding step holds one kernel variant per layer shape.
+DECODE_TILES = {(3584, 4608): TileConfig(32, 128, 128, 2), (3584, 3584): TileConfig(32, 64, 128, 1),
+                (3584, 37888): TileConfig(32, 64, 128, 1), (18944, 3584): TileConfig(32, 64, 128, 2)}
+DEFAULT_TILE = TileConfig(32, 64, 128, 1)
+
+
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     """``[out, in]`` codes in [0, 15] -> ``[out, in / 2]`` uint8, low nibble first."""
     codes = codes.to(torch.uint8)
@@ -56,8 +79,8 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
-    """w = (q - 8) s + z as a ``[out, in]`` tensor of the scale's dtype: the prefill path's
-    scratch weight (compiled, it is one elementwise kernel)."""
+    """w = (q - 8) s + z as a ``[out, in]`` tensor of the scale's dtype, in torch operations (the
+    CPU's path and the reference; a GPU runs :func:`dequantize_triton`, one kernel)."""
     out_features = packed.shape[0]
     q = unpack_codes(packed).view(out_features, -1, group).to(scale.dtype)
     return ((q - 8) * scale[..., None] + zero[..., None]).view(out_features, -1)
@@ -97,6 +120,34 @@ if triton is not None:
         else:
             tl.atomic_add(y, acc, mask=mask)
 
+    @triton.jit
+    def _dequantize_kernel(packed_ptr, scale_ptr, zero_ptr, w_ptr, N, stride_pn, stride_sn, stride_wn,
+                           GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_n = tl.program_id(0)
+        g = tl.program_id(1)  # one group of inputs per program
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N
+        offs_p = g * (GROUP // 2) + tl.arange(0, GROUP // 2)
+        p = tl.load(packed_ptr + offs_n[:, None] * stride_pn + offs_p[None, :], mask=col_ok[:, None], other=0)
+        q = tl.interleave(p & 0xF, p >> 4)
+        s = tl.load(scale_ptr + offs_n * stride_sn + g, mask=col_ok, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + offs_n * stride_sn + g, mask=col_ok, other=0.0).to(tl.float32)
+        w = (q.to(tl.float32) - 8.0) * s[:, None] + z[:, None]
+        offs_k = g * GROUP + tl.arange(0, GROUP)
+        tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=col_ok[:, None])
+
+
+def dequantize_triton(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                      block_n: int = 32) -> torch.Tensor:
+    """:func:`dequantize_packed` as one Triton kernel (a program per ``block_n`` outputs and group)."""
+    out_features, in_features = packed.shape[0], packed.shape[1] * 2
+    weight = torch.empty(out_features, in_features, dtype=scale.dtype, device=packed.device)
+    grid = (triton.cdiv(out_features, block_n), in_features // group)
+    _dequantize_kernel[grid](packed, scale, zero, weight, out_features, packed.stride(0), scale.stride(0),
+                             weight.stride(0), GROUP=group, BLOCK_N=block_n)
+    return weight
+
 
 def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
                  config: TileConfig = TileConfig()) -> torch.Tensor:
@@ -117,3 +168,39 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
                         GROUP=group, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                         SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages)
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+class W4A16Linear(torch.nn.Module):
+    """A linear layer whose weight stays 4-bit (codes two per byte, a scale and zero per group):
+    decoding-sized calls by the Triton kernel, longer ones by dequantize + cuBLAS (see the
+    module's docstring for the measurements behind :data:`DEQUANTIZE_ROWS`)."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.register_buffer("bias", bias)
+        self.group = group
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
+        self.tile = DECODE_TILES.get((self.in_features, self.out_features), DEFAULT_TILE)
+        # the kernel needs whole tiles of inputs; other layers (none in Qwen2.5's) always dequantize
+        self.kernel_fits = (group % self.tile.block_k == 0
+                            and self.in_features % (self.tile.block_k * self.tile.split_k) == 0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, 4-bit"
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight in the scales' dtype, as long calls compute it (a scratch: not kept)."""
+        if self.packed.is_cuda and triton is not None:
+            return dequantize_triton(self.packed, self.scale, self.zero, self.group)
+        return dequantize_packed(self.packed, self.scale, self.zero, self.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.is_cuda and self.kernel_fits and rows <= DEQUANTIZE_ROWS:
+            y = w4a16_matmul(x, self.packed, self.scale, self.zero, self.group, self.tile)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantized().to(x.dtype), self.bias)
