@@ -322,7 +322,8 @@ def dequantization_check(folder: Path, model: Any, limit: int | None = None) -> 
         bound = roundings * (torch.finfo(compute).eps / 2) * scale * ((codes - 8).abs() + zero_point.abs())
         ratio = float(((kernel - reference).abs() / bound.clamp_min(torch.finfo(torch.float32).tiny)).max())
         results[layer] = {"max_abs_error": float((kernel - reference).abs().max()), "worst_fraction_of_bound": ratio,
-                          "bytes_per_weight": tensor_bytes(linear.weight) / reference.numel()}
+                          "bytes_per_weight": sum(tensor_bytes(t) for t in (linear.packed, linear.scale, linear.zero))
+                                              / reference.numel()}
         worst = max(worst, ratio)
     return {"layers": len(layers), "worst_fraction_of_bound": worst, "within_bound": worst <= 1.0,
             "compute_dtype": str(compute), "per_layer": results}
