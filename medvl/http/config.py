@@ -114,11 +114,11 @@ def served_model(config: ServerConfig, wd: Workdir,
                  metrics: EngineMetrics | None = None) -> tuple[Served, str]:
     """What the server serves and its kind (:func:`medvl.engine.loader.open_served`, as the CLI).
 
-    Measured under load on an H100 with ``7b-random`` (docs/results/h100/perf_serving*.json),
-    bf16 served 12.8 requests/s at 32 clients where round-to-nearest int4 served 0-2.7
-    (tinygemm's prefill takes ~3 s for a batch of 8 pages); int4 wins at one stream (2.6 vs
-    7.5 ms per token) and in memory. ``--weights bf16`` trades memory for throughput, but then
-    the served model is not the one phase 7 scored on the 7b profiles (/health names the form).
+    Measured under load on an H100 with ``7b-random``, the mixed workload at 32 clients
+    (docs/results/h100/perf_serving_mixed_*.json, same lease): bf16 9.93 requests/s, the int4
+    layers (medvl/model/w4a16.py) 8.33 (0.84x; 0.91x the output tokens/s), /extract 13.5 against
+    12.7. ``--weights bf16`` trades memory for the last 10-15% of throughput, but then the served
+    model is not the one phase 7 scored on the 7b profiles (/health names the form).
     """
     try:
         return open_served(config.settings, wd, config.model, config.weights, metrics=metrics)

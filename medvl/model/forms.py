@@ -6,9 +6,11 @@ quality users get.
 
 - ``bf16``: the checkpoint as saved, in full precision (bf16 on a GPU, float32 on a CPU).
 - ``awq``: phase 4's AWQ checkpoint (llm-compressor, compressed-tensors W4A16), 4-bit in
-  memory through torchao's int4 kernel (:mod:`medvl.model.int4`).
+  memory, served by the project's W4A16 layers (:mod:`medvl.model.w4a16`: a Triton kernel for
+  decoding steps, dequantize + cuBLAS for prefills).
 - ``nf4``: the bitsandbytes NF4 checkpoint (phase 4's fallback); decodes eagerly, uncompiled.
-- ``int4``: a full-precision checkpoint rounded to int4 at start-up (torchao), no calibration.
+- ``int4``: a full-precision checkpoint rounded to int4 at start-up, no calibration; the same
+  W4A16 layers as ``awq``.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from medvl.core.workdir import Workdir
 
 FORMS = {
     "bf16": "full precision",
-    "awq": "AWQ int4 (llm-compressor checkpoint, torchao int4 kernel)",
+    "awq": "AWQ int4 (llm-compressor checkpoint, W4A16 Triton kernel)",
     "nf4": "NF4 (bitsandbytes checkpoint)",
-    "int4": "round-to-nearest int4 at load (torchao int4 kernel)",
+    "int4": "round-to-nearest int4 at load (W4A16 Triton kernel)",
 }
 
 

@@ -3,7 +3,7 @@
 AWQ is the seed's first choice (4 bits, group 128, zero point). AutoAWQ is deprecated; vLLM's
 llm-compressor took it over and maps AWQ for Qwen2.5-VL onto the language model only. Its
 output is a compressed-tensors W4A16 checkpoint, the format vLLM and SGLang load with their
-int4 kernels; this project serves it through torchao's int4 kernel (:mod:`medvl.model.int4`).
+int4 kernels; this project serves it through its own W4A16 layers (:mod:`medvl.model.int4`).
 Calibration runs the model on rendered training-generator pages (prompt and answer), from
 seeds no other phase uses. When llm-compressor is missing or fails, the exact reason is
 recorded and the fallback is bitsandbytes NF4 (double quantization, bf16 compute, vision
