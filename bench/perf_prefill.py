@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where a page's prefill time goes: the processor, the vision tower, the M-RoPE positions and
 the language model, per batch size, with the vision tower's windows batched (medvl.model.vision) and
-as transformers runs them (one SDPA call per window). GPU times from CUDA events, host times
+as transformers runs them (one SDPA call per window), and (``--vision ...,batched_compiled``)
+with the batched blocks under ``torch.compile`` (dynamic shapes; its compile time recorded). GPU times from CUDA events, host times
 from the wall clock; then a profiler table of one batch-8 prefill.
 
     python bench/perf_prefill.py --profile 7b-random
@@ -31,6 +32,9 @@ from medvl.pipeline.runner import PhaseError, log, run_tool
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default="1,4,8", help="prefill batch sizes (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vision", default="per_window,batched",
+                        help="vision tower variants, in order, of per_window, batched, batched_compiled "
+                             "(the blocks under torch.compile; after batched) (default: %(default)s)")
 
 
 def gpu_ms(fn, repeats: int) -> tuple[float, float]:
@@ -64,9 +68,18 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
     prompts = [engine.prepare(images[i % len(images)], samples[i % len(samples)].prompt) for i in range(8)]
     report["processor_ms_per_page"] = (time.perf_counter() - started) * 1000 / 8
     visual = model.model.visual
-    for vision in ("per_window", "batched"):
+    for vision in args.vision.split(","):
         if vision == "batched":
             batch_window_attention(model)
+        if vision == "batched_compiled":  # an experiment (issue 32): the blocks compiled, shapes dynamic
+            compile_started = time.perf_counter()
+            for block in visual.blocks:
+                block.forward = torch.compile(block.forward, dynamic=True)
+            with torch.inference_mode():
+                first = engine._collate([type("R", (), {"prompt": prompts[0]})()])
+                visual(first["pixel_values"].to(visual.dtype), grid_thw=first["image_grid_thw"])
+                torch.cuda.synchronize()
+            report["vision_compile_s"] = time.perf_counter() - compile_started
         for b in (int(x) for x in args.batches.split(",")):
             reqs = [type("R", (), {"prompt": p})() for p in prompts[:b]]
             inputs = engine._collate(reqs)
