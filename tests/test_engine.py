@@ -107,7 +107,8 @@ def test_a_failing_prefill_fails_only_its_own_request(engine, prompts):
     """A prompt whose image tensors are broken is prefilled beside two good ones: the batch is
     retried one by one, the broken request fails and the others answer as alone."""
     alone = [engine.generate(p, SamplingParams(8)).token_ids for p in prompts[:2]]
-    broken = type(prompts[2])({**prompts[2].tensors, "pixel_values": prompts[2].tensors["pixel_values"][:7]})
+    images = "image_embeds" if "image_embeds" in prompts[2].tensors else "pixel_values"
+    broken = type(prompts[2])({**prompts[2].tensors, images: prompts[2].tensors[images][:7]})
     requests = [engine.submit(prompts[0], SamplingParams(8)), engine.submit(broken, SamplingParams(8)),
                 engine.submit(prompts[1], SamplingParams(8))]
     while not all(r.future.done() for r in requests):
@@ -131,9 +132,16 @@ def test_streaming_text_is_the_answer(engine, prompts):
 
 
 def test_engine_matches_plain_generate(tiny_model_dir, tiny_settings, engine, prompts):
-    """The engine's greedy answer is transformers' greedy generate on the same prompt."""
+    """The engine's greedy answer is transformers' greedy generate on the same prompt (its
+    inputs made by the processor here: the engine's prompt holds image embeddings, made when it
+    was prepared, where generate takes the pixels)."""
     model = load_model(tiny_model_dir, tiny_settings, batched_vision=False)
-    inputs = prompts[0].tensors
+    doc = benchmark_documents(1234, 1)[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": BENCHMARK_PROMPTS[doc.kind]}]}]
+    text = engine.processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = dict(engine.processor(text=[text], images=[render_document(doc)], return_tensors="pt"))
+    assert "image_embeds" in prompts[0].tensors and "pixel_values" not in prompts[0].tensors
+    assert torch.equal(inputs["input_ids"], prompts[0].tensors["input_ids"])
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     expected = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -227,3 +235,23 @@ def test_metrics_read_as_a_serving_engineer_reads_them(engine, prompts):
     assert 'medvl_num_requests_running{model_name="medvl-test"} 4.0' in text
     run_to_end(engine, requests)
     assert 'medvl_kv_cache_usage_perc{model_name="medvl-test"} 0.0' in metrics.render(engine)
+
+
+def test_the_vision_tower_at_preparation_or_in_the_prefill_gives_the_same_answers(tiny_model_dir, tiny_settings,
+                                                                                   engine, prompts):
+    """decode.vision_in_prepare moves the tower out of the engine's loop; it must change nothing
+    else: the same tokens, alone and prefilled together, as with the tower inside the prefill."""
+    from dataclasses import replace
+
+    from medvl.engine.loader import build_engine
+    from medvl.model.loading import load_processor
+
+    inside = build_engine(load_model(tiny_model_dir, tiny_settings), load_processor(tiny_model_dir, None),
+                          replace(tiny_settings.decode, vision_in_prepare=False), slots=4)
+    docs = benchmark_documents(1234, 3)
+    plain = [inside.prepare(render_document(d), BENCHMARK_PROMPTS[d.kind]) for d in docs]
+    assert "pixel_values" in plain[0].tensors and "image_embeds" not in plain[0].tensors
+    together = [inside.submit(p, SamplingParams(12)) for p in plain]
+    expected = [r.token_ids for r in run_to_end(inside, together)]
+    early = [engine.submit(p, SamplingParams(12)) for p in prompts]
+    assert [r.token_ids for r in run_to_end(engine, early)] == expected

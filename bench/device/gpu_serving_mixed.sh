@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs on a lent H100 (issue 32): builds 7b-random (phases 1-2), then serves it as FORMS says
-# (default: int4 then bf16; int4 is round-to-nearest at load, the same W4A16Linear layers an
-# AWQ checkpoint serves through) and measures the mixed workload and /extract at 1 and
-# CLIENTS clients (bench/perf_serving.py). Writes $OUT/perf_serving_mixed_<form>.json and the
-# servers' logs. Expects the wheels under .whl/ (torchao, the server's stack).
+# Runs on a lent H100 (issue 32): builds 7b-random (phases 1-2), then serves it in each of
+# FORMS (default: int4 then bf16; int4 is round-to-nearest at load, the same W4A16Linear layers
+# an AWQ checkpoint serves through; FORM:SECTION.KEY=VALUE adds a --set, e.g.
+# bf16:decode.vision_in_prepare=false) and measures the mixed workload and /extract at 1 and
+# CLIENTS clients (bench/perf_serving.py). Writes $OUT/perf_serving_mixed_<label>.json and the
+# servers' logs. Expects the wheels under .whl/ (torchao, pypdfium2, fhir.resources, the server's stack).
 set -uo pipefail
 source "$(dirname "$0")/wheels.sh"
 wd=/tmp/run-7b-random
@@ -12,10 +13,13 @@ for n in 1 2; do  # a warm machine that already passed a phase's gate keeps its 
   ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
     || { tail -20 "$OUT/pipeline.log"; exit 1; }
 done
-for form in ${FORMS:-int4 bf16}; do
-  timeout "${PERF_TIMEOUT:-300}" python3 bench/perf_serving.py --profile 7b-random --workdir "$wd" \
-    --out "$OUT/perf_serving_mixed_$form.json" --weights "$form" --routes "${ROUTES:-mixed,extract}" \
+for config in ${FORMS:-int4 bf16}; do
+  form=${config%%:*}
+  extra=(); [[ $config == *:* ]] && extra=(--set "${config#*:}")
+  label=$(echo "$config" | tr ':=.' '___')
+  timeout "${PERF_TIMEOUT:-300}" python3 bench/perf_serving.py --profile 7b-random --workdir "$wd" "${extra[@]}" \
+    --out "$OUT/perf_serving_mixed_$label.json" --weights "$form" --routes "${ROUTES:-mixed,extract}" \
     --clients "${CLIENTS:-1,32}" --seconds "${SECONDS_PER_LEVEL:-15}" 2>&1 | grep --line-buffered -v "it/s\]$" \
     | grep -v "^        engine" | tail -8
-  grep -v "it/s\]$" "$wd/logs/api_server_stdout.log" | tail -40 > "$OUT/server_$form.log"
+  grep -v "it/s\]$" "$wd/logs/api_server_stdout.log" | tail -40 > "$OUT/server_$label.log"
 done

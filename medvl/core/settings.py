@@ -180,6 +180,9 @@ class DecodeSettings:
     # While rows decode, hold arrivals up to this long so that several prefill together (each
     # prefill pauses every running row); 0 = prefill every arrival at the next turn.
     prefill_wait_ms: float = 0.0
+    # Run the vision tower when a request is prepared (in the preparing thread, on a CUDA stream
+    # of its own) rather than inside the engine's prefill, where it paused every running row.
+    vision_in_prepare: bool = True
 
 
 @dataclass

@@ -35,14 +35,14 @@ def build_engine(model: Any, processor: Any, decode: DecodeSettings, slots: int 
     compiled = should_compile(decode.compile, model) if compile_step is None else compile_step
     decoder = SlotDecoder(model, decode.max_cache_len, slots or decode.max_batch_size, compiled)
     return Engine(model, processor, decoder, decode.max_waiting, decode.max_prefill_tokens, metrics,
-                  prefill_wait_s=decode.prefill_wait_ms / 1000)
+                  prefill_wait_s=decode.prefill_wait_ms / 1000, vision_in_prepare=decode.vision_in_prepare)
 
 
 def warm_up(engine: Engine, image: Image.Image | None = None, prompt: str = "Warm-up.") -> dict[int, float]:
     """Compile and capture every batch bucket's step on a page (a blank one by default), and
     compile the record's grammar (/extract's); returns seconds per bucket."""
     blank = engine.prepare(image or Image.new("RGB", (448, 448), "white"), prompt)
-    inputs = {k: v.to(engine.device) for k, v in blank.tensors.items()}
+    inputs = engine.collate([blank])
     engine.grammars.compile(RECORD_FORMAT)
     return engine.decoder.warm_up(inputs)
 

@@ -22,6 +22,7 @@ harness and phase 7 all decode through this class.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import threading
@@ -70,9 +71,12 @@ class SamplingParams:
 
 @dataclass
 class Prompt:
-    """A prepared prompt: the processor's tensors for one request, on the CPU."""
+    """A prepared prompt: the processor's tensors for one request, on the CPU; with the vision
+    tower run at preparation (``decode.vision_in_prepare``), its image embeddings instead of the
+    pixels, on the model's device, ready once ``ready`` (a CUDA event) has passed."""
 
     tensors: dict[str, torch.Tensor]
+    ready: Any = None  # torch.cuda.Event recorded after the image embeddings, or None
 
     @property
     def length(self) -> int:
@@ -208,7 +212,8 @@ class Engine:
     """
 
     def __init__(self, model: Any, processor: Any, decoder: SlotDecoder, max_waiting: int,
-                 max_prefill_tokens: int, metrics: EngineMetrics | None = None, prefill_wait_s: float = 0.0) -> None:
+                 max_prefill_tokens: int, metrics: EngineMetrics | None = None, prefill_wait_s: float = 0.0,
+                 vision_in_prepare: bool = False) -> None:
         self.model = model
         self.processor = processor
         self.decoder = decoder
@@ -230,6 +235,12 @@ class Engine:
         # Rust tokenizers refuse concurrent use that changes their padding state ("Already
         # borrowed"): callers prepare one at a time, and the loop detokenizes with its own copy.
         self._prepare_lock = threading.Lock()
+        # The vision tower in the preparing thread (one page at a time, on a CUDA stream of its
+        # own): a page's ~22 ms of tower overlaps the loop's decoding steps instead of pausing them
+        # inside the prefill (docs/results/h100/README.md, issue 32).
+        self.vision_in_prepare = vision_in_prepare
+        self._vision_lock = threading.Lock()
+        self._vision_stream = torch.cuda.Stream(self.device) if vision_in_prepare and self.device.type == "cuda" else None
         self._detokenizer = copy.deepcopy(processor.tokenizer)
         self.grammars = Grammars(processor.tokenizer, decoder.vocab, decoder.eos_ids, self.device, decoder.slots)
 
@@ -254,7 +265,24 @@ class Engine:
             # Pinned: the engine's copies to the GPU (a page is ~6 MB) then neither wait for the
             # stream nor stall the loop (pageable host-to-device copies synchronize the stream).
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        if self.vision_in_prepare and "pixel_values" in tensors:
+            return self._encode_images(tensors)
         return Prompt(tensors)
+
+    def _encode_images(self, tensors: dict[str, torch.Tensor]) -> Prompt:
+        """Run the vision tower on the prompt's pixels now: ``image_embeds`` replace them."""
+        pixels = tensors.pop("pixel_values")
+        stream = self._vision_stream
+        with self._vision_lock, torch.inference_mode(), \
+                (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+            grid = tensors["image_grid_thw"].to(self.device, non_blocking=True)
+            features = self.decoder.base.model.get_image_features(pixels.to(self.device, non_blocking=True), grid)
+            tensors["image_embeds"] = torch.cat(features.pooler_output, dim=0)
+            ready = None
+            if stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(stream)
+        return Prompt(tensors, ready)
 
     def submit(self, prompt: Prompt, params: SamplingParams, on_text: Callable[[str], None] | None = None) -> Request:
         """Queue a request; raises :class:`PromptTooLong`, :class:`medvl.engine.grammar.GrammarError`
@@ -503,7 +531,7 @@ class Engine:
         first = len(self.running)
         started = time.perf_counter()
         try:
-            logits = self.decoder.prefill(self._collate(requests), first)
+            logits = self.decoder.prefill(self.collate([r.prompt for r in requests]), first)
             self._constrain(logits, list(requests))
             tokens = choose_tokens(logits, requests)
         except Exception as exc:  # every admitted request is answered, with its error if need be
@@ -524,19 +552,21 @@ class Engine:
         self.stats.prefill(len(requests), sum(r.prompt.length for r in requests), time.perf_counter() - started)
         self._advance(requests, first_tokens)
 
-    def _collate(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+    def collate(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         """Left-pad the prepared prompts into one batch on the model's device (copied first, from
         pinned memory on a GPU, so the copies do not wait for the step in flight)."""
-        width = max(r.prompt.length for r in requests)
+        width = max(prompt.length for prompt in prompts)
         pad = self.processor.tokenizer.pad_token_id or 0
         batch: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
-        for request in requests:
-            t = {k: v.to(self.device, non_blocking=True) for k, v in request.prompt.tensors.items()}
-            missing = width - request.prompt.length
+        for prompt in prompts:
+            if prompt.ready is not None:  # its image embeddings, made on the vision stream
+                torch.cuda.current_stream(self.device).wait_event(prompt.ready)
+            t = {k: v.to(self.device, non_blocking=True) for k, v in prompt.tensors.items()}
+            missing = width - prompt.length
             for key, fill in (("input_ids", pad), ("attention_mask", 0), ("mm_token_type_ids", 0)):
                 if key in t:
                     batch[key].append(torch.nn.functional.pad(t[key], (missing, 0), value=fill))
-            for key in ("pixel_values", "image_grid_thw"):
+            for key in ("pixel_values", "image_grid_thw", "image_embeds"):
                 if key in t:
                     batch[key].append(t[key])
         return {key: torch.cat(parts) for key, parts in batch.items()}

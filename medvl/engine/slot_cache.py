@@ -287,7 +287,10 @@ class SlotDecoder:
         attention = inputs["attention_mask"]
         positions = generation_position_ids(self.base, inputs)
         cache = DynamicCache(config=self.base.config)
-        prompt = {k: v for k, v in inputs.items() if k != "attention_mask"}
+        if "image_embeds" in inputs:  # the vision tower ran at preparation (Engine.prepare)
+            prompt = {"inputs_embeds": self.embed_with_images(inputs["input_ids"], inputs["image_embeds"])}
+        else:
+            prompt = {k: v for k, v in inputs.items() if k != "attention_mask"}
         out = self.model(**prompt, attention_mask=attention, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         self.base.model.rope_deltas = None  # positions are passed in; a stale batch size would confuse later calls
@@ -315,6 +318,16 @@ class SlotDecoder:
         seen = torch.zeros(batch, self.vocab, dtype=torch.bool, device=self.device).scatter_(1, real, True)
         self.seen[rows] = seen
         return self._penalize(out.logits[:, -1, :].float(), seen)
+
+    def embed_with_images(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The prompt's token embeddings with the image embeddings in the image tokens' places,
+        in row order, as the model's own forward places them (``masked_scatter``)."""
+        embeds = self.base.get_input_embeddings()(input_ids)
+        mask = input_ids == self.base.config.image_token_id
+        if int(mask.sum()) != image_embeds.shape[0]:
+            raise ValueError(f"{int(mask.sum())} image tokens in the prompts but {image_embeds.shape[0]} image "
+                             "embeddings")
+        return embeds.masked_scatter(mask[..., None].expand_as(embeds), image_embeds.to(embeds.dtype))
 
     # ---- decoding steps
     def _forward_step(self, tokens: torch.Tensor) -> torch.Tensor:
