@@ -115,10 +115,10 @@ def served_model(config: ServerConfig, wd: Workdir,
     """What the server serves and its kind (:func:`medvl.engine.loader.open_served`, as the CLI).
 
     Measured under load on an H100 with ``7b-random``, the mixed workload at 32 clients
-    (docs/results/h100/perf_serving_mixed_*.json, same lease): bf16 9.93 requests/s, the int4
-    layers (medvl/model/w4a16.py) 8.33 (0.84x; 0.91x the output tokens/s), /extract 13.5 against
-    12.7. ``--weights bf16`` trades memory for the last 10-15% of throughput, but then the served
-    model is not the one phase 7 scored on the 7b profiles (/health names the form).
+    (docs/results/h100/perf_serving_mixed_*.json, one machine): bf16 11.93 requests/s, the int4
+    layers (medvl/model/w4a16.py) 10.27 (0.86x), /extract 11.87 against 11.93. ``--weights bf16``
+    trades memory for the last 10-15% of throughput, but then the served model is not the one
+    phase 7 scored on the 7b profiles (/health names the form).
     """
     try:
         return open_served(config.settings, wd, config.model, config.weights, metrics=metrics)
