@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Phase 4's AWQ checkpoint in the serving int4 kernel against compressed-tensors' own
-dequantization, on this machine's kernel (a GPU's tinygemm tiles, or the CPU layout).
+"""Phase 4's AWQ checkpoint in the served 4-bit layers against compressed-tensors' own
+dequantization, as this machine dequantizes them (a GPU's Triton kernel, or torch on a CPU).
 
-Loads the checkpoint unfused, reads each checked layer's weights back through the kernel and
+Loads the checkpoint unfused, reads each checked layer's weights back as the layer dequantizes them and
 compares them with compressed-tensors' dequantization of the saved layer, within the rounding
 bound medvl/model/int4.py states (tests/test_int4.py runs the same check on the CPU):
 

@@ -400,7 +400,7 @@ def inference_report(model_dir: Path, settings: Settings, samples: list[BenchSam
             torch.cuda.synchronize()
             quantize_s = time.perf_counter() - started
             free_memory()
-            record = measure_variant("int4 (torchao, tinygemm)", model, processor, samples, settings, bandwidth,
+            record = measure_variant("int4 (round-to-nearest, W4A16 layers)", model, processor, samples, settings, bandwidth,
                                      max_new_tokens, batch_sizes, project=True, baseline=False)
             measured("int4_torchao", {**record, "quantize_s": quantize_s})
         del model
@@ -409,7 +409,7 @@ def inference_report(model_dir: Path, settings: Settings, samples: list[BenchSam
         started = time.perf_counter()
         model = load_awq_model(awq_dir, settings)
         load_s = time.perf_counter() - started
-        record = measure_variant("AWQ int4 (llm-compressor checkpoint, tinygemm)", model, processor, samples, settings,
+        record = measure_variant("AWQ int4 (llm-compressor checkpoint, W4A16 layers)", model, processor, samples, settings,
                                  bandwidth, max_new_tokens, batch_sizes, project=True, baseline=False)
         measured("awq_int4", {**record, "load_s": load_s})
         del model
