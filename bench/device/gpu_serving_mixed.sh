@@ -7,7 +7,7 @@
 # servers' logs. Expects the wheels under .whl/ (torchao, pypdfium2, fhir.resources, the server's stack).
 set -uo pipefail
 source "$(dirname "$0")/wheels.sh"
-wd=/tmp/run-7b-random
+wd=${WD:-/tmp/run-7b-random}  # WD=/tmp/awq-7b-random serves gpu_awq.sh's AWQ checkpoint (FORMS="awq bf16")
 for n in 1 2; do  # a warm machine that already passed a phase's gate keeps its outputs
   python3 -m medvl.cli.gates --profile 7b-random --workdir "$wd" | grep "^phase $n .*: pass" >/dev/null && continue
   ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
