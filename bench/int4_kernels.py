@@ -9,6 +9,9 @@ Candidates, all from the same random group-128 codes (w = (q - 8) s + z):
 - ``tinygemm``: torchao's ``Int4TilePackedTo4dTensor`` (what the int4 forms serve through today);
 - ``dequant_cublas``: the layer dequantized to a bf16 scratch by a compiled elementwise kernel,
   then cuBLAS (:func:`medvl.model.w4a16.dequantize_packed`): for many rows;
+- ``dequant_triton_cublas``: the same with the project's Triton dequantize kernel
+  (:func:`medvl.model.w4a16.dequantize_triton`, what the served layers run), its ``block_n``
+  picked from a sweep (``--dequant-only`` times just the prefills of these two);
 - ``triton_w4a16``: the project's Triton kernel (:mod:`medvl.model.w4a16`), its tile shape
   picked per layer shape and M from a sweep (each candidate timed on that layer's weight).
 
@@ -37,12 +40,13 @@ import torch
 import torch.nn.functional as F
 
 from medvl.model.int4 import GroupInt4
-from medvl.model.w4a16 import TileConfig, dequantize_packed, pack_codes, w4a16_matmul
+from medvl.model.w4a16 import TileConfig, dequantize_packed, dequantize_triton, pack_codes, w4a16_matmul
 
 SHAPES = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}  # in, out
 LAYERS = 28
 GROUP = 128
 DECODE_M = (1, 8, 16, 32, 64)
+DEQUANT_BLOCK_N = [32]  # the Triton dequantize kernel's block_n, set from the sweep in main()
 PREFILL_M = (736, 5888)
 
 
@@ -133,6 +137,9 @@ def run_all(method: str, layers: dict[str, list[dict]], inputs: dict[str, torch.
                 F.linear(inputs[name], layer["tinygemm"])
             elif method == "dequant_cublas":
                 F.linear(inputs[name], dequant(layer["packed"], layer["scale"], layer["zero"], GROUP))
+            elif method == "dequant_triton_cublas":
+                F.linear(inputs[name], dequantize_triton(layer["packed"], layer["scale"], layer["zero"], GROUP,
+                                                         DEQUANT_BLOCK_N[0]))
             else:
                 w4a16_matmul(inputs[name], layer["packed"], layer["scale"], layer["zero"], GROUP, configs[name])
 
@@ -143,6 +150,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--prefill-repeats", type=int, default=5)
     parser.add_argument("--sweep-repeats", type=int, default=10)
+    parser.add_argument("--dequant-only", action="store_true",
+                        help="time only the two dequantize paths, at the prefill sizes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
@@ -154,11 +163,19 @@ def main() -> int:
     report = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0),
               "torch": torch.__version__, "python": platform.python_version(), "layers": LAYERS, "group": GROUP,
               "shapes_in_out": SHAPES, "unit": "ms for all 28 layers x 4 shapes (112 matmuls)", "rows": []}
-    for m in (*DECODE_M, *PREFILL_M):
+    layer = layers["gate_up"][0]
+    sweep_ms = {n: timed(lambda n=n: dequantize_triton(layer["packed"], layer["scale"], layer["zero"], GROUP, n),
+                         args.sweep_repeats) for n in (8, 16, 32, 64, 128)}
+    DEQUANT_BLOCK_N[0] = min(sweep_ms, key=sweep_ms.get)
+    report["dequantize_triton_block_n_sweep_ms"] = {"layer": "gate_up", **sweep_ms, "picked": DEQUANT_BLOCK_N[0]}
+    print(json.dumps(report["dequantize_triton_block_n_sweep_ms"]), flush=True)
+    methods = ("dequant_cublas", "dequant_triton_cublas") if args.dequant_only else \
+        ("bf16", "tinygemm", "dequant_cublas", "dequant_triton_cublas", "triton_w4a16")
+    for m in PREFILL_M if args.dequant_only else (*DECODE_M, *PREFILL_M):
         x = torch.randn(m, 18944, device=device, dtype=torch.bfloat16)
         inputs = {name: x[:, :k].contiguous() for name, (k, _) in SHAPES.items()}
         configs, sweep = {}, {}
-        for name in SHAPES:
+        for name in SHAPES if "triton_w4a16" in methods else ():
             layer = layers[name][0]
             config, ms, tried = pick_config(layer, inputs[name], args.sweep_repeats)
             configs[name] = config
@@ -169,7 +186,7 @@ def main() -> int:
                 sweep[name]["max_error_vs_bf16"] = float((got - reference).abs().max() / reference.abs().max())
 
         row = {"m": m, "kind": "decode" if m in DECODE_M else "prefill", "triton_configs": sweep}
-        for method in ("bf16", "tinygemm", "dequant_cublas", "triton_w4a16"):
+        for method in methods:
             if method == "triton_w4a16" and not all(configs.values()):
                 row[method] = None
                 continue

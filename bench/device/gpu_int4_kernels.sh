@@ -5,4 +5,4 @@
 set -uo pipefail
 source "$(dirname "$0")/wheels.sh"
 python3 -c "import triton; print('triton', triton.__version__)"
-timeout "${KERNEL_TIMEOUT:-540}" python3 bench/int4_kernels.py --out "$OUT/int4_kernels.json" 2>&1 | tail -40
+timeout "${KERNEL_TIMEOUT:-540}" python3 bench/int4_kernels.py --out "$OUT/${NAME:-int4_kernels}.json" "$@" 2>&1 | tail -40
