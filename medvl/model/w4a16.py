@@ -20,7 +20,9 @@ this (``bench/int4_kernels.py``, ``docs/results/h100/int4_kernels.json``; one H1
 ms with CUDA graphs): M = 1: bf16 4.90, tinygemm 2.60, Triton 4.37, dequantize + cuBLAS 19.7;
 M = 8: 5.03 / 5.65 / 4.43 / 19.7; M = 16: 5.06 / 9.18 / 4.68 / 19.7; M = 32: 5.03 / 16.8 / 6.02 /
 19.6; M = 64: 5.21 / 32.5 / 7.21 / 19.6; one page (736 rows, eager): 15.3 / 359 / 38.4 / 29.6;
-eight pages (5,888): 116 / 2,854 / 288 / 131.
+eight pages (5,888): 116 / 2,854 / 288 / 131. The dequantize figures are a compiled elementwise
+kernel's; :func:`dequantize_triton`, which the layers run, does one page in 21.5 ms and eight in
+121.8 (``docs/results/h100/int4_dequant.json``).
 
 The Triton kernel tiles the output ``BLOCK_M x BLOCK_N``, walks the inputs ``BLOCK_K`` at a time
 (one group per step: ``group`` is a multiple of ``BLOCK_K``), unpacks and scales the weights in
@@ -139,7 +141,7 @@ if triton is not None:
 
 
 def dequantize_triton(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
-                      block_n: int = 32) -> torch.Tensor:
+                      block_n: int = 16) -> torch.Tensor:
     """:func:`dequantize_packed` as one Triton kernel (a program per ``block_n`` outputs and group)."""
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
     weight = torch.empty(out_features, in_features, dtype=scale.dtype, device=packed.device)
