@@ -231,6 +231,7 @@ def ensure_benchmark_documents(folder: Path, seed: int, count: int) -> list[Benc
         benchmark_documents,
         packet_documents,
         pdf_document_id,
+        pdf_ground_truth,
         save_document,
         save_pdf_document,
     )
@@ -239,7 +240,7 @@ def ensure_benchmark_documents(folder: Path, seed: int, count: int) -> list[Benc
         if _stored_text(folder, doc.doc_id, ".png") != doc.text:
             save_document(doc, folder)
     packet = packet_documents(seed)
-    if _stored_text(folder, pdf_document_id(seed), ".pdf") != "\f".join(doc.text for doc in packet):
+    if _stored_text(folder, pdf_document_id(seed), ".pdf") != pdf_ground_truth(pdf_document_id(seed), packet)["text"]:
         save_pdf_document(pdf_document_id(seed), packet, folder)
     return load_benchmark_samples(folder)
 

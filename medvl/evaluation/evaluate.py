@@ -59,11 +59,8 @@ def suite_cases(folder: Path, root: Path) -> list[Case]:
 
 
 def case_pages(path: Path, limits: PageLimits) -> list[Image.Image]:
-    """A case's pages: its image, or its PDF rendered as the server renders uploads."""
-    if path.suffix.lower() == ".pdf":
-        return decode_pages(path.read_bytes(), limits)
-    with Image.open(path) as image:
-        return [image.convert("RGB")]
+    """A case's pages: its image, or its PDF rendered, as the server reads uploads."""
+    return decode_pages(path.read_bytes(), limits)
 
 
 def test_split_cases(formatted: Path, root: Path, limit: int) -> list[Case]:

@@ -56,7 +56,7 @@ async def chat_completions(body: ChatRequest, http: Request, state: State):
     messages, image = chat_to_messages(body)
     if image is not None:
         http.state.audit.document(image, pages=1)
-    prompt = await state.prepare(image, messages=messages)
+    prompt = await state.prepare_chat(image, messages)
     params = replace(params, max_tokens=state.answer_tokens(prompt, body.max_completion_tokens or body.max_tokens))
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:

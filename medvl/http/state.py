@@ -7,10 +7,10 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
@@ -28,6 +28,7 @@ from medvl.http.schemas import ModelInfo, Usage
 from medvl.medical import ocr
 
 log = logging.getLogger("medvl.api")
+T = TypeVar("T")
 
 MAX_PROMPT_CHARS = 4000
 DISCONNECT_POLL_S = 0.5
@@ -105,40 +106,34 @@ class ServerState:
             with self._admission_lock:
                 self.preparing -= 1
 
-    async def prepare(self, data: bytes | None, prompt: str = "", messages: list[dict[str, Any]] | None = None) -> Prompt:
-        """Image decoding, template and image processing, in a worker thread (off the event loop
-        and the engine), once admitted (:meth:`admission`).
+    async def _prepared(self, work: Callable[[], T]) -> T:
+        """``work`` (image decoding, template and image processing) in a worker thread, off the
+        event loop and the engine, once admitted (:meth:`admission`).
 
         Two threads of its own rather than the server's pool of 40: the processor runs one
         request at a time anyway (see ``Engine.prepare``), and every thread that allocates a
         page's tensors gets a malloc arena of its own: with the shared pool the server's resident
         memory grew by ~340 MB in its first 10 s of load before levelling off (tiny, CPU).
         """
-        engine = self.engine()
-
-        def prepare() -> Prompt:  # a prompt (/extract, /analyze) as in training; chat's messages as sent
-            image = self.decode_image(data) if data is not None else None
-            return engine.prepare(image, self.served.prompt_for(image, prompt) if messages is None else prompt, messages)
-
         with self.admission():
-            return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, prepare)
+            return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, work)
+
+    async def prepare_chat(self, data: bytes | None, messages: list[dict[str, Any]]) -> Prompt:
+        """A chat's messages as sent, with its image (if any) decoded and checked."""
+        engine = self.engine()
+        return await self._prepared(
+            lambda: engine.prepare(self.decode_image(data) if data is not None else None, messages=messages))
 
     async def prepare_pages(self, data: bytes, prompt: str) -> list[Prompt]:
         """Every page of an upload (an image is one page, a PDF many) decoded and prepared with
-        ``prompt``, in a worker thread once admitted (one admission per document)."""
+        ``prompt`` (as in training: OCR-grounded when the profile says so); one admission per document."""
         engine = self.engine()
-
-        def prepare() -> list[Prompt]:
-            return [engine.prepare(image, self.served.prompt_for(image, prompt)) for image in self.decode_pages(data)]
-
-        with self.admission():
-            return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, prepare)
+        return await self._prepared(
+            lambda: [engine.prepare(page, self.served.prompt_for(page, prompt)) for page in self.decode_pages(data)])
 
     async def ocr_extract(self, data: bytes) -> list[dict[str, Any]]:
         """The OCR baseline's result for each page (``--model ocr``), decoded and read in a worker thread."""
-        with self.admission():
-            return await asyncio.get_running_loop().run_in_executor(
-                PREPARE_POOL, lambda: [ocr.structured_result(page) for page in self.decode_pages(data)])
+        return await self._prepared(lambda: [ocr.structured_result(page) for page in self.decode_pages(data)])
 
     async def wait(self, request: EngineRequest, http: Request) -> Result:
         """The request's result; on timeout (504) or client hang-up the request is cancelled."""
@@ -185,9 +180,6 @@ class ServerState:
                            f"the context holds {limit} (decode.max_cache_len), which leaves no room for an answer",
                            param="messages")
         return min(self.settings.api.max_new_tokens, room)
-
-    async def generate(self, prompt: Prompt, params: SamplingParams, http: Request) -> Result:
-        return await self.wait(self.engine().submit(prompt, params), http)
 
     async def generate_pages(self, prompts: list[Prompt], params: list[SamplingParams], http: Request) -> list[Result]:
         """A document's pages submitted together (they prefill and decode side by side as the
