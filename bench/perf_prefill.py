@@ -91,7 +91,7 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
                 row["vision_tower_ms"] = gpu_ms(lambda inputs=inputs: visual(
                     inputs["pixel_values"].to(visual.dtype), grid_thw=inputs["image_grid_thw"]), args.repeats)
                 row["positions_ms"] = gpu_ms(lambda inputs=inputs: generation_position_ids(model, inputs), args.repeats)
-                row["prefill_ms"] = gpu_ms(lambda inputs=inputs, b=b: engine.decoder.prefill(inputs, 0),
+                row["prefill_ms"] = gpu_ms(lambda inputs=inputs, b=b: engine.decoder.prefill_batch(inputs, 0),
                                            args.repeats)
             row["prefill_ms_per_page"] = row["prefill_ms"][0] / b
             report["rows"].append(row)
@@ -100,7 +100,7 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
     inputs = engine.collate(prompts[:8])
     with torch.inference_mode(), torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-        engine.decoder.prefill(inputs, 0)
+        engine.decoder.prefill_batch(inputs, 0)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)

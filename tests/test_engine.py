@@ -255,3 +255,35 @@ def test_the_vision_tower_at_preparation_or_in_the_prefill_gives_the_same_answer
     expected = [r.token_ids for r in run_to_end(inside, together)]
     early = [engine.submit(p, SamplingParams(12)) for p in prompts]
     assert [r.token_ids for r in run_to_end(engine, early)] == expected
+
+
+def test_a_prompt_prefilled_in_chunks_between_steps_gets_its_tokens_alone(tiny_model_dir, tiny_settings, prompts):
+    """Chunked prefill (decode.max_prefill_tokens=128): two chats fill most of the first turn's
+    budget and start decoding; the page behind them gets the rest, then 128 tokens a turn with a
+    decoding step between chunks. The short chat ends while the page is still partial, so the
+    page's half-filled slot moves down to keep the rows packed. Every answer is its answer alone."""
+    from dataclasses import replace
+
+    from medvl.engine.loader import build_engine
+    from medvl.model.loading import load_processor
+
+    chunked = build_engine(load_model(tiny_model_dir, tiny_settings), load_processor(tiny_model_dir, None),
+                           replace(tiny_settings.decode, max_prefill_tokens=128), slots=4)
+    docs = benchmark_documents(1234, 1)
+    page = chunked.prepare(render_document(docs[0]), BENCHMARK_PROMPTS[docs[0].kind])
+    chats = [chunked.prepare(None, "Name one drug."), chunked.prepare(None, "Give a dose, briefly.")]
+    assert sum(c.length for c in chats) < 128 and page.length > 2 * 128
+    budgets = [SamplingParams(2, ignore_eos=True), SamplingParams(30, ignore_eos=True), SamplingParams(12, ignore_eos=True)]
+    alone = [chunked.generate(p, b).token_ids for p, b in zip([*chats, page], budgets, strict=True)]
+    moves = []
+    move = chunked.decoder.move
+    chunked.decoder.move = lambda source, target: (moves.append((source, target)), move(source, target))
+    requests = [chunked.submit(p, b) for p, b in zip([*chats, page], budgets, strict=True)]
+    chunked.run_once()
+    assert chunked.num_running == 2 and chunked.prefilling is requests[2] and requests[2].slot == 2
+    assert requests[2].prefilled == 128 - sum(c.length for c in chats)
+    results = run_to_end(chunked, requests)
+    assert (2, 1) in moves  # the partial page followed the rows down when the short chat ended
+    assert chunked.stats.prefills >= page.length // 128
+    assert [r.token_ids for r in results] == alone
+    assert [r.generated_tokens for r in results] == [2, 30, 12]

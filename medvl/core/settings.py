@@ -176,10 +176,10 @@ class DecodeSettings:
     max_cache_len: int = 2048
     max_batch_size: int = 8  # cache slots: requests decoding at once (steps compiled for powers of two up to it)
     max_waiting: int = 64  # requests queued for a slot; past it the API answers 503 with Retry-After
-    max_prefill_tokens: int = 8192  # prompt tokens prefilled together in one engine turn
-    # While rows decode, hold arrivals up to this long so that several prefill together (each
-    # prefill pauses every running row); 0 = prefill every arrival at the next turn.
-    prefill_wait_ms: float = 0.0
+    # Prompt tokens prefilled per engine turn, between two decoding steps (vLLM's chunked
+    # prefill): arrivals side by side, a longer prompt in chunks over several turns. Smaller
+    # bounds how long running rows pause; larger prefills more per pause.
+    max_prefill_tokens: int = 2048
     # Run the vision tower when a request is prepared (in the preparing thread, on a CUDA stream
     # of its own) rather than inside the engine's prefill, where it paused every running row.
     vision_in_prepare: bool = True
@@ -471,8 +471,8 @@ def _check_values(s: Settings) -> list[str]:
         p.append(f"decode.compile: one of auto, on, off, got {s.decode.compile!r}")
     if s.decode.max_cache_len < 64 or s.decode.max_batch_size < 1:
         p.append("decode.max_cache_len must be >= 64 and decode.max_batch_size >= 1")
-    if s.decode.max_waiting < 1 or s.decode.max_prefill_tokens < 64 or s.decode.prefill_wait_ms < 0:
-        p.append("decode.max_waiting must be >= 1, decode.max_prefill_tokens >= 64, decode.prefill_wait_ms >= 0")
+    if s.decode.max_waiting < 1 or s.decode.max_prefill_tokens < 64:
+        p.append("decode.max_waiting must be >= 1, decode.max_prefill_tokens >= 64")
     if not 1 <= s.api.port <= 65535:
         p.append("api.port: must lie in 1..65535")
     p += [f"api.{name}: must be > 0" for name in ("max_upload_mb", "max_image_pixels", "request_timeout_s",

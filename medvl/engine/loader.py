@@ -35,7 +35,7 @@ def build_engine(model: Any, processor: Any, decode: DecodeSettings, slots: int 
     compiled = should_compile(decode.compile, model) if compile_step is None else compile_step
     decoder = SlotDecoder(model, decode.max_cache_len, slots or decode.max_batch_size, compiled)
     return Engine(model, processor, decoder, decode.max_waiting, decode.max_prefill_tokens, metrics,
-                  prefill_wait_s=decode.prefill_wait_ms / 1000, vision_in_prepare=decode.vision_in_prepare)
+                  vision_in_prepare=decode.vision_in_prepare)
 
 
 def warm_up(engine: Engine, image: Image.Image | None = None, prompt: str = "Warm-up.") -> dict[int, float]:

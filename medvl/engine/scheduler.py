@@ -8,8 +8,10 @@ requests join a running batch as rows free up and each row leaves at its own end
 
 - a bounded waiting queue (past it :class:`Overloaded`, which the API answers with 503 and
   ``Retry-After``);
-- each loop turn admits waiting requests into free cache slots (several arrivals prefilled
-  together, up to ``max_prefill_tokens``), then runs one decoding step for every running row;
+- each loop turn prefills up to ``max_prefill_tokens`` prompt tokens into free cache slots
+  (several arrivals side by side; a longer prompt in chunks over several turns, as vLLM's
+  chunked prefill does), then runs one decoding step for every running row: a page's prefill
+  pauses the running rows for one chunk at a time, never for a whole batch of pages;
 - a row ends at its end-of-sequence token, its own ``max_tokens`` or stop string, or when its
   caller cancels it (timeout, hang-up); its slot is free for the next turn;
 - a failure in one request's prefill is retried alone, so it fails only that request.
@@ -36,7 +38,7 @@ import torch
 from PIL import Image
 
 from medvl.engine.grammar import Grammars, ResponseFormat, RowGrammar
-from medvl.engine.slot_cache import PromptTooLong, SlotDecoder
+from medvl.engine.slot_cache import PromptRow, PromptTooLong, SlotDecoder
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +165,9 @@ class Request:
     _sent: int = 0  # characters of ``text`` already passed to ``on_text``
     generator: torch.Generator | None = None
     grammar: RowGrammar | None = None  # the row's matcher, when it decodes under a response format
-    slot: int = -1  # the cache slot while running
+    slot: int = -1  # the cache slot while running (or while its prompt is prefilled in chunks)
+    row: PromptRow | None = None  # the prompt on the device, from admission to the end of its prefill
+    prefilled: int = 0  # prompt tokens already in the cache
     withdraw: Callable[[Request], None] | None = None  # set by the engine: takes it out of the queue
 
     def cancel(self) -> None:
@@ -212,25 +216,24 @@ class Engine:
     """
 
     def __init__(self, model: Any, processor: Any, decoder: SlotDecoder, max_waiting: int,
-                 max_prefill_tokens: int, metrics: EngineMetrics | None = None, prefill_wait_s: float = 0.0,
-                 vision_in_prepare: bool = False) -> None:
+                 max_prefill_tokens: int, metrics: EngineMetrics | None = None, vision_in_prepare: bool = False) -> None:
         self.model = model
         self.processor = processor
         self.decoder = decoder
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
-        self.prefill_wait_s = prefill_wait_s
         self.metrics = metrics or EngineMetrics()
         self.eos_ids = set(decoder.eos_ids)
         self.device = decoder.device
         self.vision_dtype = decoder.base.model.visual.dtype
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # running[i] decodes in cache slot i
+        self.prefilling: Request | None = None  # a prompt partly prefilled (slot >= len(running)), goes on next turn
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats = EngineStats()
-        self._in_flight: tuple[list[Request], Any] | None = None  # a launched step not yet read
+        self._unread: list[tuple[list[Request], Any]] = []  # launched steps and prefills whose tokens are not read yet
         self.dead: EngineDead | None = None  # set once the loop has failed; the engine serves nothing after
         # Rust tokenizers refuse concurrent use that changes their padding state ("Already
         # borrowed"): callers prepare one at a time, and the loop detokenizes with its own copy.
@@ -347,9 +350,9 @@ class Engine:
 
     def drain(self) -> None:
         """Read the step still in flight (its rows all ended; nothing is appended)."""
-        if self._in_flight is not None:
-            self._collect(*self._in_flight)
-            self._in_flight = None
+        unread, self._unread = self._unread, []
+        for launched in unread:
+            self._collect(*launched)
 
     @property
     def num_waiting(self) -> int:
@@ -363,7 +366,7 @@ class Engine:
     def kv_cache_reserved(self) -> float:
         """Share of the cache that running rows hold (0..1): each holds a whole slot, so with every
         slot taken this is 1 and the next request waits, however few tokens are filled."""
-        return len(self.running) / self.decoder.slots
+        return (len(self.running) + (self.prefilling is not None)) / self.decoder.slots
 
     @property
     def kv_cache_filled(self) -> float:
@@ -401,9 +404,10 @@ class Engine:
         log.critical("%s", dead, exc_info=exc)
         with self._wake:
             self.dead = dead
-            pending = [*self.waiting, *self.running, *(self._in_flight[0] if self._in_flight else [])]
+            pending = [*self.waiting, *self.running, *([self.prefilling] if self.prefilling else []),
+                       *(r for rows, _ in self._unread for r in rows)]
             self.waiting.clear()
-        self.running, self._in_flight = [], None
+        self.running, self.prefilling, self._unread = [], None, []
         for request in pending:
             request.slot = -1
             if not request.future.done():
@@ -423,44 +427,46 @@ class Engine:
             raise self._die(exc) from exc
 
     def _turn(self) -> None:
-        """Admit what fits and prefill it; launch one decoding step for every running row; then
-        read the previous step's tokens while this one runs on the GPU.
+        """Prefill what the token budget allows; launch one decoding step for every running row;
+        then read the earlier step's tokens (and the new rows' first tokens) while this one runs
+        on the GPU.
 
         Why one step ahead: reading a step's tokens back is a GPU sync, and the CPU work after it
         (end checks, detokenizing, streaming, starting new rows: ~1-2 ms of Python, more when
         request threads hold the GIL) would otherwise leave the GPU idle between steps. The next
         step needs nothing from the CPU (each row's last token stays on the GPU), so it is
         queued before the CPU looks at the previous one. A row that ended in the previous step
-        has one wasted token computed, which is dropped.
+        has one wasted token computed, which is dropped. A prefill's first tokens are read the
+        same way: queueing a prefill never waits for the GPU (:meth:`SlotDecoder.prompt_row`).
 
         Grammar rows need their mask before their next token is chosen, and the mask depends on
         every token so far: when the batch holds one, the step's forward pass is queued first,
-        then the previous step's tokens are read (while the GPU runs the forward pass), then the
-        masks are computed and applied and the tokens chosen.
+        then the unread tokens are read (while the GPU runs the forward pass), then the masks
+        are computed and applied and the tokens chosen.
         """
-        admitted = self._admit()
-        if admitted:
-            self._prefill(admitted)
+        self._prefill_turn()
         self._drop_cancelled()
-        previous, self._in_flight = self._in_flight, None
+        unread, self._unread = self._unread, []
         launched = None
         if self.running:
-            previous, launched = self._launch_step(previous)
-        if previous is not None:
-            self._collect(*previous)
-        self._in_flight = launched
+            unread, launched = self._launch_step(unread)
+        for tokens in unread:
+            self._collect(*tokens)
+        if launched is not None:
+            self._unread.append(launched)
 
-    def _launch_step(self, previous: tuple[list[Request], Any] | None) -> tuple[Any, Any]:
-        """Queue one step for every running row; returns (``previous`` if still unread, the
-        launched step). Rows that end while ``previous`` is read here are finished only after
-        this step's tokens are recorded: finishing moves cache slots."""
+    def _launch_step(self, unread: list[tuple[list[Request], Any]]) -> tuple[list[tuple[list[Request], Any]], Any]:
+        """Queue one step for every running row; returns (what of ``unread`` is still unread, the
+        launched step). Rows that end while ``unread`` is read here are finished only after this
+        step's tokens are recorded: finishing moves cache slots."""
         rows = list(self.running)
         ended: list[tuple[Request, str, Exception | None]] = []
         started = time.perf_counter()
         logits = self.decoder.step(len(rows))  # a failure here kills the engine (run_once)
-        if previous is not None and any(r.grammar is not None for r in rows):
-            self._collect(*previous, ended=ended)
-            previous = None
+        if unread and any(r.grammar is not None for r in rows):
+            for tokens in unread:
+                self._collect(*tokens, ended=ended)
+            unread = []
         over = {id(request) for request, _, _ in ended}
         self._constrain(logits, [r if id(r) not in over else None for r in rows])
         tokens = choose_tokens(logits, rows)
@@ -469,7 +475,7 @@ class Engine:
         launched = rows, self._to_host(tokens)
         for request, reason, error in ended:
             self._finish(request, reason, error)
-        return previous, launched
+        return unread, launched
 
     def _constrain(self, logits: torch.Tensor, rows: list[Request | None]) -> None:
         """Apply each grammar row's mask (row ``i`` of ``logits`` is ``rows[i]``; None: skip)."""
@@ -499,58 +505,101 @@ class Engine:
             done.synchronize()
         self._advance(rows, tokens.tolist(), ended)
 
-    def _admit(self) -> list[Request]:
-        """Waiting requests that get a slot this turn (cancelled ones are dropped)."""
-        admitted: list[Request] = []
+    def _prefill_turn(self) -> None:
+        """Spend this turn's ``max_prefill_tokens``: first on the prompt left partly prefilled,
+        then on waiting requests, side by side in one forward pass; the last one admitted may get
+        only part of its prompt in (the rest goes on next turn, after a decoding step).
+
+        Why a token budget (vLLM's chunked prefill): an H100 prefills a 717-token page in ~22 ms
+        of matrix work, and every running row waits for it; with 8 pages arriving at once the
+        running rows used to wait for all 8 in one prefill. A budget bounds each pause, so
+        running rows keep their inter-token latency and arrivals still join within a few steps.
+        """
         budget = self.max_prefill_tokens
-        free = self.decoder.slots - len(self.running)
-        if (self.prefill_wait_s and self.running and len(self.waiting) < free and self.waiting
-                and time.perf_counter() - self.waiting[0].submitted < self.prefill_wait_s):
-            return admitted  # let a few more arrive: one prefill for several pauses the running rows once
+        partial = self.prefilling
+        if partial is not None:
+            if partial.slot != len(self.running):  # rows ended meanwhile: keep the slots packed
+                self.decoder.move(partial.slot, len(self.running))
+                self.decoder.free(partial.slot)
+                partial.slot = len(self.running)
+            budget -= self._prefill([partial], partial.prefilled, budget)
+            if self.prefilling is not None:
+                return
+        admitted = self._admit(budget)
+        if admitted:
+            self._prefill(admitted, 0, budget)
+
+    def _admit(self, budget: int) -> list[Request]:
+        """Waiting requests that get a slot this turn (cancelled ones are dropped), each with its
+        prompt on the device; one whose prompt cannot be embedded fails alone."""
+        admitted: list[Request] = []
         with self._wake:
-            while self.waiting and len(self.running) + len(admitted) < self.decoder.slots:
-                head = self.waiting[0]
+            while self.waiting and budget > 0 and len(self.running) + len(admitted) < self.decoder.slots:
+                head = self.waiting.popleft()
                 if head.cancelled:
-                    self.waiting.popleft()
                     self._resolve(head, "cancelled")
                     continue
-                if admitted and head.prompt.length > budget:
-                    break
                 budget -= head.prompt.length
-                admitted.append(self.waiting.popleft())
+                admitted.append(head)
         now = time.perf_counter()
+        ready = []
         for request in admitted:
             request.admitted = now
             if not request.future.set_running_or_notify_cancel():
                 request.cancelled = True
-        return [r for r in admitted if not r.cancelled]
+                continue
+            try:
+                if request.prompt.ready is not None:  # its image embeddings, made on the vision stream
+                    torch.cuda.current_stream(self.device).wait_event(request.prompt.ready)
+                request.row = self.decoder.prompt_row(request.prompt.tensors)
+            except Exception as exc:
+                log.exception("a prompt could not be embedded")
+                self._resolve(request, "error", exc)
+                continue
+            ready.append(request)
+        return ready
 
-    def _prefill(self, requests: list[Request]) -> None:
-        """Prefill ``requests`` together into the next free slots; if that fails, one at a time,
-        so that a bad request fails alone."""
+    def _prefill(self, requests: list[Request], start: int, budget: int) -> int:
+        """Prefill ``requests`` from prompt position ``start`` (0, or a partial prompt's next
+        chunk) into the next free slots, ``budget`` tokens in all; returns the tokens prefilled.
+        Requests whose prompt is complete start running (their first tokens are read with the
+        next step); the last one may stay partial. If the forward pass fails, the requests are
+        retried one at a time, so that a bad request fails alone."""
         first = len(self.running)
+        stops = []
+        for request in requests:
+            stops.append(min(request.prompt.length, start + budget))
+            budget -= stops[-1] - start
         started = time.perf_counter()
+        done = [r for r, stop in zip(requests, stops, strict=True) if stop == r.prompt.length]
         try:
-            logits = self.decoder.prefill(self.collate([r.prompt for r in requests]), first)
-            self._constrain(logits, list(requests))
-            tokens = choose_tokens(logits, requests)
+            logits = self.decoder.prefill([r.row for r in requests], first, start, stops)[:len(done)]
+            self._constrain(logits, done)
+            tokens = choose_tokens(logits, done)
         except Exception as exc:  # every admitted request is answered, with its error if need be
+            for slot in range(first, first + len(requests)):
+                self.decoder.free(slot)
+            self.prefilling = None
             if len(requests) > 1:
                 log.warning("prefill of %d requests failed (%s); retrying one by one", len(requests), exc)
-                for request in requests:
-                    self._prefill([request])
-                return
+                return sum(self._prefill([r], start, stop - start) for r, stop in zip(requests, stops, strict=True))
             log.exception("prefill failed")
+            requests[0].row = None
             self._resolve(requests[0], "error", exc)
-            return
+            return stops[0] - start
         self.decoder.accept(first, tokens)
-        for slot, request in enumerate(requests, start=first):
-            request.slot = slot
+        for slot, request in enumerate(done, start=first):
+            request.slot, request.row, request.prefilled = slot, None, request.prompt.length
             self.running.append(request)
             self.metrics.prompt_tokens(request.prompt.length)
-        first_tokens = tokens.tolist()
-        self.stats.prefill(len(requests), sum(r.prompt.length for r in requests), time.perf_counter() - started)
-        self._advance(requests, first_tokens)
+        self.prefilling = None
+        if len(done) < len(requests):
+            partial = requests[-1]
+            partial.slot, partial.prefilled, self.prefilling = first + len(done), stops[-1], partial
+        self.stats.prefill(len(requests), sum(stops) - start * len(requests), time.perf_counter() - started)
+        if done:
+            self._unread.append((done, self._to_host(tokens)))
+        return sum(stops) - start * len(requests)
 
     def collate(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         """Left-pad the prepared prompts into one batch on the model's device (copied first, from
@@ -647,6 +696,11 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.running if r.cancelled]:
             self._finish(request, "cancelled")
+        partial = self.prefilling
+        if partial is not None and partial.cancelled:
+            self.decoder.free(partial.slot)
+            partial.slot, partial.row, self.prefilling = -1, None, None
+            self._resolve(partial, "cancelled")
 
     def _finish(self, request: Request, reason: str = "error", error: Exception | None = None) -> None:
         """End ``request``'s row: the last running row moves into its slot (rows stay packed at

@@ -3,10 +3,10 @@
 Why this exists: plain ``model.generate`` spends most of each decoding step in Python (input
 preparation, logits processors, stopping criteria, cache bookkeeping). At batch 1 on a 7B
 model the GPU then waits on the CPU, and the speed swings with the host (10-46 tokens/s was
-measured on one kind of H100). Here prompts run once, eagerly and at any length, and their
-keys and values go into preallocated cache slots; every later step has fixed shapes per batch
-bucket, so it is compiled with ``torch.compile(mode="reduce-overhead")`` and replayed as a CUDA
-graph. Compilation happens in :meth:`SlotDecoder.warm_up` (the server calls it before it
+measured on one kind of H100). Here prompts run eagerly, at any length, straight into
+preallocated cache slots (in chunks, if the engine asks: :meth:`SlotDecoder.prefill`); every
+later step has fixed shapes per batch bucket, so it is compiled with
+``torch.compile(mode="reduce-overhead")`` and replayed as a CUDA graph. Compilation happens in :meth:`SlotDecoder.warm_up` (the server calls it before it
 accepts traffic), never inside a request. Each slot keeps its own length and position, so the
 serving engine (:mod:`medvl.engine.scheduler`) admits and ends requests one by one (continuous batching).
 
@@ -175,6 +175,66 @@ class _SlotCacheView:
         return keys[:n], values[:n]
 
 
+class _PrefillView:
+    """What the attention layers see while prompt chunks are prefilled: row ``i`` of the batch
+    writes its keys/values at columns ``start..`` of slot ``first + i`` and attends over that
+    slot's columns ``0..end`` (its earlier chunks, then this one)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, start: int) -> None:
+        self.keys, self.values, self.first, self.start = keys, values, first, start
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = slice(self.first, self.first + key.shape[0])
+        end = self.start + key.shape[2]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[rows, :, self.start:end] = key
+        values[rows, :, self.start:end] = value
+        return keys[rows, :, :end], values[rows, :, :end]
+
+
+@dataclass
+class PromptRow:
+    """One prompt on the model's device, ready to prefill (in one piece or in chunks)."""
+
+    embeds: torch.Tensor  # [length, hidden]: token embeddings, image embeddings in the image tokens' places
+    positions: torch.Tensor  # [4, length]: text position, then the three M-RoPE rows (as generate builds them)
+    ids: torch.Tensor  # [length]: token ids (seen, for the repetition penalty)
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def split_rows(inputs: dict[str, torch.Tensor], image_token_id: int, merge: int) -> list[dict[str, torch.Tensor]]:
+    """A left-padded processor batch as one unpadded prompt per row, each with its own images
+    (``image_grid_thw`` rows, ``pixel_values`` patches or ``image_embeds`` rows, in row order)."""
+    ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
+    kinds = inputs["mm_token_type_ids"].cpu() if "mm_token_type_ids" in inputs else None
+    grids = inputs["image_grid_thw"].cpu() if "image_grid_thw" in inputs else None
+    image = patch = embed = 0
+    rows = []
+    for i in range(ids.shape[0]):
+        row = {"input_ids": ids[i][mask[i]][None]}
+        row["attention_mask"] = torch.ones_like(row["input_ids"])
+        if kinds is not None:
+            row["mm_token_type_ids"] = kinds[i][mask[i]][None]
+        tokens, first = int((row["input_ids"] == image_token_id).sum()), image
+        while tokens > 0:
+            tokens -= int(grids[image].prod()) // merge**2
+            image += 1
+        if image > first:
+            row["image_grid_thw"] = grids[first:image]
+            patches = int(row["image_grid_thw"].prod(-1).sum())
+            if "pixel_values" in inputs:
+                row["pixel_values"], patch = inputs["pixel_values"][patch:patch + patches], patch + patches
+            if "image_embeds" in inputs:
+                n = patches // merge**2
+                row["image_embeds"], embed = inputs["image_embeds"][embed:embed + n], embed + n
+        rows.append(row)
+    return rows
+
+
 class SlotDecoder:
     """A KV cache of ``slots`` rows, each with its own length and position, and one decoding step.
 
@@ -186,9 +246,9 @@ class SlotDecoder:
 
     What a row computes is what plain greedy ``generate`` computes for that prompt alone:
 
-    - the prompt runs eagerly (any length; several prompts left-padded together) and its keys
-      and values are copied into the slots; positions are built as ``generate`` builds them
-      (Qwen2.5-VL's M-RoPE rows from ``get_rope_index``), then +1 per step;
+    - the prompt runs eagerly (any length, in chunks if asked; several prompts side by side) and
+      writes its keys and values straight into its slot; positions are built as ``generate``
+      builds them (Qwen2.5-VL's M-RoPE rows from ``get_rope_index``, on the CPU), then +1 per step;
     - each step's logits are float32, after the generation config's repetition penalty (Qwen2.5-VL
       ships 1.05, which greedy ``generate`` applies): every token id already in the row has its
       logit divided (or, if negative, multiplied) by it; padding is not counted as seen, so a row
@@ -258,12 +318,16 @@ class SlotDecoder:
             raise PromptTooLong(f"{prompt_len} prompt tokens + {max_new_tokens} new tokens exceed the context of "
                                 f"{self.max_cache_len} tokens (decode.max_cache_len)")
 
-    def _allocate(self, like: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """The cache itself, shaped after the first prompt's keys/values (dtype and device per layer)."""
-        for key, _ in like:
-            shape = (self.slots, key.shape[1], self.max_cache_len, key.shape[3])
-            self.keys.append(torch.zeros(shape, dtype=key.dtype, device=key.device))
-            self.values.append(torch.zeros(shape, dtype=key.dtype, device=key.device))
+    def _allocate(self, dtype: torch.dtype) -> None:
+        """The cache itself: keys and values ``[slots, kv_heads, max_cache_len, head_dim]`` per
+        layer, on that layer's device, in the prompts' dtype."""
+        text = self._text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        for layer in self.base.model.language_model.layers:
+            shape = (self.slots, text.num_key_value_heads, self.max_cache_len, head_dim)
+            device = layer.input_layernorm.weight.device
+            self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.values.append(torch.zeros(shape, dtype=dtype, device=device))
         if self.compiled:  # fixed addresses: the CUDA graphs read and write these in place
             for t in (*self.keys, *self.values, self.mask, self.write_at, self.position, self.seen):
                 torch._dynamo.mark_static_address(t)
@@ -275,59 +339,100 @@ class SlotDecoder:
         return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
 
     # ---- prefill
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Copy to the model's device without waiting for the step in flight (a copy from pageable
+        host memory would wait for the whole stream)."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
     @torch.inference_mode()
-    def prefill(self, inputs: Any, first: int) -> torch.Tensor:
-        """Run left-padded prompts (as the processor makes them) into slots ``first``, ``first+1``,
-        ...; returns each row's first-token logits (float32, penalized), ``[rows, vocab]``."""
-        from transformers import DynamicCache
+    def prompt_row(self, tensors: dict[str, torch.Tensor]) -> PromptRow:
+        """One unpadded prompt (the processor's tensors; ``image_embeds`` in place of
+        ``pixel_values`` if the vision tower already ran) as a :class:`PromptRow`.
 
-        batch, prompt_len = inputs["input_ids"].shape
-        if prompt_len > self.max_cache_len:
-            self.check_fits(prompt_len, 0)
-        attention = inputs["attention_mask"]
-        positions = generation_position_ids(self.base, inputs)
-        cache = DynamicCache(config=self.base.config)
-        if "image_embeds" in inputs:  # the vision tower ran at preparation (Engine.prepare)
-            prompt = {"inputs_embeds": self.embed_with_images(inputs["input_ids"], inputs["image_embeds"])}
-        else:
-            prompt = {k: v for k, v in inputs.items() if k != "attention_mask"}
-        out = self.model(**prompt, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        self.base.model.rope_deltas = None  # positions are passed in; a stale batch size would confuse later calls
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        Why the checks and positions run on the CPU copy: on a GPU each ``.item()`` or
+        ``.tolist()`` waits for the decoding step in flight; ``get_rope_index`` has several per
+        prompt. Nothing here waits for the GPU, so the engine's loop queues the prefill while the
+        running rows' step computes.
+        """
+        cpu = {k: tensors[k].cpu() for k in ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids")
+               if k in tensors}  # (already there when the engine calls: prompts are prepared on the CPU)
+        ids = cpu["input_ids"]
+        images = self._image_embeddings({**tensors, **cpu}, int((ids == self.base.config.image_token_id).sum()))
+        positions = generation_position_ids(self.base, cpu)
+        ids = self._on_device(ids[0])
+        embeds = self.base.get_input_embeddings()(ids)
+        if images is not None:
+            mask = (ids == self.base.config.image_token_id)[:, None].expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, images.to(embeds.dtype))
+        return PromptRow(embeds, self._on_device(positions[:, 0]), ids)
+
+    def _image_embeddings(self, tensors: dict[str, torch.Tensor], image_tokens: int) -> torch.Tensor | None:
+        """The prompt's image embeddings (the vision tower runs here on ``pixel_values``),
+        checked against its ``image_tokens`` before any GPU work: a mismatch would read past the
+        embeddings on the GPU."""
+        grid = tensors.get("image_grid_thw")
+        rows = 0 if grid is None else int(grid.prod(-1).sum()) // self.base.config.vision_config.spatial_merge_size ** 2
+        if "image_embeds" in tensors:
+            rows = tensors["image_embeds"].shape[0]
+        if rows != image_tokens:
+            raise ValueError(f"{image_tokens} image tokens in the prompt but {rows} image embeddings")
+        if "image_embeds" in tensors:
+            return self._on_device(tensors["image_embeds"])
+        if "pixel_values" in tensors:
+            features = self.base.model.get_image_features(self._on_device(tensors["pixel_values"]),
+                                                          self._on_device(grid))
+            return torch.cat(features.pooler_output, dim=0)
+        return None
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[PromptRow], first: int, start: int = 0, stops: list[int] | None = None) -> torch.Tensor:
+        """Prefill prompt positions ``start..stops[i]`` of ``rows[i]`` into slot ``first + i``
+        (``stops`` default: each row's whole prompt); returns each row's logits after its last
+        position here, ``[rows, vocab]`` (float32, penalized; meaningful for rows that finished
+        their prompt, whose slots are then ready to decode).
+
+        All rows start at the same position: new prompts at 0, or one prompt going on from its
+        last chunk (the engine prefills chunks of one long prompt over several turns, between
+        decoding steps). The rows are right-padded to the longest chunk; a padded position writes
+        past its row's chunk, where nothing attends and the next chunk or token writes again.
+        """
+        stops = stops or [row.length for row in rows]
+        widths = [stop - start for stop in stops]
+        width, n = max(widths), len(rows)
+        if start + width > self.max_cache_len:
+            self.check_fits(start + width, 0)
+        embeds = rows[0].embeds.new_zeros(n, width, rows[0].embeds.shape[-1])
+        positions = torch.zeros(4, n, width, dtype=torch.long, device=self.device)
+        for i, (row, stop) in enumerate(zip(rows, stops, strict=True)):
+            embeds[i, :stop - start] = row.embeds[start:stop]
+            positions[:, i, :stop - start] = row.positions[:, start:stop]
         if not self.keys:
-            self._allocate(layers)
-        rows = slice(first, first + batch)
-        # Each row's own tokens go to the front of its slot and it writes on from its own length:
-        # a short prompt prefilled beside a long one must not start at the batch's padded width
-        # (it would then write past the slot's end while its own length + max_tokens fits). The
-        # keys already carry their rotary positions, so moving them left changes no attention score.
-        lengths = attention.sum(dim=1)
-        columns = torch.arange(prompt_len, device=self.device)
-        source = (columns + (prompt_len - lengths)[:, None]).clamp(max=prompt_len - 1)  # past a row's length: masked
-        for (key, value), keys, values in zip(layers, self.keys, self.values, strict=True):
-            index = source[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3]).to(key.device)
-            keys[rows, :, :prompt_len] = key.gather(2, index)
-            values[rows, :, :prompt_len] = value.gather(2, index)
-        self.mask[rows] = False
-        self.mask[rows, :prompt_len] = columns < lengths[:, None]
-        self.write_at[rows] = lengths
-        self.position[rows] = positions[1:, :, -1].amax(dim=0) + 1  # text after the prompt: all 3 rows equal
-        # Padding is not "seen": a row counts the tokens it would have alone (its last token stands in).
-        real = torch.where(attention.bool(), inputs["input_ids"], inputs["input_ids"][:, -1:])
-        seen = torch.zeros(batch, self.vocab, dtype=torch.bool, device=self.device).scatter_(1, real, True)
-        self.seen[rows] = seen
-        return self._penalize(out.logits[:, -1, :].float(), seen)
+            self._allocate(embeds.dtype)
+        columns = torch.arange(start + width, device=self.device)
+        causal = columns[None, :] <= columns[start:, None]  # [width, start + width]: each position sees its slot up to itself
+        out = self.base.model(inputs_embeds=embeds, attention_mask={"full_attention": causal.expand(n, 1, -1, -1)},
+                              position_ids=positions, past_key_values=_PrefillView(self.keys, self.values, first, start),
+                              use_cache=True)
+        last = torch.stack([out.last_hidden_state[i, w - 1] for i, w in enumerate(widths)])
+        logits = self.base.lm_head(last).float()
+        for slot, row, stop in zip(range(first, first + n), rows, stops, strict=True):
+            self.mask[slot] = False
+            self.write_at[slot] = stop  # a step over a larger bucket writes here, where the next chunk writes again
+            if stop == row.length:
+                self.mask[slot, :stop] = True
+                self.position[slot] = row.positions[1:, -1].max() + 1  # text after the prompt: all 3 rows equal
+                self.seen[slot] = False
+                self.seen[slot].index_put_((row.ids,), self._true)
+        return self._penalize(logits, self.seen[first:first + n])
 
-    def embed_with_images(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        """The prompt's token embeddings with the image embeddings in the image tokens' places,
-        in row order, as the model's own forward places them (``masked_scatter``)."""
-        embeds = self.base.get_input_embeddings()(input_ids)
-        mask = input_ids == self.base.config.image_token_id
-        if int(mask.sum()) != image_embeds.shape[0]:
-            raise ValueError(f"{int(mask.sum())} image tokens in the prompts but {image_embeds.shape[0]} image "
-                             "embeddings")
-        return embeds.masked_scatter(mask[..., None].expand_as(embeds), image_embeds.to(embeds.dtype))
+    def prefill_batch(self, inputs: dict[str, torch.Tensor], first: int) -> torch.Tensor:
+        """:meth:`prefill` of a left-padded processor batch (benchmarks, tests, warm-up): each row
+        into its own slot, from ``first``; returns each row's first-token logits."""
+        merge = self.base.config.vision_config.spatial_merge_size
+        rows = [self.prompt_row(row) for row in split_rows(inputs, self.base.config.image_token_id, merge)]
+        return self.prefill(rows, first)
 
     # ---- decoding steps
     def _forward_step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -398,7 +503,7 @@ class SlotDecoder:
         self.check_fits(prompt_len, max_new_tokens)
         _sync(self.device)
         started = time.perf_counter()
-        logits = self.prefill(inputs, 0)
+        logits = self.prefill_batch(inputs, 0)
         token = logits.argmax(dim=-1)
         self.accept(0, token)
         _sync(self.device)
@@ -437,7 +542,7 @@ class SlotDecoder:
         Run once at start-up: the first call compiles the step (batch dimension dynamic), each
         bucket's first calls record its CUDA graph; after this no request pays for compilation.
         """
-        self.prefill(inputs, 0)
+        self.prefill_batch(inputs, 0)
         for rows in self.buckets if self.compiled else (1,):
             started = time.perf_counter()
             for _ in range(steps):
