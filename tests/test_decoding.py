@@ -142,3 +142,16 @@ def test_a_prompt_longer_than_the_cache_is_refused(model_and_processor, decoding
     inputs = build_inputs(processor, [Image.new("RGB", (224, 224), "white")], ["Read."], torch.device("cpu"))
     with pytest.raises(PromptTooLong, match="decode.max_cache_len"):
         SlotDecoder(decoding_model, max_cache_len=64, slots=1, compile_step=False).generate(inputs, 8)
+
+
+def test_prefill_chunks_group_into_buckets_that_hold_the_token_budget():
+    """Rows run in (rows, width) buckets, width a multiple of 128 and rows a power of two up to 8:
+    three 736-token pages under a 2048 budget are two forward passes (2 x 768, then 1 x 640), not
+    one padded 4 x 768; a row wider than the budget still runs, alone."""
+    from medvl.engine.slot_cache import chunk_groups, chunk_shape
+
+    assert chunk_shape(3, 736) == (4, 768) and chunk_shape(1, 1) == (1, 128) and chunk_shape(9, 10) == (9, 128)
+    assert chunk_groups([736, 736, 576], 2048) == [(0, 2), (2, 3)]
+    assert chunk_groups([40] * 10, 2048) == [(0, 8), (8, 10)]  # 8 x 128 fits; a 9th row would pad to 16
+    assert chunk_groups([3000, 10], 2048) == [(0, 1), (1, 2)]
+    assert chunk_groups([100], 128) == [(0, 1)]

@@ -33,7 +33,8 @@ def build_engine(model: Any, processor: Any, decode: DecodeSettings, slots: int 
     """The engine over a loaded model, per the ``decode`` settings (``slots`` overrides
     ``decode.max_batch_size``; ``compile_step`` overrides ``decode.compile``)."""
     compiled = should_compile(decode.compile, model) if compile_step is None else compile_step
-    decoder = SlotDecoder(model, decode.max_cache_len, slots or decode.max_batch_size, compiled)
+    decoder = SlotDecoder(model, decode.max_cache_len, slots or decode.max_batch_size, compiled,
+                          chunk_tokens=decode.max_prefill_tokens)
     return Engine(model, processor, decoder, decode.max_waiting, decode.max_prefill_tokens, metrics,
                   vision_in_prepare=decode.vision_in_prepare)
 

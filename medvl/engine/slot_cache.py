@@ -175,22 +175,84 @@ class _SlotCacheView:
         return keys[:n], values[:n]
 
 
-class _PrefillView:
-    """What the attention layers see while prompt chunks are prefilled: row ``i`` of the batch
-    writes its keys/values at columns ``start..`` of slot ``first + i`` and attends over that
-    slot's columns ``0..end`` (its earlier chunks, then this one)."""
+class _ChunkCacheView:
+    """What the attention layers see while prompt chunks are prefilled: each position writes its
+    key/value at its (slot, column) (padding: in the scratch slot), and each row attends over its
+    whole slot, its mask showing only the columns up to the position itself. Fixed shapes per
+    chunk bucket, so the forward pass can be captured as a CUDA graph."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, start: int) -> None:
-        self.keys, self.values, self.first, self.start = keys, values, first, start
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_slots: torch.Tensor,
+                 token_columns: torch.Tensor, row_slots: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        self.token_slots, self.token_columns, self.row_slots = token_slots, token_columns, row_slots
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = slice(self.first, self.first + key.shape[0])
-        end = self.start + key.shape[2]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[rows, :, self.start:end] = key
-        values[rows, :, self.start:end] = value
-        return keys[rows, :, :end], values[rows, :, :end]
+        keys[self.token_slots, :, self.token_columns] = key.transpose(1, 2)  # [rows, width, kv_heads, dim]
+        values[self.token_slots, :, self.token_columns] = value.transpose(1, 2)
+        return keys[self.row_slots], values[self.row_slots]
+
+
+CHUNK_WIDTH = 128  # chunk widths are padded to a multiple of this: a handful of CUDA graphs cover every width
+CHUNK_ROWS = (1, 2, 4, 8)  # rows of one chunk forward pass, padded to the next of these
+
+
+def chunk_shape(rows: int, width: int) -> tuple[int, int]:
+    """The bucket (rows, width) a chunk of ``rows`` prompts up to ``width`` positions runs in."""
+    return next(n for n in (*CHUNK_ROWS, rows) if n >= rows), -(-width // CHUNK_WIDTH) * CHUNK_WIDTH
+
+
+def chunk_groups(widths: list[int], tokens: int) -> list[tuple[int, int]]:
+    """Consecutive rows grouped into chunk forward passes of at most ``CHUNK_ROWS[-1]`` rows whose
+    padded bucket holds at most ``tokens`` positions (a single row always makes a group); returns
+    ``(begin, end)`` ranges."""
+    groups, begin = [], 0
+    for i in range(1, len(widths) + 1):
+        if i == len(widths) or i - begin == CHUNK_ROWS[-1] or _bucket_tokens(widths[begin:i + 1]) > tokens:
+            groups.append((begin, i))
+            begin = i
+    return groups
+
+
+def _bucket_tokens(widths: list[int]) -> int:
+    rows, width = chunk_shape(len(widths), max(widths))
+    return rows * width
+
+
+class _ChunkGraph:
+    """One chunk bucket's forward pass captured as a CUDA graph, with its static inputs.
+
+    Why: an eager forward pass of the 7B language model costs ~40 ms of Python on the engine's
+    thread while request threads hold the GIL (docs/results/h100: 349 prefills took 14.1 s of a
+    28-s window), where the GPU needs ~22 ms for a page: the prefill was bound by the CPU. A
+    replay is one launch."""
+
+    def __init__(self, decoder: SlotDecoder, rows: int, width: int, pool: Any) -> None:
+        hidden = decoder.base.get_input_embeddings().weight.shape[1]
+        device, scratch = decoder.device, decoder.slots
+        self.inputs = {
+            "embeds": torch.zeros(rows, width, hidden, dtype=decoder.keys[0].dtype, device=device),
+            "positions": torch.zeros(4, rows, width, dtype=torch.long, device=device),
+            "token_slots": torch.full((rows, width), scratch, dtype=torch.long, device=device),
+            "token_columns": torch.arange(width, device=device).expand(rows, -1).contiguous(),
+            "row_slots": torch.full((rows,), scratch, dtype=torch.long, device=device),
+            "last": torch.zeros(rows, dtype=torch.long, device=device),
+        }
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            decoder._chunk_forward(**self.inputs)  # lazy initialisation outside the capture
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = decoder._chunk_forward(**self.inputs)
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        for name, tensor in inputs.items():
+            self.inputs[name].copy_(tensor, non_blocking=True)
+        self.graph.replay()
+        return self.logits
 
 
 @dataclass
@@ -260,7 +322,7 @@ class SlotDecoder:
     never inside a request.
     """
 
-    def __init__(self, model: Any, max_cache_len: int, slots: int, compile_step: bool) -> None:
+    def __init__(self, model: Any, max_cache_len: int, slots: int, compile_step: bool, chunk_tokens: int = 2048) -> None:
         self.model = model
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # Serving-only rewrites (same function, other parameter shapes: never save after them).
@@ -294,6 +356,11 @@ class SlotDecoder:
         self._step = (torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=True)
                       if compile_step else self._forward_step)
         self.compile_s: dict[int, float] = {}
+        # Prefill chunks: at most this many padded positions per forward pass (the engine's
+        # decode.max_prefill_tokens, rounded up to CHUNK_WIDTH); their CUDA graphs, once captured.
+        self.chunk_tokens = -(-chunk_tokens // CHUNK_WIDTH) * CHUNK_WIDTH
+        self._chunk_graphs: dict[tuple[int, int], _ChunkGraph] = {}
+        self.capture_s = 0.0
 
     # ---- bookkeeping
     @property
@@ -323,8 +390,8 @@ class SlotDecoder:
         layer, on that layer's device, in the prompts' dtype."""
         text = self._text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        for layer in self.base.model.language_model.layers:
-            shape = (self.slots, text.num_key_value_heads, self.max_cache_len, head_dim)
+        for layer in self.base.model.language_model.layers:  # slot ``slots``: scratch for a chunk's padding
+            shape = (self.slots + 1, text.num_key_value_heads, self.max_cache_len, head_dim)
             device = layer.input_layernorm.weight.device
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))
@@ -395,28 +462,40 @@ class SlotDecoder:
 
         All rows start at the same position: new prompts at 0, or one prompt going on from its
         last chunk (the engine prefills chunks of one long prompt over several turns, between
-        decoding steps). The rows are right-padded to the longest chunk; a padded position writes
-        past its row's chunk, where nothing attends and the next chunk or token writes again.
+        decoding steps). Rows run in groups of a chunk bucket (:func:`chunk_groups`), each a
+        CUDA graph replay once :meth:`capture_chunks` has run.
         """
         stops = stops or [row.length for row in rows]
         widths = [stop - start for stop in stops]
-        width, n = max(widths), len(rows)
-        if start + width > self.max_cache_len:
-            self.check_fits(start + width, 0)
-        embeds = rows[0].embeds.new_zeros(n, width, rows[0].embeds.shape[-1])
-        positions = torch.zeros(4, n, width, dtype=torch.long, device=self.device)
-        for i, (row, stop) in enumerate(zip(rows, stops, strict=True)):
-            embeds[i, :stop - start] = row.embeds[start:stop]
-            positions[:, i, :stop - start] = row.positions[:, start:stop]
+        if start + max(widths) > self.max_cache_len:
+            self.check_fits(start + max(widths), 0)
         if not self.keys:
-            self._allocate(embeds.dtype)
-        columns = torch.arange(start + width, device=self.device)
-        causal = columns[None, :] <= columns[start:, None]  # [width, start + width]: each position sees its slot up to itself
-        out = self.base.model(inputs_embeds=embeds, attention_mask={"full_attention": causal.expand(n, 1, -1, -1)},
-                              position_ids=positions, past_key_values=_PrefillView(self.keys, self.values, first, start),
-                              use_cache=True)
-        last = torch.stack([out.last_hidden_state[i, w - 1] for i, w in enumerate(widths)])
-        logits = self.base.lm_head(last).float()
+            self._allocate(rows[0].embeds.dtype)
+        logits = [self._prefill_group(rows[a:b], first + a, start, stops[a:b])
+                  for a, b in chunk_groups(widths, self.chunk_tokens)]
+        return torch.cat(logits)
+
+    def _prefill_group(self, rows: list[PromptRow], first: int, start: int, stops: list[int]) -> torch.Tensor:
+        """One chunk forward pass: the rows padded to their bucket (padding writes in the
+        scratch slot), run by its CUDA graph if captured, then each finished row's slot state."""
+        n = len(rows)
+        bucket_rows, width = chunk_shape(n, max(stop - start for stop in stops))
+        token_slots = torch.full((bucket_rows, width), self.slots, dtype=torch.long)
+        token_columns = torch.arange(width).clamp(max=self.max_cache_len - 1).repeat(bucket_rows, 1)
+        row_slots = torch.full((bucket_rows,), self.slots, dtype=torch.long)
+        last = torch.zeros(bucket_rows, dtype=torch.long)
+        embeds = rows[0].embeds.new_zeros(bucket_rows, width, rows[0].embeds.shape[-1])
+        positions = torch.zeros(4, bucket_rows, width, dtype=torch.long, device=self.device)
+        for i, (row, stop) in enumerate(zip(rows, stops, strict=True)):
+            w = stop - start
+            token_slots[i, :w], row_slots[i], last[i] = first + i, first + i, w - 1
+            token_columns[i, :w] = torch.arange(start, stop)
+            embeds[i, :w] = row.embeds[start:stop]
+            positions[:, i, :w] = row.positions[:, start:stop]
+        forward = self._chunk_graphs.get((bucket_rows, width), self._chunk_forward)
+        logits = forward(embeds=embeds, positions=positions, token_slots=self._on_device(token_slots),
+                         token_columns=self._on_device(token_columns), row_slots=self._on_device(row_slots),
+                         last=self._on_device(last))[:n]
         for slot, row, stop in zip(range(first, first + n), rows, stops, strict=True):
             self.mask[slot] = False
             self.write_at[slot] = stop  # a step over a larger bucket writes here, where the next chunk writes again
@@ -426,6 +505,35 @@ class SlotDecoder:
                 self.seen[slot] = False
                 self.seen[slot].index_put_((row.ids,), self._true)
         return self._penalize(logits, self.seen[first:first + n])
+
+    def _chunk_forward(self, embeds: torch.Tensor, positions: torch.Tensor, token_slots: torch.Tensor,
+                       token_columns: torch.Tensor, row_slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The language model over one padded chunk; returns the logits at each row's ``last``
+        position, ``[rows, vocab]`` float32. Shapes depend on the bucket only."""
+        columns = torch.arange(self.max_cache_len, device=embeds.device)
+        mask = (columns[None, None, :] <= token_columns[:, :, None])[:, None]  # [rows, 1, width, cache]
+        out = self.base.model(inputs_embeds=embeds, attention_mask={"full_attention": mask}, position_ids=positions,
+                              past_key_values=_ChunkCacheView(self.keys, self.values, token_slots, token_columns,
+                                                              row_slots), use_cache=True)
+        hidden = out.last_hidden_state[torch.arange(embeds.shape[0], device=embeds.device), last]
+        return self.base.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def capture_chunks(self) -> float:
+        """Capture every chunk bucket up to ``chunk_tokens`` positions as a CUDA graph (a GPU
+        only; at start-up, after the cache exists); returns the seconds it took."""
+        started = time.perf_counter()
+        if self.device.type != "cuda" or not self.keys:
+            return 0.0
+        pool = torch.cuda.graph_pool_handle()
+        for rows in CHUNK_ROWS:
+            for width in range(CHUNK_WIDTH, self.chunk_tokens + 1, CHUNK_WIDTH):
+                if rows * width <= self.chunk_tokens and rows <= self.slots and width <= self.max_cache_len:
+                    self._chunk_graphs[rows, width] = _ChunkGraph(self, rows, width, pool)
+        _sync(self.device)
+        log.info("%d prefill chunk shapes captured as CUDA graphs in %.1f s", len(self._chunk_graphs),
+                 time.perf_counter() - started)
+        return time.perf_counter() - started
 
     def prefill_batch(self, inputs: dict[str, torch.Tensor], first: int) -> torch.Tensor:
         """:meth:`prefill` of a left-padded processor batch (benchmarks, tests, warm-up): each row
@@ -537,7 +645,8 @@ class SlotDecoder:
         return ids
 
     def warm_up(self, inputs: Any, steps: int = 3) -> dict[int, float]:
-        """Compile (and capture) the step for every bucket; returns seconds per bucket.
+        """Compile (and capture) the step for every bucket, then capture the prefill chunks
+        (:meth:`capture_chunks`); returns seconds per decoding bucket.
 
         Run once at start-up: the first call compiles the step (batch dimension dynamic), each
         bucket's first calls record its CUDA graph; after this no request pays for compilation.
@@ -551,6 +660,8 @@ class SlotDecoder:
             self.compile_s[rows] = time.perf_counter() - started
             log.info("decode step for batch %d ready in %.1f s (%s)", rows, self.compile_s[rows],
                      "compiled" if self.compiled else "eager")
+        if self.compiled:
+            self.capture_s = self.capture_chunks()
         self.reset()
         return dict(self.compile_s)
 
