@@ -9,6 +9,7 @@ set -uo pipefail
 wd=${WD:-/tmp/run-7b-random}
 export ROUTES=${ROUTES:-mixed} CLIENTS=${CLIENTS:-32} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-30} WD=$wd
 log="$wd/logs/api_server_stdout.log"
+rm -f "$log"
 (
   while ! grep -q "server ready" "$log" 2>/dev/null; do sleep 1; done
   sleep 10  # the benchmark's warm-up, then into the measured window
@@ -16,7 +17,6 @@ log="$wd/logs/api_server_stdout.log"
   /tmp/site/bin/py-spy record -p "$pid" -d 10 -r 200 --threads --gil --nonblocking -f raw -o "$OUT/pyspy_gil.txt" >/dev/null 2>&1
   /tmp/site/bin/py-spy record -p "$pid" -d 10 -r 200 --threads --idle --nonblocking -f raw -o "$OUT/pyspy_idle.txt" >/dev/null 2>&1
 ) &
-rm -f "$log"
 FORMS=bf16 bash bench/device/gpu_serving_mixed.sh
 wait
 FORMS=${FORMS:-int4} bash bench/device/gpu_serving_mixed.sh
