@@ -11,7 +11,7 @@ export ROUTES=${ROUTES:-mixed} CLIENTS=${CLIENTS:-32} SECONDS_PER_LEVEL=${SECOND
 log="$wd/logs/api_server_stdout.log"
 rm -f "$log"
 (
-  while ! grep -q "server ready" "$log" 2>/dev/null; do sleep 1; done
+  while ! grep -q "model ready" "$log" 2>/dev/null; do sleep 1; done
   sleep 10  # the benchmark's warm-up, then into the measured window
   pid=$(pgrep -f "medvl.http.server" | head -1)
   /tmp/site/bin/py-spy record -p "$pid" -d 10 -r 200 --threads --gil --nonblocking -f raw -o "$OUT/pyspy_gil.txt" >/dev/null 2>&1

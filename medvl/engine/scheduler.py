@@ -204,8 +204,19 @@ def choose_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
         # (a one-hot distribution), never to inf - inf = nan.
         scaled = (logits[row] - logits[row].max()) / params.temperature
         probs = _top_p_filter(torch.softmax(scaled, dim=-1), params.top_p)
-        tokens[row] = torch.multinomial(probs, 1, generator=request.generator)[0]
+        tokens[row] = _sample(probs, request.generator)
     return tokens
+
+
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token drawn from ``probs`` (a 0-dim tensor on their device), never waiting for the GPU.
+
+    ``argmax(p / e)`` with ``e`` exponential(1) picks token ``i`` with probability ``p_i`` (the
+    exponential race); ``torch.multinomial`` draws the same distribution but, on a GPU, waited
+    for the queued work (py-spy: 9% of the engine thread in a load test).
+    """
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax()
 
 
 class Engine:
