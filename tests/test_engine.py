@@ -287,3 +287,46 @@ def test_a_prompt_prefilled_in_chunks_between_steps_gets_its_tokens_alone(tiny_m
     assert chunked.stats.prefills >= page.length // 128
     assert [r.token_ids for r in results] == alone
     assert [r.generated_tokens for r in results] == [2, 30, 12]
+
+
+def test_pages_waiting_for_the_vision_tower_share_one_call(engine):
+    """Three pages prepared by three threads while the tower is busy (its lock held here): the
+    first thread to get it runs all three in one call, and each page's embeddings are the ones
+    it gets alone. If that shared call fails, each page is retried alone: none fails for another."""
+    docs = benchmark_documents(1234, 3)
+    images = [render_document(d) for d in docs]
+    alone = [engine.prepare(image, "Read.").tensors["image_embeds"] for image in images]
+    model = engine.decoder.base.model
+    tower = model.get_image_features
+
+    def prepare_three_at_once(fail_batches: bool) -> tuple[list[int], dict]:
+        calls: list[int] = []
+
+        def counted(pixels, grid, **kwargs):
+            calls.append(int(grid.shape[0]))
+            if fail_batches and grid.shape[0] > 1:
+                raise RuntimeError("a batch failed (injected)")
+            return tower(pixels, grid, **kwargs)
+
+        model.get_image_features = counted
+        results: dict = {}
+        with engine._vision_lock:
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.prepare(images[i], "Read.")))
+                       for i in range(3)]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 30
+            while len(engine._vision_queue) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        for thread in threads:
+            thread.join(timeout=60)
+        return calls, results
+
+    try:
+        for fail_batches, expected_calls in ((False, [3]), (True, [3, 1, 1, 1])):
+            calls, results = prepare_three_at_once(fail_batches)
+            assert calls == expected_calls
+            for i in range(3):
+                torch.testing.assert_close(results[i].tensors["image_embeds"], alone[i])
+    finally:
+        model.get_image_features = tower

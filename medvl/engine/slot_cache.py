@@ -585,10 +585,10 @@ class SlotDecoder:
     def move(self, source: int, target: int) -> None:
         """Copy slot ``source`` into slot ``target`` (keeps running rows packed at the front)."""
         for keys, values in zip(self.keys, self.values, strict=True):
-            keys[target] = keys[source]
-            values[target] = values[source]
+            keys[target].copy_(keys[source])
+            values[target].copy_(values[source])
         for state in (self.mask, self.write_at, self.position, self.seen, self.last_token):
-            state[target] = state[source]
+            state[target].copy_(state[source])
 
     def free(self, slot: int) -> None:
         """Forget slot ``slot`` (its row ended and no running row was moved into it): a step over
