@@ -119,16 +119,20 @@ def test_a_failing_prefill_fails_only_its_own_request(engine, prompts):
 
 
 def test_streaming_text_is_the_answer(engine, prompts):
+    """The pieces join into the answer, and their log-probabilities into the answer's."""
     pieces: list[str] = []
+    entries: list = []
     lock = threading.Lock()
 
-    def on_text(piece):
+    def on_text(piece, logprobs):
         with lock:
             pieces.append(piece)
+            entries.extend(logprobs)
 
-    request = engine.submit(prompts[0], SamplingParams(20, ignore_eos=True), on_text)
+    request = engine.submit(prompts[0], SamplingParams(20, ignore_eos=True, logprobs=2), on_text)
     (result,) = run_to_end(engine, [request])
     assert "".join(pieces) == result.text and len(pieces) > 1
+    assert entries == result.logprobs and len(entries) == result.generated_tokens
 
 
 def test_engine_matches_plain_generate(tiny_model_dir, tiny_settings, engine, prompts):
@@ -330,3 +334,31 @@ def test_pages_waiting_for_the_vision_tower_share_one_call(engine):
                 torch.testing.assert_close(results[i].tensors["image_embeds"], alone[i])
     finally:
         model.get_image_features = tower
+
+
+def test_log_probabilities_come_with_every_token(engine, prompts):
+    """logprobs=3: one entry per generated token, streamed rows and plain alike; a greedy token is
+    the most likely one, its log-probability the first alternative's; alternatives are in
+    descending order; under a grammar (a JSON object) every alternative is a token the grammar
+    allowed (finite), and the probabilities are among those; a sampled token has a finite one."""
+    import math
+
+    from medvl.engine.grammar import ResponseFormat
+
+    requests = [engine.submit(prompts[0], SamplingParams(12, logprobs=3)),
+                engine.submit(prompts[1], SamplingParams(12, logprobs=3, response_format=ResponseFormat.json_object())),
+                engine.submit(prompts[2], SamplingParams(12, logprobs=0, temperature=1.0, seed=3)),
+                engine.submit(prompts[0], SamplingParams(12))]
+    greedy, grammar, sampled, plain = run_to_end(engine, requests)
+    assert plain.logprobs is None and greedy.token_ids == plain.token_ids
+    for result in (greedy, grammar):
+        assert [e.token for e in result.logprobs] == result.token_ids
+        for entry in result.logprobs:
+            assert len(entry.top) == 3 and entry.top[0][0] == entry.token
+            assert entry.logprob == pytest.approx(entry.top[0][1], abs=1e-5) and entry.logprob <= 0
+            assert [v for _, v in entry.top] == sorted((v for _, v in entry.top), reverse=True)
+    assert all(math.isfinite(v) for entry in grammar.logprobs for _, v in entry.top) or any(
+        math.isinf(v) for entry in grammar.logprobs for _, v in entry.top[1:])  # fewer than 3 allowed: -inf after them
+    assert sum(math.exp(v) for _, v in grammar.logprobs[0].top) <= 1 + 1e-5
+    assert [e.token for e in sampled.logprobs] == sampled.token_ids
+    assert all(math.isfinite(e.logprob) and e.top == () for e in sampled.logprobs)

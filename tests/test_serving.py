@@ -87,9 +87,32 @@ def test_stream_with_include_usage_ends_with_usage(client, messages):
     assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_logprobs_with_three_alternatives_streamed_and_not(client, messages):
+    """The official client, logprobs=True, top_logprobs=3: every token has its log-probability and
+    three alternatives, streamed and not (the same entries); a greedy token is the most likely,
+    also under a JSON schema (the probability among the tokens it allows); the tokens' bytes make
+    the answer."""
+    kwargs = {"model": "medvl", "messages": messages, "max_tokens": 12, "logprobs": True, "top_logprobs": 3}
+    plain = client.chat.completions.create(**kwargs).choices[0]
+    entries = plain.logprobs.content
+    assert len(entries) == client.chat.completions.create(**{**kwargs, "logprobs": False, "top_logprobs": None}
+                                                          ).usage.completion_tokens
+    assert b"".join(bytes(e.bytes) for e in entries).decode(errors="replace").startswith(plain.message.content)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    schema = {"type": "json_schema", "json_schema": {"name": "drug", "schema": DRUG_SCHEMA}}
+    constrained = client.chat.completions.create(**kwargs, response_format=schema).choices[0].logprobs.content
+    for entry in [*entries, *constrained]:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.token == entry.top_logprobs[0].token
+        assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs), abs=1e-5)
+    with pytest.raises(openai.UnprocessableEntityError, match="top_logprobs"):  # OpenAI's limit is 20
+        client.chat.completions.create(**{**kwargs, "top_logprobs": 21})
+
+
 @pytest.mark.parametrize("params, name", [
     ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
     ({"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
     ({"response_format": {"type": "json_object"}, "extra_body": {"ignore_eos": True}}, "ignore_eos"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),

@@ -69,6 +69,22 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks on random weights: always max_tokens tokens (not with a grammar)
     response_format: ResponseFormat | None = None  # decode under this grammar (medvl.engine.grammar)
+    # None: no log-probabilities; k (0-20): each chosen token's log-probability and the k most
+    # likely tokens' (see :func:`token_logprobs` for which distribution).
+    logprobs: int | None = None
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the ``top`` alternatives (id, log-probability),
+    most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -106,6 +122,7 @@ class Result:
     ttft_s: float  # submit to first token
     latency_s: float  # submit to last token
     closed_early: bool = False  # a grammar row steered to close its JSON as its budget ran out
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked (SamplingParams.logprobs)
 
     @property
     def generated_tokens(self) -> int:
@@ -157,11 +174,12 @@ class EngineStats:
 @dataclass(eq=False)
 class Request:
     """One request's life in the engine. ``on_text`` (streaming) is called from the engine's
-    thread with each new piece of text; it must not block."""
+    thread with each new piece of text and the log-probabilities of the tokens it covers (empty
+    unless ``params.logprobs`` asks); it must not block."""
 
     prompt: Prompt
     params: SamplingParams
-    on_text: Callable[[str], None] | None = None
+    on_text: Callable[[str, list[TokenLogprob]], None] | None = None
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
@@ -170,10 +188,12 @@ class Request:
     first_token: float = 0.0
     last_token: float = 0.0
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
     text: str = ""  # detokenized so far (streams and stop strings only)
     _read: int = 0  # tokens already turned into text
     _prefix: int = 0  # where the last text piece started (for multi-token characters)
     _sent: int = 0  # characters of ``text`` already passed to ``on_text``
+    _logprobs_sent: int = 0  # entries of ``logprobs`` already passed to ``on_text``
     generator: torch.Generator | None = None
     grammar: RowGrammar | None = None  # the row's matcher, when it decodes under a response format
     slot: int = -1  # the cache slot while running (or while its prompt is prefilled in chunks)
@@ -228,6 +248,28 @@ def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     """
     race = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race).argmax()
+
+
+def _token_logprob(token: int, values: list[float], top: int) -> TokenLogprob:
+    """A row of :func:`token_logprobs` as a :class:`TokenLogprob` with its first ``top`` alternatives."""
+    width = (len(values) - 1) // 2
+    alternatives = zip(values[1 + width:1 + width + top], values[1:1 + top], strict=True)
+    return TokenLogprob(token, values[0], tuple((int(i), v) for i, v in alternatives))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> torch.Tensor:
+    """``[rows, 1 + 2 * top]`` float32: each row's chosen token's log-probability, then the
+    ``top`` most likely tokens' log-probabilities and ids (ids as floats, exact below 2**24).
+
+    The distribution is the one the token was chosen from before temperature and top-p: the
+    model's logits after the repetition penalty and, for a row under a response format, its
+    grammar's mask (the probability among the tokens the grammar allows; a greedy token is the
+    most likely of them). Computed on the device and copied back with the tokens: no wait.
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, tokens.view(-1, 1))
+    values, ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0])
+    return torch.cat([chosen, values, ids.float()], dim=1)
 
 
 class Engine:
@@ -343,12 +385,15 @@ class Engine:
             log.warning("the vision tower failed on a page: %s", exc)
             jobs[0].error = exc
 
-    def submit(self, prompt: Prompt, params: SamplingParams, on_text: Callable[[str], None] | None = None) -> Request:
+    def submit(self, prompt: Prompt, params: SamplingParams,
+               on_text: Callable[[str, list[TokenLogprob]], None] | None = None) -> Request:
         """Queue a request; raises :class:`PromptTooLong`, :class:`medvl.engine.grammar.GrammarError`
         (a response format that does not compile), :class:`Overloaded` or :class:`EngineDead` at once."""
         if self.dead is not None:
             raise self.dead
         self.decoder.check_fits(prompt.length, params.max_tokens)
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs: 0 to {MAX_TOP_LOGPROBS} alternatives, not {params.logprobs}")
         request = Request(prompt, params, on_text, withdraw=self._withdraw)
         if params.response_format is not None:
             request.grammar = self.grammars.row(params.response_format)
@@ -529,7 +574,7 @@ class Engine:
         tokens = choose_tokens(logits, rows)
         self.decoder.accept(0, tokens)
         self.stats.step(len(rows), time.perf_counter() - started)
-        launched = rows, self._to_host(tokens)
+        launched = rows, self._to_host(tokens, self._logprobs(logits, tokens, rows))
         for request, reason, error in ended:
             self._finish(request, reason, error)
         return unread, launched
@@ -544,23 +589,32 @@ class Engine:
             self.stats.masks(len(masked), time.perf_counter() - started)
 
     @staticmethod
-    def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Start copying ``tokens`` to the CPU without waiting (pinned memory on a GPU); the
-        event marks the copy's end in the stream, so reading waits for this step only."""
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Request]) -> torch.Tensor | None:
+        """:func:`token_logprobs` for every row when any of ``rows`` asks (one kernel chain for the batch)."""
+        asked = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+        return token_logprobs(logits, tokens, max(asked)) if asked else None
+
+    @staticmethod
+    def _to_host(tokens: torch.Tensor, logprobs: torch.Tensor | None = None) -> tuple[Any, ...]:
+        """Start copying ``tokens`` (and their ``logprobs``) to the CPU without waiting (pinned
+        memory on a GPU); the event marks the copy's end in the stream, so reading waits for
+        this step only."""
         if tokens.device.type != "cuda":
-            return tokens, None
+            return tokens, logprobs, None
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True).copy_(tokens, non_blocking=True)
+        if logprobs is not None:
+            logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True).copy_(logprobs, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return host, done
+        return host, logprobs, done
 
-    def _collect(self, rows: list[Request], host: tuple[torch.Tensor, torch.cuda.Event | None],
+    def _collect(self, rows: list[Request], host: tuple[Any, ...],
                  ended: list[tuple[Request, str, Exception | None]] | None = None) -> None:
         """Take a launched step's tokens (waits for that step only) and advance its rows."""
-        tokens, done = host
+        tokens, logprobs, done = host
         if done is not None:
             done.synchronize()
-        self._advance(rows, tokens.tolist(), ended)
+        self._advance(rows, tokens.tolist(), ended, None if logprobs is None else logprobs.tolist())
 
     def _prefill_turn(self) -> None:
         """Spend this turn's ``max_prefill_tokens``: first on the prompt left partly prefilled,
@@ -655,7 +709,7 @@ class Engine:
             partial.slot, partial.prefilled, self.prefilling = first + len(done), stops[-1], partial
         self.stats.prefill(len(requests), sum(stops) - start * len(requests), time.perf_counter() - started)
         if done:
-            self._unread.append((done, self._to_host(tokens)))
+            self._unread.append((done, self._to_host(tokens, self._logprobs(logits, tokens, done))))
         return sum(stops) - start * len(requests)
 
     def collate(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
@@ -679,13 +733,17 @@ class Engine:
 
     # ---- after each token
     def _advance(self, requests: list[Request], tokens: list[int],
-                 ended: list[tuple[Request, str, Exception | None]] | None = None) -> None:
-        """Append each request's new token (requests that ended meanwhile are skipped) and end
-        the rows that are done (or, with ``ended``, list them for the caller to end)."""
+                 ended: list[tuple[Request, str, Exception | None]] | None = None,
+                 logprobs: list[list[float]] | None = None) -> None:
+        """Append each request's new token (requests that ended meanwhile are skipped) and its
+        log-probabilities (rows of :func:`token_logprobs`, when asked), and end the rows that are
+        done (or, with ``ended``, list them for the caller to end)."""
         now = time.perf_counter()
-        for request, token in zip(requests, tokens, strict=True):
+        for row, (request, token) in enumerate(zip(requests, tokens, strict=True)):
             if request.slot < 0:  # ended after this step was launched: its token is not part of the answer
                 continue
+            if logprobs is not None and request.params.logprobs is not None:
+                request.logprobs.append(_token_logprob(token, logprobs[row], request.params.logprobs))
             if request.tokens:
                 self.metrics.inter_token_latency(now - request.last_token)
             else:
@@ -744,11 +802,17 @@ class Engine:
         return stopped
 
     @staticmethod
-    def _send(request: Request, upto: int) -> None:
-        """Pass ``text`` up to ``upto`` to a streaming caller (what it has not had yet)."""
-        if request.on_text is not None and upto > request._sent:
-            request.on_text(request.text[request._sent:upto])
-            request._sent = upto
+    def _send(request: Request, upto: int, tokens: int | None = None) -> None:
+        """Pass ``text`` up to ``upto`` to a streaming caller (what it has not had yet), with the
+        log-probabilities of the tokens decoded since the last piece (up to ``tokens``, default
+        those turned into text; text held back for a possible stop string comes later)."""
+        if request.on_text is None:
+            return
+        covered = request._read if tokens is None else tokens
+        entries = request.logprobs[request._logprobs_sent:covered]
+        if upto > request._sent or entries:
+            request.on_text(request.text[request._sent:max(upto, request._sent)], entries)
+            request._sent, request._logprobs_sent = max(upto, request._sent), max(covered, request._logprobs_sent)
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.running if r.cancelled]:
@@ -788,13 +852,15 @@ class Engine:
                 for stop in request.params.stop:
                     text = text.split(stop, 1)[0]
             request.text = text
-        self._send(request, len(request.text))  # what was held back for a possible stop string
+        self._send(request, len(request.text), len(request.tokens))  # what was held back for a possible stop string
         now = time.perf_counter()
         request.future.set_result(Result(
             text=text, token_ids=list(request.tokens), prompt_tokens=request.prompt.length, finish_reason=reason,
             queue_s=(request.admitted or now) - request.submitted,
             ttft_s=(request.first_token or now) - request.submitted, latency_s=now - request.submitted,
-            closed_early=request.grammar is not None and request.grammar.closed_early))
+            closed_early=request.grammar is not None and request.grammar.closed_early,
+            logprobs=list(request.logprobs) if request.params.logprobs is not None else None))
 
 
-__all__ = ["Engine", "EngineDead", "EngineMetrics", "Overloaded", "Prompt", "PromptTooLong", "Request", "Result", "SamplingParams"]
+__all__ = ["MAX_TOP_LOGPROBS", "Engine", "EngineDead", "EngineMetrics", "Overloaded", "Prompt", "PromptTooLong", "Request",
+           "Result", "SamplingParams", "TokenLogprob"]

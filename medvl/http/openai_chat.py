@@ -2,9 +2,11 @@
 
 Every parameter the request schema accepts is honoured (``max_tokens`` per row, ``temperature``,
 ``top_p``, ``seed``, ``stop``, ``stream`` with ``stream_options.include_usage``, ``response_format``
-``text``, ``json_object`` or ``json_schema``: decoded under the grammar, medvl/engine/grammar.py) or
-refused with a 400 naming it (``n`` > 1, ``logprobs``, ``top_logprobs``, penalties, a schema that
-does not compile, unknown fields). Streams share the running batch with every other request.
+``text``, ``json_object`` or ``json_schema``: decoded under the grammar, medvl/engine/grammar.py;
+``logprobs`` and ``top_logprobs`` up to 20, streamed and not, computed on the GPU in the decoding
+step: see medvl.engine.scheduler.token_logprobs for the distribution) or refused with a 400 naming
+it (``n`` > 1, ``top_logprobs`` without ``logprobs``, penalties, a schema that does not compile,
+unknown fields). Streams share the running batch with every other request.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import time
 import uuid
@@ -24,7 +27,7 @@ from fastapi.responses import StreamingResponse
 
 from medvl.engine.grammar import ResponseFormat
 from medvl.engine.images import BadInput
-from medvl.engine.scheduler import EngineDead, SamplingParams
+from medvl.engine.scheduler import EngineDead, SamplingParams, TokenLogprob
 from medvl.engine.scheduler import Request as EngineRequest
 from medvl.http.audit import RequestAudit
 from medvl.http.errors import ERROR_RESPONSES, ApiError
@@ -63,15 +66,47 @@ async def chat_completions(body: ChatRequest, http: Request, state: State):
         # Submitted before the response starts: a request over the context, a full queue or a dead
         # engine answers with its own status (400, 503), not with a 200 and an empty stream.
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-        request = engine.submit(prompt, params, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        request = engine.submit(prompt, params, lambda piece, logprobs: loop.call_soon_threadsafe(
+            pieces.put_nowait, (piece, logprobs)))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(stream_chat(state, request, pieces, completion_id, created, body.model,
                                              include_usage, http.state.audit), media_type="text/event-stream")
     result = await state.wait(engine.submit(prompt, params), http)
+    logprobs = None if result.logprobs is None else logprobs_body(engine.processor.tokenizer, result.logprobs)
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "logprobs": None, "finish_reason": result.finish_reason}],
+                         "logprobs": logprobs, "finish_reason": result.finish_reason}],
             "usage": usage(result).model_dump()}
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable characters back to the bytes they stand for (GPT-2's table,
+    which Qwen's tokenizer uses: printable bytes stand for themselves, the other 68 for the
+    characters from U+0100 on, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """A token's own bytes (a piece of a multi-byte character is its bytes alone)."""
+    piece = tokenizer.convert_ids_to_tokens(token_id) or ""
+    table = _byte_decoder()
+    return b"".join(bytes([table[c]]) if c in table else c.encode() for c in piece)
+
+
+def logprobs_body(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's ``choices[].logprobs``: ``{"content": [{"token", "logprob", "bytes",
+    "top_logprobs": [...]}]}``, one entry per generated token (an end-of-sequence token
+    included, with its own text). An alternative the grammar forbids (fewer allowed tokens than
+    asked for) has probability 0: its log-probability is sent as -9999.0, as OpenAI and vLLM do
+    (JSON has no -inf)."""
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes(tokenizer, token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(logprob, -9999.0), "bytes": list(raw)}
+
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(i, v) for i, v in e.top]} for e in entries]}
 
 
 def refuse(param: str, why: str) -> ApiError:
@@ -82,10 +117,8 @@ def sampling_params(body: ChatRequest, default_max_tokens: int) -> SamplingParam
     """The request's sampling settings, or a 400 naming the first parameter this server does not do."""
     if body.n not in (None, 1):
         raise refuse("n", "only one choice per request is generated (n=1)")
-    if body.logprobs:
-        raise refuse("logprobs", "log probabilities are not returned")
-    if body.top_logprobs:
-        raise refuse("top_logprobs", "log probabilities are not returned")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise refuse("top_logprobs", "requires logprobs=true")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(body, name):
             raise refuse(name, "not supported (the model's own repetition penalty applies)")
@@ -99,7 +132,8 @@ def sampling_params(body: ChatRequest, default_max_tokens: int) -> SamplingParam
         raise refuse("stop", f"at most {MAX_STOP_STRINGS} stop strings")
     return SamplingParams(max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
                           temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, seed=body.seed,
-                          stop=tuple(s for s in stops if s), ignore_eos=body.ignore_eos, response_format=fmt)
+                          stop=tuple(s for s in stops if s), ignore_eos=body.ignore_eos, response_format=fmt,
+                          logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 
 def response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
@@ -165,10 +199,15 @@ async def stream_chat(state: ServerState, request: EngineRequest, pieces: asynci
     """
     loop = asyncio.get_running_loop()
 
-    def event(delta: dict[str, Any] | None, finish: str | None = None, usage_body: dict[str, Any] | None = None) -> str:
+    tokenizer = state.engine().processor.tokenizer
+    asked = request.params.logprobs is not None
+
+    def event(delta: dict[str, Any] | None, finish: str | None = None, usage_body: dict[str, Any] | None = None,
+              logprobs: list[TokenLogprob] | None = None) -> str:
+        body = logprobs_body(tokenizer, logprobs or []) if asked and delta is not None else None
         payload: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                    "model": model,
-                                   "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                   "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": body,
                                                                          "finish_reason": finish}]}
         if include_usage:
             payload["usage"] = usage_body
@@ -184,7 +223,8 @@ async def stream_chat(state: ServerState, request: EngineRequest, pieces: asynci
             done, _ = await asyncio.wait({getter, future}, timeout=max(0.0, deadline - loop.time()),
                                          return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
-                yield event({"content": getter.result()})
+                piece, logprobs = getter.result()
+                yield event({"content": piece}, logprobs=logprobs)
                 continue
             getter.cancel()
             if not done:  # the request's time is up
@@ -194,7 +234,8 @@ async def stream_chat(state: ServerState, request: EngineRequest, pieces: asynci
                 yield "data: [DONE]\n\n"
                 return
         while not pieces.empty():
-            yield event({"content": pieces.get_nowait()})
+            piece, logprobs = pieces.get_nowait()
+            yield event({"content": piece}, logprobs=logprobs)
         try:
             result = future.result()
         except EngineDead as exc:

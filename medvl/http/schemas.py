@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from medvl.engine.scheduler import MAX_TOP_LOGPROBS
 from medvl.medical.records import ExtractionRecord
 
 
@@ -135,8 +136,8 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     """OpenAI's chat-completion request. Every field here is honoured, or refused with a 400
-    naming it when set to something this server does not do (``n`` > 1, ``logprobs``,
-    penalties, a ``response_format`` other than text); any other field is a 400 too."""
+    naming it when set to something this server does not do (``n`` > 1, ``top_logprobs``
+    without ``logprobs``, penalties); any other field is a 400 too."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -149,8 +150,9 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(default=None, description="with temperature > 0: the same seed gives the same answer")
     stop: str | list[str] | None = Field(default=None, description="up to 4 strings; the answer ends before the first")
     n: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0)
+    logprobs: bool | None = Field(default=None, description="each generated token's log-probability")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="with logprobs: this many most likely tokens per position")
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     response_format: dict[str, Any] | None = None
