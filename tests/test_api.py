@@ -58,6 +58,13 @@ def test_extract_returns_the_documented_envelope(server, page):
     assert body["parse_status"] == "json" and is_valid_record(body["raw_text"])  # decoded under the record's schema
     assert body["usage"]["completion_tokens"] > 0 and body["latency_s"] > 0
     assert body["model"]["kind"] == "base" and body["model"]["form"] == "bf16"  # tiny's served form: full precision
+    # each item's confidence (its least sure field's) and the review list, least sure first (with
+    # 48 tokens the tiny model's record may hold no item: tests/test_engine.py reads a longer one)
+    items = {item["pointer"]: item for item in body["items"]}
+    assert "needs_review" in body and all(0 < item["confidence"] <= 1 for item in items.values())
+    assert all(item["confidence"] == min(item["fields"].values()) for item in items.values() if item["fields"])
+    unsure = sorted((i for i in items.values() if i["confidence"] < 0.5), key=lambda i: i["confidence"])
+    assert body["needs_review"] == [i["pointer"] for i in unsure]
 
 
 def test_server_serves_the_awq_checkpoint_4_bit_when_asked(phases_1_4, page):

@@ -362,3 +362,21 @@ def test_log_probabilities_come_with_every_token(engine, prompts):
     assert sum(math.exp(v) for _, v in grammar.logprobs[0].top) <= 1 + 1e-5
     assert [e.token for e in sampled.logprobs] == sampled.token_ids
     assert all(math.isfinite(e.logprob) and e.top == () for e in sampled.logprobs)
+
+
+def test_a_record_answer_gets_a_confidence_for_every_field_it_fills(engine, prompts):
+    """The lab page decoded under the record's grammar with log-probabilities: every non-empty
+    field gets a confidence in (0, 1], placed on the field's own characters (the tokens' bytes make
+    the answer), and a field's confidence is the product of its tokens' probabilities."""
+    from medvl.engine.grammar import RECORD_FORMAT
+    from medvl.engine.tokens import answer_tokens
+    from medvl.medical.confidence import field_confidences, value_spans
+
+    result = engine.generate(prompts[1], SamplingParams(300, response_format=RECORD_FORMAT, logprobs=0))
+    tokens = answer_tokens(engine.processor.tokenizer, result.logprobs)
+    assert b"".join(raw for raw, _ in tokens) == result.text.encode()
+    confidences = field_confidences(result.text, tokens)
+    filled = [p for p, a, b in value_spans(result.text) if b > a]
+    assert filled and sorted(confidences) == sorted(filled)
+    assert all(0 < c <= 1 for c in confidences.values())
+    assert min(confidences.values()) < 0.999  # random weights: some field is not sure

@@ -207,13 +207,16 @@ class ApiSettings:
     # past this size, keeping this many earlier files.
     audit_max_mb: float = 50.0
     audit_backups: int = 5
+    # /extract lists in needs_review every item whose confidence (medvl/medical/confidence.py:
+    # the probability the model gave its least sure field's exact value) is below this.
+    review_below_confidence: float = 0.5
 
 
 # What a served model's answers depend on: every setting but where the server listens. The
 # server reports their fingerprint (/health), phase 8 checks it is the run's.
 SERVED_SETTINGS = ("model", "bench", "quant", "data", "train", "decode", "api.max_upload_mb",
                    "api.max_image_pixels", "api.max_pdf_pages", "api.pdf_render_dpi", "api.request_timeout_s",
-                   "api.max_new_tokens")
+                   "api.max_new_tokens", "api.review_below_confidence")
 
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
@@ -471,6 +474,8 @@ def _check_values(s: Settings) -> list[str]:
         p.append(f"decode.compile: one of auto, on, off, got {s.decode.compile!r}")
     if s.decode.max_cache_len < 64 or s.decode.max_batch_size < 1:
         p.append("decode.max_cache_len must be >= 64 and decode.max_batch_size >= 1")
+    if not 0 <= s.api.review_below_confidence <= 1:
+        p.append(f"api.review_below_confidence must be in [0, 1], not {s.api.review_below_confidence}")
     if s.decode.max_waiting < 1 or s.decode.max_prefill_tokens < 64:
         p.append("decode.max_waiting must be >= 1, decode.max_prefill_tokens >= 64")
     if not 1 <= s.api.port <= 65535:

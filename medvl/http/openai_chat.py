@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import json
 import time
 import uuid
@@ -29,6 +28,7 @@ from medvl.engine.grammar import ResponseFormat
 from medvl.engine.images import BadInput
 from medvl.engine.scheduler import EngineDead, SamplingParams, TokenLogprob
 from medvl.engine.scheduler import Request as EngineRequest
+from medvl.engine.tokens import token_bytes
 from medvl.http.audit import RequestAudit
 from medvl.http.errors import ERROR_RESPONSES, ApiError
 from medvl.http.schemas import ChatRequest, ModelCard, ModelList
@@ -77,23 +77,6 @@ async def chat_completions(body: ChatRequest, http: Request, state: State):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "logprobs": logprobs, "finish_reason": result.finish_reason}],
             "usage": usage(result).model_dump()}
-
-
-@functools.cache
-def _byte_decoder() -> dict[str, int]:
-    """Byte-level BPE's printable characters back to the bytes they stand for (GPT-2's table,
-    which Qwen's tokenizer uses: printable bytes stand for themselves, the other 68 for the
-    characters from U+0100 on, in byte order)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
-
-
-def token_bytes(tokenizer: Any, token_id: int) -> bytes:
-    """A token's own bytes (a piece of a multi-byte character is its bytes alone)."""
-    piece = tokenizer.convert_ids_to_tokens(token_id) or ""
-    table = _byte_decoder()
-    return b"".join(bytes([table[c]]) if c in table else c.encode() for c in piece)
 
 
 def logprobs_body(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any]:

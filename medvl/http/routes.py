@@ -11,11 +11,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from medvl.core.settings import SERVED_SETTINGS
 from medvl.engine.grammar import RECORD_FORMAT
 from medvl.engine.pages import PAGE_BREAK, headed_page_texts
-from medvl.engine.scheduler import SamplingParams
+from medvl.engine.scheduler import Result, SamplingParams
+from medvl.engine.tokens import answer_tokens
 from medvl.http.audit import RequestAudit
 from medvl.http.errors import ERROR_RESPONSES
 from medvl.http.schemas import AnalyzeResponse, ExtractResponse, HealthResponse, PageAnswer, PageText, Usage
 from medvl.http.state import ServerState, State, check_prompt, sum_usage, usage
+from medvl.medical.confidence import document_confidences, field_confidences
 from medvl.medical.fhir import record_bundle
 from medvl.medical.prompts import EXTRACTION_PROMPT
 from medvl.medical.records import document_result, structured_result
@@ -73,14 +75,15 @@ async def extract(http: Request, state: State, file: Annotated[UploadFile, DOCUM
     else:
         prompts = await state.prepare_pages(data, EXTRACTION_PROMPT)
         audit.pages = len(prompts)
-        params = [SamplingParams(state.answer_tokens(p), response_format=RECORD_FORMAT) for p in prompts]
+        params = [SamplingParams(state.answer_tokens(p), response_format=RECORD_FORMAT, logprobs=0) for p in prompts]
         results = await state.generate_pages(prompts, params, http)
-        pages = [structured_result(result.text) for result in results]
+        tokenizer = state.engine().processor.tokenizer
+        pages = [page_result(result, tokenizer) for result in results]
         answers = [PageAnswer(page=number, parse_status=page["parse_status"], closed_early=result.closed_early,
                               usage=usage(result))
                    for number, (page, result) in enumerate(zip(pages, results, strict=True), 1)]
         response = ExtractResponse(
-            request_id=audit.request_id, **document_result(pages), pages=answers,
+            request_id=audit.request_id, **reviewed(document_result(pages), pages, state), pages=answers,
             raw_text=PAGE_BREAK.join(result.text for result in results),
             closed_early=any(result.closed_early for result in results),
             latency_s=max(result.latency_s for result in results), usage=sum_usage(results), model=state.model_info())
@@ -91,12 +94,27 @@ async def extract(http: Request, state: State, file: Annotated[UploadFile, DOCUM
     return Response(bundle.model_dump_json(), media_type="application/fhir+json")
 
 
+def page_result(result: Result, tokenizer: Any) -> dict[str, Any]:
+    """A page's record result with its fields' confidences (medvl/medical/confidence.py; none
+    unless the answer parsed as the record's JSON)."""
+    page = structured_result(result.text)
+    if page["parse_status"] == "json" and result.logprobs is not None:
+        page["confidence"] = field_confidences(result.text, answer_tokens(tokenizer, result.logprobs))
+    return page
+
+
+def reviewed(document: dict[str, Any], pages: list[dict[str, Any]], state: ServerState) -> dict[str, Any]:
+    """The document with each item's confidence and the items to review (under
+    ``api.review_below_confidence``, or without a confidence, as every OCR-baseline item is)."""
+    return document_confidences(document, pages, state.settings.api.review_below_confidence)
+
+
 async def ocr_extract(state: ServerState, data: bytes, audit: RequestAudit) -> ExtractResponse:
     """/extract from the OCR + rules baseline: the record its rules read, with the same flags."""
     pages = await state.ocr_extract(data)
     audit.pages = len(pages)
     none = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-    return ExtractResponse(request_id=audit.request_id, **document_result(pages),
+    return ExtractResponse(request_id=audit.request_id, **reviewed(document_result(pages), pages, state),
                            pages=[PageAnswer(page=number, parse_status="ocr", closed_early=False, usage=none)
                                   for number in range(1, len(pages) + 1)],
                            raw_text=PAGE_BREAK.join(page["raw_text"] for page in pages),

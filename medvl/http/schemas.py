@@ -35,6 +35,11 @@ class ItemSource(BaseModel):
     pointer: str = Field(description="the item in `structured`, as an RFC 6901 JSON pointer: /lab_values/0, "
                                      "/diagnoses/2, /vitals/heart_rate")
     page: int = Field(description="the page it was read from, from 1 (always 1 for an image)")
+    confidence: float | None = Field(None, description="the probability the model gave its least sure field's "
+                                                       "exact value (medvl/medical/confidence.py); null when not "
+                                                       "read from the model's JSON (the OCR baseline, a repaired answer)")
+    fields: dict[str, float] | None = Field(None, description="each non-empty field's confidence, for items with "
+                                                              "fields (a medication's name, dose, ...)")
 
 
 class PageAnswer(BaseModel):
@@ -48,7 +53,9 @@ class ExtractResponse(BaseModel):
     request_id: str
     structured: ExtractionRecord = Field(description="the document's record: its pages' records merged in page "
                                                      "order, an item repeated exactly on a later page kept once")
-    items: list[ItemSource] = Field(description="where each item of `structured` came from")
+    items: list[ItemSource] = Field(description="where each item of `structured` came from, and how sure the model was")
+    needs_review: list[str] = Field(description="pointers of the items to check by hand, least sure first: confidence "
+                                                "below api.review_below_confidence, or none")
     pages: list[PageAnswer] = Field(description="each page's answer: an image is one page, a PDF one per page")
     flags: list[FlagItem] = Field(description="plausibility and safety flags on the whole record "
                                               "(medvl/medical/flags.py), and vitals that differ between pages")
