@@ -33,7 +33,7 @@ def test_a_value_is_as_sure_as_the_product_of_its_tokens():
     assert all(c > 0.9 for c in sure.values()) and "/medications/0/route" not in sure
     dose = ANSWER.index("500 mg")
     pieces = [ANSWER[i:i + 3] for i in range(0, len(ANSWER), 3)]
-    inside = [p for i, p in zip(range(0, len(ANSWER), 3), pieces) if dose <= i < dose + 6]
+    inside = [p for i, p in zip(range(0, len(ANSWER), 3), pieces, strict=True) if dose <= i < dose + 6]
     assert len(inside) == 2
     unsure = field_confidences(ANSWER, tokens_of(ANSWER, {p: 0.7 for p in inside}))
     assert unsure["/medications/0/dose"] == pytest.approx(0.7 * 0.7 * math.exp(-0.01), rel=0.05)
