@@ -23,8 +23,10 @@ from conftest import REPO, extend_run
 
 @pytest.fixture(scope="module")
 def server(phases_1_4):
-    """The server on the tiny base model (phases 1-4 ran), short answers so the suite stays quick."""
-    with running_server(phases_1_4, extra_args=["--max-new-tokens", "48", "--max-upload-mb", "8"]) as base:
+    """The server on the tiny base model (phases 1-4 ran), short answers and no source boxes (the
+    page's OCR, seconds on this CPU) so the suite stays quick; test_source_boxes_... turns them on."""
+    with running_server(phases_1_4, extra_args=["--max-new-tokens", "48", "--max-upload-mb", "8",
+                                                "--set", "api.source_boxes=false"]) as base:
         yield base
 
 
@@ -78,6 +80,23 @@ def test_server_serves_the_awq_checkpoint_4_bit_when_asked(phases_1_4, page):
         assert is_valid_record(r.json()["raw_text"])
 
 
+def test_source_boxes_place_what_the_page_shows_and_none_for_what_it_does_not(phases_1_4):
+    """The model server with source boxes on (the default) and room for a long record: the tiny
+    model's random answer names things the page does not show, so each such field gets no box
+    and its item is in needs_review; a field the page does show gets a box inside the page."""
+    page = next((phases_1_4 / "datasets" / "test_images").glob("*lab_results*.png"))
+    with running_server(phases_1_4, extra_args=["--max-new-tokens", "300"]) as base:
+        r = httpx.post(f"{base}/extract", files={"file": ("p.png", page.read_bytes(), "image/png")}, timeout=300)
+    body = r.json()
+    assert r.status_code == 200 and body["items"], body
+    for item in body["items"]:
+        assert item["boxes"] is not None and set(item["boxes"]) <= set(item["fields"] or {"value": 0})
+        assert all(0 <= v <= 1 for box in item["boxes"].values() if box for v in box)
+        if None in item["boxes"].values():
+            assert item["pointer"] in body["needs_review"]
+    assert any(None in item["boxes"].values() for item in body["items"])
+
+
 def test_server_with_the_ocr_baseline_extracts_records_with_flags(phases_1_4):
     """--model ocr: /extract answers from OCR + rules, with the model's envelope and flags;
     the routes only a model can answer say so with a 400."""
@@ -93,6 +112,13 @@ def test_server_with_the_ocr_baseline_extracts_records_with_flags(phases_1_4):
         assert {lab["name"] for lab in truth["lab_values"]} == set(read)
         flagged = [lab for lab in truth["lab_values"] if lab["flag"]]
         assert flagged and all(read[lab["name"]]["flag"] == lab["flag"] for lab in flagged)
+        # every lab value the rules read has the box of its own OCR text (tests/test_sources.py checks
+        # boxes against the generator's layout); none has a confidence: the rules give none
+        labs = [item for item in body["items"] if item["pointer"].startswith("/lab_values/")]
+        assert len(labs) == len(read) and all(item["boxes"]["value"] is not None for item in labs)
+        assert all(0 <= v <= 1 for item in labs for box in item["boxes"].values() if box for v in box)
+        assert all(item["confidence"] is None for item in body["items"])
+        assert set(body["needs_review"]) == {item["pointer"] for item in body["items"]}
         assert isinstance(body["flags"], list) and body["disclaimer"]
         r = httpx.post(f"{base}/analyze", files={"file": ("p.png", page.read_bytes(), "image/png")},
                        data={"prompt": "Describe."}, timeout=30)

@@ -24,7 +24,8 @@ TIMEOUT_S = 1  # a 3-row, 960-token answer takes ~2.6 s on the 2-core CPU (measu
 
 @pytest.fixture(scope="module")
 def server(phases_1_2):
-    with running_server(phases_1_2, extra_args=["--max-new-tokens", "48", "--max-batch-size", "4"]) as base:
+    with running_server(phases_1_2, extra_args=["--max-new-tokens", "48", "--max-batch-size", "4",
+                                                "--set", "api.source_boxes=false"]) as base:  # no OCR: CPU time
         yield base
 
 

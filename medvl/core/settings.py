@@ -210,13 +210,17 @@ class ApiSettings:
     # /extract lists in needs_review every item whose confidence (medvl/medical/confidence.py:
     # the probability the model gave its least sure field's exact value) is below this.
     review_below_confidence: float = 0.5
+    # /extract gives each field the box of the page's OCR text it matches (medvl/medical/sources.py);
+    # the OCR runs on the CPU while the model decodes (seconds a page on a 2-core CPU; README).
+    source_boxes: bool = True
 
 
 # What a served model's answers depend on: every setting but where the server listens. The
 # server reports their fingerprint (/health), phase 8 checks it is the run's.
 SERVED_SETTINGS = ("model", "bench", "quant", "data", "train", "decode", "api.max_upload_mb",
                    "api.max_image_pixels", "api.max_pdf_pages", "api.pdf_render_dpi", "api.request_timeout_s",
-                   "api.max_new_tokens", "api.review_below_confidence")
+                   "api.max_new_tokens", "api.review_below_confidence",
+                   "api.source_boxes")
 
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,

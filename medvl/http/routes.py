@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -17,12 +19,15 @@ from medvl.http.audit import RequestAudit
 from medvl.http.errors import ERROR_RESPONSES
 from medvl.http.schemas import AnalyzeResponse, ExtractResponse, HealthResponse, PageAnswer, PageText, Usage
 from medvl.http.state import ServerState, State, check_prompt, sum_usage, usage
+from medvl.medical import ocr
 from medvl.medical.confidence import document_confidences, field_confidences
 from medvl.medical.fhir import record_bundle
 from medvl.medical.prompts import EXTRACTION_PROMPT
 from medvl.medical.records import document_result, structured_result
+from medvl.medical.sources import item_boxes, normalised, page_runs
 
 router = APIRouter()
+log = logging.getLogger("medvl.api")
 
 
 async def read_upload(state: ServerState, file: UploadFile) -> bytes:
@@ -73,17 +78,25 @@ async def extract(http: Request, state: State, file: Annotated[UploadFile, DOCUM
     if state.served.engine is None:
         response = await ocr_extract(state, data, audit)
     else:
-        prompts = await state.prepare_pages(data, EXTRACTION_PROMPT)
+        prompts, images = await state.prepare_pages(data, EXTRACTION_PROMPT)
         audit.pages = len(prompts)
+        # The pages' OCR (for the source boxes) runs in a thread while the model decodes.
+        runs = asyncio.ensure_future(asyncio.to_thread(source_runs, images)) if state.settings.api.source_boxes else None
         params = [SamplingParams(state.answer_tokens(p), response_format=RECORD_FORMAT, logprobs=0) for p in prompts]
-        results = await state.generate_pages(prompts, params, http)
+        try:
+            results = await state.generate_pages(prompts, params, http)
+        finally:
+            runs_by_page = await runs if runs is not None else None
         tokenizer = state.engine().processor.tokenizer
         pages = [page_result(result, tokenizer) for result in results]
         answers = [PageAnswer(page=number, parse_status=page["parse_status"], closed_early=result.closed_early,
                               usage=usage(result))
                    for number, (page, result) in enumerate(zip(pages, results, strict=True), 1)]
+        document = reviewed(document_result(pages), pages, state)
+        if runs_by_page is not None:
+            item_boxes(document, runs_by_page)
         response = ExtractResponse(
-            request_id=audit.request_id, **reviewed(document_result(pages), pages, state), pages=answers,
+            request_id=audit.request_id, **document, pages=answers,
             raw_text=PAGE_BREAK.join(result.text for result in results),
             closed_early=any(result.closed_early for result in results),
             latency_s=max(result.latency_s for result in results), usage=sum_usage(results), model=state.model_info())
@@ -103,6 +116,16 @@ def page_result(result: Result, tokenizer: Any) -> dict[str, Any]:
     return page
 
 
+def source_runs(images: list[Any]) -> list[list[tuple[str, list[float]]]] | None:
+    """Each page's OCR runs with their boxes (medvl/medical/sources.py), or None (logged) where
+    the OCR engine cannot run: the record then comes without boxes rather than not at all."""
+    try:
+        return [page_runs(image) for image in images]
+    except ocr.OcrUnavailable as exc:
+        log.warning("no source boxes: %s", exc)
+        return None
+
+
 def reviewed(document: dict[str, Any], pages: list[dict[str, Any]], state: ServerState) -> dict[str, Any]:
     """The document with each item's confidence and the items to review (under
     ``api.review_below_confidence``, or without a confidence, as every OCR-baseline item is)."""
@@ -114,7 +137,10 @@ async def ocr_extract(state: ServerState, data: bytes, audit: RequestAudit) -> E
     pages = await state.ocr_extract(data)
     audit.pages = len(pages)
     none = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-    return ExtractResponse(request_id=audit.request_id, **reviewed(document_result(pages), pages, state),
+    document = reviewed(document_result(pages), pages, state)
+    if state.settings.api.source_boxes:  # the baseline's own OCR runs
+        item_boxes(document, [normalised(page["runs"], page["page_size"]) for page in pages])
+    return ExtractResponse(request_id=audit.request_id, **document,
                            pages=[PageAnswer(page=number, parse_status="ocr", closed_early=False, usage=none)
                                   for number in range(1, len(pages) + 1)],
                            raw_text=PAGE_BREAK.join(page["raw_text"] for page in pages),
@@ -131,7 +157,7 @@ async def analyze(http: Request, state: State, file: Annotated[UploadFile, DOCUM
     data = await read_upload(state, file)
     audit = http.state.audit
     audit.document(data)
-    prompts = await state.prepare_pages(data, prompt)
+    prompts, _ = await state.prepare_pages(data, prompt)
     audit.pages = len(prompts)
     results = await state.generate_pages(prompts, [SamplingParams(state.answer_tokens(p)) for p in prompts], http)
     texts = [result.text for result in results]

@@ -40,6 +40,10 @@ class ItemSource(BaseModel):
                                                        "read from the model's JSON (the OCR baseline, a repaired answer)")
     fields: dict[str, float] | None = Field(None, description="each non-empty field's confidence, for items with "
                                                               "fields (a medication's name, dose, ...)")
+    boxes: dict[str, list[float] | None] | None = Field(
+        None, description="each non-empty field's box on the item's page, [x0, y0, x1, y1] normalised to the page "
+                          "(origin top left), from the page's OCR (a diagnosis's or a vital's under `value`); null: "
+                          "the page does not show it (the item is in needs_review); absent with api.source_boxes off")
 
 
 class PageAnswer(BaseModel):
@@ -54,8 +58,9 @@ class ExtractResponse(BaseModel):
     structured: ExtractionRecord = Field(description="the document's record: its pages' records merged in page "
                                                      "order, an item repeated exactly on a later page kept once")
     items: list[ItemSource] = Field(description="where each item of `structured` came from, and how sure the model was")
-    needs_review: list[str] = Field(description="pointers of the items to check by hand, least sure first: confidence "
-                                                "below api.review_below_confidence, or none")
+    needs_review: list[str] = Field(description="pointers of the items to check by hand: least sure first (confidence "
+                                                "below api.review_below_confidence, or none), then those with a "
+                                                "value not found on the page")
     pages: list[PageAnswer] = Field(description="each page's answer: an image is one page, a PDF one per page")
     flags: list[FlagItem] = Field(description="plausibility and safety flags on the whole record "
                                               "(medvl/medical/flags.py), and vitals that differ between pages")

@@ -127,12 +127,17 @@ class ServerState:
         return await self._prepared(
             lambda: engine.prepare(self.decode_image(data) if data is not None else None, messages=messages))
 
-    async def prepare_pages(self, data: bytes, prompt: str) -> list[Prompt]:
+    async def prepare_pages(self, data: bytes, prompt: str) -> tuple[list[Prompt], list[Any]]:
         """Every page of an upload (an image is one page, a PDF many) decoded and prepared with
-        ``prompt`` (as in training: OCR-grounded when the profile says so); one admission per document."""
+        ``prompt`` (as in training: OCR-grounded when the profile says so); one admission per
+        document. Returns the prompts and the page images (kept in memory for the request only)."""
         engine = self.engine()
-        return await self._prepared(
-            lambda: [engine.prepare(page, self.served.prompt_for(page, prompt)) for page in self.decode_pages(data)])
+
+        def prepare() -> tuple[list[Prompt], list[Any]]:
+            pages = self.decode_pages(data)
+            return [engine.prepare(page, self.served.prompt_for(page, prompt)) for page in pages], pages
+
+        return await self._prepared(prepare)
 
     async def ocr_extract(self, data: bytes) -> list[dict[str, Any]]:
         """The OCR baseline's result for each page (``--model ocr``), decoded and read in a worker thread."""

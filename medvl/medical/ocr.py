@@ -62,15 +62,27 @@ def describe() -> str:
             "+ the project's lexicon and value rules")
 
 
-def read_lines(image: Image.Image) -> list[str]:
-    """The page's text lines, top to bottom. PP-OCR boxes each table cell apart, so boxes whose
-    vertical centres lie within half a box height are one row, joined left to right: a lab
-    table's name, value, unit, range and flag come back as one line, as printed."""
+Run = tuple[str, tuple[float, float, float, float]]  # a run of text and its box in pixels (x0, y0, x1, y1)
+
+
+def read_boxes(image: Image.Image) -> list[Run]:
+    """Each run of text PP-OCR found on the page, with its box, in its order."""
     result, _ = load()(np.asarray(image.convert("RGB")))
-    boxes = []
+    runs = []
     for corners, text, _ in result or []:
-        ys = [y for _, y in corners]
-        boxes.append(((min(ys) + max(ys)) / 2, max(ys) - min(ys), min(x for x, _ in corners), text))
+        xs, ys = [x for x, _ in corners], [y for _, y in corners]
+        runs.append((text, (min(xs), min(ys), max(xs), max(ys))))
+    return runs
+
+
+def read_lines(image: Image.Image, runs: list[Run] | None = None) -> list[str]:
+    """The page's text lines, top to bottom (from its OCR ``runs`` when already read). PP-OCR
+    boxes each table cell apart, so boxes whose vertical centres lie within half a box height
+    are one row, joined left to right: a lab table's name, value, unit, range and flag come back
+    as one line, as printed."""
+    boxes = []
+    for text, (x0, y0, _, y1) in read_boxes(image) if runs is None else runs:
+        boxes.append(((y0 + y1) / 2, y1 - y0, x0, text))
     rows: list[list[tuple[float, float, float, str]]] = []
     for box in sorted(boxes):
         if rows and abs(box[0] - rows[-1][0][0]) < rows[-1][0][1] / 2:
@@ -152,22 +164,25 @@ def _written(term: str, text: str, exact_case: bool = False) -> bool:
 def extract(image: Image.Image) -> dict[str, Any]:
     """OCR then rules: the record as a JSON answer (what the scorer reads), its lines and timing."""
     started = time.perf_counter()
-    lines = read_lines(image)
+    runs = read_boxes(image)
+    lines = read_lines(image, runs)
     ocr_s = time.perf_counter() - started
     record = record_from_lines(lines)
-    return {"response": json.dumps(record), "structured": record, "lines": lines, "ocr_s": ocr_s,
+    return {"response": json.dumps(record), "structured": record, "lines": lines, "runs": runs, "ocr_s": ocr_s,
             "latency_s": time.perf_counter() - started}
 
 
 def structured_result(image: Image.Image) -> dict[str, Any]:
     """What /extract and the CLI return for a page read by the baseline (as
     :func:`medvl.medical.records.structured_result` for a model's answer): the record, its parse status
-    ``ocr``, the same plausibility flags, the OCR lines as the raw text, and the time taken."""
+    ``ocr``, the same plausibility flags, the OCR lines as the raw text, the OCR runs with their
+    boxes in pixels (``runs``, for medvl.medical.sources), the page's size and the time taken."""
     from medvl.medical import flags
 
     out = extract(image)
     return {"structured": out["structured"], "parse_status": "ocr", "flags": flags.check(out["structured"]),
-            "disclaimer": flags.DISCLAIMER, "raw_text": "\n".join(out["lines"]), "latency_s": out["latency_s"]}
+            "disclaimer": flags.DISCLAIMER, "raw_text": "\n".join(out["lines"]), "runs": out["runs"],
+            "page_size": image.size, "latency_s": out["latency_s"]}
 
 
 def grounded_prompt(image: Image.Image, instruction: str) -> str:
