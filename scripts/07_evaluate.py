@@ -85,7 +85,8 @@ def main(settings: Settings, wd: Workdir) -> dict:
             models[name] = evaluate.evaluate_model(
                 name, lambda f=folder, i=in_form: load_in_form(f, settings, i),
                 load_processor(folder, settings if name == "base" else None), cases, wd.root,
-                b.eval_max_new_tokens, settings.decode, pdf_limits, settings.data.ocr_grounded_prompt)
+                b.eval_max_new_tokens, settings.decode, pdf_limits, settings.data.ocr_grounded_prompt,
+                settings.api.review_below_confidence)
         except PromptTooLong as exc:  # e.g. OCR-grounded prompts on a profile sized for plain ones
             raise PhaseError(f"an evaluation case does not fit: {exc}; raise decode.max_cache_len or lower "
                              "bench.eval_max_new_tokens") from None

@@ -63,3 +63,35 @@ def test_a_document_scores_each_item_on_its_own_page_and_lists_the_unsure_first(
     assert items["/lab_values/0"]["confidence"] == 0.3 and items["/diagnoses/0"]["confidence"] is None
     assert document["needs_review"] == ["/diagnoses/0", "/lab_values/0"]
     assert needs_review(document["items"], below=0.0) == ["/diagnoses/0"]
+
+
+def test_the_scorers_verdict_per_item_refuses_wrong_fields_and_inventions():
+    """The right record: every item right. A wrong dose, a lab the page lacks, an empty answer:
+    wrong, wrong, nothing to judge."""
+    from medvl.evaluation.scoring import item_verdicts
+
+    truth = {"medications": [{"name": "Metformin", "dose": "500 mg", "route": "PO", "frequency": "BID"}],
+             "diagnoses": ["Hypertension"], "procedures": [], "vitals": {"heart_rate": "88 bpm"},
+             "lab_values": [{"name": "Creatinine", "value": "1.9", "unit": "mg/dL", "flag": "H", "reference_range": ""}]}
+    assert item_verdicts(truth, truth) == {"/medications/0": True, "/diagnoses/0": True, "/vitals/heart_rate": True,
+                                           "/lab_values/0": True}
+    wrong = {**truth, "medications": [{**truth["medications"][0], "dose": "850 mg"}],
+             "lab_values": [*truth["lab_values"], {"name": "Troponin I", "value": "0.4", "unit": "ng/mL", "flag": "H"}]}
+    verdicts = item_verdicts(wrong, truth)
+    assert verdicts["/medications/0"] is False and verdicts["/lab_values/1"] is False and verdicts["/lab_values/0"]
+    assert item_verdicts({"medications": [], "diagnoses": [], "procedures": [], "lab_values": [], "vitals": {}},
+                         truth) == {}
+
+
+def test_calibration_tells_calibrated_confidences_from_overconfident_ones():
+    """Items right as often as their confidence says: a small calibration error. The same
+    confidences on items that are all wrong: a large one, and no accuracy above the threshold."""
+    from medvl.medical.confidence import calibration
+
+    calibrated = [(0.9, i < 9) for i in range(10)] + [(0.3, i < 3) for i in range(10)]
+    good = calibration(calibrated, threshold=0.5)
+    assert good["expected_calibration_error"] == pytest.approx(0.0)
+    assert good["above"] == {"items": 10, "accuracy": 0.9} and good["below"] == {"items": 10, "accuracy": 0.3}
+    bad = calibration([(c, False) for c, _ in calibrated], threshold=0.5)
+    assert bad["expected_calibration_error"] == pytest.approx(0.6) and bad["above"]["accuracy"] == 0.0
+    assert calibration([], 0.5)["expected_calibration_error"] is None

@@ -79,6 +79,15 @@ def test_evaluation_compares_base_finetuned_and_baselines_with_intervals(full_ru
     # OCR + rules reads these printed pages; the random stand-in does not: the report says so
     versus_ocr = ev["comparisons"]["finetuned_vs_ocr_rules"]["subsets"]["test"]["extraction_f1"]
     assert versus_ocr["verdict"] == "worse" and "is worse than OCR + rules" in markdown
+    # calibration: every answered item of a one-page record answer, its confidence and verdict
+    for model in (base, tuned):
+        judged = [i for r in model["cases"] for i in r.get("items", []) if i["confidence"] is not None]
+        calibration = model["calibration"]
+        assert calibration["items"] == len(judged) == sum(b["items"] for b in calibration["bins"])
+        assert calibration["above"]["items"] + calibration["below"]["items"] == len(judged)
+        right = sum(i["correct"] for i in judged)
+        assert sum(b["accuracy"] * b["items"] for b in calibration["bins"] if b["items"]) == pytest.approx(right)
+    assert "Are the confidences right?" in markdown and "confidence_reliability.png" in markdown
 
 
 def test_the_gate_fails_only_on_a_significant_regression(full_run, tmp_path, tiny_settings):

@@ -56,17 +56,22 @@ class BenchSample:
 
 
 def generate_timed(engine: Any, image: Image.Image, prompt: str, max_new_tokens: int,
-                   response_format: Any = None) -> dict[str, Any]:
+                   response_format: Any = None, confidences: bool = False) -> dict[str, Any]:
     """One request through the engine, timed end to end (preprocessing included, as a user
     would see it); greedy, ending at the end-of-sequence token or ``max_new_tokens``; under
-    ``response_format`` (a :class:`medvl.engine.grammar.ResponseFormat`) when given."""
+    ``response_format`` (a :class:`medvl.engine.grammar.ResponseFormat`) when given. With
+    ``confidences``, each field of the JSON answer's confidence (``field_confidence``, as
+    /extract computes it: medvl/medical/confidence.py)."""
     from medvl.engine.scheduler import SamplingParams
+    from medvl.engine.tokens import answer_tokens
+    from medvl.medical.confidence import field_confidences
 
     _sync()
     start = time.perf_counter()
     prepared = engine.prepare(image, prompt)
     submitted = time.perf_counter()
-    result = engine.generate(prepared, SamplingParams(max_new_tokens, response_format=response_format))
+    params = SamplingParams(max_new_tokens, response_format=response_format, logprobs=0 if confidences else None)
+    result = engine.generate(prepared, params)
     _sync()
     latency = time.perf_counter() - start
     n_new = result.generated_tokens
@@ -85,6 +90,8 @@ def generate_timed(engine: Any, image: Image.Image, prompt: str, max_new_tokens:
         "response": result.text,
         "finish_reason": result.finish_reason,
         "closed_early": result.closed_early,
+        **({"field_confidence": field_confidences(result.text, answer_tokens(engine.processor.tokenizer, result.logprobs))}
+           if confidences else {}),
     }
 
 

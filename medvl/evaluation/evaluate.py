@@ -28,9 +28,11 @@ from medvl.engine.grammar import RECORD_FORMAT
 from medvl.engine.pages import PageLimits, decode_pages
 from medvl.evaluation import benchmark, scoring
 from medvl.evaluation.scoring import Case
+from medvl.medical.confidence import calibration, item_confidences
 from medvl.medical.documents import pdf_ground_truth, save_document, save_pdf_document
 from medvl.medical.prompts import EXTRACTION_PROMPT, OCR_HEADER, ocr_grounded
 from medvl.medical.records import (
+    document_result,
     empty_structured,
     is_valid_record,
     merge_pages,
@@ -151,13 +153,16 @@ def merge_lora_in_place(model: Any) -> tuple[int, int]:
 
 
 def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases: list[Case], root: Path,
-                   max_new_tokens: int, decode: Any, pdf_limits: PageLimits, ground_pdf_pages: bool = False
-                   ) -> dict[str, Any]:
+                   max_new_tokens: int, decode: Any, pdf_limits: PageLimits, ground_pdf_pages: bool = False,
+                   review_below: float = 0.5) -> dict[str, Any]:
     """Generate an answer per case (through the serving engine, per ``decode``), time it with
     the shared harness, and score the answers with :func:`medvl.evaluation.scoring.score_answers` (the
     function ``medvl-score`` runs). A PDF case (rendered per ``pdf_limits``) is answered page by
     page and its records merged, as /extract answers a PDF; with ``ground_pdf_pages`` each of
-    its pages gets its own OCR-grounded prompt (a case's one prompt cannot hold every page's lines)."""
+    its pages gets its own OCR-grounded prompt (a case's one prompt cannot hold every page's lines).
+    Each item of a one-page record answer gets its confidence (as /extract gives it) and the
+    scorer's verdict: ``calibration`` says how well the one predicts the other, with the
+    accuracy of items above and below ``review_below`` (api.review_below_confidence)."""
     model, load = benchmark.timed_load(loader)
     first = benchmark.BenchSample(cases[0].case_id, root / cases[0].image, cases[0].prompt)
     engine, warm_up_s = benchmark.make_engine(model, processor, decode, first)
@@ -168,7 +173,8 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
             pages[case.image] = case_pages(root / case.image, pdf_limits)
         response_format = RECORD_FORMAT if case.record else None
         if len(pages[case.image]) == 1:
-            out = benchmark.generate_timed(engine, pages[case.image][0], case.prompt, max_new_tokens, response_format)
+            out = benchmark.generate_timed(engine, pages[case.image][0], case.prompt, max_new_tokens, response_format,
+                                           confidences=case.record is not None)
         else:
             from medvl.medical.ocr import grounded_prompt
 
@@ -180,7 +186,9 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
                      "response": out["response"], "generated_tokens": out["generated_tokens"],
                      "finish_reason": out["finish_reason"], "closed_early": out["closed_early"],
                      "latency_s": out["latency_s"], "ttft_s": out["ttft_s"],
-                     "parse_status": extracted["parse_status"], "flags": extracted["flags"]})
+                     "parse_status": extracted["parse_status"], "flags": extracted["flags"],
+                     **({"items": judged_items(extracted, out["field_confidence"], case.record)}
+                        if "field_confidence" in out and extracted["parse_status"] == "json" else {})})
     peak = memory.peak_memory_mb()
     memory.unload(model)
     return {
@@ -195,7 +203,20 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
         "scores": scoring.score_answers(cases, answers_of(rows)),
         "flagged_items": flagged_items(rows),
         "decoding": decoding_outcomes(rows),
+        "calibration": calibration([(i["confidence"], i["correct"]) for r in rows for i in r.get("items", [])
+                                    if i["confidence"] is not None], review_below),
     }
+
+
+def judged_items(extracted: dict[str, Any], field_confidence: dict[str, float], reference: dict[str, Any]
+                 ) -> list[dict[str, Any]]:
+    """Each item of a one-page record answer: its confidence (its least sure field's, as /extract
+    gives it) and whether the scorer counts it correct."""
+    items = document_result([extracted])["items"]
+    item_confidences(items, field_confidence)
+    verdicts = scoring.item_verdicts(extracted["structured"], reference)
+    return [{"pointer": i["pointer"], "confidence": i["confidence"], "correct": verdicts.get(i["pointer"], False)}
+            for i in items]
 
 
 def answers_of(rows: list[dict[str, Any]]) -> dict[str, str]:

@@ -145,7 +145,8 @@ def evaluation_section(ev: dict[str, Any]) -> dict[str, Any]:
             "finetuned_test_fields": tuned_test.get("fields"), "finetuned_test_by_type": tuned_test.get("by_type"),
             "ocr_rules": {"engine": ocr.get("engine"), "error": ev.get("ocr_error"),
                           "latency_p50_s": _round((ocr.get("latency_s") or {}).get("p50")),
-                          "memory_mb": _round(ocr.get("memory_mb"), 1)}}
+                          "memory_mb": _round(ocr.get("memory_mb"), 1)},
+            "calibration": {name: m["calibration"] for name, m in ev["models"].items() if m.get("calibration")}}
 
 
 def ocr_grounded_experiment(run: dict[str, Any] | None, profile: str | None) -> dict[str, Any] | None:
@@ -331,6 +332,23 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, str]:
         fig.savefig(folder / "extraction_f1_by_source.png", dpi=110)
         plt.close(fig)
         made["f1"] = "extraction_f1_by_source.png"
+    calibration = (report.get("evaluation") or {}).get("calibration") or {}
+    if any(c["items"] for c in calibration.values()):
+        fig, axis = plt.subplots(figsize=(4.6, 4.2))
+        axis.plot([0, 1], [0, 1], linestyle="--", color="#999999", label="calibrated")
+        for name, c in calibration.items():
+            points = [(b["mean_confidence"], b["accuracy"], b["items"]) for b in c["bins"] if b["items"]]
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name} ({c['items']} items)")
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1)
+        axis.set_xlabel("mean confidence in bin")
+        axis.set_ylabel("accuracy of items in bin")
+        axis.set_title("Reliability of per-item confidence")
+        axis.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "confidence_reliability.png", dpi=110)
+        plt.close(fig)
+        made["calibration"] = "confidence_reliability.png"
     return made
 
 
@@ -479,6 +497,31 @@ def evaluation_markdown(report: dict[str, Any], figures: dict[str, str]) -> list
                   f"out, {decoding['record_hit_max_tokens']} hit it before the JSON closed.", ""]
     if "f1" in figures:
         parts += [f"![extraction F1 by source](figures/{figures['f1']})", ""]
+    return parts + calibration_markdown(evaluation.get("calibration") or {}, figures)
+
+
+def calibration_markdown(calibration: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """Per-item confidence against the scorer's verdict: accuracy by confidence bin, and above
+    and below the review threshold."""
+    if not calibration:
+        return []
+    threshold = next(iter(calibration.values()))["threshold"]
+    parts = ["### Are the confidences right?", "",
+             "Each item of a one-page record answer gets the confidence /extract gives it (the probability the model "
+             "gave its least sure field's exact value, `medvl/medical/confidence.py`) and the scorer's verdict "
+             f"(right in every field). Items under {threshold} go to `needs_review`.", "",
+             "| model | confidence | items | accuracy | mean confidence |", "|---|---|---|---|---|"]
+    for name, c in calibration.items():
+        for b in c["bins"]:
+            parts.append(f"| {name} | {b['range'][0]:.1f}-{b['range'][1]:.1f} | {b['items']} | "
+                         f"{_cell(b['accuracy'])} | {_cell(b['mean_confidence'])} |")
+    parts.append("")
+    parts += [f"- {name}: {c['items']} items; expected calibration error {_cell(c['expected_calibration_error'])}; "
+              f"accuracy at or above {threshold} {_cell(c['above']['accuracy'])} ({c['above']['items']} items), "
+              f"below it {_cell(c['below']['accuracy'])} ({c['below']['items']} items)." for name, c in calibration.items()]
+    parts.append("")
+    if "calibration" in figures:
+        parts += [f"![reliability diagram](figures/{figures['calibration']})", ""]
     return parts
 
 

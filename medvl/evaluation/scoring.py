@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from medvl.medical import lexicon
-from medvl.medical.records import parse_structured
+from medvl.medical.records import json_pointer, parse_structured
 
 _DASHES = dict.fromkeys(map(ord, "\u2010\u2011\u2012\u2013\u2014\u2015\u2212"), "-")
 _UNITS = r"mg|mcg|g|units|mmol/l|mg/dl|g/dl|ng/ml|u/l|miu/l|mmhg|bpm|%|ml|l|kg"
@@ -166,6 +166,7 @@ class _Item:
     name: str
     fields: tuple[str, ...]
     text: str  # how the item reads in an error analysis
+    pointer: str = field(default="", compare=False)  # where it is in its record (RFC 6901)
 
 
 def record_items(record: dict[str, Any]) -> dict[str, list[_Item]]:
@@ -180,13 +181,14 @@ def record_items(record: dict[str, Any]) -> dict[str, list[_Item]]:
         else:
             entries = [{"name": e} for e in raw if isinstance(e, (str, int, float))] if isinstance(raw, list) else []
         items = []
-        for entry in entries:
+        for index, entry in enumerate(entries):
             name = canonical_name(item_type, str(entry.get("name", "")))
             if not name:
                 continue
             values = tuple(canonical_field(f, str(entry.get(f, ""))) for f in names)
+            pointer = json_pointer(item_type, entry["name"] if item_type == "vitals" else index)
             items.append(_Item(name, values, " ".join([str(entry.get("name", ""))]
-                                                      + [str(entry.get(f, "")) for f in names if entry.get(f)])))
+                                                      + [str(entry.get(f, "")) for f in names if entry.get(f)]), pointer))
         out[item_type] = items
     return out
 
@@ -208,6 +210,19 @@ def _pair(expected: list[_Item], answered: list[_Item]) -> tuple[list[tuple[_Ite
                 pairs.append((match, item))
         left = rest
     return pairs, free, left
+
+
+def item_verdicts(answer: dict[str, Any], reference: dict[str, Any]) -> dict[str, bool]:
+    """Each item of the ``answer`` record (by pointer) -> whether :func:`score_record` counts it
+    correct: paired with an expected item of the same name and agreeing in every field (an item
+    the reference lacks, or a second one of a name, is wrong)."""
+    want, got = record_items(reference), record_items(answer)
+    verdicts = {}
+    for item_type in ITEM_FIELDS:
+        pairs, _, extra = _pair(want[item_type], got[item_type])
+        verdicts.update({a.pointer: e.fields == a.fields for e, a in pairs})
+        verdicts.update({a.pointer: False for a in extra})
+    return verdicts
 
 
 @dataclass

@@ -176,3 +176,26 @@ def needs_review(items: list[dict], below: float) -> list[str]:
     none at all (no field read from the model's JSON)."""
     unsure = [item for item in items if item.get("confidence") is None or item["confidence"] < below]
     return [item["pointer"] for item in sorted(unsure, key=lambda item: item.get("confidence") or 0.0)]
+
+
+CALIBRATION_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def calibration(items: list[tuple[float, bool]], threshold: float) -> dict:
+    """How well confidences predict correctness, from (item confidence, the scorer's verdict):
+    accuracy per confidence bin (a reliability diagram's points: calibrated where accuracy ~
+    mean confidence), the expected calibration error (the bins' |accuracy - confidence| weighted
+    by their items), and the accuracy of items at or above ``threshold`` (kept) and below it
+    (sent to review)."""
+    def share(chosen: list[tuple[float, bool]]) -> dict:
+        return {"items": len(chosen), "accuracy": sum(ok for _, ok in chosen) / len(chosen) if chosen else None}
+
+    bins = []
+    for low, high in zip(CALIBRATION_BINS, CALIBRATION_BINS[1:], strict=False):
+        inside = [(c, ok) for c, ok in items if low <= c < high or (high == 1.0 and c == 1.0)]
+        bins.append({"range": [low, high], **share(inside),
+                     "mean_confidence": sum(c for c, _ in inside) / len(inside) if inside else None})
+    error = sum(b["items"] * abs(b["accuracy"] - b["mean_confidence"]) for b in bins if b["items"]) / max(len(items), 1)
+    return {"items": len(items), "bins": bins, "expected_calibration_error": error if items else None,
+            "threshold": threshold, "above": share([i for i in items if i[0] >= threshold]),
+            "below": share([i for i in items if i[0] < threshold])}

@@ -303,6 +303,8 @@ def gate_evaluate(wd: Workdir, s: Settings) -> list[str]:
         for case in cases:
             if case.get("generated_tokens", 0) <= 0 or (s.model.source == "hub" and not case.get("response", "").strip()):
                 problems.append(f"evaluation_finetuned.json: {name} gave an empty answer for {case.get('case_id')}")
+        if cases and "bins" not in ((models.get(name) or {}).get("calibration") or {}):
+            problems.append(f"evaluation_finetuned.json: no confidence calibration for {name}")
     if not PHASES[7].output(wd, "eval_cases.jsonl").is_file():
         problems.append("eval_cases.jsonl is missing: medvl-score has no cases to score answers against")
     # The seed's rule, stated statistically, on the held-out test split (the hand-written suite
@@ -385,7 +387,9 @@ PHASES: dict[int, Phase] = {
                              "datasets/formatted/test.json")),
     6: Phase(6, "fine-tune LoRA", "06_finetune_lora.py", (2, 5), ("model", "bench", "data", "train"),
              gate_finetune, ("benchmarks/training_metrics.json",)),
-    7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train", "decode"),
+    7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train", "decode",
+                                                         "api.max_pdf_pages", "api.pdf_render_dpi",
+                                                         "api.review_below_confidence"),
              gate_evaluate, ("benchmarks/evaluation_finetuned.json", "benchmarks/finetuned_standard_bench.json",
                              "benchmarks/eval_cases.jsonl", "benchmarks/eval_answers_base.jsonl",
                              "benchmarks/eval_answers_finetuned.jsonl")),
