@@ -427,11 +427,16 @@ def test_a_two_page_pdf_through_the_ocr_server_gives_items_from_both_pages_with_
         path = tmp_path / "packet.pdf"
         path.write_bytes(data)
         assert len(document_pages(str(path))) == 2
-        _, rows, line = extraction_view(ApiClient(base).extract(str(path)))
-        assert {row[0] for row in rows} == {1, 2} and "2 page(s)" in line
-        lab_rows = [row for row in rows if row[1].startswith("/lab_values/") and row[0] == 2]
-        assert any(labs.lab_values[0]["value"] in row[2] for row in lab_rows), rows
-        _, _, fhir_line = extraction_view(ApiClient(base).extract(str(path), "fhir"))
+        pages = document_pages(str(path))
+        _, rows, line, drawn = extraction_view(ApiClient(base).extract(str(path)), pages)
+        assert {row[1] for row in rows} == {1, 2} and "2 page(s)" in line
+        lab_rows = [row for row in rows if row[2].startswith("/lab_values/") and row[1] == 2]
+        assert any(labs.lab_values[0]["value"] in row[3] for row in lab_rows), rows
+        # the OCR baseline gives no confidences: every item is to review; its values are on the page,
+        # so page 2 comes back with boxes drawn (pixels changed) and each lab row says "found"
+        assert all(row[0] == "review" for row in rows) and any(row[5] == "found" for row in lab_rows)
+        assert len(drawn) == 2 and list(drawn[1].getdata()) != list(pages[1].convert("RGB").getdata())
+        _, _, fhir_line, _ = extraction_view(ApiClient(base).extract(str(path), "fhir"))
         assert fhir_line.startswith("FHIR R4B Bundle:") and "Observation" in fhir_line
         r = httpx.post(f"{base}/extract", files={"file": ("packet.pdf", data, "application/pdf")}, timeout=120)
         assert r.status_code == 200, r.text

@@ -20,7 +20,7 @@ from typing import Any
 import gradio as gr
 import httpx
 import matplotlib
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from medvl.core.settings import ApiSettings
 from medvl.engine.images import BadInput
@@ -83,29 +83,69 @@ def document_pages(document_path: str | None) -> list[Image.Image]:
         return []
 
 
+ITEM_HEADERS = ["review", "page", "item", "value", "confidence", "on the page"]
+
+
 def item_rows(body: dict[str, Any]) -> list[list[Any]]:
-    """One row per extracted item: its page, where it sits in the record, and what it says."""
+    """One row per extracted item, the items to review first (least sure first), then the rest
+    by page: its page, where it sits in the record, what it says, its confidence and whether
+    each field was found on the page."""
     rows = []
     record = body.get("structured") or {}
+    review = body.get("needs_review") or []
     for item in body.get("items") or []:
         key, _, rest = item["pointer"].lstrip("/").partition("/")
         value = record.get(key, {}).get(rest) if key == "vitals" else record.get(key, [])[int(rest)]
         if isinstance(value, dict):
             value = " ".join(str(v) for v in value.values() if v)
-        rows.append([item["page"], item["pointer"], value])
-    return rows
+        confidence = item.get("confidence")
+        boxes = item.get("boxes")
+        missing = [name for name, box in (boxes or {}).items() if box is None]
+        found = "" if boxes is None else ("not found: " + ", ".join(missing) if missing else "found")
+        rows.append(["review" if item["pointer"] in review else "", item["page"], item["pointer"], value,
+                     None if confidence is None else round(confidence, 3), found])
+    order = {pointer: i for i, pointer in enumerate(review)}
+    return sorted(rows, key=lambda row: (order.get(row[2], len(order)), row[1]))
 
 
-def extraction_view(body: dict[str, Any]) -> tuple[dict[str, Any], list[list[Any]], str]:
-    """What the Extraction tab shows for an answer: the JSON, the items by page, a summary line."""
+def confidence_colour(confidence: float | None) -> str:
+    """Green from 0.8, amber from 0.5, red below; grey without a confidence."""
+    if confidence is None:
+        return "#8a8a8a"
+    return "#2a9d5f" if confidence >= 0.8 else "#e0a020" if confidence >= 0.5 else "#c8352d"
+
+
+def boxed_pages(pages: list[Image.Image], body: dict[str, Any]) -> list[Image.Image]:
+    """The pages with each item's field boxes drawn, coloured by the item's confidence."""
+    drawn = [page.convert("RGB") for page in pages]
+    for item in body.get("items") or []:
+        if not 0 < item["page"] <= len(drawn):
+            continue
+        page = drawn[item["page"] - 1]
+        draw, (width, height) = ImageDraw.Draw(page), page.size
+        for box in (item.get("boxes") or {}).values():
+            if box is not None:
+                x0, y0, x1, y1 = box
+                draw.rectangle([x0 * width - 2, y0 * height - 2, x1 * width + 2, y1 * height + 2],
+                               outline=confidence_colour(item.get("confidence")), width=3)
+    return drawn
+
+
+def extraction_view(body: dict[str, Any], pages: list[Image.Image] | None = None
+                    ) -> tuple[dict[str, Any], list[list[Any]], str, list[Image.Image]]:
+    """What the Extraction tab shows for an answer: the JSON, the items (the review list first),
+    a summary line, and the pages with the items' boxes drawn."""
+    pages = pages or []
     if body.get("resourceType") == "Bundle":
         kinds = Counter(entry["resource"]["resourceType"] for entry in body.get("entry", []))
-        return body, [], "FHIR R4B Bundle: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        return body, [], "FHIR R4B Bundle: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())), pages
     if "latency_s" in body:
-        pages = len(body.get("pages") or [1])
-        return body, item_rows(body), (f"latency **{body['latency_s']:.2f} s**, {pages} page(s), "
-                                       f"{body['usage']['completion_tokens']} tokens")
-    return body, [], ""
+        count = len(body.get("pages") or [1])
+        review = len(body.get("needs_review") or [])
+        return body, item_rows(body), (f"latency **{body['latency_s']:.2f} s**, {count} page(s), "
+                                       f"{body['usage']['completion_tokens']} tokens, {review} item(s) to review"), \
+            boxed_pages(pages, body)
+    return body, [], "", pages
 
 
 def stage_rows(bench: dict[str, Any]) -> list[list[Any]]:
@@ -153,12 +193,12 @@ def build(api: ApiClient, base_api: ApiClient | None) -> gr.Blocks:
                                       label="answer as")
                 with gr.Column():
                     result = gr.JSON(label="structured result")
-                    items = gr.Dataframe(headers=["page", "item", "value"], label="items by page")
+                    items = gr.Dataframe(headers=ITEM_HEADERS, label="items: to review first, then by page")
             latency = gr.Markdown()
             document.change(document_pages, inputs=document, outputs=pages)
             gr.Button("Extract", variant="primary").click(
-                lambda path, out: extraction_view(api.extract(path, out)), inputs=[document, output],
-                outputs=[result, items, latency])
+                lambda path, out: extraction_view(api.extract(path, out), document_pages(path)),
+                inputs=[document, output], outputs=[result, items, latency, pages])
         with gr.Tab("Custom analysis"):
             with gr.Row():
                 image2 = gr.File(label="document: an image or a PDF", file_types=["image", ".pdf"], type="filepath")
