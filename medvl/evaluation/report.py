@@ -279,6 +279,14 @@ def evaluation_findings(evaluation: dict[str, Any], comparisons: tuple[str, ...]
 # --------------------------------------------------------------------------- charts
 
 
+def _save(fig: Any, folder: Path, name: str) -> str:
+    """Write ``fig`` as ``folder/name`` (PNG) and free it; returns ``name``."""
+    fig.tight_layout()
+    fig.savefig(folder / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def charts(report: dict[str, Any], folder: Path) -> dict[str, str]:
     """PNG charts under docs/figures/; returns name -> file name (only charts with data)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -293,10 +301,7 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, str]:
             axis.bar_label(bars, fmt="%.3g")
             axis.set_title(title)
             axis.set_ylabel(unit)
-            fig.tight_layout()
-            fig.savefig(folder / name, dpi=110)
-            plt.close(fig)
-            made[key] = name
+            made[key] = _save(fig, folder, name)
     curve = report.get("loss_curve") or []
     if curve:
         fig, axis = plt.subplots(figsize=(6, 3.4))
@@ -304,10 +309,7 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, str]:
         axis.set_title("Training loss")
         axis.set_xlabel("step")
         axis.set_ylabel("loss")
-        fig.tight_layout()
-        fig.savefig(folder / "training_loss.png", dpi=110)
-        plt.close(fig)
-        made["loss"] = "training_loss.png"
+        made["loss"] = _save(fig, folder, "training_loss.png")
     sources = (report.get("evaluation") or {}).get("sources") or {}
     record_sources = [name for name, models in sources.items() if (models.get("finetuned") or {}).get("f1")]
     if record_sources:
@@ -328,10 +330,7 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, str]:
         axis.set_ylim(0, 1)
         axis.set_title("Extraction F1 by source (95% intervals)")
         axis.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "extraction_f1_by_source.png", dpi=110)
-        plt.close(fig)
-        made["f1"] = "extraction_f1_by_source.png"
+        made["f1"] = _save(fig, folder, "extraction_f1_by_source.png")
     calibration = (report.get("evaluation") or {}).get("calibration") or {}
     if any(c["items"] for c in calibration.values()):
         fig, axis = plt.subplots(figsize=(4.6, 4.2))
@@ -345,10 +344,7 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, str]:
         axis.set_ylabel("accuracy of items in bin")
         axis.set_title("Reliability of per-item confidence")
         axis.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "confidence_reliability.png", dpi=110)
-        plt.close(fig)
-        made["calibration"] = "confidence_reliability.png"
+        made["calibration"] = _save(fig, folder, "confidence_reliability.png")
     return made
 
 
