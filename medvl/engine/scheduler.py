@@ -350,7 +350,7 @@ class Engine:
         with self._vision_queue_lock:
             self._vision_queue.append(job)
         with self._vision_lock:
-            if job.embeds is None:
+            if job.embeds is None and job.error is None:  # no other thread's call took it
                 with self._vision_queue_lock:
                     jobs, self._vision_queue = self._vision_queue, []
                 self._run_vision(jobs)
