@@ -253,8 +253,9 @@ def test_perf_serving_smoke_run_measures_every_level_over_http(phases_1_2, tmp_p
     """bench/perf_serving.py on the CPU: the real server, closed-loop clients per route and
     count, one record per level with the fields the README quotes, no errors."""
     wd = extend_run(phases_1_2, (), tmp_path_factory, "serving")
+    # (no source boxes: their OCR, ~3 s a page on this CPU, is longer than these 2-s windows)
     result = subprocess.run([sys.executable, "bench/perf_serving.py", "--workdir", str(wd), "--clients", "1,3",
-                             "--seconds", "2", "--warm-up-s", "0.5", "--max-tokens", "8"],
+                             "--seconds", "2", "--warm-up-s", "0.5", "--max-tokens", "8", "--set", "api.source_boxes=false"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((wd / "benchmarks" / "perf_serving.json").read_text())

@@ -174,7 +174,7 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
         response_format = RECORD_FORMAT if case.record else None
         if len(pages[case.image]) == 1:
             out = benchmark.generate_timed(engine, pages[case.image][0], case.prompt, max_new_tokens, response_format,
-                                           confidences=case.record is not None)
+                                           confidences=case.record)
         else:
             from medvl.medical.ocr import grounded_prompt
 
@@ -187,7 +187,7 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
                      "finish_reason": out["finish_reason"], "closed_early": out["closed_early"],
                      "latency_s": out["latency_s"], "ttft_s": out["ttft_s"],
                      "parse_status": extracted["parse_status"], "flags": extracted["flags"],
-                     **({"items": judged_items(extracted, out["field_confidence"], case.record)}
+                     **({"items": judged_items(extracted, out["field_confidence"], case.reference)}
                         if "field_confidence" in out and extracted["parse_status"] == "json" else {})})
     peak = memory.peak_memory_mb()
     memory.unload(model)
