@@ -98,6 +98,11 @@ class ServedModel(Served):
         started = time.perf_counter()
         if self.settings.data.ocr_grounded_prompt:
             ocr.load()  # every prompt needs the page's OCR text: fail at start, not per request
+        if self.settings.api.source_boxes:  # /extract reads each page for its boxes: ready before traffic
+            try:
+                ocr.warm_up()
+            except ocr.OcrUnavailable as exc:  # the records still come, without boxes (logged per request)
+                log.warning("source boxes unavailable: %s", exc)
         # The pixel budget saved with the model: the one it was trained with.
         processor = load_processor(self.model_dir, None, padding_side="left")
         model = load_in_form(self.model_dir, self.settings, self.form)

@@ -81,7 +81,8 @@ async def extract(http: Request, state: State, file: Annotated[UploadFile, DOCUM
         prompts, images = await state.prepare_pages(data, EXTRACTION_PROMPT)
         audit.pages = len(prompts)
         # The pages' OCR (for the source boxes) runs in a thread while the model decodes.
-        runs = asyncio.ensure_future(asyncio.to_thread(source_runs, images)) if state.settings.api.source_boxes else None
+        runs = (asyncio.ensure_future(state.in_ocr_thread(lambda: source_runs(images)))
+                if state.settings.api.source_boxes else None)
         params = [SamplingParams(state.answer_tokens(p), response_format=RECORD_FORMAT, logprobs=0) for p in prompts]
         try:
             results = await state.generate_pages(prompts, params, http)

@@ -32,10 +32,6 @@ T = TypeVar("T")
 
 MAX_PROMPT_CHARS = 4000
 DISCONNECT_POLL_S = 0.5
-# Decoding, the processor and the vision tower for arriving requests (Engine.prepare). Eight, so
-# that under load several pages wait for the tower at once and share one call (one tower call's
-# cost is mostly Python, py-spy on an H100: two threads served ~10 pages/s, one waiting on the other).
-PREPARE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prepare")
 
 
 @dataclass
@@ -47,6 +43,22 @@ class ServerState:
     workdir: Workdir
     preparing: int = 0  # requests admitted to preparation (decoding, templating), not yet submitted
     _admission_lock: threading.Lock = field(default_factory=threading.Lock)
+    _pool: ThreadPoolExecutor | None = None  # api.prepare_threads threads, made on first use
+    _ocr_pool: ThreadPoolExecutor | None = None
+
+    @property
+    def prepare_pool(self) -> ThreadPoolExecutor:
+        """Decoding, the processor and the vision tower for arriving requests (Engine.prepare)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.settings.api.prepare_threads, thread_name_prefix="prepare")
+        return self._pool
+
+    async def in_ocr_thread(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (the pages' OCR for source boxes) in the one OCR thread: the OCR reads one
+        page at a time anyway (medvl.medical.ocr), and one thread keeps one malloc arena."""
+        if self._ocr_pool is None:
+            self._ocr_pool = ThreadPoolExecutor(1, thread_name_prefix="ocr")
+        return await asyncio.get_running_loop().run_in_executor(self._ocr_pool, work)
 
     @property
     def settings(self) -> Settings:
@@ -119,7 +131,7 @@ class ServerState:
         memory grew by ~340 MB in its first 10 s of load before levelling off (tiny, CPU).
         """
         with self.admission():
-            return await asyncio.get_running_loop().run_in_executor(PREPARE_POOL, work)
+            return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, work)
 
     async def prepare_chat(self, data: bytes | None, messages: list[dict[str, Any]]) -> Prompt:
         """A chat's messages as sent, with its image (if any) decoded and checked."""
