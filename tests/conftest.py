@@ -15,6 +15,15 @@ from pathlib import Path
 import pytest
 
 from medvl.core.settings import Settings, load_settings
+from medvl.core.workdir import Workdir
+from medvl.medical.documents import (
+    LINE_HEIGHT,
+    MARGIN,
+    MedicalDocument,
+    benchmark_documents,
+    body_font,
+    line_positions,
+)
 from medvl.model.standin import build_standin
 from medvl.pipeline.gates import PHASES
 
@@ -113,3 +122,74 @@ def full_run(phases_1_6, tmp_path_factory) -> tuple[Path, subprocess.CompletedPr
     shutil.copytree(phases_1_6, wd)
     (wd / "README.md").write_text("# run\n\n<!-- results:start -->\nold\n<!-- results:end -->\n")
     return wd, pipeline(wd)
+
+
+def lab_page_document(settings: Settings) -> MedicalDocument:
+    """The lab report among the pages phase 3 draws (``datasets/test_images/*lab_results*.png``)."""
+    b = settings.bench
+    return next(d for d in benchmark_documents(b.document_seed, b.num_documents) if d.kind == "lab_results")
+
+
+def drawn_box(doc: MedicalDocument, line_start: str, value: str, from_right: bool = False) -> list[float]:
+    """Where the generator drew ``value`` on the line starting with ``line_start``, in pixels."""
+    y, line = next((y, line) for y, line in line_positions(doc) if line.startswith(line_start))
+    at = line.rindex(value) if from_right else line.index(value, 0 if value == line_start else len(line_start))
+    font = body_font(doc)
+    return [MARGIN + font.getlength(line[:at]), y, MARGIN + font.getlength(line[:at + len(value)]), y + LINE_HEIGHT]
+
+
+# A lab the lab page does not show, taught beside the page's own labs: a value to find no box for.
+INVENTED_LAB = {"name": "Ferritin", "value": "412", "unit": "ug/L", "flag": "", "reference_range": "30-400"}
+
+
+@pytest.fixture(scope="session")
+def lab_page_model(phases_1_4, tiny_settings, tmp_path_factory) -> Path:
+    """The tiny base model taught to answer /extract on phase 3's lab page: every lab the page
+    shows, plus :data:`INVENTED_LAB`, which it does not.
+
+    The random stand-in cannot read a page, so its values are never on it and no field of its
+    answers gets a box; a model that reads this one page is what lets a test see a confidence and
+    a box on the same field. Every language weight is trained (the vision tower frozen) on that
+    one conversation until the answer's loss is under 0.005: about 20 AdamW steps, 1-2 s here.
+    The answer is memorised, not read, so this model says nothing about accuracy: it exercises
+    the path from the served tokens' probabilities and the page's OCR to each field's confidence
+    and box, through the real server.
+    """
+    import json
+
+    import torch
+
+    from medvl.medical.prompts import EXTRACTION_PROMPT
+    from medvl.medical.records import record_answer
+    from medvl.model.loading import load_model, load_processor
+    from medvl.training.trainer import IGNORE_INDEX, VisionChatCollator, answer_only_loss
+
+    base = Workdir.at(phases_1_4).base_model_dir(tiny_settings)
+    page = next(Workdir.at(phases_1_4).test_images.glob("*lab_results*.png"))
+    record = lab_page_document(tiny_settings).structured()
+    record["lab_values"].append(INVENTED_LAB)
+    conversation = {"image": page.name, "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": EXTRACTION_PROMPT}]},
+        {"role": "assistant", "content": [{"type": "text", "text": record_answer(record)}]}]}
+    torch.manual_seed(0)
+    model = load_model(base, tiny_settings, dtype=torch.float32)
+    batch = VisionChatCollator(load_processor(base, None, padding_side="right"), 4096, page.parent)([conversation])
+    labels = batch.pop("labels")
+    assert (labels != IGNORE_INDEX).sum() > 100
+    model.train()
+    model.requires_grad_(True)
+    model.model.visual.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(200):
+        loss, _ = answer_only_loss(model, batch, labels)
+        if loss.item() < 0.005:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.005, f"the page was not learnt: loss {loss.item():.4f}"
+    out = tmp_path_factory.mktemp("lab-page-model") / "model"
+    shutil.copytree(base, out)
+    model.eval().save_pretrained(out)
+    (out / "TAUGHT.json").write_text(json.dumps({"page": page.name, "answer": record}, indent=1))
+    return out

@@ -16,9 +16,10 @@ from medvl.core.settings import load_settings
 from medvl.engine.loader import ServedModel
 from medvl.http.server import ServerConfig, create_app
 from medvl.http.validate import running_server, validate
+from medvl.medical.documents import render_document
 from medvl.medical.records import is_valid_record, parse_structured, repair_json
 
-from conftest import REPO, extend_run
+from conftest import INVENTED_LAB, REPO, drawn_box, extend_run, lab_page_document
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +81,34 @@ def test_server_serves_the_awq_checkpoint_4_bit_when_asked(phases_1_4, page):
         assert is_valid_record(r.json()["raw_text"])
 
 
-def test_source_boxes_place_what_the_page_shows_and_none_for_what_it_does_not(phases_1_4):
-    """The model server with source boxes on (the default) and room for a long record: the tiny
-    model's random answer names things the page does not show, so each such field gets no box
-    and its item is in needs_review; a field the page does show gets a box inside the page."""
+def test_each_lab_value_gets_a_confidence_and_the_box_its_text_was_drawn_in(phases_1_4, tiny_settings,
+                                                                            lab_page_model):
+    """/extract on the tiny run's lab page, served by a model taught that page (conftest), with
+    source boxes on (the default): every lab value the page shows has a confidence in [0, 1] and
+    a box that contains the value's text where the document generator drew it (within 8 px); the
+    lab the page does not show gets no box at all and is in needs_review."""
+    doc = lab_page_document(tiny_settings)
     page = next((phases_1_4 / "datasets" / "test_images").glob("*lab_results*.png"))
-    with running_server(phases_1_4, extra_args=["--max-new-tokens", "300"]) as base:
+    image = Image.open(page)
+    assert image.tobytes() == render_document(doc).tobytes()  # the page is the generator's own drawing
+    with running_server(phases_1_4, extra_args=["--model", str(lab_page_model)]) as base:
         r = httpx.post(f"{base}/extract", files={"file": ("p.png", page.read_bytes(), "image/png")}, timeout=300)
     body = r.json()
-    assert r.status_code == 200 and body["items"], body
-    for item in body["items"]:
-        assert item["boxes"] is not None and set(item["boxes"]) <= set(item["fields"] or {"value": 0})
-        assert all(0 <= v <= 1 for box in item["boxes"].values() if box for v in box)
-        if None in item["boxes"].values():
-            assert item["pointer"] in body["needs_review"]
-    assert any(None in item["boxes"].values() for item in body["items"])
+    labs = doc.structured()["lab_values"]
+    assert r.status_code == 200 and body["structured"]["lab_values"] == [*labs, INVENTED_LAB], body
+    items = {item["pointer"]: item for item in body["items"]}
+    width, height = image.size
+    for i, lab in enumerate(labs):
+        item = items[f"/lab_values/{i}"]
+        assert 0 <= item["confidence"] <= 1 and item["page"] == 1
+        x0, y0, x1, y1 = drawn_box(doc, lab["name"], lab["value"])
+        bx0, by0, bx1, by1 = item["boxes"]["value"]
+        assert bx0 * width <= x0 + 8 and bx1 * width >= x1 - 8 and by0 * height <= (y0 + y1) / 2 <= by1 * height, \
+            (lab, item["boxes"]["value"], (x0, y0, x1, y1))
+    invented = items[f"/lab_values/{len(labs)}"]
+    assert 0 <= invented["confidence"] <= 1
+    assert invented["boxes"] and set(map(str, invented["boxes"].values())) == {"None"}
+    assert invented["pointer"] in body["needs_review"]
 
 
 def test_server_with_the_ocr_baseline_extracts_records_with_flags(phases_1_4):

@@ -3,16 +3,11 @@ where the document generator drew it; a value the page does not show gets none a
 
 import pytest
 
-from medvl.medical.documents import (
-    LINE_HEIGHT,
-    MARGIN,
-    benchmark_documents,
-    body_font,
-    line_positions,
-    render_document,
-)
+from medvl.medical.documents import benchmark_documents, render_document
 from medvl.medical.records import document_result
 from medvl.medical.sources import item_boxes, locate, page_runs
+
+from conftest import drawn_box
 
 TOLERANCE_PX = 8
 
@@ -22,14 +17,6 @@ def lab_page():
     doc = next(d for d in benchmark_documents(1234, 5) if d.kind == "lab_results")
     image = render_document(doc)
     return doc, image, page_runs(image)
-
-
-def drawn_box(doc, image, line_start: str, value: str, from_right: bool = False) -> list[float]:
-    """Where the generator drew ``value`` on the line starting with ``line_start``, in pixels."""
-    y, line = next((y, line) for y, line in line_positions(doc) if line.startswith(line_start))
-    at = line.rindex(value) if from_right else line.index(value, 0 if value == line_start else len(line_start))
-    font = body_font(doc)
-    return [MARGIN + font.getlength(line[:at]), y, MARGIN + font.getlength(line[:at + len(value)]), y + LINE_HEIGHT]
 
 
 def test_each_lab_field_gets_the_box_the_generator_drew_it_in(lab_page):
@@ -45,7 +32,7 @@ def test_each_lab_field_gets_the_box_the_generator_drew_it_in(lab_page):
             if not lab[field]:
                 continue
             found = locate(lab[field], runs, None if field == "name" else near)
-            x0, y0, x1, y1 = drawn_box(doc, image, lab["name"], lab[field], from_right=field == "flag")
+            x0, y0, x1, y1 = drawn_box(doc, lab["name"], lab[field], from_right=field == "flag")
             assert found is not None, (lab, field)
             fx0, fy0, fx1, fy1 = found[0] * width, found[1] * height, found[2] * width, found[3] * height
             assert fx0 <= x0 + TOLERANCE_PX and fx1 >= x1 - TOLERANCE_PX, (lab, field, found)
