@@ -1,4 +1,5 @@
-# make test      - set up .venv on first use, lint, run the test suite (what CI runs)
+# make test      - set up .venv on first use, lint, run the test suite (what CI runs); as root it
+#                  installs chromium + chromium-driver for the demo's browser test when missing
 # make pipeline  - run the whole pipeline on the tiny profile
 # make lint      - ruff on the code, the import contracts of the package's layers, hadolint
 #                  on the Dockerfile
@@ -7,6 +8,7 @@
 # An interpreter of one's own (MEDVL_PYTHON) has no editable install: the repository goes on its
 # PYTHONPATH, as run_pipeline.sh does, so the scripts the tests start import the package.
 test: lint
+	@scripts/ensure_browser.sh
 	@py=$$(scripts/ensure_venv.sh) && if [ -n "$${MEDVL_PYTHON:-}" ]; then \
 	  export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}"; fi && $$py -m pytest -q
 

@@ -319,7 +319,7 @@ def measure_variant(label: str, model: Any, processor: Any, samples: list[BenchS
             record["matmul_only_error"] = f"{type(exc).__name__}: {exc}"[:300]
             record["matmul_only_tokens_per_s"] = float("nan")
         log.info("%s: compiling the decoding step for batch sizes %s", label, batch_sizes)
-        record["compile_s_per_batch_size"] = decoder.warm_up(batches[1][0])
+        record["compile_s_per_batch_size"] = decoder.warm_up(decoder.prompt_row(batches[1][0]))
         record["static_decoder"] = {}
         for b in batch_sizes:
             record["static_decoder"][f"batch_{b}"] = time_runs(lambda x: project_generate(decoder, x, max_new_tokens),

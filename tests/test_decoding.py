@@ -129,7 +129,7 @@ def test_compiled_step_gives_the_same_tokens(model_and_processor, decoding_model
     assert bucket_sizes(4, compiled=True) == (2, 4) and bucket_sizes(4, compiled=False) == (1, 2, 4)
     decoder = SlotDecoder(decoding_model, max_cache_len=1024, slots=4, compile_step=True)
     one = build_inputs(processor, images[:1], prompts[:1], torch.device("cpu"))
-    compile_s = decoder.warm_up(one)
+    compile_s = decoder.warm_up(decoder.prompt_row(one))
     assert set(compile_s) == {2, 4}
     assert decoder.generate(one, NEW_TOKENS).sequences == plain_answers(model, one, NEW_TOKENS)
     three = build_inputs(processor, images, prompts, torch.device("cpu"))

@@ -11,7 +11,7 @@ from medvl.core.settings import ApiSettings, SettingsError, load_settings
 from medvl.engine.images import BadInput
 from medvl.engine.pages import PageLimits, decode_pages, headed_page_texts
 from medvl.medical.documents import document_pdf, packet_documents, pdf_ground_truth, render_document
-from medvl.medical.records import document_result, json_pointer, merge_pages
+from medvl.medical.records import document_result, json_pointer, merge_pages, resolve_pointer
 
 LIMITS = PageLimits.from_settings(ApiSettings())
 
@@ -92,14 +92,6 @@ def test_pdf_settings_are_validated():
     assert "api.max_pdf_pages" in str(caught.value) and "api.pdf_render_dpi" in str(caught.value)
 
 
-def _resolve(record: dict, pointer: str):
-    value = record
-    for part in pointer.lstrip("/").split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
-        value = value[int(part)] if isinstance(value, list) else value[part]
-    return value
-
-
 def test_merge_keeps_every_distinct_item_with_its_page_and_names_conflicting_vitals():
     lab = {"name": "Creatinine", "value": "1.9", "unit": "mg/dL", "flag": "H", "reference_range": ""}
     later = {**lab, "value": "1.4", "flag": ""}
@@ -115,7 +107,8 @@ def test_merge_keeps_every_distinct_item_with_its_page_and_names_conflicting_vit
     assert pages == {"/diagnoses/0": 1, "/lab_values/0": 1, "/vitals/heart_rate": 1, "/diagnoses/1": 2,
                      "/lab_values/1": 2, "/vitals/spo2~1fio2": 2}
     # every pointer names an item of the record, and every item has exactly one pointer
-    assert all(_resolve(record, pointer) is not None for pointer in pages)
+    assert [resolve_pointer(record, pointer) for pointer in pages] == [
+        "HTN", lab, "88 bpm", "CKD 3b", later, "94%"]
     assert len(items) == 2 + 2 + 2 and json_pointer("vitals", "a/b~c") == "/vitals/a~1b~0c"
     assert [(c["rule"], c["item"], c["value"]) for c in conflicts] == [
         ("vital_differs_between_pages", "heart_rate", "96 bpm")]

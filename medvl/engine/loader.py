@@ -43,9 +43,10 @@ def warm_up(engine: Engine, image: Image.Image | None = None, prompt: str = "War
     """Compile and capture every batch bucket's step on a page (a blank one by default), and
     compile the record's grammar (/extract's); returns seconds per bucket."""
     blank = engine.prepare(image or Image.new("RGB", (448, 448), "white"), prompt)
-    inputs = engine.collate([blank])
+    if blank.ready is not None:  # its image embeddings, made on the vision stream
+        blank.ready.synchronize()
     engine.grammars.compile(RECORD_FORMAT)
-    return engine.decoder.warm_up(inputs)
+    return engine.decoder.warm_up(engine.decoder.prompt_row(blank.tensors))
 
 
 class Served:

@@ -647,14 +647,15 @@ class SlotDecoder:
                     return ids[: i + 1]
         return ids
 
-    def warm_up(self, inputs: Any, steps: int = 3) -> dict[int, float]:
-        """Compile (and capture) the step for every bucket, then capture the prefill chunks
-        (:meth:`capture_chunks`); returns seconds per decoding bucket.
+    def warm_up(self, row: PromptRow, steps: int = 3) -> dict[int, float]:
+        """Prefill ``row`` (:meth:`prompt_row`), compile (and capture) the step for every bucket,
+        then capture the prefill chunks (:meth:`capture_chunks`); returns seconds per decoding
+        bucket.
 
         Run once at start-up: the first call compiles the step (batch dimension dynamic), each
         bucket's first calls record its CUDA graph; after this no request pays for compilation.
         """
-        self.prefill_batch(inputs, 0)
+        self.prefill([row], 0)
         for rows in self.buckets if self.compiled else (1,):
             started = time.perf_counter()
             for _ in range(steps):

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from medvl.core.settings import ApiSettings
 from medvl.engine.images import BadInput
 from medvl.engine.pages import PageLimits, decode_pages
+from medvl.medical.records import resolve_pointer
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -94,8 +95,7 @@ def item_rows(body: dict[str, Any]) -> list[list[Any]]:
     record = body.get("structured") or {}
     review = body.get("needs_review") or []
     for item in body.get("items") or []:
-        key, _, rest = item["pointer"].lstrip("/").partition("/")
-        value = record.get(key, {}).get(rest) if key == "vitals" else record.get(key, [])[int(rest)]
+        value = resolve_pointer(record, item["pointer"])
         if isinstance(value, dict):
             value = " ".join(str(v) for v in value.values() if v)
         confidence = item.get("confidence")
@@ -106,6 +106,11 @@ def item_rows(body: dict[str, Any]) -> list[list[Any]]:
                      None if confidence is None else round(confidence, 3), found])
     order = {pointer: i for i, pointer in enumerate(review)}
     return sorted(rows, key=lambda row: (order.get(row[2], len(order)), row[1]))
+
+
+BOX_LEGEND = ("Boxes and confidences: **green** 0.8 and above, **amber** 0.5 to 0.8, **red** below 0.5, "
+              "**grey** none (the OCR baseline gives none). A field the page does not show has no box; its "
+              "item is listed for review.")
 
 
 def confidence_colour(confidence: float | None) -> str:
@@ -185,20 +190,25 @@ def build(api: ApiClient, base_api: ApiClient | None) -> gr.Blocks:
         gr.Markdown(DESCRIPTION)
         with gr.Tab("Extraction"):
             with gr.Row():
-                with gr.Column():
+                with gr.Column(scale=2):
                     document = gr.File(label="document: an image or a PDF", file_types=["image", ".pdf"],
-                                       type="filepath")
-                    pages = gr.Gallery(label="pages", columns=2, height=420)
+                                       type="filepath", elem_id="document")
                     output = gr.Radio([("record", "record"), ("FHIR R4B Bundle", "fhir")], value="record",
                                       label="answer as")
-                with gr.Column():
-                    result = gr.JSON(label="structured result")
-                    items = gr.Dataframe(headers=ITEM_HEADERS, label="items: to review first, then by page")
-            latency = gr.Markdown()
+                    extract = gr.Button("Extract", variant="primary")
+                    latency = gr.Markdown(elem_id="summary")
+                    gr.Markdown(BOX_LEGEND)
+                with gr.Column(scale=3):
+                    # PNG, not Gradio's default WebP: a page of small print is read, not glanced at
+                    pages = gr.Gallery(label="pages, each field's box coloured by its item's confidence",
+                                       columns=1, height=640, object_fit="contain", format="png", elem_id="pages")
+            items = gr.Dataframe(headers=ITEM_HEADERS, label="items: to review first, then by page",
+                                 wrap=True, elem_id="items")
+            with gr.Accordion("the whole answer (JSON)", open=False):
+                result = gr.JSON(label="structured result")
             document.change(document_pages, inputs=document, outputs=pages)
-            gr.Button("Extract", variant="primary").click(
-                lambda path, out: extraction_view(api.extract(path, out), document_pages(path)),
-                inputs=[document, output], outputs=[result, items, latency, pages])
+            extract.click(lambda path, out: extraction_view(api.extract(path, out), document_pages(path)),
+                          inputs=[document, output], outputs=[result, items, latency, pages])
         with gr.Tab("Custom analysis"):
             with gr.Row():
                 image2 = gr.File(label="document: an image or a PDF", file_types=["image", ".pdf"], type="filepath")

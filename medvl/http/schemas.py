@@ -60,7 +60,7 @@ class ExtractResponse(BaseModel):
     items: list[ItemSource] = Field(description="where each item of `structured` came from, and how sure the model was")
     needs_review: list[str] = Field(description="pointers of the items to check by hand: least sure first (confidence "
                                                 "below api.review_below_confidence, or none), then those with a "
-                                                "value not found on the page")
+                                                "value not found on the page, most fields missing first")
     pages: list[PageAnswer] = Field(description="each page's answer: an image is one page, a PDF one per page")
     flags: list[FlagItem] = Field(description="plausibility and safety flags on the whole record "
                                               "(medvl/medical/flags.py), and vitals that differ between pages")

@@ -209,6 +209,15 @@ def json_pointer(*parts: str | int) -> str:
     return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in parts)
 
 
+def resolve_pointer(record: dict[str, Any], pointer: str) -> Any:
+    """The value at an RFC 6901 ``pointer`` of ``record`` (the inverse of :func:`json_pointer`)."""
+    value: Any = record
+    for part in pointer.lstrip("/").split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return value
+
+
 def merge_pages(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, str]]]:
     """Page records, in page order -> (the document's record, each item's pointer and page, conflicts).
 

@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from medvl.medical import ocr
+from medvl.medical.records import resolve_pointer
 
 Box = list[float]
 
@@ -64,10 +65,11 @@ def locate(value: str, runs: list[tuple[str, Box]], near: Box | None = None) -> 
 def item_boxes(document: dict[str, Any], runs_by_page: list[list[tuple[str, Box]]]) -> None:
     """Give each item of ``document`` (medvl.medical.records.document_result) ``boxes``: each
     non-empty field's box on the item's page (a diagnosis's or a vital's under ``value``), None
-    where the page does not show it; items with a value not found join ``needs_review``. In place."""
+    where the page does not show it; items with a value not found join ``needs_review`` after the
+    unsure ones, most fields missing first. In place."""
     structured = document["structured"]
     for item in document["items"]:
-        value = _resolve(structured, item["pointer"])
+        value = resolve_pointer(structured, item["pointer"])
         fields = value if isinstance(value, dict) else {"value": value}
         runs, boxes, near = runs_by_page[item["page"] - 1], {}, None
         for name, text in fields.items():
@@ -75,15 +77,14 @@ def item_boxes(document: dict[str, Any], runs_by_page: list[list[tuple[str, Box]
                 boxes[name] = locate(str(text), runs, near)
                 near = near or boxes[name]
         item["boxes"] = boxes
-    missing = [item["pointer"] for item in document["items"] if None in item["boxes"].values()]
+    # The items with a value not on the page, those with most of their fields missing first: a
+    # record the page does not show at all before a reference range the OCR missed.
+    missing = [item["pointer"] for item in sorted(document["items"], key=_share_not_found, reverse=True)
+               if None in item["boxes"].values()]
     document["needs_review"] = [*document.get("needs_review", []),
                                 *(p for p in missing if p not in document.get("needs_review", []))]
 
 
-def _resolve(record: dict[str, Any], pointer: str) -> Any:
-    """The value at an RFC 6901 ``pointer`` of ``record``."""
-    value: Any = record
-    for part in pointer.lstrip("/").split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
-        value = value[int(part)] if isinstance(value, list) else value[part]
-    return value
+def _share_not_found(item: dict[str, Any]) -> float:
+    boxes = item["boxes"]
+    return sum(box is None for box in boxes.values()) / max(len(boxes), 1)
