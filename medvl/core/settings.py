@@ -216,7 +216,7 @@ class ApiSettings:
     # Threads preparing arriving requests (decoding, the processor, the vision tower; pages waiting
     # for the tower share one call). More let more pages share a call under load (8 in the H100
     # figures of docs/results/h100, issue 32), but each thread's malloc arena stays allocated: on
-    # the CPU reliability run 8 grew the server by 383 MB against 98 MB for 2.
+    # the CPU reliability run 8 grew the server by 383 MB against 98 MB for 2. The 7b profiles set 8.
     prepare_threads: int = 2
 
 
