@@ -91,12 +91,33 @@ def test_cli_single_file(phases_1_4, weights):
     assert isinstance(record["flags"], list) and record["generated_tokens"] > 0
 
 
+def test_cli_gives_each_item_its_confidence_and_boxes_as_extract_does(phases_1_4, lab_page_model):
+    """The CLI on the lab page with the model taught it (conftest): each lab the page shows has a
+    confidence in [0, 1] and a box for its value; the lab it does not show has none and is to be
+    reviewed; with source boxes off the items have confidences and no boxes."""
+    page = next((phases_1_4 / "datasets" / "test_images").glob("*lab_results*.png"))
+    result = cli(phases_1_4, "--image", str(page), "--model", str(lab_page_model), "--max-new-tokens", "400")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(result.stdout)
+    labs = [item for item in record["items"] if item["pointer"].startswith("/lab_values/")]
+    assert len(labs) == len(record["structured"]["lab_values"]) >= 5
+    invented = labs.pop()
+    assert all(0 <= item["confidence"] <= 1 and item["boxes"]["value"] is not None for item in labs)
+    assert 0 <= invented["confidence"] <= 1 and set(map(str, invented["boxes"].values())) == {"None"}
+    assert invented["pointer"] in record["needs_review"]
+    result = cli(phases_1_4, "--image", str(page), "--model", str(lab_page_model), "--max-new-tokens", "400",
+                 "--set", "api.source_boxes=false")
+    items = json.loads(result.stdout)["items"]
+    assert all("boxes" not in item and item["confidence"] is not None for item in items)
+
+
 def test_cli_batch_reports_the_corrupt_file_and_processes_the_rest(phases_1_4, tmp_path):
     folder = tmp_path / "scans"
     shutil.copytree(phases_1_4 / "datasets" / "test_images", folder)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "results.jsonl"
-    result = cli(phases_1_4, "--dir", str(folder), "--out", str(out))
+    # (source boxes off: the pages' OCR would add seconds a page; the test above covers them)
+    result = cli(phases_1_4, "--dir", str(folder), "--out", str(out), "--set", "api.source_boxes=false")
     assert result.returncode == 1
     assert "unreadable: " in result.stderr and "broken.png" in result.stderr
     assert "6 of 7 documents processed" in result.stderr  # five pages and phase 3's two-page PDF

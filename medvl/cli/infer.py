@@ -14,7 +14,10 @@ finetuned, or ocr: the classical OCR + rules baseline phase 7 scores beside the 
 compare on your own documents (records only, no --prompt); --weights picks the form as the server's flag does (default: the profile's form,
 the one phase 7 evaluated), so the CLI answers with the model the API serves.
 A PDF is rendered page by page (api.max_pdf_pages, api.pdf_render_dpi), its pages answered
-together and merged into one record whose items say their page, as /extract does.
+together and merged into one record whose items say their page, as /extract does. As there,
+each item has its confidence and its fields' boxes on the page (the page's OCR, seconds a page
+on a CPU; --set api.source_boxes=false leaves them out), and needs_review lists the items to
+check by hand (api.review_below_confidence).
 Batch mode writes one JSON line per file, continues past unreadable files, lists them at
 the end and exits with status 1 if there were any. Every structured result carries
 plausibility flags; they are informational, not clinical advice.
@@ -45,10 +48,13 @@ from medvl.engine.images import BadInput
 from medvl.engine.loader import ServedModel, open_served
 from medvl.engine.pages import PAGE_BREAK, PageLimits, decode_pages, headed_page_texts
 from medvl.engine.scheduler import PromptTooLong, SamplingParams
+from medvl.engine.tokens import record_page
 from medvl.medical import ocr
+from medvl.medical.confidence import document_confidences
 from medvl.medical.fhir import record_bundle
 from medvl.medical.prompts import EXTRACTION_PROMPT
-from medvl.medical.records import document_result, structured_result
+from medvl.medical.records import document_result
+from medvl.medical.sources import item_boxes, normalised, source_runs
 from medvl.model.forms import FORMS, FormError
 
 DOCUMENT_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".pdf"}
@@ -89,14 +95,15 @@ def model_answer(served: ServedModel) -> Answer:
     engine = served.engine
 
     def answer(pages: list[Image.Image], prompt: str | None, max_new_tokens: int) -> list[dict[str, Any]]:
-        params = SamplingParams(max_new_tokens, response_format=None if prompt else RECORD_FORMAT)
+        params = (SamplingParams(max_new_tokens) if prompt
+                  else SamplingParams(max_new_tokens, response_format=RECORD_FORMAT, logprobs=0))
         prompts = [engine.prepare(page, served.prompt_for(page, prompt or EXTRACTION_PROMPT)) for page in pages]
         answers = []
         for result in engine.generate_many(prompts, [params] * len(prompts)):
             if prompt:
                 answers.append({"text": result.text, "generated_tokens": result.generated_tokens})
-            else:  # decoded under the record's schema, as /extract does
-                answers.append({**structured_result(result.text), "raw_text": result.text,
+            else:  # decoded under the record's schema, with its fields' confidences, as /extract does
+                answers.append({**record_page(result, engine.processor.tokenizer), "raw_text": result.text,
                                 "closed_early": result.closed_early, "generated_tokens": result.generated_tokens})
         return answers
     return answer
@@ -121,7 +128,12 @@ def run_one(job: Job, path: Path, prompt: str | None) -> dict[str, Any]:
     if prompt:
         return {"file": str(path), "text": headed_page_texts([a["text"] for a in answers]),
                 "pages": [{"page": n, "text": a["text"]} for n, a in enumerate(answers, 1)], **timing}
-    document = document_result(answers)
+    document = document_confidences(document_result(answers), answers, job.limits.review_below_confidence)
+    if job.limits.source_boxes:  # the OCR baseline's own runs, else the pages read now
+        runs = ([normalised(a["runs"], a["page_size"]) for a in answers] if all("runs" in a for a in answers)
+                else source_runs(pages))
+        if runs is not None:
+            item_boxes(document, runs)
     if job.output == "fhir":
         bundle = record_bundle(document["structured"], hashlib.sha256(data).hexdigest(),
                                mimetypes.guess_type(path.name)[0] or "application/octet-stream", len(data),

@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from medvl.engine.scheduler import TokenLogprob
+from medvl.engine.scheduler import Result, TokenLogprob
+from medvl.medical.confidence import field_confidences
+from medvl.medical.records import structured_result
 
 
 @functools.cache
@@ -35,3 +37,14 @@ def answer_tokens(tokenizer: Any, logprobs: list[TokenLogprob]) -> list[tuple[by
     left out, as the answer's text leaves them out."""
     special = set(tokenizer.all_special_ids)
     return [(token_bytes(tokenizer, e.token), e.logprob) for e in logprobs if e.token not in special]
+
+
+def record_page(result: Result, tokenizer: Any) -> dict[str, Any]:
+    """A page's answer under the record's schema as its record result
+    (medvl.medical.records.structured_result), with each field's confidence
+    (medvl.medical.confidence) when the answer parsed as the record's JSON and its tokens'
+    log-probabilities were asked for (``SamplingParams.logprobs=0``). /extract and the CLI share it."""
+    page = structured_result(result.text)
+    if page["parse_status"] == "json" and result.logprobs is not None:
+        page["confidence"] = field_confidences(result.text, answer_tokens(tokenizer, result.logprobs))
+    return page

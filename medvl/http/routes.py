@@ -13,18 +13,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from medvl.core.settings import SERVED_SETTINGS
 from medvl.engine.grammar import RECORD_FORMAT
 from medvl.engine.pages import PAGE_BREAK, headed_page_texts
-from medvl.engine.scheduler import Result, SamplingParams
-from medvl.engine.tokens import answer_tokens
+from medvl.engine.scheduler import SamplingParams
+from medvl.engine.tokens import record_page
 from medvl.http.audit import RequestAudit
 from medvl.http.errors import ERROR_RESPONSES
 from medvl.http.schemas import AnalyzeResponse, ExtractResponse, HealthResponse, PageAnswer, PageText, Usage
 from medvl.http.state import ServerState, State, check_prompt, sum_usage, usage
-from medvl.medical import ocr
-from medvl.medical.confidence import document_confidences, field_confidences
+from medvl.medical.confidence import document_confidences
 from medvl.medical.fhir import record_bundle
 from medvl.medical.prompts import EXTRACTION_PROMPT
-from medvl.medical.records import document_result, structured_result
-from medvl.medical.sources import item_boxes, normalised, page_runs
+from medvl.medical.records import document_result
+from medvl.medical.sources import item_boxes, normalised, source_runs
 
 router = APIRouter()
 log = logging.getLogger("medvl.api")
@@ -89,7 +88,7 @@ async def extract(http: Request, state: State, file: Annotated[UploadFile, DOCUM
         finally:
             runs_by_page = await runs if runs is not None else None
         tokenizer = state.engine().processor.tokenizer
-        pages = [page_result(result, tokenizer) for result in results]
+        pages = [record_page(result, tokenizer) for result in results]
         answers = [PageAnswer(page=number, parse_status=page["parse_status"], closed_early=result.closed_early,
                               usage=usage(result))
                    for number, (page, result) in enumerate(zip(pages, results, strict=True), 1)]
@@ -106,25 +105,6 @@ async def extract(http: Request, state: State, file: Annotated[UploadFile, DOCUM
     bundle = record_bundle(response.structured.model_dump(), audit.document_sha256,
                            file.content_type or "application/octet-stream", len(data), state.audit_model())
     return Response(bundle.model_dump_json(), media_type="application/fhir+json")
-
-
-def page_result(result: Result, tokenizer: Any) -> dict[str, Any]:
-    """A page's record result with its fields' confidences (medvl/medical/confidence.py; none
-    unless the answer parsed as the record's JSON)."""
-    page = structured_result(result.text)
-    if page["parse_status"] == "json" and result.logprobs is not None:
-        page["confidence"] = field_confidences(result.text, answer_tokens(tokenizer, result.logprobs))
-    return page
-
-
-def source_runs(images: list[Any]) -> list[list[tuple[str, list[float]]]] | None:
-    """Each page's OCR runs with their boxes (medvl/medical/sources.py), or None (logged) where
-    the OCR engine cannot run: the record then comes without boxes rather than not at all."""
-    try:
-        return [page_runs(image) for image in images]
-    except ocr.OcrUnavailable as exc:
-        log.warning("no source boxes: %s", exc)
-        return None
 
 
 def reviewed(document: dict[str, Any], pages: list[dict[str, Any]], state: ServerState) -> dict[str, Any]:

@@ -13,12 +13,15 @@ Boxes are normalised to the page: ``[x0, y0, x1, y1]`` in 0..1, origin top left.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from PIL import Image
 
 from medvl.medical import ocr
 from medvl.medical.records import resolve_pointer
+
+log = logging.getLogger(__name__)
 
 Box = list[float]
 
@@ -60,6 +63,16 @@ def locate(value: str, runs: list[tuple[str, Box]], near: Box | None = None) -> 
     *_, text, (x0, y0, x1, y1), first, last = min(found)
     share = (x1 - x0) / max(len(text), 1)
     return [round(x0 + first * share, 4), round(y0, 4), round(x0 + last * share, 4), round(y1, 4)]
+
+
+def source_runs(images: list[Image.Image]) -> list[list[tuple[str, Box]]] | None:
+    """Each page's OCR runs with their boxes (:func:`page_runs`), or None (logged) where the OCR
+    engine cannot run: the record then comes without boxes rather than not at all."""
+    try:
+        return [page_runs(image) for image in images]
+    except ocr.OcrUnavailable as exc:
+        log.warning("no source boxes: %s", exc)
+        return None
 
 
 def item_boxes(document: dict[str, Any], runs_by_page: list[list[tuple[str, Box]]]) -> None:
