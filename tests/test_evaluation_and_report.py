@@ -79,8 +79,11 @@ def test_evaluation_compares_base_finetuned_and_baselines_with_intervals(full_ru
     # OCR + rules reads these printed pages; the random stand-in does not: the report says so
     versus_ocr = ev["comparisons"]["finetuned_vs_ocr_rules"]["subsets"]["test"]["extraction_f1"]
     assert versus_ocr["verdict"] == "worse" and "is worse than OCR + rules" in markdown
-    # calibration: every answered item of a one-page record answer, its confidence and verdict
+    # calibration: every answered item of a record answer, the two-page PDF's merged record included,
+    # its confidence and verdict
     for model in (base, tuned):
+        parsed = [r for r in model["cases"] if r["record"] and r["parse_status"] == "json"]
+        assert all("items" in r for r in parsed) and any(r["case_id"] == "eval-pdf-discharge-labs" for r in parsed)
         judged = [i for r in model["cases"] for i in r.get("items", []) if i["confidence"] is not None]
         calibration = model["calibration"]
         assert calibration["items"] == len(judged) == sum(b["items"] for b in calibration["bins"])

@@ -96,23 +96,31 @@ def generate_timed(engine: Any, image: Image.Image, prompt: str, max_new_tokens:
 
 
 def generate_pages_timed(engine: Any, pages: list[Image.Image], prompts: list[str],
-                         max_new_tokens: int) -> dict[str, Any]:
+                         max_new_tokens: int, confidences: bool = False) -> dict[str, Any]:
     """A document's pages answered as /extract answers a PDF, timed end to end: each page
     prepared with its prompt and decoded under the record's schema (side by side as the
     engine's slots allow), their records merged with each item's page; the row
-    :func:`generate_timed` gives, its response the merged record."""
+    :func:`generate_timed` gives, its response the merged record. With ``confidences``, each
+    item's confidence by its pointer into the merged record (``item_confidence``, as /extract
+    gives it)."""
     from medvl.engine.grammar import RECORD_FORMAT
     from medvl.engine.scheduler import SamplingParams
-    from medvl.medical.records import document_result, structured_result
+    from medvl.engine.tokens import record_page
+    from medvl.medical.confidence import document_confidences
+    from medvl.medical.records import document_result
 
     _sync()
     start = time.perf_counter()
     prepared = [engine.prepare(page, prompt) for page, prompt in zip(pages, prompts, strict=True)]
     submitted = time.perf_counter()
-    results = engine.generate_many(prepared, [SamplingParams(max_new_tokens, response_format=RECORD_FORMAT)] * len(pages))
+    params = SamplingParams(max_new_tokens, response_format=RECORD_FORMAT, logprobs=0 if confidences else None)
+    results = engine.generate_many(prepared, [params] * len(pages))
     _sync()
     latency = time.perf_counter() - start
-    document = document_result([structured_result(result.text) for result in results])
+    page_records = [record_page(result, engine.processor.tokenizer) for result in results]
+    document = document_result(page_records)
+    if confidences:
+        document_confidences(document, page_records, below=0.0)
     generated = sum(result.generated_tokens for result in results)
     return {
         "pages": len(pages), "prompt_tokens": sum(p.length for p in prepared), "generated_tokens": generated,
@@ -122,6 +130,8 @@ def generate_pages_timed(engine: Any, pages: list[Image.Image], prompts: list[st
         "finish_reason": "length" if any(r.finish_reason == "length" for r in results) else results[0].finish_reason,
         "closed_early": any(result.closed_early for result in results),
         "items_by_page": dict(Counter(item["page"] for item in document["items"])),
+        **({"item_confidence": {item["pointer"]: item["confidence"] for item in document["items"]}}
+           if confidences else {}),
     }
 
 

@@ -160,8 +160,8 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
     function ``medvl-score`` runs). A PDF case (rendered per ``pdf_limits``) is answered page by
     page and its records merged, as /extract answers a PDF; with ``ground_pdf_pages`` each of
     its pages gets its own OCR-grounded prompt (a case's one prompt cannot hold every page's lines).
-    Each item of a one-page record answer gets its confidence (as /extract gives it) and the
-    scorer's verdict: ``calibration`` says how well the one predicts the other, with the
+    Each item of a record answer (a PDF's pages merged) gets its confidence (as /extract gives
+    it) and the scorer's verdict: ``calibration`` says how well the one predicts the other, with the
     accuracy of items above and below ``review_below`` (api.review_below_confidence)."""
     model, load = benchmark.timed_load(loader)
     first = benchmark.BenchSample(cases[0].case_id, root / cases[0].image, cases[0].prompt)
@@ -180,15 +180,16 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
 
             prompts = [grounded_prompt(page, case.prompt) if ground_pdf_pages else case.prompt
                        for page in pages[case.image]]
-            out = benchmark.generate_pages_timed(engine, pages[case.image], prompts, max_new_tokens)
+            out = benchmark.generate_pages_timed(engine, pages[case.image], prompts, max_new_tokens,
+                                                 confidences=case.record)
         extracted = structured_result(out["response"])
         rows.append({"case_id": case.case_id, "subset": case.subset, "source": case.source, "record": case.record,
                      "response": out["response"], "generated_tokens": out["generated_tokens"],
                      "finish_reason": out["finish_reason"], "closed_early": out["closed_early"],
                      "latency_s": out["latency_s"], "ttft_s": out["ttft_s"],
                      "parse_status": extracted["parse_status"], "flags": extracted["flags"],
-                     **({"items": judged_items(extracted, out["field_confidence"], case.reference)}
-                        if "field_confidence" in out and extracted["parse_status"] == "json" else {})})
+                     **({"items": judged_items(extracted, out, case.reference)}
+                        if case.record and extracted["parse_status"] == "json" else {})})
     peak = memory.peak_memory_mb()
     memory.unload(model)
     return {
@@ -208,12 +209,15 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
     }
 
 
-def judged_items(extracted: dict[str, Any], field_confidence: dict[str, float], reference: dict[str, Any]
-                 ) -> list[dict[str, Any]]:
-    """Each item of a one-page record answer: its confidence (its least sure field's, as /extract
-    gives it) and whether the scorer counts it correct."""
+def judged_items(extracted: dict[str, Any], out: dict[str, Any], reference: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each item of a record answer (a document's pages merged, for a PDF): its confidence (its
+    least sure field's, as /extract gives it) and whether the scorer counts it correct."""
     items = document_result([extracted])["items"]
-    item_confidences(items, field_confidence)
+    if "item_confidence" in out:  # a document's pages, each item scored on the page it was kept from
+        for item in items:
+            item["confidence"] = out["item_confidence"].get(item["pointer"])
+    else:
+        item_confidences(items, out["field_confidence"])
     verdicts = scoring.item_verdicts(extracted["structured"], reference)
     return [{"pointer": i["pointer"], "confidence": i["confidence"], "correct": verdicts.get(i["pointer"], False)}
             for i in items]

@@ -503,7 +503,7 @@ def calibration_markdown(calibration: dict[str, Any], figures: dict[str, str]) -
         return []
     threshold = next(iter(calibration.values()))["threshold"]
     parts = ["### Are the confidences right?", "",
-             "Each item of a one-page record answer gets the confidence /extract gives it (the probability the model "
+             "Each item of a record answer (a PDF's pages merged) gets the confidence /extract gives it (the probability the model "
              "gave its least sure field's exact value, `medvl/medical/confidence.py`) and the scorer's verdict "
              f"(right in every field). Items under {threshold} go to `needs_review`.", "",
              "| model | confidence | items | accuracy | mean confidence |", "|---|---|---|---|---|"]
