@@ -61,10 +61,9 @@ def generate_timed(engine: Any, image: Image.Image, prompt: str, max_new_tokens:
     would see it); greedy, ending at the end-of-sequence token or ``max_new_tokens``; under
     ``response_format`` (a :class:`medvl.engine.grammar.ResponseFormat`) when given. With
     ``confidences``, each field of the JSON answer's confidence (``field_confidence``, as
-    /extract computes it: medvl/medical/confidence.py)."""
+    /extract computes it: medvl.engine.tokens.record_page; none for an answer that did not parse)."""
     from medvl.engine.scheduler import SamplingParams
-    from medvl.engine.tokens import answer_tokens
-    from medvl.medical.confidence import field_confidences
+    from medvl.engine.tokens import record_page
 
     _sync()
     start = time.perf_counter()
@@ -90,7 +89,7 @@ def generate_timed(engine: Any, image: Image.Image, prompt: str, max_new_tokens:
         "response": result.text,
         "finish_reason": result.finish_reason,
         "closed_early": result.closed_early,
-        **({"field_confidence": field_confidences(result.text, answer_tokens(engine.processor.tokenizer, result.logprobs))}
+        **({"field_confidence": record_page(result, engine.processor.tokenizer).get("confidence", {})}
            if confidences else {}),
     }
 
