@@ -28,6 +28,10 @@ step is bound by reading the weights, so every extra byte or kernel shows):
   cache once per key/value head, where transformers' SDPA path copies it for each of the
   query heads sharing it whenever an attention mask is present (always, with a cache of slots).
 
+And one makes the eager prefill chunks and the vision tower cheaper on a GPU:
+:func:`medvl.model.fused_ops.fuse_elementwise` runs their RMSNorms, MLP gates and rotary
+embeddings as compiled kernels (the same math).
+
 ``tests/test_decoding.py`` and ``tests/test_engine.py`` check identical tokens against
 ``generate`` on the tiny model on the CPU; ``bench/perf_inference.py`` checks next-token
 logits on the GPU, where random 7B weights have near-ties and a flipped token alone proves
@@ -47,6 +51,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from medvl.model.fused_ops import fuse_elementwise
 from medvl.model.fusion import fuse_projections, fused_layer_count
 from medvl.model.vision import align_vision_mlp
 
@@ -328,6 +333,7 @@ class SlotDecoder:
         # Serving-only rewrites (same function, other parameter shapes: never save after them).
         fuse_projections(self.base)
         align_vision_mlp(self.base)
+        fuse_elementwise(self.base, compiled=compile_step)  # the eager prefill's and tower's elementwise kernels
         self.fused_layers = fused_layer_count(self.base)  # fused here or before (int4 serving fuses first)
         self.max_cache_len = max_cache_len
         self.slots = slots

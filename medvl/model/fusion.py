@@ -83,6 +83,7 @@ class _FusedQKVAttention(qwen.Qwen2_5_VLAttention):
     """
 
     qkv_sizes: tuple[int, int, int]
+    apply_rotary = staticmethod(qwen.apply_rotary_pos_emb)  # medvl.model.fused_ops.fuse_elementwise: compiled
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None,
@@ -93,7 +94,7 @@ class _FusedQKVAttention(qwen.Qwen2_5_VLAttention):
         query, key, value = (t.view(shape).transpose(1, 2)
                              for t in self.qkv_proj(hidden_states).split(self.qkv_sizes, dim=-1))
         cos, sin = position_embeddings
-        query, key = qwen.apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = self.apply_rotary(query, key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         interface = qwen.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,

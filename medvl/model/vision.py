@@ -73,6 +73,8 @@ class _BatchedWindowVisionAttention(qwen.Qwen2_5_VLVisionAttention):
     The forward is transformers 5.17's but for the non-flash branch (see the module docstring).
     """
 
+    apply_rotary = staticmethod(qwen.apply_rotary_pos_emb_vision)  # medvl.model.fused_ops.fuse_elementwise: compiled
+
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 max_seqlen: int | None = None, **kwargs: Any) -> torch.Tensor:
@@ -81,7 +83,7 @@ class _BatchedWindowVisionAttention(qwen.Qwen2_5_VLVisionAttention):
         seq_length = hidden_states.shape[0]
         query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings
-        query, key = qwen.apply_rotary_pos_emb_vision(query, key, cos, sin)
+        query, key = self.apply_rotary(query, key, cos, sin)
         out = segmented_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
                                   cu_seqlens, self.scaling)
         return self.proj(out.reshape(seq_length, -1))
