@@ -14,6 +14,7 @@ waits. After ``--warm-up-s``, over ``--seconds``:
 - each engine turn's GPU time by kind, from CUDA events recorded around it on its stream: the
   decoding steps (by batch bucket), the prefills, the vision tower's calls (on its own stream);
   their sum against the window is how busy each stream kept the GPU;
+- how many graphs ``torch.compile`` made meanwhile (0: start-up compiled every shape traffic brings);
 - for ``--trace-s`` in the middle, ``torch.profiler``: every kernel's GPU time, grouped by kind
   (matrix products, attention, elementwise, copies ...), and the GPU's busy share (the union
   of every kernel's interval) with the idle gaps between kernels by length.
@@ -224,6 +225,11 @@ class Clients:
                     self.tokens += result.generated_tokens
 
 
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (none should be made under traffic)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
     samples = ensure_benchmark_documents(wd.test_images, settings.bench.document_seed, settings.bench.num_documents)
     pages = [(s.image_path.read_bytes(), s.prompt) for s in samples]
@@ -243,6 +249,7 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
         thread.start()
     time.sleep(args.warm_up_s)
     before = dict(vars(engine.stats))
+    graphs_before = _compiled_graphs()
     clients.counting, clock.on, window_started = True, True, time.perf_counter()
     trace = None
     lead = max(0.0, (args.seconds - args.trace_s) / 2)
@@ -255,6 +262,7 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
     clients.counting, clock.on = False, False
     window_s = time.perf_counter() - window_started
     stats = {k: v - before.get(k, 0) for k, v in vars(engine.stats).items()}
+    compiled_in_window = _compiled_graphs() - graphs_before
     clients.stop.set()
     out = Path(args.out) if args.out else wd.bench("profile_engine")
     report = {**settings.record(("model", "decode", "api")), "command": shlex.join(["python", *sys.argv]),
@@ -263,6 +271,7 @@ def main(settings: Settings, wd: Workdir, args: argparse.Namespace) -> dict:
               "clients": args.clients, "window_s": window_s, "requests": clients.requests,
               "requests_per_s": clients.requests / window_s, "output_tokens_per_s": clients.tokens / window_s,
               "tokens_per_request": clients.tokens / max(clients.requests, 1), "errors": dict(clients.errors),
+              "graphs_compiled_in_window": compiled_in_window,
               "engine": {**stats, "rows_per_step": stats["step_rows"] / max(stats["steps"], 1),
                          "rows_per_prefill": stats["prefill_rows"] / max(stats["prefills"], 1)},
               "gpu_time_by_turn": clock.summary(window_s) if clock.cuda else {},
