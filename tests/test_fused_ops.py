@@ -64,7 +64,7 @@ def test_the_rewritten_model_gives_the_same_logits(tiny_model_dir, tiny_settings
     align_vision_mlp(rewritten)
     count = fused_ops.fuse_elementwise(rewritten, compiled=False)
     kinds = {type(m).__name__ for m in rewritten.modules()}
-    assert {"_FusedRMSNorm", "_FusedVisionMLP", "_FusedKernelsGateUpMLP"} <= kinds
+    assert {"_FusedRMSNorm", "_FusedVisionMLP", "_FusedGateUpKernelMLP"} <= kinds
     assert "Qwen2_5_VLRMSNorm" not in kinds and "Qwen2_5_VLMLP" not in kinds
     layers = rewritten.config.text_config.num_hidden_layers
     blocks = rewritten.config.vision_config.depth
@@ -77,3 +77,10 @@ def test_the_rewritten_model_gives_the_same_logits(tiny_model_dir, tiny_settings
     inputs = processor(text=[text], images=[page], return_tensors="pt")
     with torch.inference_mode():
         assert torch.equal(rewritten(**inputs).logits, reference(**inputs).logits)
+
+
+def test_the_served_model_runs_the_fused_modules(engine):
+    """The engine's decoder rewrites its model (plain kernels on the CPU, compiled on a GPU)."""
+    kinds = {type(m).__name__ for m in engine.decoder.base.modules()}
+    assert {"_FusedRMSNorm", "_FusedVisionMLP", "_FusedGateUpKernelMLP"} <= kinds
+    assert fused_ops.kernels_for(None) is fused_ops.kernels_for(None)  # one set of compiled graphs per process

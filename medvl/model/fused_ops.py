@@ -19,6 +19,7 @@ GPU only, where the decoding step compiles too (``medvl.engine.slot_cache.should
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,14 @@ class Kernels:
         self.rotary_vision = build(rotary_vision)
 
 
+@functools.cache
+def kernels_for(backend: str | None) -> Kernels:
+    """One :class:`Kernels` per backend for the process: every model rewritten here shares its
+    compiled graphs (a new ``torch.compile`` wrapper per model would compile them again, and
+    past dynamo's recompile limit run them eagerly)."""
+    return Kernels(backend)
+
+
 class _FusedRMSNorm(qwen.Qwen2_5_VLRMSNorm):
     kernels: Kernels
 
@@ -103,7 +112,7 @@ class _FusedVisionMLP(qwen.Qwen2_5_VLMLP):
         return self.down_proj(self.kernels.silu_gate(self.gate_proj(hidden_state), self.up_proj(hidden_state)))
 
 
-class _FusedKernelsGateUpMLP(_FusedGateUpMLP):
+class _FusedGateUpKernelMLP(_FusedGateUpMLP):
     kernels: Kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,23 +125,22 @@ def fuse_elementwise(model: Any, compiled: bool) -> int:
     ``model`` to call :class:`Kernels` (``compiled``: through ``torch.compile``); returns the
     modules rewritten. Serving only, and idempotent: parameters and state-dict names are untouched."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kernels = Kernels("inductor" if compiled else None)
+    kernels = kernels_for("inductor" if compiled else None)
     rewritten = 0
     for module in base.modules():
         kind = type(module)
         if kind in (qwen.Qwen2_5_VLRMSNorm, _FusedRMSNorm):
-            module.__class__ = _FusedRMSNorm
+            module.__class__, module.kernels = _FusedRMSNorm, kernels
         elif kind in (qwen.Qwen2_5_VLMLP, _FusedVisionMLP) and _is_silu(module.act_fn):
-            module.__class__ = _FusedVisionMLP
-        elif kind in (_FusedGateUpMLP, _FusedKernelsGateUpMLP) and _is_silu(module.act_fn):
-            module.__class__ = _FusedKernelsGateUpMLP
+            module.__class__, module.kernels = _FusedVisionMLP, kernels
+        elif kind in (_FusedGateUpMLP, _FusedGateUpKernelMLP) and _is_silu(module.act_fn):
+            module.__class__, module.kernels = _FusedGateUpKernelMLP, kernels
         elif kind is _FusedQKVAttention:
             module.apply_rotary = kernels.rotary
         elif kind is _BatchedWindowVisionAttention:
             module.apply_rotary = kernels.rotary_vision
         else:
             continue
-        module.kernels = kernels
         rewritten += 1
     return rewritten
 
