@@ -15,6 +15,11 @@ graph for every page size and chunk; a few seconds at start-up, before traffic),
 modules :func:`fuse_elementwise` rewrites. Inside the compiled decoding step they are inlined
 and compiled with the rest. Same functions as transformers' (``tests/test_fused_ops.py``); a
 GPU only, where the decoding step compiles too (``medvl.engine.slot_cache.should_compile``).
+
+Measured on an H100 (``bench/check_fused_ops.py``, ``bench/device/gpu_fused_ops.sh``): a page's
+vision tower 18.0 -> 11.6 ms of kernel time, a page's whole forward pass 37.9 -> 27.4 ms, the
+logits as close to the same weights in float32 as the eager kernels' (relative L2 0.0475
+against 0.0473); the mixed workload at 32 clients 12.64 -> 15.12 requests/s in one call.
 """
 
 from __future__ import annotations
