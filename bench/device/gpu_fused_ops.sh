@@ -8,11 +8,7 @@
 set -uo pipefail
 source "$(dirname "$0")/wheels.sh"
 wd=${WD:-/tmp/run-7b-random}
-for n in 1 2; do
-  python3 -m medvl.cli.gates --profile 7b-random --workdir "$wd" | grep "^phase $n .*: pass" >/dev/null && continue
-  ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
-    || { tail -20 "$OUT/pipeline.log"; exit 1; }
-done
+build_7b_random "$wd"
 [[ ${CHECK:-1} == 1 ]] && timeout "${CHECK_TIMEOUT:-200}" python3 bench/check_fused_ops.py --profile 7b-random \
   --workdir "$wd" --out "$OUT/check_fused_ops.json" 2>&1 | grep -v "it/s\]$" | tail -4
 BASE_FORMS=${BASE_FORMS:-bf16} FORMS=${FORMS:-bf16} WD=$wd bash bench/device/gpu_prefill_chunks.sh

@@ -9,11 +9,7 @@
 set -uo pipefail
 source "$(dirname "$0")/wheels.sh"
 wd=${WD:-/tmp/run-7b-random}
-for n in 1 2; do
-  python3 -m medvl.cli.gates --profile 7b-random --workdir "$wd" | grep "^phase $n .*: pass" >/dev/null && continue
-  ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
-    || { tail -20 "$OUT/pipeline.log"; exit 1; }
-done
+build_7b_random "$wd"
 for config in ${FORMS:-bf16}; do
  for switch in ${SWITCH_MS:-0}; do
   form=${config%%:*}

@@ -8,11 +8,7 @@
 set -uo pipefail
 source "$(dirname "$0")/wheels.sh"
 wd=${WD:-/tmp/run-7b-random}  # WD=/tmp/awq-7b-random serves gpu_awq.sh's AWQ checkpoint (FORMS="awq bf16")
-for n in 1 2; do  # a warm machine that already passed a phase's gate keeps its outputs
-  python3 -m medvl.cli.gates --profile 7b-random --workdir "$wd" | grep "^phase $n .*: pass" >/dev/null && continue
-  ./run_pipeline.sh --profile 7b-random --workdir "$wd" --only "$n" > >(grep -v "it/s\]$" >> "$OUT/pipeline.log") 2>&1 \
-    || { tail -20 "$OUT/pipeline.log"; exit 1; }
-done
+build_7b_random "$wd"
 for config in ${FORMS:-int4 bf16}; do
   form=${config%%:*}
   extra=(); [[ $config == *:* ]] && extra=(--set "${config#*:}")
