@@ -12,9 +12,31 @@ from medvl.model.fusion import fuse_projections
 from medvl.model.loading import load_model, load_processor
 from medvl.model.vision import align_vision_mlp
 
-# Traced by dynamo (fullgraph, dynamic shapes) but run eagerly: a graph break or a shape that does
-# not trace fails here, on the CPU, instead of at a GPU server's start-up.
+# Traced by dynamo (dynamic shapes) but run eagerly: what the compiled kernels compute, checked on
+# the CPU without inductor's C++ compilation.
 KERNELS = {"plain": fused_ops.Kernels(None), "traced": fused_ops.Kernels("eager")}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test traces from an empty cache: other tests' compilations of the same functions (the
+    compiled decoding step's, other backends, grad modes) count toward dynamo's recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name, args", [
+    ("rms_norm", (torch.randn(2, 9, 64), torch.randn(64), 1e-6)),
+    ("silu_gate", (torch.randn(5, 12), torch.randn(5, 12))),
+    ("silu_gate_fused", (torch.randn(5, 24),)),
+    ("rotary", (torch.randn(3, 4, 11, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 11, 16), torch.randn(3, 11, 16))),
+    ("rotary_vision", (torch.randn(50, 4, 16), torch.randn(50, 4, 16), torch.randn(50, 16), torch.randn(50, 16))),
+])
+def test_each_function_traces_as_one_graph(name, args):
+    """No graph break: each function is one fused graph on the GPU, not pieces with eager gaps."""
+    explained = torch._dynamo.explain(getattr(fused_ops, name))(*args)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
 @pytest.mark.parametrize("kind", KERNELS)
@@ -24,10 +46,11 @@ def test_rms_norm_matches_transformers(kind, shape):
     norm = qwen.Qwen2_5_VLRMSNorm(shape[-1], eps=1e-6).to(torch.bfloat16)
     norm.weight.data.normal_()
     x = (torch.randn(shape) * 3).to(torch.bfloat16)
-    out = KERNELS[kind].rms_norm(x, norm.weight, norm.variance_epsilon)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, norm(x))
-    assert not torch.equal(out, KERNELS[kind].rms_norm(x, norm.weight.flip(0), 1e-6))  # the weight counts
+    with torch.inference_mode():  # as served
+        out = KERNELS[kind].rms_norm(x, norm.weight, norm.variance_epsilon)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, norm(x))
+        assert not torch.equal(out, KERNELS[kind].rms_norm(x, norm.weight.flip(0), 1e-6))  # the weight counts
 
 
 @pytest.mark.parametrize("kind", KERNELS)

@@ -10,8 +10,8 @@ vision tower's GPU time (~390 of its 570 ms in a 2-s trace, ~22 ms a page where 
 products and attention need ~7) and ~310 ms of the main stream's prefills, with the GPU busy
 96% of the trace: they were the largest share of GPU time that no matrix product needed.
 
-Here each of those is one small function compiled by ``torch.compile`` with dynamic shapes (one
-graph for every page size and chunk; a few seconds at start-up, before traffic), called by the
+Here each of those is one small function compiled by ``torch.compile`` with dynamic shapes (a
+graph or two for every page size and chunk; a few seconds at start-up, before traffic), called by the
 modules :func:`fuse_elementwise` rewrites. Inside the compiled decoding step they are inlined
 and compiled with the rest. Same functions as transformers' (``tests/test_fused_ops.py``); a
 GPU only, where the decoding step compiles too (``medvl.engine.slot_cache.should_compile``).
@@ -85,7 +85,10 @@ class Kernels:
 
     def __init__(self, backend: str | None) -> None:
         def build(fn: Callable) -> Callable:
-            return torch.compile(fn, backend=backend, dynamic=True, fullgraph=True) if backend else fn
+            # Not fullgraph: an input variant past dynamo's recompile limit then runs eagerly
+            # instead of failing its request (each function traces as one graph:
+            # tests/test_fused_ops.py; serving compiles none under traffic: bench/profile_engine.py).
+            return torch.compile(fn, backend=backend, dynamic=True) if backend else fn
 
         self.backend = backend
         self.rms_norm = build(rms_norm)
