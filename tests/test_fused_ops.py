@@ -149,3 +149,23 @@ def test_the_served_model_runs_the_fused_modules(engine):
     kinds = {type(m).__name__ for m in engine.decoder.base.modules()}
     assert {"_FusedRMSNorm", "_FusedVisionMLP", "_FusedGateUpKernelMLP"} <= kinds
     assert fused_ops.kernels_for(None) is fused_ops.kernels_for(None)  # one set of compiled graphs per process
+
+
+def test_start_up_compiles_every_tower_shape_traffic_brings(tiny_model_dir, tiny_settings):
+    """After the server's warm-up, towers of one page, of several pages in one call and of other
+    page sizes compile nothing new (traced by dynamo as on a GPU, run eagerly here): a compilation
+    under traffic would stall a request for seconds."""
+    from medvl.engine.loader import build_engine, warm_up
+    from medvl.model.loading import load_processor as processor_for
+
+    model = load_model(tiny_model_dir, tiny_settings)
+    engine = build_engine(model, processor_for(tiny_model_dir, tiny_settings, padding_side="left"), tiny_settings.decode)
+    fused_ops.fuse_elementwise(engine.decoder.base, compiled=True, backend="eager")
+    warm_up(engine)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the tower did run through dynamo
+    pages = [Image.effect_noise((300, 420), 50).convert("RGB"), Image.new("RGB", (640, 480), "white"),
+             Image.effect_noise((200, 200), 80).convert("RGB")]
+    for images in ([pages[0]], pages, pages[1:]):
+        assert engine.run_tower(images).shape[0] > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -183,14 +183,14 @@ def _whole_block(block: Any) -> bool:
             and block.norm1.variance_epsilon == block.norm2.variance_epsilon)
 
 
-def fuse_elementwise(model: Any, compiled: bool) -> int:
+def fuse_elementwise(model: Any, compiled: bool, backend: str = "inductor") -> int:
     """Rewrite, in place, every RMSNorm, SiLU-gated MLP (the language model's once its gate/up
     are fused: :func:`medvl.model.fusion.fuse_projections` first), rotary embedding and vision
     block (whole, :func:`vision_block`) of ``model`` to call :class:`Kernels` (``compiled``:
-    through ``torch.compile``); returns the modules rewritten. Serving only, and idempotent:
+    through ``torch.compile`` with ``backend``); returns the modules rewritten. Serving only, and idempotent:
     parameters and state-dict names are untouched."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kernels = kernels_for("inductor" if compiled else None)
+    kernels = kernels_for(backend if compiled else None)
     rewritten = 0
     for module in base.modules():
         kind = type(module)
