@@ -32,11 +32,6 @@ def fresh_dynamo():
     ("silu_gate_fused", (torch.randn(5, 24),)),
     ("rotary", (torch.randn(3, 4, 11, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 11, 16), torch.randn(3, 11, 16))),
     ("rotary_vision", (torch.randn(50, 4, 16), torch.randn(50, 4, 16), torch.randn(50, 16), torch.randn(50, 16))),
-    ("vision_block", (torch.randn(12, 32), torch.randn(12, 16), torch.randn(12, 16), torch.tensor([[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]),
-                      torch.ones(2, 1, 1, 6, dtype=torch.bool), torch.arange(12),
-                      (torch.ones(32), torch.randn(96, 32), torch.randn(96), torch.randn(32, 32), torch.randn(32),
-                       torch.ones(32), torch.randn(64, 32), torch.randn(64), torch.randn(64, 32), torch.randn(64),
-                       torch.randn(32, 64), torch.randn(32)), 1e-6, 2, 0.25)),
 ])
 def test_each_function_traces_as_one_graph(name, args):
     """No graph break: each function is one fused graph on the GPU, not pieces with eager gaps."""
@@ -82,41 +77,6 @@ def test_silu_gates_match_the_mlp(kind):
     assert not torch.equal(KERNELS[kind].silu_gate_fused(torch.cat([up, gate], -1)), torch.nn.functional.silu(gate) * up)
 
 
-@pytest.mark.parametrize("kind", KERNELS)
-def test_a_whole_vision_block_matches_transformers(kind, tiny_model_dir, tiny_settings):
-    """vision_block against the block it replaces, on two pages of different sizes (window
-    segments and whole-image segments of different lengths), in a windowed and a full-attention
-    block; a block's output depends on its own weights."""
-    model = load_model(tiny_model_dir, tiny_settings)
-    processor = load_processor(tiny_model_dir, tiny_settings)
-    align_vision_mlp(model)
-    visual = model.model.visual
-    images = [Image.new("RGB", (448, 300), "white"), Image.effect_noise((200, 420), 60).convert("RGB")]
-    pixels = processor.image_processor(images=images, return_tensors="pt")
-    captured = {}
-
-    def keep_inputs(index):
-        def hook(module, args, kwargs):
-            captured[index] = (args[0], kwargs["cu_seqlens"], kwargs["position_embeddings"])
-        return hook
-
-    full = visual.fullatt_block_indexes[0]
-    blocks = {0: visual.blocks[0], full: visual.blocks[full]}
-    handles = [block.register_forward_pre_hook(keep_inputs(i), with_kwargs=True) for i, block in blocks.items()]
-    with torch.inference_mode():
-        visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
-        for handle in handles:
-            handle.remove()
-        for i, block in blocks.items():
-            h, cu_seqlens, (cos, sin) = captured[i]
-            expected = block(h, cu_seqlens=cu_seqlens, position_embeddings=(cos, sin))
-            fused = copy.deepcopy(block)
-            fused.__class__, fused.kernels = fused_ops._FusedVisionBlock, KERNELS[kind]
-            assert torch.equal(fused(h, cu_seqlens=cu_seqlens, position_embeddings=(cos, sin)), expected)
-            fused.mlp.down_proj.bias.add_(1.0)
-            assert not torch.equal(fused(h, cu_seqlens=cu_seqlens, position_embeddings=(cos, sin)), expected)
-
-
 def test_the_rewritten_model_gives_the_same_logits(tiny_model_dir, tiny_settings):
     """Every RMSNorm, MLP and attention module of both towers is rewritten, and a page's logits
     (vision tower included) are unchanged, bit for bit, with the plain kernels."""
@@ -131,10 +91,8 @@ def test_the_rewritten_model_gives_the_same_logits(tiny_model_dir, tiny_settings
     assert "Qwen2_5_VLRMSNorm" not in kinds and "Qwen2_5_VLMLP" not in kinds
     layers = rewritten.config.text_config.num_hidden_layers
     blocks = rewritten.config.vision_config.depth
-    # per layer: two norms, the MLP, the attention; per block those and the block itself; the
-    # final norm and the merger's
-    assert count == 4 * layers + 5 * blocks + 2
-    assert "_FusedVisionBlock" in kinds
+    # per layer and per block: two norms, the MLP, the attention; the final norm and the merger's
+    assert count == 4 * layers + 4 * blocks + 2
     assert fused_ops.fuse_elementwise(rewritten, compiled=False) == count  # idempotent
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]}],
                                          add_generation_prompt=True)
@@ -152,20 +110,24 @@ def test_the_served_model_runs_the_fused_modules(engine):
 
 
 def test_start_up_compiles_every_tower_shape_traffic_brings(tiny_model_dir, tiny_settings):
-    """After the server's warm-up, towers of one page, of several pages in one call and of other
-    page sizes compile nothing new (traced by dynamo as on a GPU, run eagerly here): a compilation
-    under traffic would stall a request for seconds."""
+    """After the server's warm-up (one blank page), towers of one page, of several pages in one
+    call (pages waiting for the tower share one) and of other page sizes compile nothing new
+    (traced by dynamo as on a GPU, run eagerly here): a compilation under traffic would stall a
+    request for seconds. (A whole vision block compiled as one function failed this: its
+    segments specialise on one image; docs/results/h100/README.md.)"""
     from medvl.engine.loader import build_engine, warm_up
-    from medvl.model.loading import load_processor as processor_for
 
-    model = load_model(tiny_model_dir, tiny_settings)
-    engine = build_engine(model, processor_for(tiny_model_dir, tiny_settings, padding_side="left"), tiny_settings.decode)
+    processor = load_processor(tiny_model_dir, tiny_settings, padding_side="left")
+    engine = build_engine(load_model(tiny_model_dir, tiny_settings), processor, tiny_settings.decode)
     fused_ops.fuse_elementwise(engine.decoder.base, compiled=True, backend="eager")
     warm_up(engine)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs > 0  # the tower did run through dynamo
+    assert graphs > 0  # the tower and the prefill did run through dynamo
     pages = [Image.effect_noise((300, 420), 50).convert("RGB"), Image.new("RGB", (640, 480), "white"),
              Image.effect_noise((200, 200), 80).convert("RGB")]
-    for images in ([pages[0]], pages, pages[1:]):
-        assert engine.run_tower(images).shape[0] > 0
+    with torch.inference_mode():
+        for images in ([pages[0]], pages, pages[1:]):
+            pixels = processor.image_processor(images=images, return_tensors="pt")
+            features = engine.decoder.base.model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"])
+            assert len(features.pooler_output) == len(images)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

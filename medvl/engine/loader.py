@@ -40,15 +40,11 @@ def build_engine(model: Any, processor: Any, decode: DecodeSettings, slots: int 
 
 
 def warm_up(engine: Engine, image: Image.Image | None = None, prompt: str = "Warm-up.") -> dict[int, float]:
-    """Compile and capture every batch bucket's step on a page (a blank one by default), compile
-    the vision tower for one page and for several in one call (pages waiting for the tower share
-    a call; its compiled blocks specialise on one image), and compile the record's grammar
-    (/extract's); returns seconds per bucket."""
-    image = image or Image.new("RGB", (448, 448), "white")
-    blank = engine.prepare(image, prompt)
+    """Compile and capture every batch bucket's step on a page (a blank one by default), and
+    compile the record's grammar (/extract's); returns seconds per bucket."""
+    blank = engine.prepare(image or Image.new("RGB", (448, 448), "white"), prompt)
     if blank.ready is not None:  # its image embeddings, made on the vision stream
         blank.ready.synchronize()
-    engine.run_tower([image, image])
     engine.grammars.compile(RECORD_FORMAT)
     return engine.decoder.warm_up(engine.decoder.prompt_row(blank.tensors))
 

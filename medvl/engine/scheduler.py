@@ -362,18 +362,6 @@ class Engine:
         tensors["image_embeds"] = job.embeds
         return Prompt(tensors, job.ready)
 
-    def run_tower(self, images: list[Image.Image]) -> torch.Tensor:
-        """The vision tower on ``images`` in one call, as pages waiting for it share one (start-up
-        runs it so that no compilation waits for traffic); returns their embeddings."""
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")
-        job = _VisionJob(pixels["pixel_values"].to(self.vision_dtype), pixels["image_grid_thw"])
-        self._run_vision([job])
-        if job.error is not None:
-            raise job.error
-        if job.ready is not None:
-            job.ready.synchronize()
-        return job.embeds
-
     def _run_vision(self, jobs: list[_VisionJob]) -> None:
         """One tower call over every image of ``jobs`` (on the vision stream); each job gets its
         images' embeddings, or the call's error."""

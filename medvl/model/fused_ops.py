@@ -11,17 +11,15 @@ products and attention need ~7) and ~310 ms of the main stream's prefills, with 
 96% of the trace: they were the largest share of GPU time that no matrix product needed.
 
 Here each of those is one small function compiled by ``torch.compile`` with dynamic shapes (a
-graph or two for every page size and chunk; a vision block is one function, whole; a few seconds at start-up, before traffic), called by the
+graph or two for every page size and chunk; a few seconds at start-up, before traffic), called by the
 modules :func:`fuse_elementwise` rewrites. Inside the compiled decoding step they are inlined
 and compiled with the rest. Same functions as transformers' (``tests/test_fused_ops.py``); a
 GPU only, where the decoding step compiles too (``medvl.engine.slot_cache.should_compile``).
 
-Measured on H100s (``bench/check_fused_ops.py``, ``bench/device/gpu_fused_ops.sh``): the
-per-operation kernels took a page's vision tower from 18.0 to 11.6 ms of kernel time and the
-mixed workload at 32 clients from 12.64 to 15.12 requests/s in one call; each vision block as
-one compiled function (:func:`vision_block`) then 11.6 -> 9.9 ms and 14.28 -> 14.88 requests/s in
-another, and the tower is faster by the wall clock too (38.5 against the eager 54.0 ms a page).
-The logits' relative L2 from the same weights in float32: 0.038, the eager kernels' 0.047.
+Measured on an H100 (``bench/check_fused_ops.py``, ``bench/device/gpu_fused_ops.sh``): a page's
+vision tower 18.0 -> 11.6 ms of kernel time, a page's whole forward pass 37.9 -> 27.4 ms, the
+logits as close to the same weights in float32 as the eager kernels' (relative L2 0.0475
+against 0.0473); the mixed workload at 32 clients 12.64 -> 15.12 requests/s in one call.
 """
 
 from __future__ import annotations
@@ -34,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import SiLUActivation
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
-from transformers.utils.generic import is_flash_attention_requested
 
 from medvl.model.fusion import _FusedGateUpMLP, _FusedQKVAttention
-from medvl.model.vision import _BatchedWindowVisionAttention, segment_plan
+from medvl.model.vision import _BatchedWindowVisionAttention
 
 # --------------------------------------------------------------------------- the functions (transformers 5.17's math)
 
@@ -79,33 +76,6 @@ def rotary_vision(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return ((qf * cos + _rotate_half(qf) * sin).to(q.dtype), (kf * cos + _rotate_half(kf) * sin).to(k.dtype))
 
 
-def vision_block(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor,
-                 key_mask: torch.Tensor, real_rows: torch.Tensor, weights: tuple[torch.Tensor | None, ...],
-                 eps: float, heads: int, scaling: float) -> torch.Tensor:
-    """A whole vision block (Qwen2_5_VLVisionBlock with the batched windows of
-    :mod:`medvl.model.vision`): norm, q/k/v, rotary, attention within each segment (``index``,
-    ``key_mask``, ``real_rows``: :func:`medvl.model.vision.segment_plan`), projection and residual,
-    then norm, SiLU-gated MLP and residual. ``weights``: norm1, qkv (weight, bias), proj (weight,
-    bias), norm2, gate, up, down (weight, bias each).
-
-    Why one function: compiled, the tower is 32 calls a page instead of ~350 eager kernels and
-    Python calls, and the segment gathers and residual adds fuse with their neighbours."""
-    norm1, qkv_w, qkv_b, proj_w, proj_b, norm2, gate_w, gate_b, up_w, up_b, down_w, down_b = weights
-    seq = h.shape[0]
-    q, k, v = F.linear(rms_norm(h, norm1, eps), qkv_w, qkv_b).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = rotary_vision(q, k, cos, sin)
-    segments, width = index.shape
-
-    def padded(t: torch.Tensor) -> torch.Tensor:  # [seq, heads, dim] -> [segments, heads, width, dim]
-        return t.transpose(0, 1)[:, index].permute(1, 0, 2, 3)
-
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=key_mask, scale=scaling)
-    out = out.permute(0, 2, 1, 3).reshape(segments * width, heads, -1).index_select(0, real_rows)
-    h = h + F.linear(out.reshape(seq, -1), proj_w, proj_b)
-    x = rms_norm(h, norm2, eps)
-    return h + F.linear(silu_gate(F.linear(x, gate_w, gate_b), F.linear(x, up_w, up_b)), down_w, down_b)
-
-
 # --------------------------------------------------------------------------- the rewritten modules
 
 
@@ -126,7 +96,6 @@ class Kernels:
         self.silu_gate_fused = build(silu_gate_fused)
         self.rotary = build(rotary)
         self.rotary_vision = build(rotary_vision)
-        self.vision_block = build(vision_block)
 
 
 @functools.cache
@@ -158,37 +127,11 @@ class _FusedGateUpKernelMLP(_FusedGateUpMLP):
         return self.down_proj(self.kernels.silu_gate_fused(self.gate_up_proj(x)))
 
 
-class _FusedVisionBlock(qwen.Qwen2_5_VLVisionBlock):
-    """The vision block as one :func:`vision_block` call (its modules keep their parameters)."""
-
-    kernels: Kernels
-
-    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
-        attn, mlp = self.attn, self.mlp
-        weights = (self.norm1.weight, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
-                   self.norm2.weight, mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight,
-                   mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
-        cos, sin = position_embeddings
-        return self.kernels.vision_block(hidden_states, cos, sin, *segment_plan(cu_seqlens), weights,
-                                         self.norm1.variance_epsilon, attn.num_heads, attn.scaling)
-
-
-def _whole_block(block: Any) -> bool:
-    """A vision block :func:`vision_block` computes: batched windows (no flash-attn), plain
-    linear layers, a SiLU-gated MLP, the same epsilon in both norms."""
-    linears = (block.attn.qkv, block.attn.proj, block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)
-    return (isinstance(block.attn, _BatchedWindowVisionAttention) and not is_flash_attention_requested(block.attn.config)
-            and all(type(m) is torch.nn.Linear for m in linears) and _is_silu(block.mlp.act_fn)
-            and block.norm1.variance_epsilon == block.norm2.variance_epsilon)
-
-
 def fuse_elementwise(model: Any, compiled: bool, backend: str = "inductor") -> int:
     """Rewrite, in place, every RMSNorm, SiLU-gated MLP (the language model's once its gate/up
-    are fused: :func:`medvl.model.fusion.fuse_projections` first), rotary embedding and vision
-    block (whole, :func:`vision_block`) of ``model`` to call :class:`Kernels` (``compiled``:
-    through ``torch.compile`` with ``backend``); returns the modules rewritten. Serving only, and idempotent:
-    parameters and state-dict names are untouched."""
+    are fused: :func:`medvl.model.fusion.fuse_projections` first) and rotary embedding of
+    ``model`` to call :class:`Kernels` (``compiled``: through ``torch.compile`` with
+    ``backend``); returns the modules rewritten. Serving only, and idempotent: parameters and state-dict names are untouched."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kernels = kernels_for(backend if compiled else None)
     rewritten = 0
@@ -204,8 +147,6 @@ def fuse_elementwise(model: Any, compiled: bool, backend: str = "inductor") -> i
             module.apply_rotary = kernels.rotary
         elif kind is _BatchedWindowVisionAttention:
             module.apply_rotary = kernels.rotary_vision
-        elif kind in (qwen.Qwen2_5_VLVisionBlock, _FusedVisionBlock) and _whole_block(module):
-            module.__class__, module.kernels = _FusedVisionBlock, kernels
         else:
             continue
         rewritten += 1

@@ -27,7 +27,7 @@ from transformers.utils.generic import is_flash_attention_requested
 _PLANS: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
 
-def segment_plan(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _segment_plan(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gather index [segments, width], key mask [segments, 1, 1, width], flat positions of the
     real rows) for ``cu_seqlens``; computed once per tensor (its CPU syncs too), since every layer
     of a forward passes the same one or two tensors."""
@@ -56,7 +56,7 @@ def segmented_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     are padded to the longest one and attended together; padding keys are masked out, padding
     query rows are computed and discarded.
     """
-    index, key_mask, real_rows = segment_plan(cu_seqlens)
+    index, key_mask, real_rows = _segment_plan(cu_seqlens)
     segments, width = index.shape
 
     def padded(t: torch.Tensor) -> torch.Tensor:  # [heads, seq, dim] -> [segments, heads, width, dim]
