@@ -12,7 +12,8 @@ phase whose outputs are missing, broken or stale and resumes there, then runs ev
 phase, stopping at the first phase whose gate fails.
 
 Options:
-  --profile NAME     settings profile: tiny (default, CPU), 7b (real model, GPU), 7b-random
+  --profile NAME     settings profile: tiny (default, CPU), small (a model that learns, GPU),
+                     7b (real model, GPU), 7b-random (real shapes, random weights, GPU)
   --set K=V          override a setting, e.g. --set train.lora_r=16 (repeatable)
   --workdir DIR      where models/ datasets/ benchmarks/ docs/ logs/ go (default: repo root)
   --from N           start at phase N (even if its gate passes)

@@ -7,10 +7,12 @@ answers; with no hub reachable, the synthetic corpus is the whole set (labelled 
 Discards unreadable images and short texts, de-duplicates, keeps every phase-3 test and
 phase-7 evaluation document out, drops (counts, never cuts) samples longer than
 train.max_length with the phase-2 model's processor and fails when more than
-data.max_too_long_fraction would be dropped, with data.ocr_grounded_prompt puts each page's
-OCR text before its instruction (medvl/medical/ocr.py), shuffles with the split seed and writes
-80/10/10 splits as Qwen2.5-VL conversations to datasets/formatted/, plus
-download_summary.json and data_summary.json.
+data.max_too_long_fraction would be dropped, shuffles with the split seed into 80/10/10 splits,
+asks every record page of the test split what /extract asks (so phase 7 scores, and phase 8
+compares with the server, the product's own request), with data.ocr_grounded_prompt puts each
+page's OCR text before its instruction (medvl/medical/ocr.py, over every core), and writes the
+splits as Qwen2.5-VL conversations to datasets/formatted/, plus download_summary.json and
+data_summary.json. Synthetic pages are rendered over every core.
 """
 
 from collections import Counter
@@ -33,23 +35,25 @@ def main(settings: Settings, wd: Workdir) -> dict:
     hub_ok = data.hub_sources_ok(reports)
     offline = not hub_ok
 
-    # ---- filter, split, write (into a fresh folder swapped in whole)
+    # ---- filter, split, ask the test split what /extract asks, ground, measure, write (into a
+    # fresh folder swapped in whole)
     dropped: Counter = Counter()
     kept = data.deduplicate(samples, data.protected_hashes(settings), dropped)
+    splits = data.split(kept, settings.data.split_seed, settings.data.val_fraction, settings.data.test_fraction)
+    splits["test"] = data.as_served(splits["test"])
     if settings.data.ocr_grounded_prompt:
         try:
-            kept = data.ground_prompts(kept)
+            splits = {name: data.ground_prompts(rows) for name, rows in splits.items()}
         except OcrUnavailable as exc:
             raise PhaseError(f"data.ocr_grounded_prompt is on but OCR cannot run: {exc}") from None
-    kept, lengths = data.drop_too_long(kept, load_processor(wd.base_model_dir(settings), settings),
-                                       settings.train.max_length)
+    splits, lengths = data.drop_too_long_per_split(splits, load_processor(wd.base_model_dir(settings), settings),
+                                                   settings.train.max_length)
     if lengths["too_long_fraction"] > settings.data.max_too_long_fraction:
         raise PhaseError(
             f"{lengths['too_long']} of {lengths['samples_checked']} samples ({lengths['too_long_by_source']}) "
             f"exceed train.max_length={settings.train.max_length} tokens (e.g. {lengths['too_long_examples'][:2]}), "
             f"more than data.max_too_long_fraction={settings.data.max_too_long_fraction}: raise train.max_length, "
             "lower model.max_pixels or data.mtsamples_page_chars")
-    splits = data.split(kept, settings.data.split_seed, settings.data.val_fraction, settings.data.test_fraction)
 
     fallback_note = ("no hub source reachable: the training set is entirely synthetic medical documents "
                      "generated offline by medvl.medical.documents" if offline else None)

@@ -5,10 +5,13 @@ Starts `python -m medvl.http.server` in a subprocess on a free loopback port (th
 the background; /health answers 503 until it is ready), calls every endpoint with a
 phase-3 document plus two bad inputs, /extract on all five phase-3 documents (each answer must
 be JSON valid against the record's schema), checks that the server serves the model and form
-phase 7 evaluated and runs with this run's settings (its --set overrides are passed on), writes
-benchmarks/api_validation.json (per-endpoint status and latency) and stops the server.
+phase 7 evaluated and runs with this run's settings (its --set overrides are passed on), sends
+the test split's record pages to /extract and scores the answers against phase 7's, paired
+(medvl/http/parity.py: served parity), writes benchmarks/api_validation.json (per-endpoint
+status and latency, the parity figures) and stops the server.
 """
 
+import time
 from pathlib import Path
 
 import httpx
@@ -16,11 +19,13 @@ import httpx
 from medvl.core.io import append_build_log, atomic_write_json, read_json
 from medvl.core.settings import SERVED_SETTINGS, Settings
 from medvl.core.workdir import Workdir
+from medvl.http.parity import served_parity
 from medvl.http.validate import running_server, validate
 from medvl.pipeline.gates import PHASES
 from medvl.pipeline.runner import PhaseError, log, run_phase
 
 PHASE = PHASES[8]
+PARITY_CHECK = "POST /extract on the test split scores what phase 7 scored (served parity)"
 
 
 def served_as_evaluated(base: str, evaluated: dict, wd: Workdir) -> dict:
@@ -50,11 +55,16 @@ def main(settings: Settings, wd: Workdir) -> dict:
             checks = validate(base, pages)
             checks["served model and form = phase 7's"] = served_as_evaluated(base, evaluated, wd)
             checks["server settings = the run's (profile and --set)"] = served_with_run_settings(base, settings)
+            started = time.perf_counter()
+            parity = served_parity(base, wd.root, PHASES[7].output(wd, "eval_cases.jsonl"),
+                                   PHASES[7].output(wd, "eval_answers_finetuned.jsonl"))
+            checks[PARITY_CHECK] = {"status": 200, "expected": 200, "ok": parity["ok"],
+                                    "latency_s": time.perf_counter() - started, "detail": parity["detail"]}
     except (RuntimeError, TimeoutError) as exc:
         raise PhaseError(f"the API did not start: {exc}") from None
     health = checks["GET /health"]
     record = {**settings.record(PHASE.sections), "model": health.get("detail") or "see /health",
-              "all_ok": all(c["ok"] for c in checks.values()), "endpoints": checks}
+              "all_ok": all(c["ok"] for c in checks.values()), "endpoints": checks, "served_parity": parity}
     atomic_write_json(PHASE.output(wd, "api_validation.json"), record)
     for name, check in checks.items():
         log.info("%-40s %s %s %.3f s", name, "ok  " if check["ok"] else "FAIL", check["status"], check["latency_s"])

@@ -1,8 +1,15 @@
-# Sourced by the gpu_*.sh scripts on a lent GPU: installs the wheels carried in .whl/ (what the
+# Sourced by the gpu_*.sh scripts on a lent GPU: installs the packages carried in .whl/ (what the
 # GPU image lacks, e.g. bitsandbytes, torchao, the server's FastAPI stack) into /tmp/site, runs
 # the pipeline with the image's python3 offline, names the GPU, and defines build_7b_random.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
+# .whl/site.tar.xz (bench/device/make_wheels.sh: the packages unpacked, bitsandbytes trimmed) or
+# loose .whl/*.whl files.
+mkdir -p /tmp/site
+if [[ -f .whl/site.tar.xz ]]; then
+  tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
 # The repository itself on the path too: the image's python3 has no editable install of medvl.
 export PYTHONPATH="/tmp/site:$PWD" MEDVL_PYTHON=python3 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

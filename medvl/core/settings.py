@@ -42,7 +42,8 @@ class ModelSettings:
     hub_id: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     # "hub": snapshot_download(hub_id). "standin": build an architecture-faithful model offline.
     source: str = "standin"
-    # For source=standin: "tiny" dimensions (CPU) or "7b" (the real 7B shapes, random weights).
+    # For source=standin: "tiny" dimensions (CPU), "small" (a model that learns on one GPU in
+    # minutes) or "7b" (the real 7B shapes, random weights).
     standin_architecture: str = "tiny"
     slug: str = "tiny-qwen25-vl"
     # The stand-in's tokenizer: "qwen2.5" (the real one, rebuilt offline from its rank file;
@@ -59,6 +60,13 @@ class ModelSettings:
     require_cuda: bool = False
     # "auto": flash_attention_2 if installed on a GPU, else sdpa.
     attn_implementation: str = "auto"
+    # Phase 2 pre-trains a stand-in's every weight for this many optimizer steps on reading a
+    # page's text back (medvl/training/pretrain.py; never the record, on documents no later
+    # phase sees), so that the base can copy text as the real base can read; 0 keeps it random.
+    pretrain_steps: int = 0
+    pretrain_documents: int = 2000
+    pretrain_batch_size: int = 16
+    pretrain_learning_rate: float = 1e-3
 
 
 @dataclass
@@ -418,8 +426,16 @@ def _check_values(s: Settings) -> list[str]:
     m, t, d = s.model, s.train, s.data
     if m.source not in ("hub", "standin"):
         p.append(f"model.source: must be 'hub' or 'standin', got {m.source!r}")
-    if m.standin_architecture not in ("tiny", "7b"):
-        p.append(f"model.standin_architecture: must be 'tiny' or '7b', got {m.standin_architecture!r}")
+    if m.standin_architecture not in ("tiny", "small", "7b"):
+        p.append(f"model.standin_architecture: one of tiny, small, 7b, got {m.standin_architecture!r}")
+    if m.pretrain_steps < 0 or m.pretrain_batch_size < 1 or m.pretrain_learning_rate <= 0:
+        p.append("model.pretrain_steps must be >= 0, model.pretrain_batch_size >= 1, "
+                 "model.pretrain_learning_rate > 0")
+    if m.pretrain_steps and m.source != "standin":
+        p.append("model.pretrain_steps: only a stand-in (model.source=standin) is pre-trained; "
+                 "the hub model comes trained")
+    if m.pretrain_steps and m.pretrain_documents < 2 * m.pretrain_batch_size:
+        p.append("model.pretrain_documents: must be at least two batches (model.pretrain_batch_size)")
     if m.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
         p.append("model.attn_implementation: one of auto, sdpa, eager, flash_attention_2")
     if m.min_pixels < 28 * 28:

@@ -283,6 +283,9 @@ SYNTHETIC_SEED = 100_000
 # Seeds of AWQ's calibration pages (phase 4, and phase 7's fine-tuned model): the training
 # generator's documents, but none that phase 5 splits (so none is a phase-7 test page).
 CALIBRATION_SEED = 200_000
+# Seeds of a stand-in's pre-training pages (phase 2, medvl.training.pretrain): none of them is
+# a page phase 5 splits, AWQ calibrates on, phase 3 benchmarks or the suite holds.
+PRETRAIN_SEED = 1_000_000
 
 
 def corpus(start_seed: int, count: int, prefix: str = "syn") -> list[MedicalDocument]:
@@ -351,6 +354,20 @@ def _scan_noise(page: Image.Image, amount: float, seed: int) -> Image.Image:
         shade = rng.randint(90, 200)
         draw.point((x, y), fill=(shade, shade, shade))
     return page
+
+
+def png_bytes(doc: MedicalDocument) -> bytes:
+    """The rendered page as PNG bytes (what phase 5 stores and the API is sent)."""
+    buffer = io.BytesIO()
+    render_document(doc).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def generated_png(seed_and_prefix: tuple[int, str]) -> bytes:
+    """The page :func:`generate_document` makes for ``(seed, prefix)``, as PNG bytes: the unit of
+    work phases 2 and 5 spread over worker processes (:func:`medvl.core.parallel.process_map`)."""
+    seed, prefix = seed_and_prefix
+    return png_bytes(generate_document(seed, prefix=prefix))
 
 
 def save_document(doc: MedicalDocument, folder: Path) -> tuple[Path, Path]:

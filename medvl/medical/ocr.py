@@ -46,6 +46,18 @@ class OcrUnavailable(RuntimeError):
     """The OCR engine cannot run here; the message says why."""
 
 
+# ONNX Runtime threads per page: None lets it take every core (the server, one page at a time);
+# a worker process of phase 5 takes one (:func:`use_threads`), so that 16 workers share 16 cores.
+_THREADS: int | None = None
+
+
+def use_threads(count: int) -> None:
+    """Read pages with ``count`` ONNX Runtime threads from now on (a worker's initializer)."""
+    global _THREADS
+    _THREADS = count
+    load.cache_clear()
+
+
 @lru_cache(maxsize=1)
 def load() -> Any:
     """The OCR engine (loaded once: its ONNX models come inside the wheel)."""
@@ -53,7 +65,7 @@ def load() -> Any:
         from rapidocr_onnxruntime import RapidOCR
     except Exception as exc:  # ImportError, or OpenCV/ONNX Runtime failing to load
         raise OcrUnavailable(f"rapidocr-onnxruntime cannot be imported: {type(exc).__name__}: {exc}") from None
-    return RapidOCR()
+    return RapidOCR(**({"intra_op_num_threads": _THREADS, "inter_op_num_threads": 1} if _THREADS else {}))
 
 
 def warm_up() -> None:
@@ -208,3 +220,13 @@ def grounded_prompt(image: Image.Image, instruction: str) -> str:
     """The OCR-grounded prompt for a page (data.ocr_grounded_prompt): its OCR lines, then the
     instruction. One function for phase 5's training rows, phase 7 and the server."""
     return ocr_grounded(instruction, read_lines(image))
+
+
+def grounded_png_prompt(page_and_instruction: tuple[bytes, str]) -> str:
+    """:func:`grounded_prompt` of a page's encoded bytes: phase 5's unit of work in a worker
+    process (the server decodes an upload the same way, medvl.engine.pages)."""
+    import io
+
+    data, instruction = page_and_instruction
+    with Image.open(io.BytesIO(data)) as image:
+        return grounded_prompt(image.convert("RGB"), instruction)

@@ -94,7 +94,27 @@ VISION_TINY: dict[str, Any] = {
     "window_size": 112, "fullatt_block_indexes": [1], "tokens_per_second": 2,
     "hidden_act": "silu", "in_channels": 3,
 }
-ARCHITECTURES = {"tiny": (TEXT_TINY, VISION_TINY), "7b": (TEXT_7B, VISION_7B)}
+# A model that learns the task on one GPU in minutes (the `small` profile): 512 wide, 8 layers,
+# 24 M weights in its decoder blocks beside Qwen2.5's 151,680-row embedding and head (78 M each),
+# a 4-block vision tower. Head dim 64 -> mrope sections sum to 32 (the 7B's 16:24:24 halved
+# and rounded). Widths are multiples of 128, so AWQ's groups of 128 and the int4 kernel fit.
+TEXT_SMALL: dict[str, Any] = {
+    "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+    "num_attention_heads": 8, "num_key_value_heads": 2,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "sliding_window": 32768,
+    "max_window_layers": 8, "use_sliding_window": False, "hidden_act": "silu",
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+}
+VISION_SMALL: dict[str, Any] = {
+    "depth": 4, "hidden_size": 256, "intermediate_size": 768, "num_heads": 4,
+    "out_hidden_size": 512, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    "window_size": 112, "fullatt_block_indexes": [3], "tokens_per_second": 2,
+    "hidden_act": "silu", "in_channels": 3,
+}
+ARCHITECTURES = {"tiny": (TEXT_TINY, VISION_TINY), "small": (TEXT_SMALL, VISION_SMALL),
+                 "7b": (TEXT_7B, VISION_7B)}
+# Saved in bf16 as the hub's weights are; tiny in float32 (CPU arithmetic, tests).
+SAVED_DTYPE = {"tiny": torch.float32, "small": torch.bfloat16, "7b": torch.bfloat16}
 
 
 def train_tokenizer(vocab_size: int, corpus: Iterable[str] | None = None) -> Tokenizer:
@@ -199,7 +219,7 @@ def build_standin(out_dir: Path, architecture: str, tokenizer_kind: str, vocab_s
     """Write the stand-in snapshot to ``out_dir``; returns what was built.
 
     Weights are drawn on the GPU when one is present (an 8 B model initialised on a CPU
-    takes minutes), saved in bf16 for the 7B architecture and float32 for tiny.
+    takes minutes), saved in :data:`SAVED_DTYPE` (bf16 but for tiny's float32).
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -208,7 +228,7 @@ def build_standin(out_dir: Path, architecture: str, tokenizer_kind: str, vocab_s
     out_dir.mkdir(parents=True, exist_ok=True)
     processor = build_processor(tokenizer_kind, vocab_size, min_pixels, max_pixels)
     config = build_config(architecture, processor.tokenizer)
-    dtype = torch.bfloat16 if architecture == "7b" else torch.float32
+    dtype = SAVED_DTYPE[architecture]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info("initialising %s weights (seed %d) on %s in %s", architecture, seed, device, dtype)
     torch.manual_seed(seed)

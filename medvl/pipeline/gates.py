@@ -136,6 +136,8 @@ def gate_model(wd: Workdir, s: Settings) -> list[str]:
             problems.append(f"{model_dir.name}/{name} has {path.stat().st_size} bytes, expected {size} (truncated?)")
     if not info.get("validated"):
         problems.append("model_download.json: the model did not pass its load check")
+    if s.model.pretrain_steps and not (model_dir / "pretraining.json").is_file():
+        problems.append(f"{model_dir.name}/pretraining.json is missing: the stand-in was not pre-trained")
     positive(info, "size_gb", problems, "model_download.json")
     return problems
 
@@ -335,6 +337,9 @@ def gate_api(wd: Workdir, s: Settings) -> list[str]:
             problems.append("api_validation.json lists no endpoint checks")
         if failed:
             problems.append(f"api_validation.json: failed checks: {', '.join(failed)}")
+        parity = rec.get("served_parity") or {}
+        if not parity.get("ok"):
+            problems.append(f"api_validation.json: served parity fails: {parity.get('detail', 'not measured')}")
     return problems
 
 
@@ -374,7 +379,9 @@ _SERVED = SERVED_SETTINGS
 PHASES: dict[int, Phase] = {
     1: Phase(1, "setup environment", "01_setup_environment.py", (), ("model",), gate_environment,
              ("benchmarks/environment.json", "docs/BUILD_LOG.md")),
-    2: Phase(2, "download model", "02_download_model.py", (1,), ("model",), gate_model,
+    # A stand-in's pre-training grounds its prompts as the later phases do (data.ocr_grounded_prompt).
+    2: Phase(2, "download model", "02_download_model.py", (1,), ("model", "data.ocr_grounded_prompt", "train.max_length"),
+             gate_model,
              ("benchmarks/model_download.json",)),
     3: Phase(3, "benchmark baseline", "03_benchmark_baseline.py", (2,), ("model", "bench", "decode"),
              gate_baseline, ("benchmarks/baseline_fp16.json",)),

@@ -37,16 +37,17 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from medvl.core.parallel import process_map
 from medvl.core.settings import DataSettings, Settings
 from medvl.medical.documents import (
     SYNTHETIC_SEED,
     MedicalDocument,
     benchmark_documents,
     corpus,
+    generated_png,
     load_font,
-    render_document,
 )
-from medvl.medical.prompts import DESCRIPTION_PROMPTS, TRAINING_PROMPTS, instruction_of
+from medvl.medical.prompts import DESCRIPTION_PROMPTS, EXTRACTION_PROMPT, TRAINING_PROMPTS, instruction_of
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +226,13 @@ def render_transcription(text: str, specialty: str) -> Image.Image:
 
 
 def synthetic_samples(count: int, rng: random.Random) -> Iterator[tuple[MedicalDocument, Sample]]:
-    """Synthetic documents with structured JSON targets (the shape /extract returns)."""
-    for doc in corpus(SYNTHETIC_SEED, count, prefix="syn"):
-        yield doc, Sample(doc.doc_id, "synthetic", png_bytes(render_document(doc)),
-                          rng.choice(TRAINING_PROMPTS), doc.target_answer(), doc.text)
+    """Synthetic documents with structured JSON targets (the shape /extract returns), their
+    pages rendered over every core (thousands of pages for the `small` profile)."""
+    docs = corpus(SYNTHETIC_SEED, count, prefix="syn")
+    pages = process_map(generated_png, [(SYNTHETIC_SEED + i, "syn") for i in range(count)],
+                        desc="rendering synthetic pages")
+    for doc, page in zip(docs, pages, strict=True):
+        yield doc, Sample(doc.doc_id, "synthetic", page, rng.choice(TRAINING_PROMPTS), doc.target_answer(), doc.text)
 
 
 # --------------------------------------------------------------------------- hub fetching
@@ -433,16 +437,14 @@ def deduplicate(samples: list[Sample], protected: set[str], counts: Counter) -> 
 def ground_prompts(samples: list[Sample]) -> list[Sample]:
     """Each sample with its page's OCR text before the instruction (data.ocr_grounded_prompt),
     read once here so that training, and the test split phase 7 scores, see the text the
-    server's OCR gives it (:func:`medvl.medical.ocr.grounded_prompt`)."""
-    from tqdm import tqdm
-
+    server's OCR gives it (:func:`medvl.medical.ocr.grounded_prompt`). The pages are read over
+    every core, one ONNX Runtime thread per worker (:func:`medvl.medical.ocr.grounded_png_prompt`)."""
     from medvl.medical import ocr
 
-    grounded = []
-    for sample in tqdm(samples, desc="OCR for grounded prompts", unit="page", mininterval=5):
-        with Image.open(io.BytesIO(sample.image_bytes)) as image:
-            grounded.append(replace(sample, prompt=ocr.grounded_prompt(image, sample.prompt)))
-    return grounded
+    ocr.load()  # raises OcrUnavailable here, once, rather than in every worker
+    prompts = process_map(ocr.grounded_png_prompt, [(s.image_bytes, s.prompt) for s in samples],
+                          desc="OCR for grounded prompts", initializer=ocr.use_threads, initargs=(1,))
+    return [replace(sample, prompt=prompt) for sample, prompt in zip(samples, prompts, strict=True)]
 
 
 def drop_too_long(samples: list[Sample], processor: Any, max_length: int) -> tuple[list[Sample], dict[str, Any]]:
@@ -480,6 +482,22 @@ def drop_too_long(samples: list[Sample], processor: Any, max_length: int) -> tup
                   "too_long_by_source": dict(too_long), "too_long_examples": examples,
                   "policy": "dropped, never cut (a cut answer never trains its closing <|im_end|>)",
                   "tokens": summarize(lengths), "answer_tokens": summarize(trained)}
+
+
+def as_served(samples: list[Sample]) -> list[Sample]:
+    """The test split's record pages asked what /extract asks (:data:`EXTRACTION_PROMPT`), so
+    phase 7 scores the product's request and phase 8 can compare the server with it answer by
+    answer; training keeps the varied prompts. Free-text samples keep theirs."""
+    return [replace(s, prompt=EXTRACTION_PROMPT) if s.source == "synthetic" else s for s in samples]
+
+
+def drop_too_long_per_split(splits: dict[str, list[Sample]], processor: Any,
+                            max_length: int) -> tuple[dict[str, list[Sample]], dict[str, Any]]:
+    """:func:`drop_too_long` over every split at once (one report), each split keeping its fitting samples."""
+    everything = [s for rows in splits.values() for s in rows]
+    kept, report = drop_too_long(everything, processor, max_length)
+    fits = {id(s) for s in kept}
+    return {name: [s for s in rows if id(s) in fits] for name, rows in splits.items()}, report
 
 
 def split(samples: list[Sample], seed: int, val_fraction: float, test_fraction: float) -> dict[str, list[Sample]]:

@@ -1,0 +1,202 @@
+"""Phase 2 for a stand-in that must know something before phase 6: pre-train every weight on
+reading a page's text back.
+
+Why: a random base scores 0 on every page and so does anything fine-tuned from it in minutes,
+so base versus fine-tuned, what 4 bits cost, calibration and served parity were all 0 against 0
+(issue 43). The real Qwen2.5-VL arrives able to read but not knowing this project's record;
+the `small` profile's base is made the same: phase 2 trains it to give a page's printed lines
+back, on synthetic documents of their own seeds (:data:`PRETRAIN_SEED`: none is a page phase 5
+splits, AWQ calibrates on, phase 3 benchmarks or the suite holds), answered in plain lines,
+never the record's keys or its JSON. Phase 6 then teaches the record with the seed's method.
+
+With ``data.ocr_grounded_prompt`` (the `small` profile) the prompt carries the page's lines
+before the instruction, in the form the OCR-grounded prompt gives them (one line per printed
+line, runs of spaces closed up, no blank lines): the base learns to copy text from its prompt,
+as a reading model copies from its pixels. These lines are the page's own, as a perfect OCR
+would read them: reading thousands of pre-training pages by OCR would cost minutes of the GPU
+session, and phases 5, 7 and the server ground with the real OCR. Without it the prompt is the
+image and the instruction, and the base must learn to read pixels.
+
+The loop is plain PyTorch (AdamW, warm-up then cosine decay, bf16 autocast on a GPU over
+float32 weights) over the phase-6 collator, so the chat template, the pixel budget and the
+answer-only labels are the ones fine-tuning and serving use.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from medvl.core.io import atomic_write_bytes, atomic_write_json
+from medvl.core.parallel import process_map
+from medvl.core.settings import Settings
+from medvl.medical.documents import PRETRAIN_SEED, generate_document, generated_png
+from medvl.medical.prompts import ocr_grounded
+from medvl.model.loading import load_processor
+from medvl.training.trainer import IGNORE_INDEX, VisionChatCollator, token_count
+
+log = logging.getLogger(__name__)
+
+READBACK_PROMPT = "Read the text of this page back, line by line."
+PREFIX = "pre"
+HELD_OUT = 32  # pages kept out of pre-training to measure it on
+
+
+def page_lines(text: str) -> list[str]:
+    """A page's printed lines as the OCR-grounded prompt gives them: blank lines dropped, runs
+    of spaces closed up (OCR joins a row's boxes with one space)."""
+    return [re.sub(r"\s+", " ", line).strip() for line in text.splitlines() if line.strip()]
+
+
+def readback_rows(count: int, folder: Path, grounded: bool, processor: Any, max_length: int) -> tuple[list[dict], int]:
+    """``count`` pre-training conversations (pages rendered over every core into ``folder``) and
+    how many were dropped for not fitting ``max_length`` (never cut, as phase 5 does)."""
+    seeds = [(PRETRAIN_SEED + i, PREFIX) for i in range(count)]
+    pages = process_map(generated_png, seeds, desc="rendering pre-training pages")
+    rows, dropped = [], 0
+    for (seed, _), page in zip(seeds, pages, strict=True):
+        doc = generate_document(seed, prefix=PREFIX)
+        lines = page_lines(doc.text)
+        prompt = ocr_grounded(READBACK_PROMPT, lines) if grounded else READBACK_PROMPT
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "\n".join(lines)}]}]
+        image = f"{doc.doc_id}.png"
+        atomic_write_bytes(folder / image, page)
+        with Image.open(io.BytesIO(page)) as img:
+            size = img.size
+        if token_count(processor, messages, size)[0] > max_length:
+            dropped += 1
+            continue
+        rows.append({"id": doc.doc_id, "image": image, "messages": messages})
+    return rows, dropped
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def answer_accuracy(model: Any, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+    """Teacher-forced next-token accuracy and mean loss over the answer tokens of held-out pages:
+    how much of a page's text the model gives back right, token by token."""
+    model.eval()
+    right = total = 0
+    loss_sum = 0.0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        shifted = logits[:, :-1].float()
+        right += int((shifted.argmax(-1)[mask] == labels[mask]).sum())
+        total += int(mask.sum())
+        loss_sum += float(torch.nn.functional.cross_entropy(shifted[mask], labels[mask], reduction="sum"))
+    model.train()
+    return {"token_accuracy": right / max(total, 1), "loss": loss_sum / max(total, 1), "tokens": total}
+
+
+def pretrain(model_dir: Path, settings: Settings, pages_dir: Path) -> dict[str, Any]:
+    """Pre-train the stand-in in ``model_dir`` in place (its weights rewritten in their saved
+    dtype); returns what was done and measured, also written to ``model_dir/pretraining.json``."""
+    from transformers import AutoModelForImageTextToText
+
+    m, t = settings.model, settings.train
+    grounded = settings.data.ocr_grounded_prompt
+    started = time.perf_counter()
+    processor = load_processor(model_dir, settings, padding_side="right")
+    rows, dropped = readback_rows(m.pretrain_documents, pages_dir, grounded, processor, t.max_length)
+    if len(rows) < HELD_OUT + m.pretrain_batch_size:
+        raise ValueError(f"only {len(rows)} pre-training pages fit train.max_length={t.max_length} "
+                         f"({dropped} dropped); raise model.pretrain_documents or train.max_length")
+    held_out, train_rows = rows[:HELD_OUT], rows[HELD_OUT:]
+    data_s = time.perf_counter() - started
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    saved_dtype = json.loads((model_dir / "config.json").read_text()).get("dtype", "float32")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    model.train()
+    collator = VisionChatCollator(processor, t.max_length, pages_dir, pad_to_multiple_of=64)
+    workers = t.dataloader_workers
+    loader = torch.utils.data.DataLoader(
+        _Rows(train_rows), batch_size=m.pretrain_batch_size, shuffle=True, drop_last=True, collate_fn=collator,
+        num_workers=workers, persistent_workers=workers > 0, generator=torch.Generator().manual_seed(m.seed))
+    held_out_batches = [collator(held_out[i:i + 8]) for i in range(0, len(held_out), 8)]
+    before = answer_accuracy(model, held_out_batches, device)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=m.pretrain_learning_rate, betas=(0.9, 0.95),
+                                  weight_decay=0.1, fused=device.type == "cuda")
+    warmup = max(1, m.pretrain_steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, m.pretrain_steps, warmup))
+    losses: list[tuple[int, float]] = []
+    tokens = 0
+    train_started = time.perf_counter()
+    progress = tqdm(total=m.pretrain_steps, desc="pre-training", unit="step", mininterval=5)
+    step = 0
+    while step < m.pretrain_steps:
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += int(batch["attention_mask"].sum())
+            step += 1
+            if step == 1 or step % 25 == 0 or step == m.pretrain_steps:
+                losses.append((step, loss.item()))
+                progress.set_postfix(loss=f"{losses[-1][1]:.3f}")
+            progress.update(1)
+            if step >= m.pretrain_steps:
+                break
+    progress.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - train_started
+    after = answer_accuracy(model, held_out_batches, device)
+
+    model.to(getattr(torch, saved_dtype)).save_pretrained(model_dir, safe_serialization=True)
+    result = {
+        "task": "read a page's printed lines back (plain text; never the record)",
+        "prompt": "OCR-grounded: the page's own lines before the instruction" if grounded else "image and instruction",
+        "instruction": READBACK_PROMPT, "document_seeds": [PRETRAIN_SEED, PRETRAIN_SEED + m.pretrain_documents - 1],
+        "pages": len(train_rows), "held_out_pages": len(held_out), "dropped_too_long": dropped,
+        "steps": m.pretrain_steps, "batch_size": m.pretrain_batch_size, "learning_rate": m.pretrain_learning_rate,
+        "tokens_seen": tokens, "tokens_per_s": tokens / train_s if train_s else None,
+        "data_s": data_s, "train_s": train_s, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "loss_curve": losses, "held_out_before": before, "held_out_after": after, "saved_dtype": saved_dtype,
+    }
+    atomic_write_json(model_dir / "pretraining.json", result)
+    log.info("pre-trained %d steps in %.1f s: held-out answer-token accuracy %.3f -> %.3f, loss %.3f -> %.3f",
+             m.pretrain_steps, train_s, before["token_accuracy"], after["token_accuracy"], before["loss"], after["loss"])
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
