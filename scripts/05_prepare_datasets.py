@@ -41,13 +41,20 @@ def main(settings: Settings, wd: Workdir) -> dict:
     kept = data.deduplicate(samples, data.protected_hashes(settings), dropped)
     splits = data.split(kept, settings.data.split_seed, settings.data.val_fraction, settings.data.test_fraction)
     splits["test"] = data.as_served(splits["test"])
+    processor = load_processor(wd.base_model_dir(settings), settings)
     if settings.data.ocr_grounded_prompt:
         try:
-            splits = {name: data.ground_prompts(rows) for name, rows in splits.items()}
+            splits = data.per_split(data.ground_prompts, splits)
         except OcrUnavailable as exc:
             raise PhaseError(f"data.ocr_grounded_prompt is on but OCR cannot run: {exc}") from None
-    splits, lengths = data.drop_too_long_per_split(splits, load_processor(wd.base_model_dir(settings), settings),
-                                                   settings.train.max_length)
+    lengths: dict = {}
+
+    def fitting(rows: list[data.Sample]) -> list[data.Sample]:
+        kept, report = data.drop_too_long(rows, processor, settings.train.max_length)
+        lengths.update(report)
+        return kept
+
+    splits = data.per_split(fitting, splits)
     if lengths["too_long_fraction"] > settings.data.max_too_long_fraction:
         raise PhaseError(
             f"{lengths['too_long']} of {lengths['samples_checked']} samples ({lengths['too_long_by_source']}) "

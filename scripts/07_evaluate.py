@@ -86,7 +86,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
                 name, lambda f=folder, i=in_form: load_in_form(f, settings, i),
                 load_processor(folder, settings if name == "base" else None), cases, wd.root,
                 b.eval_max_new_tokens, settings.decode, pdf_limits, settings.data.ocr_grounded_prompt,
-                settings.api.review_below_confidence)
+                settings.api.review_below_confidence, b.eval_concurrency)
         except PromptTooLong as exc:  # e.g. OCR-grounded prompts on a profile sized for plain ones
             raise PhaseError(f"an evaluation case does not fit: {exc}; raise decode.max_cache_len or lower "
                              "bench.eval_max_new_tokens") from None
@@ -120,6 +120,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     result = {
         **record,
         "quality_meaningful": settings.model.source == "hub",
+        "quality_kind": evaluate.quality_kind(settings),
         "served_form": form,
         "served_form_description": FORMS[form],
         "ocr_grounded_prompt": settings.data.ocr_grounded_prompt,
@@ -177,8 +178,7 @@ def report(wd: Workdir, result: dict, stages: dict) -> None:
         + (", each prompt OCR-grounded (the page's OCR text before the instruction)."
            if result["ocr_grounded_prompt"] else "."),
         "Fine-tuned minus base (paired bootstrap, 95% interval): " + "; ".join(verdicts) + ".",
-        "Quality numbers are from a random stand-in and mean nothing about the real model."
-        if not result["quality_meaningful"] else "Quality numbers are from the real model.",
+        evaluate.QUALITY_WORDS[result["quality_kind"]],
         "Most missed (fine-tuned, test): "
         + json.dumps(result["models"]["finetuned"]["scores"]["subsets"].get("test", {}).get("extraction", {})
                      .get("most_missed", []))[:400],

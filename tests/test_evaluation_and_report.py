@@ -11,7 +11,7 @@ import pytest
 from medvl.cli.score import main
 from medvl.core.settings import SERVED_SETTINGS, load_settings
 from medvl.core.workdir import Workdir
-from medvl.evaluation import report
+from medvl.evaluation import report, scoring
 from medvl.evaluation.scoring import verdict
 from medvl.pipeline.gates import benchmark_outputs, check_phase
 
@@ -291,3 +291,23 @@ def test_posts_respect_their_limits(full_run):
         assert "Qwen2.5-VL-7B" in post and "AWQ INT4" in post and "CPU" in post  # phase 4's method, by name
         assert not re.search(r"\b(I|we|my|our)\b", post, re.I)
     assert "LoRA" in long_post and "random weights" in long_post
+
+
+def test_served_parity_holds_for_the_same_answers_and_fails_for_better_or_worse_ones(full_run):
+    """Phase 8's parity (medvl/http/parity.py) pairs served answers with phase 7's case by case:
+    the same answers pass; a server whose answers are the references (far better) or the empty
+    record (worse, where phase 7 found anything) fails, and so does a failed request."""
+    from medvl.http.parity import parity, read_answers
+
+    wd, _ = full_run
+    api = json.loads((wd / "benchmarks" / "api_validation.json").read_text())
+    assert api["served_parity"]["ok"] and api["served_parity"]["cases"] > 0
+    cases = [c for c in scoring.read_cases((wd / "benchmarks" / "eval_cases.jsonl").read_text().splitlines())
+             if c.subset == "test" and c.record]
+    evaluated = read_answers(wd / "benchmarks" / "eval_answers_finetuned.jsonl")
+    assert parity(cases, evaluated, evaluated, [])["ok"]
+    perfect = {c.case_id: json.dumps(c.reference) for c in cases}
+    refused = parity(cases, perfect, evaluated, [])
+    assert not refused["ok"] and refused["served_minus_phase7"]["verdict"] == "better"
+    assert not parity(cases, evaluated, perfect, [])["ok"]  # a server worse than phase 7
+    assert not parity(cases, evaluated, evaluated, ["t1: HTTP 503"])["ok"]

@@ -27,8 +27,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 python3 -m pip wheel -q --no-deps -w "$work/wheels" "$(grep -i '^rouge-score==' "$root/requirements.txt")"
 mkdir -p "$work/site"
 for wheel in "$work"/wheels/*.whl; do python3 -m zipfile -e "$wheel" "$work/site"; done
-# bitsandbytes ships a library per CUDA version; the GPU image's torch is CUDA 13.0.
-find "$work/site/bitsandbytes" -name 'libbitsandbytes_cuda*.so' ! -name '*cuda130*' -delete
+# bitsandbytes ships a library per CUDA and ROCm version; the GPU image's torch is CUDA 13.0.
+find "$work/site/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name '*cuda130*' ! -name '*cpu*' -delete
 mkdir -p "$root/.whl"
 tar -C "$work/site" -cJf "$root/.whl/site.tar.xz" .
 ls -l "$root/.whl/site.tar.xz"

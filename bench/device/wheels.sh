@@ -4,8 +4,8 @@
 # .whl/site.tar.xz (bench/device/make_wheels.sh: the packages unpacked, bitsandbytes trimmed) or
 # loose .whl/*.whl files.
 mkdir -p /tmp/site
-if [[ -f .whl/site.tar.xz ]]; then
-  tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
+if [[ -f .whl/site.tar.xz ]]; then  # once per machine (a warm machine's later calls skip it)
+  [[ -f /tmp/site/.unpacked ]] || { tar -xJf .whl/site.tar.xz -C /tmp/site && touch /tmp/site/.unpacked; } || exit 1
 else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1

@@ -80,6 +80,10 @@ class BenchSettings:
     # Phase 7: answers must be complete to be scored, so they get their own token budget.
     eval_max_new_tokens: int = 400
     eval_test_samples: int = 100  # phase-5 test rows scored per model (0 = all)
+    # Phase 7's cases asked at once (batched by the engine, as the server batches requests):
+    # 1 times each case alone; more answers several times faster, each latency then measured
+    # among that many.
+    eval_concurrency: int = 1
 
 
 @dataclass
@@ -454,6 +458,8 @@ def _check_values(s: Settings) -> list[str]:
     for name in ("num_documents", "max_new_tokens", "eval_max_new_tokens"):
         if getattr(s.bench, name) < 1:
             p.append(f"bench.{name}: must be >= 1")
+    if s.bench.eval_concurrency < 1:
+        p.append("bench.eval_concurrency: must be >= 1")
     if s.bench.warmup_runs < 0:
         p.append("bench.warmup_runs: must be >= 0")
     if s.quant.awq_w_bit not in (4,):

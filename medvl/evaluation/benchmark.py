@@ -162,14 +162,14 @@ def timed_load(loader: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
                    "weights_footprint_mb": weights_footprint_mb(model)}
 
 
-def make_engine(model: Any, processor: Any, decode: Any, sample: BenchSample) -> tuple[Any, float]:
-    """The serving engine over ``model`` (one cache slot: requests are timed one at a time),
-    warmed up (compiled, per ``decode.compile``) on ``sample``; returns it and the seconds
+def make_engine(model: Any, processor: Any, decode: Any, sample: BenchSample, slots: int = 1) -> tuple[Any, float]:
+    """The serving engine over ``model`` (one cache slot by default: requests are timed one at a
+    time), warmed up (compiled, per ``decode.compile``) on ``sample``; returns it and the seconds
     the warm-up took."""
     from medvl.engine.loader import build_engine, warm_up
 
     started = time.perf_counter()
-    engine = build_engine(model, processor, decode, slots=1)
+    engine = build_engine(model, processor, decode, slots=slots)
     warm_up(engine, Image.open(sample.image_path).convert("RGB"), sample.prompt)
     return engine, time.perf_counter() - started
 

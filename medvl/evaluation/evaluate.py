@@ -14,6 +14,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,23 @@ from medvl.medical.suite import MULTI_PAGE_CASE, evaluation_documents, multi_pag
 from medvl.model import memory
 
 log = logging.getLogger(__name__)
+
+
+QUALITY_WORDS = {
+    "real": "Quality numbers are from the real model.",
+    "control": "Quality numbers are from the positive control: a stand-in pre-trained here on reading pages back, "
+               "then fine-tuned (model.pretrain_steps). They show whether the pipeline teaches what it measures, "
+               "not how well the real 7B reads.",
+    "random": "Quality numbers are from a random stand-in and mean nothing about the real model.",
+}
+
+
+def quality_kind(settings: Any) -> str:
+    """What a run's quality figures can say: ``real`` (the hub model), ``control`` (a stand-in
+    pre-trained in phase 2, the `small` profile) or ``random`` (a random stand-in)."""
+    if settings.model.source == "hub":
+        return "real"
+    return "control" if settings.model.pretrain_steps else "random"
 
 
 def suite_cases(folder: Path, root: Path) -> list[Case]:
@@ -154,7 +172,7 @@ def merge_lora_in_place(model: Any) -> tuple[int, int]:
 
 def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases: list[Case], root: Path,
                    max_new_tokens: int, decode: Any, pdf_limits: PageLimits, ground_pdf_pages: bool = False,
-                   review_below: float = 0.5) -> dict[str, Any]:
+                   review_below: float = 0.5, concurrency: int = 1) -> dict[str, Any]:
     """Generate an answer per case (through the serving engine, per ``decode``), time it with
     the shared harness, and score the answers with :func:`medvl.evaluation.scoring.score_answers` (the
     function ``medvl-score`` runs). A PDF case (rendered per ``pdf_limits``) is answered page by
@@ -162,40 +180,30 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
     its pages gets its own OCR-grounded prompt (a case's one prompt cannot hold every page's lines).
     Each item of a record answer (a PDF's pages merged) gets its confidence (as /extract gives
     it) and the scorer's verdict: ``calibration`` says how well the one predicts the other, with the
-    accuracy of items above and below ``review_below`` (api.review_below_confidence)."""
+    accuracy of items above and below ``review_below`` (api.review_below_confidence).
+
+    ``concurrency`` (bench.eval_concurrency) cases are asked at once, batched by the engine as
+    the server batches them: answers come several times faster, and each case's latency is then
+    its latency among that many (the JSON says which)."""
     model, load = benchmark.timed_load(loader)
     first = benchmark.BenchSample(cases[0].case_id, root / cases[0].image, cases[0].prompt)
-    engine, warm_up_s = benchmark.make_engine(model, processor, decode, first)
-    rows = []
-    pages: dict[str, list[Image.Image]] = {}
-    for case in tqdm(cases, desc=f"evaluate {label}", unit="case"):
-        if case.image not in pages:
-            pages[case.image] = case_pages(root / case.image, pdf_limits)
-        response_format = RECORD_FORMAT if case.record else None
-        if len(pages[case.image]) == 1:
-            out = benchmark.generate_timed(engine, pages[case.image][0], case.prompt, max_new_tokens, response_format,
-                                           confidences=case.record)
-        else:
-            from medvl.medical.ocr import grounded_prompt
-
-            prompts = [grounded_prompt(page, case.prompt) if ground_pdf_pages else case.prompt
-                       for page in pages[case.image]]
-            out = benchmark.generate_pages_timed(engine, pages[case.image], prompts, max_new_tokens,
-                                                 confidences=case.record)
-        extracted = structured_result(out["response"])
-        rows.append({"case_id": case.case_id, "subset": case.subset, "source": case.source, "record": case.record,
-                     "response": out["response"], "generated_tokens": out["generated_tokens"],
-                     "finish_reason": out["finish_reason"], "closed_early": out["closed_early"],
-                     "latency_s": out["latency_s"], "ttft_s": out["ttft_s"],
-                     "parse_status": extracted["parse_status"], "flags": extracted["flags"],
-                     **({"items": judged_items(extracted, out, case.reference)}
-                        if case.record and extracted["parse_status"] == "json" else {})})
+    engine, warm_up_s = benchmark.make_engine(model, processor, decode, first, slots=concurrency)
+    if concurrency > 1:
+        engine.start()
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            rows = list(tqdm(pool.map(lambda case: answer_case(engine, case, root, max_new_tokens, pdf_limits,
+                                                               ground_pdf_pages), cases),
+                             total=len(cases), desc=f"evaluate {label}", unit="case"))
+    finally:
+        engine.stop()
     peak = memory.peak_memory_mb()
     memory.unload(model)
     return {
         "label": label,
         "load": load,
         "decoder_warm_up_s": warm_up_s,
+        "concurrency": concurrency,
         "peak_memory_mb": peak,
         "memory_kind": memory.memory_kind(),
         "cases": rows,
@@ -207,6 +215,28 @@ def evaluate_model(label: str, loader: Callable[[], Any], processor: Any, cases:
         "calibration": calibration([(i["confidence"], i["correct"]) for r in rows for i in r.get("items", [])
                                     if i["confidence"] is not None], review_below),
     }
+
+
+def answer_case(engine: Any, case: Case, root: Path, max_new_tokens: int, pdf_limits: PageLimits,
+                ground_pdf_pages: bool) -> dict[str, Any]:
+    """One case answered through the engine (a PDF page by page, merged), parsed and judged."""
+    pages = case_pages(root / case.image, pdf_limits)
+    if len(pages) == 1:
+        out = benchmark.generate_timed(engine, pages[0], case.prompt, max_new_tokens,
+                                       RECORD_FORMAT if case.record else None, confidences=case.record)
+    else:
+        from medvl.medical.ocr import grounded_prompt
+
+        prompts = [grounded_prompt(page, case.prompt) if ground_pdf_pages else case.prompt for page in pages]
+        out = benchmark.generate_pages_timed(engine, pages, prompts, max_new_tokens, confidences=case.record)
+    extracted = structured_result(out["response"])
+    return {"case_id": case.case_id, "subset": case.subset, "source": case.source, "record": case.record,
+            "response": out["response"], "generated_tokens": out["generated_tokens"],
+            "finish_reason": out["finish_reason"], "closed_early": out["closed_early"],
+            "latency_s": out["latency_s"], "ttft_s": out["ttft_s"],
+            "parse_status": extracted["parse_status"], "flags": extracted["flags"],
+            **({"items": judged_items(extracted, out, case.reference)}
+               if case.record and extracted["parse_status"] == "json" else {})}
 
 
 def judged_items(extracted: dict[str, Any], out: dict[str, Any], reference: dict[str, Any]) -> list[dict[str, Any]]:

@@ -49,29 +49,34 @@ def served_answers(base: str, root: Path, cases: list[Case], clients: int,
 
 
 def served_parity(base: str, root: Path, cases_path: Path, answers_path: Path, clients: int = 4) -> dict[str, Any]:
-    """The test split's record pages through /extract, scored and paired with phase 7's answers
-    (``answers_path``) on the same cases (``cases_path``): ``ok`` unless a request failed or the
-    paired 95% interval of served minus phase 7 excludes zero."""
+    """The test split's record pages through /extract (``clients`` at once), scored and paired
+    with phase 7's answers (``answers_path``) on the same cases (``cases_path``): :func:`parity`."""
     cases = [c for c in scoring.read_cases(cases_path.read_text().splitlines()) if c.subset == "test" and c.record]
     if not cases:
         return {"ok": False, "detail": "the test split holds no record page to send to /extract"}
-    evaluated = read_answers(answers_path)
     answers, errors = served_answers(base, root, cases, clients)
-    answered = [c for c in cases if c.case_id in answers]
-    served = scoring.score_answers(answered, answers)
+    return {**parity(cases, answers, read_answers(answers_path), errors), "clients": clients}
+
+
+def parity(cases: list[Case], served: dict[str, str], evaluated: dict[str, str], errors: list[str]) -> dict[str, Any]:
+    """Served answers against phase 7's on the same cases, both scored by the same scorer:
+    ``ok`` unless a request failed (``errors``) or the paired 95% interval of served minus
+    phase 7 (extraction F1) excludes zero."""
+    answered = [c for c in cases if c.case_id in served]
+    if not answered:
+        return {"ok": False, "cases": len(cases), "failed_requests": errors[:5],
+                "detail": f"no test page answered: {errors[:2]}"}
+    scores = scoring.score_answers(answered, served)
     phase7 = scoring.score_answers(answered, {c.case_id: evaluated[c.case_id] for c in answered})
-    difference = scoring.compare(served, phase7)["subsets"]["test"]["extraction_f1"] if answered else None
-    same = sum(answers[c.case_id] == evaluated[c.case_id] for c in answered)
-    ok = not errors and difference is not None and difference["verdict"] == "no significant difference"
+    difference = scoring.compare(scores, phase7)["subsets"]["test"]["extraction_f1"]
+    same = sum(served[c.case_id] == evaluated[c.case_id] for c in answered)
+    f1, f1_phase7 = scores["subsets"]["test"]["extraction"]["f1"], phase7["subsets"]["test"]["extraction"]["f1"]
     return {
-        "ok": ok, "cases": len(cases), "clients": clients, "failed_requests": errors[:5],
-        "served_f1": served["subsets"]["test"]["extraction"]["f1"] if answered else None,
-        "phase7_f1": phase7["subsets"]["test"]["extraction"]["f1"] if answered else None,
+        "ok": not errors and difference["verdict"] == "no significant difference",
+        "cases": len(cases), "failed_requests": errors[:5], "served_f1": f1, "phase7_f1": f1_phase7,
         "served_minus_phase7": difference, "identical_answers": same,
-        "detail": (f"{len(answered)}/{len(cases)} test pages answered by /extract; F1 served "
-                   f"{served['subsets']['test']['extraction']['f1']['value']:.3f} vs phase 7 "
-                   f"{phase7['subsets']['test']['extraction']['f1']['value']:.3f}, difference "
-                   f"{difference['difference']:+.3f} [{difference['ci95'][0]:+.3f}, {difference['ci95'][1]:+.3f}] "
-                   f"({difference['verdict']}); {same} answers identical"
-                   if answered else f"no test page answered: {errors[:2]}"),
+        "detail": (f"{len(answered)}/{len(cases)} test pages answered by /extract; F1 served {f1['value']:.3f} vs "
+                   f"phase 7 {f1_phase7['value']:.3f}, difference {difference['difference']:+.3f} "
+                   f"[{difference['ci95'][0]:+.3f}, {difference['ci95'][1]:+.3f}] ({difference['verdict']}); "
+                   f"{same} answers identical" + (f"; {len(errors)} requests failed" if errors else "")),
     }

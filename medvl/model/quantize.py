@@ -71,13 +71,23 @@ def awq_recipe(settings: Settings) -> list[Any]:
             QuantizationModifier(config_groups={"group_0": scheme}, ignore=AWQ_IGNORE)]
 
 
-def calibration_rows(processor: Any, count: int) -> list[dict[str, torch.Tensor]]:
+def calibration_rows(processor: Any, count: int, grounded: bool = False) -> list[dict[str, torch.Tensor]]:
     """``count`` model inputs, each one rendered page with a training prompt and its answer
-    (the training format), from :data:`medvl.medical.documents.CALIBRATION_SEED`."""
+    (the training format), from :data:`medvl.medical.documents.CALIBRATION_SEED`; with
+    ``grounded`` (data.ocr_grounded_prompt) each prompt carries its page's OCR text, as the
+    model is trained and served (its activations, which AWQ scales by, then include that text)."""
+    docs = corpus(CALIBRATION_SEED, count, prefix="calib")
+    prompts = [TRAINING_PROMPTS[i % len(TRAINING_PROMPTS)] for i in range(count)]
+    if grounded:
+        from medvl.core.parallel import process_map
+        from medvl.medical import ocr
+        from medvl.medical.documents import png_bytes
+
+        prompts = process_map(ocr.grounded_png_prompt, [(png_bytes(d), p) for d, p in zip(docs, prompts, strict=True)],
+                              desc="OCR for grounded calibration prompts", initializer=ocr.use_threads, initargs=(1,))
     rows = []
-    for i, doc in enumerate(corpus(CALIBRATION_SEED, count, prefix="calib")):
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": TRAINING_PROMPTS[i % len(TRAINING_PROMPTS)]}]},
+    for doc, prompt in zip(docs, prompts, strict=True):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
                     {"role": "assistant", "content": [{"type": "text", "text": doc.target_answer()}]}]
         text = processor.apply_chat_template(messages, tokenize=False)
         rows.append(dict(processor(text=[text], images=[render_document(doc)], return_tensors="pt")))
@@ -126,7 +136,7 @@ def quantize_awq(model_dir: Path, out_dir: Path, settings: Settings) -> dict[str
         processor = load_processor(model_dir, settings)
         # Plain transformers modules (no batched vision windows): the pipeline traces the model.
         model = load_model(model_dir, settings, batched_vision=False)
-        rows = calibration_rows(processor, settings.quant.awq_calibration_samples)
+        rows = calibration_rows(processor, settings.quant.awq_calibration_samples, settings.data.ocr_grounded_prompt)
         loader = DataLoader(rows, batch_size=1, collate_fn=lambda batch: batch[0])
         with _llm_compressor_workarounds():
             oneshot(model=model, processor=processor, dataset=loader, recipe=awq_recipe(settings),

@@ -317,6 +317,15 @@ def gate_evaluate(wd: Workdir, s: Settings) -> list[str]:
     test = (((ev.get("comparisons") or {}).get("finetuned_vs_base") or {}).get("subsets") or {}).get("test")
     if not test:
         problems.append("evaluation_finetuned.json: no fine-tuned vs base comparison on the test split")
+    # The positive control (a stand-in pre-trained in phase 2, the `small` profile) exists to
+    # show that training teaches what evaluation measures: there the fine-tuned model must be
+    # significantly better than the base on the test split's records, or the pipeline is broken.
+    if s.model.source == "standin" and s.model.pretrain_steps and test:
+        f1 = test.get("extraction_f1") or {}
+        if f1.get("verdict") != "better":
+            problems.append("test split: the positive control's fine-tuned model is not significantly better than its "
+                            f"base on extraction F1 ({f1.get('difference', float('nan')):+.3f}, 95% interval "
+                            f"{f1.get('ci95')}): training did not teach what evaluation measures")
     for metric, d in (test or {}).items():
         if d.get("verdict") == "worse":
             problems.append(f"test split: the fine-tuned model is significantly worse than the base on {metric} "
@@ -385,7 +394,8 @@ PHASES: dict[int, Phase] = {
              ("benchmarks/model_download.json",)),
     3: Phase(3, "benchmark baseline", "03_benchmark_baseline.py", (2,), ("model", "bench", "decode"),
              gate_baseline, ("benchmarks/baseline_fp16.json",)),
-    4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant", "decode"),
+    # AWQ calibrates on grounded prompts when the profile grounds them (data.ocr_grounded_prompt).
+    4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant", "decode", "data.ocr_grounded_prompt"),
              gate_quantize, ("benchmarks/quantization_info.json", "benchmarks/quantized_int4.json")),
     # Phase 5 measures each sample with the phase-2 processor against train.max_length.
     5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (2,), ("model", "data", "bench", "train.max_length"),

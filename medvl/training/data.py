@@ -491,13 +491,22 @@ def as_served(samples: list[Sample]) -> list[Sample]:
     return [replace(s, prompt=EXTRACTION_PROMPT) if s.source == "synthetic" else s for s in samples]
 
 
-def drop_too_long_per_split(splits: dict[str, list[Sample]], processor: Any,
-                            max_length: int) -> tuple[dict[str, list[Sample]], dict[str, Any]]:
-    """:func:`drop_too_long` over every split at once (one report), each split keeping its fitting samples."""
-    everything = [s for rows in splits.values() for s in rows]
-    kept, report = drop_too_long(everything, processor, max_length)
-    fits = {id(s) for s in kept}
-    return {name: [s for s in rows if id(s) in fits] for name, rows in splits.items()}, report
+def per_split(transform: Callable[[list[Sample]], list[Sample]],
+              splits: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
+    """``transform`` over every split's samples at once (one pool of OCR workers, one length
+    report), each split keeping its own transformed samples, in order; ``transform`` may drop
+    samples but not reorder them."""
+    everything = [(name, s) for name, rows in splits.items() for s in rows]
+    out = transform([s for _, s in everything])
+    if len(out) == len(everything):
+        names = [name for name, _ in everything]
+    else:  # samples were dropped: match the survivors by id (ids are unique after de-duplication)
+        where = {s.sample_id: name for name, s in everything}
+        names = [where[s.sample_id] for s in out]
+    regrouped: dict[str, list[Sample]] = {name: [] for name in splits}
+    for name, sample in zip(names, out, strict=True):
+        regrouped[name].append(sample)
+    return regrouped
 
 
 def split(samples: list[Sample], seed: int, val_fraction: float, test_fraction: float) -> dict[str, list[Sample]]:

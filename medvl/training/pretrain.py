@@ -11,11 +11,13 @@ never the record's keys or its JSON. Phase 6 then teaches the record with the se
 
 With ``data.ocr_grounded_prompt`` (the `small` profile) the prompt carries the page's lines
 before the instruction, in the form the OCR-grounded prompt gives them (one line per printed
-line, runs of spaces closed up, no blank lines): the base learns to copy text from its prompt,
-as a reading model copies from its pixels. These lines are the page's own, as a perfect OCR
-would read them: reading thousands of pre-training pages by OCR would cost minutes of the GPU
-session, and phases 5, 7 and the server ground with the real OCR. Without it the prompt is the
-image and the instruction, and the base must learn to read pixels.
+line, no blank lines), read as PP-OCR reads this project's pages: it drops the spaces of some
+lines, all of them or some ("Amoxicillin500mgPOBID", "3.Type 2 diabetes"; seen in phase 5's
+OCR text). The answer is the page's own lines, spaced as printed: the base learns to give back
+text from a noisy reading, as a reading model gives back text from pixels. The noise is
+simulated (:func:`ocr_like`) because reading thousands of pre-training pages by OCR would cost
+minutes of the GPU session; phases 5, 7 and the server ground with the real OCR. Without the
+setting the prompt is the image and the instruction, and the base must learn to read pixels.
 
 The loop is plain PyTorch (AdamW, warm-up then cosine decay, bf16 autocast on a GPU over
 float32 weights) over the phase-6 collator, so the chat template, the pixel budget and the
@@ -28,6 +30,7 @@ import io
 import json
 import logging
 import math
+import random
 import re
 import time
 from pathlib import Path
@@ -47,7 +50,7 @@ from medvl.training.trainer import IGNORE_INDEX, VisionChatCollator, token_count
 
 log = logging.getLogger(__name__)
 
-READBACK_PROMPT = "Read the text of this page back, line by line."
+READBACK_PROMPT = "Read the text of this page back, line by line, spaced as printed."
 PREFIX = "pre"
 HELD_OUT = 32  # pages kept out of pre-training to measure it on
 
@@ -56,6 +59,21 @@ def page_lines(text: str) -> list[str]:
     """A page's printed lines as the OCR-grounded prompt gives them: blank lines dropped, runs
     of spaces closed up (OCR joins a row's boxes with one space)."""
     return [re.sub(r"\s+", " ", line).strip() for line in text.splitlines() if line.strip()]
+
+
+def ocr_like(lines: list[str], rng: random.Random) -> list[str]:
+    """``lines`` as PP-OCR tends to read them: half intact, a quarter with every space dropped,
+    a quarter with each space dropped at random (a third of them)."""
+    out = []
+    for line in lines:
+        roll = rng.random()
+        if roll < 0.5:
+            out.append(line)
+        elif roll < 0.75:
+            out.append(line.replace(" ", ""))
+        else:
+            out.append("".join(part + ("" if rng.random() < 1 / 3 else " ") for part in line.split(" ")).rstrip())
+    return out
 
 
 def readback_rows(count: int, folder: Path, grounded: bool, processor: Any, max_length: int) -> tuple[list[dict], int]:
@@ -67,7 +85,7 @@ def readback_rows(count: int, folder: Path, grounded: bool, processor: Any, max_
     for (seed, _), page in zip(seeds, pages, strict=True):
         doc = generate_document(seed, prefix=PREFIX)
         lines = page_lines(doc.text)
-        prompt = ocr_grounded(READBACK_PROMPT, lines) if grounded else READBACK_PROMPT
+        prompt = ocr_grounded(READBACK_PROMPT, ocr_like(lines, random.Random(seed))) if grounded else READBACK_PROMPT
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
                     {"role": "assistant", "content": [{"type": "text", "text": "\n".join(lines)}]}]
         image = f"{doc.doc_id}.png"
@@ -185,7 +203,8 @@ def pretrain(model_dir: Path, settings: Settings, pages_dir: Path) -> dict[str, 
     model.to(getattr(torch, saved_dtype)).save_pretrained(model_dir, safe_serialization=True)
     result = {
         "task": "read a page's printed lines back (plain text; never the record)",
-        "prompt": "OCR-grounded: the page's own lines before the instruction" if grounded else "image and instruction",
+        "prompt": ("OCR-grounded: the page's lines, some with their spaces dropped as PP-OCR drops them, before the "
+                   "instruction" if grounded else "image and instruction"),
         "instruction": READBACK_PROMPT, "document_seeds": [PRETRAIN_SEED, PRETRAIN_SEED + m.pretrain_documents - 1],
         "pages": len(train_rows), "held_out_pages": len(held_out), "dropped_too_long": dropped,
         "steps": m.pretrain_steps, "batch_size": m.pretrain_batch_size, "learning_rate": m.pretrain_learning_rate,
