@@ -4,7 +4,7 @@
 # (setsid) and each call waits on it:
 #   bash bench/device/gpu_small.sh start   # installs the carried packages, starts phase 1
 #   bash bench/device/gpu_small.sh wait    # the next call, within 30 s (the machine stays warm)
-# Each call waits up to WAIT_S (570) seconds, then packs what exists into $OUT/small_run.tar.gz:
+# Each call waits up to WAIT_S (540) seconds, then packs what exists into $OUT/small_run.tar.gz:
 # benchmarks/*.json, the build log, the report and its figures, the pipeline log and
 # phase_times.txt (each phase's wall time, from start to its gate passing). A run that died
 # (not finished, not running) is resumed by `wait`: run_pipeline.sh starts at the first
@@ -24,6 +24,7 @@ launch() {
       echo \"phase \$n \$((\$(date +%s) - started)) s\" >> '$wd/phase_times.txt'
     done
     echo done > '$wd/.state'" >> "$log" 2>&1 < /dev/null &
+  echo $! > "$wd/.pid"
   echo running > "$wd/.state"
 }
 
@@ -31,12 +32,11 @@ state() { cat "$wd/.state" 2>/dev/null || echo none; }
 
 case "${1:-wait}" in
   start) rm -rf "$wd" && mkdir -p "$wd" && : > "$log" && launch ;;
-  wait) if [[ $(state) == running ]] && ! pgrep -f "run_pipeline.sh --profile small" >/dev/null \
-             && ! pgrep -f "medvl.cli.gates --profile small" >/dev/null; then
+  wait) if [[ $(state) == running ]] && ! kill -0 "$(cat "$wd/.pid")" 2>/dev/null; then
           echo "the run was not running: resuming at the first failing gate"; launch
         fi ;;
 esac
-deadline=$((SECONDS + ${WAIT_S:-570}))
+deadline=$((SECONDS + ${WAIT_S:-540}))
 while [[ $(state) == running && $SECONDS -lt $deadline ]]; do sleep 5; done
 echo "state: $(state)"; cat "$wd/phase_times.txt" 2>/dev/null
 tail -5 "$log"
