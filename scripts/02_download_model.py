@@ -19,13 +19,14 @@ from medvl.model import source as model_source
 from medvl.model import standin
 from medvl.pipeline.gates import PHASES
 from medvl.pipeline.runner import PhaseError, log, run_phase
-from medvl.training import pretrain
 
 PHASE = PHASES[2]
 
 
 def pretrain_standin(model_dir: Path, settings: Settings, wd: Workdir) -> dict:
     """Pre-train the stand-in in place (medvl/training/pretrain.py); its pages are scratch."""
+    from medvl.training import pretrain  # the trainer's imports, only for a profile that pre-trains
+
     pages = wd.models / f".{settings.model.slug}-pretrain-pages"
     shutil.rmtree(pages, ignore_errors=True)
     pages.mkdir(parents=True)
