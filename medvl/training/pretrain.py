@@ -5,7 +5,8 @@ Why: a random base scores 0 on every page and so does anything fine-tuned from i
 so base versus fine-tuned, what 4 bits cost, calibration and served parity were all 0 against 0
 (issue 43). The real Qwen2.5-VL arrives able to read but not knowing this project's record;
 the `small` profile's base is made the same: phase 2 trains it to give a page's printed lines
-back, on synthetic documents of their own seeds (:data:`PRETRAIN_SEED`: none is a page phase 5
+back, all of them or those that hold a given word (:func:`readback_task`), on synthetic
+documents of their own seeds (:data:`PRETRAIN_SEED`: none is a page phase 5
 splits, AWQ calibrates on, phase 3 benchmarks or the suite holds), answered in plain lines,
 never the record's keys or its JSON. Phase 6 then teaches the record with the seed's method.
 
@@ -51,6 +52,9 @@ from medvl.training.trainer import IGNORE_INDEX, VisionChatCollator, token_count
 log = logging.getLogger(__name__)
 
 READBACK_PROMPT = "Read the text of this page back, line by line, spaced as printed."
+LOOKUP_PROMPT = 'Read back the lines of this page that contain "{word}", spaced as printed.'
+# Page words a look-up asks for: three characters or more, starting with a letter.
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9/%.-]{2,}")
 PREFIX = "pre"
 HELD_OUT = 32  # pages kept out of pre-training to measure it on
 
@@ -76,6 +80,16 @@ def ocr_like(lines: list[str], rng: random.Random) -> list[str]:
     return out
 
 
+def readback_task(lines: list[str], rng: random.Random) -> tuple[str, str]:
+    """(instruction, answer) for a page: half the pages give every line back (copying in order),
+    half the lines that hold a word drawn from the page (finding text by its content, then
+    copying it: what extraction asks of a reader, in plain lines, never the record's keys)."""
+    if rng.random() < 0.5:
+        return READBACK_PROMPT, "\n".join(lines)
+    word = rng.choice(sorted({w for line in lines for w in _WORD.findall(line)}))
+    return LOOKUP_PROMPT.format(word=word), "\n".join(line for line in lines if word in line)
+
+
 def readback_rows(count: int, folder: Path, grounded: bool, processor: Any, max_length: int) -> tuple[list[dict], int]:
     """``count`` pre-training conversations (pages rendered over every core into ``folder``) and
     how many were dropped for not fitting ``max_length`` (never cut, as phase 5 does)."""
@@ -85,9 +99,10 @@ def readback_rows(count: int, folder: Path, grounded: bool, processor: Any, max_
     for (seed, _), page in zip(seeds, pages, strict=True):
         doc = generate_document(seed, prefix=PREFIX)
         lines = page_lines(doc.text)
-        prompt = ocr_grounded(READBACK_PROMPT, ocr_like(lines, random.Random(seed))) if grounded else READBACK_PROMPT
+        instruction, answer = readback_task(lines, random.Random(seed + 1))
+        prompt = ocr_grounded(instruction, ocr_like(lines, random.Random(seed))) if grounded else instruction
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": "\n".join(lines)}]}]
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         image = f"{doc.doc_id}.png"
         atomic_write_bytes(folder / image, page)
         with Image.open(io.BytesIO(page)) as img:
@@ -202,10 +217,10 @@ def pretrain(model_dir: Path, settings: Settings, pages_dir: Path) -> dict[str, 
 
     model.to(getattr(torch, saved_dtype)).save_pretrained(model_dir, safe_serialization=True)
     result = {
-        "task": "read a page's printed lines back (plain text; never the record)",
+        "task": "read a page's printed lines back, all of them or those holding a word (plain text; never the record)",
         "prompt": ("OCR-grounded: the page's lines, some with their spaces dropped as PP-OCR drops them, before the "
                    "instruction" if grounded else "image and instruction"),
-        "instruction": READBACK_PROMPT, "document_seeds": [PRETRAIN_SEED, PRETRAIN_SEED + m.pretrain_documents - 1],
+        "instructions": [READBACK_PROMPT, LOOKUP_PROMPT], "document_seeds": [PRETRAIN_SEED, PRETRAIN_SEED + m.pretrain_documents - 1],
         "pages": len(train_rows), "held_out_pages": len(held_out), "dropped_too_long": dropped,
         "steps": m.pretrain_steps, "batch_size": m.pretrain_batch_size, "learning_rate": m.pretrain_learning_rate,
         "tokens_seen": tokens, "tokens_per_s": tokens / train_s if train_s else None,
