@@ -356,7 +356,7 @@ def _scan_noise(page: Image.Image, amount: float, seed: int) -> Image.Image:
     return page
 
 
-def png_bytes(doc: MedicalDocument) -> bytes:
+def document_png(doc: MedicalDocument) -> bytes:
     """The rendered page as PNG bytes (what phase 5 stores and the API is sent)."""
     buffer = io.BytesIO()
     render_document(doc).save(buffer, format="PNG")
@@ -367,7 +367,7 @@ def generated_png(seed_and_prefix: tuple[int, str]) -> bytes:
     """The page :func:`generate_document` makes for ``(seed, prefix)``, as PNG bytes: the unit of
     work phases 2 and 5 spread over worker processes (:func:`medvl.core.parallel.process_map`)."""
     seed, prefix = seed_and_prefix
-    return png_bytes(generate_document(seed, prefix=prefix))
+    return document_png(generate_document(seed, prefix=prefix))
 
 
 def save_document(doc: MedicalDocument, folder: Path) -> tuple[Path, Path]:

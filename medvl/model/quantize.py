@@ -81,9 +81,9 @@ def calibration_rows(processor: Any, count: int, grounded: bool = False) -> list
     if grounded:
         from medvl.core.parallel import process_map
         from medvl.medical import ocr
-        from medvl.medical.documents import png_bytes
+        from medvl.medical.documents import document_png
 
-        prompts = process_map(ocr.grounded_png_prompt, [(png_bytes(d), p) for d, p in zip(docs, prompts, strict=True)],
+        prompts = process_map(ocr.grounded_png_prompt, [(document_png(d), p) for d, p in zip(docs, prompts, strict=True)],
                               desc="OCR for grounded calibration prompts", initializer=ocr.use_threads, initargs=(1,))
     rows = []
     for doc, prompt in zip(docs, prompts, strict=True):

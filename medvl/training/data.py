@@ -498,11 +498,11 @@ def per_split(transform: Callable[[list[Sample]], list[Sample]],
     samples but not reorder them."""
     everything = [(name, s) for name, rows in splits.items() for s in rows]
     out = transform([s for _, s in everything])
-    if len(out) == len(everything):
+    if len(out) == len(everything):  # one result per sample (new objects, e.g. grounded prompts)
         names = [name for name, _ in everything]
-    else:  # samples were dropped: match the survivors by id (ids are unique after de-duplication)
-        where = {s.sample_id: name for name, s in everything}
-        names = [where[s.sample_id] for s in out]
+    else:  # samples were dropped: the survivors are the very objects given
+        where = {id(s): name for name, s in everything}
+        names = [where[id(s)] for s in out]
     regrouped: dict[str, list[Sample]] = {name: [] for name in splits}
     for name, sample in zip(names, out, strict=True):
         regrouped[name].append(sample)
