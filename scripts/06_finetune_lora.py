@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Phase 6: QLoRA fine-tuning on the phase-5 conversations.
 
-Loads the base in bitsandbytes NF4 (bf16 compute), freezes the whole vision tower, puts
-LoRA on the language model's q/k/v/o/gate/up/down projections only, and trains on the
+Loads the base in bitsandbytes NF4 (bf16 compute; as saved with train.quantize_4bit false),
+freezes the whole vision tower, puts LoRA on the language model's q/k/v/o/gate/up/down
+projections only (and its output head with train.lora_output_head), and trains on the
 assistant answers only (see medvl/training/trainer.py). Checkpoints every train.save_steps
 (keeping train.save_total_limit); a rerun after a crash resumes from the last complete
 checkpoint. The loss is a token mean over each optimizer step; samples too long for
@@ -39,7 +40,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     t = settings.train
     record = {**settings.record(PHASE.sections), "adapter_dir": str(wd.adapter_dir(settings).relative_to(wd.root)),
               "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
-                       "target_modules": trainer.LORA_TARGET_REGEX, "quantized_base": "nf4" if t.quantize_4bit else None},
+                       "target_modules": trainer.lora_targets(settings), "quantized_base": "nf4" if t.quantize_4bit else None},
               "batch": {"per_device": t.per_device_batch_size, "grad_accum": t.grad_accum_steps,
                         "max_length": t.max_length},
               "length_check": read_json(formatted / "data_summary.json")["length_check"],
@@ -47,9 +48,10 @@ def main(settings: Settings, wd: Workdir) -> dict:
     atomic_write_json(PHASE.output(wd, "training_metrics.json"), record)
     log.info("loss %.4f -> %.4f over %d steps; %s; peak %.0f MB", metrics["initial_loss"], metrics["final_loss"],
              metrics["global_step"], speed_line(metrics), metrics["peak_memory_mb"])
-    append_build_log(wd.build_log, PHASE.number, "QLoRA fine-tuning", [
+    where = "projections and its output head" if t.lora_output_head else "projections only"
+    append_build_log(wd.build_log, PHASE.number, "QLoRA fine-tuning" if t.quantize_4bit else "LoRA fine-tuning", [
         f"LoRA r={t.lora_r}, alpha={t.lora_alpha}, dropout={t.lora_dropout} on the language model's "
-        f"projections only; base {'NF4' if t.quantize_4bit else 'unquantized'}; vision tower frozen.",
+        f"{where}; base {'NF4' if t.quantize_4bit else 'unquantized'}; vision tower frozen.",
         f"Trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters "
         f"({metrics['trainable_pct']:.2f}%).",
         f"{metrics['global_step']} steps on {metrics['training_samples']} samples"

@@ -167,6 +167,28 @@ def test_lora_sits_on_the_language_model_only_and_vision_is_frozen(tiny_model_di
     assert four_bit and all("visual" not in n for n in four_bit)
 
 
+def test_lora_output_head_adds_the_head_and_merges_into_it(tiny_model_dir, processor, tmp_path):
+    """train.lora_output_head wraps lm_head as well as the projections (never the vision tower),
+    and the merge writes its update into lm_head's weight; without it lm_head is left alone."""
+    from safetensors.torch import load_file
+
+    from medvl.evaluation.evaluate import merge_adapter
+
+    plain = load_for_training(tiny_model_dir, load_settings("tiny"))
+    assert not any(n.startswith("lm_head") or ".lm_head." in n for n, p in plain.named_parameters() if p.requires_grad)
+    with_head = load_settings("tiny", ["train.lora_output_head=true"])
+    model = adapter_with_random_b(tiny_model_dir, with_head)
+    counts = check_trainable(model)
+    assert counts["lora_modules"] == 7 * model.base_model.model.config.text_config.num_hidden_layers + 1
+    head = [n for n, p in model.named_parameters() if p.requires_grad and "lm_head" in n]
+    assert sorted(n.split("lora_")[1].split(".")[0] for n in head) == ["A", "B"]
+    model.save_pretrained(tmp_path / "adapter")
+    processor.save_pretrained(tmp_path / "adapter")
+    merge_adapter(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged")
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"].to(before["lm_head.weight"].dtype))
+
+
 def test_loss_only_counts_answer_tokens(tiny_model_dir, tiny_settings, processor, image_row):
     """Changing a prompt token changes the input but not which tokens are scored."""
     from transformers import AutoModelForImageTextToText

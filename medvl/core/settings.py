@@ -147,6 +147,10 @@ class TrainSettings:
     lora_r: int = 64
     lora_alpha: int = 128
     lora_dropout: float = 0.05
+    # LoRA on the language model's output head (lm_head) too. Off for the real model, whose
+    # head has produced every token; on for a stand-in whose short pre-training never had the
+    # record's tokens as targets (the `small` profile's YAML gives the measurement).
+    lora_output_head: bool = False
     epochs: float = 2.0
     max_steps: int = -1  # > 0 overrides epochs (short GPU probes)
     per_device_batch_size: int = 2

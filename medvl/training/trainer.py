@@ -5,7 +5,8 @@ The five classic mistakes and where this module prevents each:
 1. Loss on prompts and image tokens -> :class:`VisionChatCollator` masks every label except
    the assistant's answer and its closing ``<|im_end|>`` (worked example in its docstring).
 2. LoRA on the vision tower, because ``q/k/v/o/gate/up/down_proj`` also name vision modules
-   -> :data:`LORA_TARGET_REGEX` matches language-model projections only, and
+   -> :data:`LORA_TARGET_REGEX` matches language-model projections only (and, with
+   ``train.lora_output_head``, its output head, never the vision tower's), and
    :func:`freeze_vision` freezes every ``visual`` parameter; :func:`check_trainable` asserts both.
 3. Truncated samples (a cut through image tokens breaks the model; a cut answer never trains
    its closing ``<|im_end|>``, so the model learns not to stop) -> phase 5 counts every
@@ -46,6 +47,13 @@ IGNORE_INDEX = -100
 
 # Projections of the language model only: a name containing "visual" never matches.
 LORA_TARGET_REGEX = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+# ... and, with train.lora_output_head, the language model's output head (top-level ``lm_head``).
+LORA_HEAD_TARGET = "lm_head"
+
+
+def lora_targets(settings: Settings) -> str:
+    """The regex PEFT matches module names against (it full-matches each name)."""
+    return LORA_TARGET_REGEX + (f"|^{LORA_HEAD_TARGET}$" if settings.train.lora_output_head else "")
 
 
 class TruncationError(ValueError):
@@ -191,7 +199,7 @@ def lora_config(settings: Settings) -> Any:
 
     t = settings.train
     return LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=LORA_TARGET_REGEX)
+                      task_type="CAUSAL_LM", target_modules=lora_targets(settings))
 
 
 def check_trainable(model: Any) -> dict[str, Any]:
@@ -649,7 +657,7 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
         (staging / "medvl_adapter.json").write_text(json.dumps({
             "base_model": str(base_dir), "min_pixels": settings.model.min_pixels,
             "max_pixels": settings.model.max_pixels, "settings_hash": fingerprint,
-            "lora_target_regex": LORA_TARGET_REGEX}, indent=2))
+            "lora_target_regex": lora_targets(settings)}, indent=2))
 
     history = trainer.state.log_history
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
