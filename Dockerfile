@@ -29,14 +29,17 @@ COPY medvl/ medvl/
 COPY api/ api/
 COPY bench/ bench/
 COPY scripts/ scripts/
+# The Kubernetes Job (deploy/kubernetes/pipeline-job.yaml) runs the pipeline in this image.
+COPY run_pipeline.sh ./
 # The package itself (its dependencies came with requirements.txt): medvl-serve, medvl-infer ...
 RUN pip install --no-deps .
 
 # Models come from a mounted volume (or bake them in with COPY models/ models/).
-RUN useradd --create-home --uid 1000 medvl \
+# A UID above 10000 so that it matches no user of the host (Kubernetes hardening: checkov CKV_K8S_40).
+RUN useradd --create-home --uid 10001 medvl \
     && mkdir -p /app/models /app/benchmarks /app/logs \
     && chown -R medvl:medvl /app/logs /app/benchmarks
-USER 1000:1000
+USER 10001:10001
 
 EXPOSE 8000 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \

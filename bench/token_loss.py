@@ -55,7 +55,7 @@ def main() -> None:
             prompt_text = tok.decode(ids[: int(mask.nonzero()[0])])
             answer_ids = target[mask].tolist()
             pieces = [tok.decode([t]) for t in answer_ids]
-            for piece, value in zip(pieces, loss.tolist()):
+            for piece, value in zip(pieces, loss.tolist(), strict=True):
                 stripped = piece.strip()
                 kind = ("structure" if not stripped or all(c in '{}[]":,' for c in stripped)
                         else "digits" if any(c.isdigit() for c in stripped)
@@ -64,7 +64,7 @@ def main() -> None:
                 by_kind[kind].append(value)
             if len(examples) < 3:
                 examples.append({"prompt_tail": prompt_text[-1500:],
-                                 "tokens": [[p, round(v, 2)] for p, v in zip(pieces, loss.tolist())]})
+                                 "tokens": [[p, round(v, 2)] for p, v in zip(pieces, loss.tolist(), strict=True)]})
     summary = {kind: {"tokens": len(v), "mean_loss": sum(v) / len(v), "share_of_loss": sum(v)}
                for kind, v in by_kind.items()}
     total = sum(s["share_of_loss"] for s in summary.values())

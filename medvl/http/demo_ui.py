@@ -251,11 +251,16 @@ def _answer(body: dict[str, Any]) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--api-url", default=os.environ.get("MEDVL_API_URL", "http://127.0.0.1:8000"))
-    parser.add_argument("--base-api-url", default=os.environ.get("MEDVL_BASE_API_URL", ""))
-    parser.add_argument("--api-key", default=os.environ.get("MEDVL_API_KEY", ""))
-    parser.add_argument("--host", default=os.environ.get("MEDVL_UI_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("MEDVL_UI_PORT", "7860")))
+    parser.add_argument("--api-url", default=os.environ.get("MEDVL_API_URL", "http://127.0.0.1:8000"),
+                        help="the medvl API to call (env MEDVL_API_URL)")
+    parser.add_argument("--base-api-url", default=os.environ.get("MEDVL_BASE_API_URL", ""),
+                        help="a second API serving the base model, for the comparison tab (env MEDVL_BASE_API_URL)")
+    parser.add_argument("--api-key", default=os.environ.get("MEDVL_API_KEY", ""),
+                        help="sent as X-API-Key when the API requires one (env MEDVL_API_KEY)")
+    parser.add_argument("--host", default=os.environ.get("MEDVL_UI_HOST", "127.0.0.1"),
+                        help="address to listen on (env MEDVL_UI_HOST)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("MEDVL_UI_PORT", "7860")),
+                        help="port to listen on (env MEDVL_UI_PORT)")
     args = parser.parse_args(argv)
     api = ApiClient(args.api_url, args.api_key or None)
     base = ApiClient(args.base_api_url, args.api_key or None) if args.base_api_url else None

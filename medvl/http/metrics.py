@@ -11,12 +11,18 @@ from prometheus_client.core import CounterMetricFamily
 
 from medvl.engine.scheduler import Engine, EngineMetrics, EngineStats
 
+# EngineStats field -> (counter name after ``medvl_engine_``, help). Units spelt out, as
+# Prometheus's naming rules (and `promtool check metrics`) want: "seconds", never "s".
 ENGINE_STATS = {
-    "prefills": "Prefill batches run", "prefill_rows": "Requests prefilled", "prefill_tokens": "Prompt tokens prefilled",
-    "prefill_s": "Seconds in prefill (wall)", "steps": "Decoding steps launched",
-    "step_rows": "Rows over all decoding steps", "step_launch_s": "Seconds spent queueing decoding steps (wall)",
-    "grammar_masks": "Rows masked by their grammar (response_format, /extract)",
-    "grammar_mask_s": "Seconds computing and applying grammar masks (wall)",
+    "prefills": ("prefills", "Prefill batches run"),
+    "prefill_rows": ("prefill_rows", "Requests prefilled"),
+    "prefill_tokens": ("prefill_tokens", "Prompt tokens prefilled"),
+    "prefill_s": ("prefill_seconds", "Seconds in prefill (wall)"),
+    "steps": ("steps", "Decoding steps launched"),
+    "step_rows": ("step_rows", "Rows over all decoding steps"),
+    "step_launch_s": ("step_launch_seconds", "Seconds spent queueing decoding steps (wall)"),
+    "grammar_masks": ("grammar_masks", "Rows masked by their grammar (response_format, /extract)"),
+    "grammar_mask_s": ("grammar_mask_seconds", "Seconds computing and applying grammar masks (wall)"),
 }
 
 ROUTES = ("/extract", "/analyze", "/health", "/benchmark", "/metrics", "/v1/chat/completions", "/v1/models")
@@ -31,9 +37,9 @@ class _EngineTotals:
         self.stats: EngineStats | None = None
 
     def collect(self):
-        for name, about in ENGINE_STATS.items():
+        for field, (name, about) in ENGINE_STATS.items():
             family = CounterMetricFamily(f"medvl_engine_{name}", about, labels=["model_name"])
-            family.add_metric([self.model_name], float(getattr(self.stats, name)) if self.stats else 0.0)
+            family.add_metric([self.model_name], float(getattr(self.stats, field)) if self.stats else 0.0)
             yield family
 
 
@@ -53,12 +59,17 @@ class ServerMetrics(EngineMetrics):
                                  registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.running = Gauge("medvl_num_requests_running", "Requests decoding in the engine", model, registry=r)
         self.waiting = Gauge("medvl_num_requests_waiting", "Requests waiting for a cache slot", model, registry=r)
+        self.waiting_limit = Gauge("medvl_num_requests_waiting_limit",
+                                   "Waiting requests the engine admits (decode.max_waiting); past it, 503",
+                                   model, registry=r)
         self.kv_usage = Gauge("medvl_kv_cache_usage_perc",
                               "Share of the KV cache reserved by running requests (each holds a whole slot; 0-1)",
                               model, registry=r)
         self.kv_filled = Gauge("medvl_kv_cache_filled_perc", "Share of the KV cache's token positions filled (0-1)",
                                model, registry=r)
         self.loaded = Gauge("medvl_model_loaded", "1 when the model is ready", model, registry=r)
+        self.dead = Gauge("medvl_engine_dead", "1 when the engine loop died (/health answers 503 until a restart)",
+                          model, registry=r)
         self.ttft = Histogram("medvl_time_to_first_token_seconds", "Submit to first token", model, registry=r,
                               buckets=(0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30))
         self.itl = Histogram("medvl_inter_token_latency_seconds", "Between consecutive tokens of a request",
@@ -96,8 +107,10 @@ class ServerMetrics(EngineMetrics):
         """The exposition text, with the engine's gauges read now (zeros while it loads)."""
         m = self.model_name
         self.loaded.labels(m).set(int(engine is not None))
+        self.dead.labels(m).set(int(engine is not None and engine.dead is not None))
         self.running.labels(m).set(engine.num_running if engine else 0)
         self.waiting.labels(m).set(engine.num_waiting if engine else 0)
+        self.waiting_limit.labels(m).set(engine.max_waiting if engine else 0)
         self.kv_usage.labels(m).set(engine.kv_cache_reserved if engine else 0.0)
         self.kv_filled.labels(m).set(engine.kv_cache_filled if engine else 0.0)
         self.totals.stats = engine.stats if engine else None
