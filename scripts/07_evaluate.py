@@ -28,6 +28,7 @@ from medvl.core.workdir import Workdir
 from medvl.engine.pages import PageLimits
 from medvl.engine.scheduler import PromptTooLong
 from medvl.evaluation import benchmark, evaluate, scoring
+from medvl.medical import ocr
 from medvl.medical.ocr import OcrUnavailable
 from medvl.model import memory
 from medvl.model.forms import FORMS, FormError, load_in_form, model_dir, profile_form
@@ -44,6 +45,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     record = settings.record(sections)
     b = settings.bench
     pdf_limits = PageLimits.from_settings(settings.api)  # the multi-page case, rendered as the server would
+    ocr.use_backend(settings.api.ocr_backend)  # pages read as the server reads them (grounding, baseline)
     cases = (evaluate.suite_cases(wd.datasets / "eval_suite", wd.root)
              + evaluate.test_split_cases(wd.datasets / "formatted", wd.root, b.eval_test_samples))
 

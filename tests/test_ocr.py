@@ -58,3 +58,37 @@ def test_grounded_prompts_put_the_pages_ocr_text_before_the_instruction():
                           {"subset": "test", "case_id": "t1", "ocr_lines": ["unused"]}]}
     cases = evaluate.ocr_grounded_cases([suite, test_row], baseline)
     assert cases[0].prompt == prompts.ocr_grounded("Extract.", ["Aspirin 81 mg"]) and cases[1] is test_row
+
+
+def test_the_torch_backend_reads_the_phase3_pages_as_onnx_runtime_does():
+    """api.ocr_backend=torch (the GPU path, here on the CPU): on each phase-3 page the same runs of
+    text as ONNX Runtime's, each box within a pixel, and one more page read per backend never
+    reuses the other's engine."""
+    pages = [render_document(doc) for doc in benchmark_documents(1234, 5)]
+    readings = {}
+    try:
+        for backend in ("onnxruntime", "torch"):
+            ocr.use_backend(backend)
+            assert ocr.backend() == backend and ("PyTorch" in ocr.describe()) == (backend == "torch")
+            readings[backend] = [ocr.read_boxes(page) for page in pages]
+    finally:
+        ocr.use_backend("auto")
+    assert type(ocr.load().text_det.infer).__name__ == "OrtInferSession"  # auto on a CPU host
+    for reference, torch_runs in zip(readings["onnxruntime"], readings["torch"], strict=True):
+        assert len(reference) > 10
+        assert [text for text, _ in torch_runs] == [text for text, _ in reference]
+        for (_, box), (_, expected) in zip(torch_runs, reference, strict=True):
+            assert max(abs(a - b) for a, b in zip(box, expected, strict=True)) <= 1, (box, expected)
+
+
+def test_an_unknown_ocr_backend_is_refused():
+    with pytest.raises(ValueError, match="expected one of auto, onnxruntime, torch"):
+        ocr.use_backend("tensorrt")
+
+
+def test_the_ocr_backend_setting_is_validated():
+    from medvl.core.settings import SettingsError, load_settings
+
+    assert load_settings("tiny", ["api.ocr_backend=torch"]).api.ocr_backend == "torch"
+    with pytest.raises(SettingsError, match="api.ocr_backend must be one of auto, onnxruntime, torch"):
+        load_settings("tiny", ["api.ocr_backend=tensorrt"])

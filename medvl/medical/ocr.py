@@ -1,7 +1,8 @@
 """The bar a fine-tuned VLM must clear: classical OCR plus rules, mapped to the extraction record.
 
 OCR is rapidocr-onnxruntime: PP-OCR detection and recognition models shipped inside its wheel,
-run by ONNX Runtime on the CPU, nothing downloaded at run time (measured here: 1-2 s per
+run by ONNX Runtime on the CPU (or by PyTorch on a GPU: api.ocr_backend, medvl/medical/ocr_torch.py),
+nothing downloaded at run time (measured here: 1-2 s per
 phase-3 page on a 2-core CPU; a plain search of its text found 40 of 43 expected terms).
 Its lines go through rules built from the project's lexicon (the drug, condition, procedure
 and analyte tables the documents are written from): a drug name with the dose, route and
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from medvl.core.settings import OCR_BACKENDS
 from medvl.medical.lexicon import CONDITIONS, DRUGS, LABS, PROCEDURES, RADIOLOGY
 from medvl.medical.prompts import ocr_grounded
 from medvl.medical.records import empty_structured
@@ -49,14 +51,38 @@ class OcrUnavailable(RuntimeError):
 # ONNX Runtime threads per page: None lets it take every core (the server, one page at a time);
 # a worker process of phase 5 takes one (:func:`use_threads`), so that 16 workers share 16 cores.
 _THREADS: int | None = None
+# Which runtime runs PP-OCR's networks (api.ocr_backend): "onnxruntime" (the CPU), "torch"
+# (PyTorch via onnx2torch, on the GPU when there is one: medvl/medical/ocr_torch.py), or "auto"
+# (torch when a GPU is visible, else onnxruntime).
+_BACKEND = "auto"
+
+
+def use_backend(backend: str) -> None:
+    """Run PP-OCR's networks with ``backend`` (one of :data:`OCR_BACKENDS`) from now on."""
+    global _BACKEND
+    if backend not in OCR_BACKENDS:
+        raise ValueError(f"OCR backend {backend!r}: expected one of {', '.join(OCR_BACKENDS)}")
+    _BACKEND = backend
+    load.cache_clear()
+
+
+def backend() -> str:
+    """The runtime the engine uses: "auto" resolved."""
+    if _BACKEND != "auto":
+        return _BACKEND
+    import torch
+
+    return "torch" if torch.cuda.is_available() else "onnxruntime"
 
 
 def use_threads(count: int) -> None:
     """Read pages with ``count`` ONNX Runtime and OpenCV threads from now on (a worker's
     initializer): 16 workers on 16 cores each took 4 s a page with OpenCV's default pool of a
-    thread per core (phase 5 on an H100 host: 1,500 pages in 376 s)."""
-    global _THREADS
+    thread per core (phase 5 on an H100 host: 1,500 pages in 376 s). Workers stay on the CPU
+    (ONNX Runtime): sixteen processes must not each take the GPU."""
+    global _THREADS, _BACKEND
     _THREADS = count
+    _BACKEND = "onnxruntime"
     try:
         import cv2
 
@@ -73,7 +99,15 @@ def load() -> Any:
         from rapidocr_onnxruntime import RapidOCR
     except Exception as exc:  # ImportError, or OpenCV/ONNX Runtime failing to load
         raise OcrUnavailable(f"rapidocr-onnxruntime cannot be imported: {type(exc).__name__}: {exc}") from None
-    return RapidOCR(**({"intra_op_num_threads": _THREADS, "inter_op_num_threads": 1} if _THREADS else {}))
+    engine = RapidOCR(**({"intra_op_num_threads": _THREADS, "inter_op_num_threads": 1} if _THREADS else {}))
+    if backend() == "torch":
+        from medvl.medical.ocr_torch import device_for_ocr, use_torch
+
+        try:
+            use_torch(engine, device_for_ocr())
+        except ImportError as exc:
+            raise OcrUnavailable(f"the torch OCR backend needs onnx and onnx2torch: {exc}") from None
+    return engine
 
 
 def warm_up() -> None:
@@ -89,11 +123,37 @@ def warm_up() -> None:
 def describe() -> str:
     import importlib.metadata
 
-    return (f"rapidocr-onnxruntime {importlib.metadata.version('rapidocr-onnxruntime')} (PP-OCR, ONNX Runtime, CPU) "
+    if backend() == "torch":
+        from medvl.medical.ocr_torch import device_for_ocr
+
+        runtime = f"PyTorch on {device_for_ocr().type}"
+    else:
+        runtime = "ONNX Runtime, CPU"
+    return (f"rapidocr-onnxruntime {importlib.metadata.version('rapidocr-onnxruntime')} (PP-OCR, {runtime}) "
             "+ the project's lexicon and value rules")
 
 
 Run = tuple[str, tuple[float, float, float, float]]  # a run of text and its box in pixels (x0, y0, x1, y1)
+
+# Where a page keeps its reading (PIL's per-image ``info``): the text layer of a born-digital PDF
+# page (medvl.engine.pages puts it there when it renders the page), else PP-OCR's runs once read.
+TEXT_RUNS = "medvl_text_runs"
+
+
+def page_runs(image: Image.Image) -> list[Run]:
+    """The page's runs of text with their boxes in pixels, read once per page.
+
+    A PDF page that carries its own text gives it (PDFium: milliseconds, the exact characters);
+    any other page is read by PP-OCR (0.5-3 s) the first time and the runs kept on the page, so
+    the OCR-grounded prompt, the source boxes and the OCR baseline share one reading (an
+    /extract with both read each page twice before). The runs are kept with the size they were
+    read at: PIL copies ``info`` into a resized copy, whose boxes would no longer fit."""
+    kept = image.info.get(TEXT_RUNS)
+    if kept is not None and kept[0] == image.size:
+        return kept[1]
+    runs = read_boxes(image)
+    image.info[TEXT_RUNS] = (image.size, runs)
+    return runs
 
 
 # One page at a time: ONNX Runtime already spreads a page over every core, and its memory arena
@@ -115,12 +175,12 @@ def read_boxes(image: Image.Image) -> list[Run]:
 
 
 def read_lines(image: Image.Image, runs: list[Run] | None = None) -> list[str]:
-    """The page's text lines, top to bottom (from its OCR ``runs`` when already read). PP-OCR
+    """The page's text lines, top to bottom (from ``runs`` when given, else :func:`page_runs`). PP-OCR
     boxes each table cell apart, so boxes whose vertical centres lie within half a box height
     are one row, joined left to right: a lab table's name, value, unit, range and flag come back
     as one line, as printed."""
     boxes = []
-    for text, (x0, y0, _, y1) in read_boxes(image) if runs is None else runs:
+    for text, (x0, y0, _, y1) in page_runs(image) if runs is None else runs:
         boxes.append(((y0 + y1) / 2, y1 - y0, x0, text))
     rows: list[list[tuple[float, float, float, str]]] = []
     for box in sorted(boxes):
@@ -203,7 +263,7 @@ def _written(term: str, text: str, exact_case: bool = False) -> bool:
 def extract(image: Image.Image) -> dict[str, Any]:
     """OCR then rules: the record as a JSON answer (what the scorer reads), its lines and timing."""
     started = time.perf_counter()
-    runs = read_boxes(image)
+    runs = page_runs(image)
     lines = read_lines(image, runs)
     ocr_s = time.perf_counter() - started
     record = record_from_lines(lines)

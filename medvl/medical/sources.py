@@ -33,8 +33,9 @@ def _squashed(text: str) -> tuple[str, list[int]]:
 
 
 def page_runs(image: Image.Image) -> list[tuple[str, Box]]:
-    """The page's OCR runs with normalised boxes."""
-    return normalised(ocr.read_boxes(image), image.size)
+    """The page's runs (its PDF text layer, else its OCR, read once: :func:`medvl.medical.ocr.page_runs`)
+    with normalised boxes."""
+    return normalised(ocr.page_runs(image), image.size)
 
 
 def normalised(runs: list[ocr.Run], size: tuple[int, int]) -> list[tuple[str, Box]]:

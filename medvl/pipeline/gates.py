@@ -406,7 +406,7 @@ PHASES: dict[int, Phase] = {
              gate_finetune, ("benchmarks/training_metrics.json",)),
     7: Phase(7, "evaluate", "07_evaluate.py", (3, 4, 6), ("model", "bench", "quant", "data", "train", "decode",
                                                          "api.max_pdf_pages", "api.pdf_render_dpi",
-                                                         "api.review_below_confidence"),
+                                                         "api.review_below_confidence", "api.ocr_backend"),
              gate_evaluate, ("benchmarks/evaluation_finetuned.json", "benchmarks/finetuned_standard_bench.json",
                              "benchmarks/eval_cases.jsonl", "benchmarks/eval_answers_base.jsonl",
                              "benchmarks/eval_answers_finetuned.jsonl")),
