@@ -320,16 +320,41 @@ def test_the_api_pod_asks_for_a_gpu_runs_unprivileged_and_reads_its_key_from_a_s
     assert listed == {p.name for p in manifest_files()} - {"kustomization.yaml"}
 
 
-def test_kubernetes_manifests_validate_offline_and_pass_checkov():
-    """kubernetes-validate (the Kubernetes schemas, offline) and checkov, from the tool venv
-    scripts/ensure_deploy_tools.sh makes; checkov's accepted findings are skipped in
-    deploy/kubernetes/.checkov.yaml, each with its reason."""
+def deploy_tools() -> Path:
     tools = REPO / ".venv-deploy" / "bin"
     if not (tools / "checkov").exists():
         message = "the deploy tool venv is missing (scripts/ensure_deploy_tools.sh makes .venv-deploy)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+    return tools
+
+
+def test_the_validators_refuse_a_broken_and_an_unhardened_manifest(tmp_path):
+    """The two validators can fail: a port given as a word where the schema wants a number, and
+    the API Deployment stripped of its security context and resources."""
+    tools = deploy_tools()
+    api = yaml.safe_load((KUBERNETES / "api-deployment.yaml").read_text())
+    broken = yaml.safe_load(yaml.safe_dump(api))
+    broken["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "eight thousand"
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    result = run(str(tools / "kubernetes-validate"), "--strict", str(tmp_path / "broken.yaml"))
+    assert result.returncode != 0, result.stdout + result.stderr
+    bare = yaml.safe_load(yaml.safe_dump(api))
+    container = bare["spec"]["template"]["spec"]["containers"][0]
+    del container["securityContext"], container["resources"], bare["spec"]["template"]["spec"]["securityContext"]
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "api.yaml").write_text(yaml.safe_dump(bare))
+    result = run(str(tools / "checkov"), "--quiet", "--compact", "--config-file", str(KUBERNETES / ".checkov.yaml"),
+                 "-d", str(tmp_path / "bare"))
+    assert result.returncode != 0 and "CKV_K8S_" in result.stdout, result.stdout[-2000:]
+
+
+def test_kubernetes_manifests_validate_offline_and_pass_checkov():
+    """kubernetes-validate (the Kubernetes schemas, offline) and checkov, from the tool venv
+    scripts/ensure_deploy_tools.sh makes; checkov's accepted findings are skipped in
+    deploy/kubernetes/.checkov.yaml, each with its reason."""
+    tools = deploy_tools()
     files = [str(p) for p in manifest_files() if p.name != "kustomization.yaml"]
     result = run(str(tools / "kubernetes-validate"), "--strict", *files)
     assert result.returncode == 0, result.stdout + result.stderr

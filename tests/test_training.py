@@ -167,9 +167,10 @@ def test_lora_sits_on_the_language_model_only_and_vision_is_frozen(tiny_model_di
     assert four_bit and all("visual" not in n for n in four_bit)
 
 
-def test_lora_output_head_adds_the_head_and_merges_into_it(tiny_model_dir, processor, tmp_path):
+def test_lora_output_head_adds_the_head_and_merges_into_it(tiny_model_dir, processor, image_row, tmp_path):
     """train.lora_output_head wraps lm_head as well as the projections (never the vision tower),
-    and the merge writes its update into lm_head's weight; without it lm_head is left alone."""
+    the answer-only loss (lm_head on the kept positions) trains the head's LoRA, and the merge
+    writes its update into lm_head's weight; without it lm_head is left alone."""
     from safetensors.torch import load_file
 
     from medvl.evaluation.evaluate import merge_adapter
@@ -182,6 +183,15 @@ def test_lora_output_head_adds_the_head_and_merges_into_it(tiny_model_dir, proce
     assert counts["lora_modules"] == 7 * model.base_model.model.config.text_config.num_hidden_layers + 1
     head = [n for n, p in model.named_parameters() if p.requires_grad and "lm_head" in n]
     assert sorted(n.split("lora_")[1].split(".")[0] for n in head) == ["A", "B"]
+    row = {"id": "x", "image": "page.png", "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Aspirin 81 mg"}]}]}
+    batch = VisionChatCollator(processor, 512, image_row)([row])
+    labels = batch.pop("labels")
+    loss, _ = answer_only_loss(model, batch, labels)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if p.requires_grad and "lm_head" in n)
     model.save_pretrained(tmp_path / "adapter")
     processor.save_pretrained(tmp_path / "adapter")
     merge_adapter(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged")
