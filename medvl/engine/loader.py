@@ -181,10 +181,7 @@ class ServedOcr(Served):
         started = time.perf_counter()
         ocr.use_backend(self.ocr_backend)
         ocr.load()
-        if ocr.backend() == "torch":
-            from medvl.medical.ocr_torch import device_for_ocr
-
-            self.device = device_for_ocr().type
+        self.device = ocr.device()
         self.startup_s["load"] = time.perf_counter() - started
 
     @property

@@ -75,6 +75,15 @@ def backend() -> str:
     return "torch" if torch.cuda.is_available() else "onnxruntime"
 
 
+def device() -> str:
+    """Where the networks run: "cpu" for ONNX Runtime; for torch, the GPU when one is visible."""
+    if backend() != "torch":
+        return "cpu"
+    from medvl.medical.ocr_torch import device_for_ocr
+
+    return device_for_ocr().type
+
+
 def use_threads(count: int) -> None:
     """Read pages with ``count`` ONNX Runtime and OpenCV threads from now on (a worker's
     initializer): 16 workers on 16 cores each took 4 s a page with OpenCV's default pool of a
@@ -123,12 +132,7 @@ def warm_up() -> None:
 def describe() -> str:
     import importlib.metadata
 
-    if backend() == "torch":
-        from medvl.medical.ocr_torch import device_for_ocr
-
-        runtime = f"PyTorch on {device_for_ocr().type}"
-    else:
-        runtime = "ONNX Runtime, CPU"
+    runtime = f"PyTorch on {device()}" if backend() == "torch" else "ONNX Runtime, CPU"
     return (f"rapidocr-onnxruntime {importlib.metadata.version('rapidocr-onnxruntime')} (PP-OCR, {runtime}) "
             "+ the project's lexicon and value rules")
 
