@@ -29,22 +29,15 @@ def test_pretraining_lowers_the_held_out_loss_and_never_shows_the_record(tiny_mo
     assert (model_dir / "model.safetensors").read_bytes() != before  # rewritten in place, saved dtype kept
     assert json.loads((model_dir / "pretraining.json").read_text())["saved_dtype"] == "float32"
 
-    rows, _ = pretrain.readback_rows(16, pages, True, _processor(model_dir, settings), 1024)
+    rows, _ = pretrain.readback_rows(48, pages, True, _processor(model_dir, settings), 1024)
     asked = set()
     for row in rows:
         prompt, answer = row["messages"][0]["content"][1]["text"], row["messages"][1]["content"][0]["text"]
         read, instruction = prompt.split("\n", 1)[1].rsplit("\n\n", 1)  # the OCR-like lines, the instruction
         assert prompt.startswith(OCR_HEADER) and answer
-        if instruction == pretrain.READBACK_PROMPT:
-            assert answer.replace(" ", "") == read.replace(" ", "")  # every line, given back spaced
-        else:  # the lines holding the word, given back spaced, in page order
-            word = instruction.split('"')[1]
-            assert all(word in line for line in answer.splitlines())
-            assert answer.replace(" ", "") in read.replace(" ", "") or len(answer.splitlines()) > 1
-        asked.add(instruction == pretrain.READBACK_PROMPT)
-        assert "\n".join(pretrain.page_lines(answer)) == answer
-        assert '"medications"' not in answer and "{" not in answer  # plain text: never the record's JSON
-    assert asked == {True, False}  # both tasks
+        asked.add(_task(instruction))
+        _check_answer(instruction, read, answer)
+    assert asked == {"readback", "lookup", "readback_json", "lookup_json", "labels_json"}  # every task
     # its pages are nobody else's: phase 5's and AWQ's seeds lie far below
     assert PRETRAIN_SEED > CALIBRATION_SEED + 100_000 > SYNTHETIC_SEED + 100_000
 
@@ -61,6 +54,55 @@ def test_ocr_like_drops_spaces_only():
 def test_page_lines_are_what_the_grounded_prompt_gives():
     assert pretrain.page_lines("Title\n\nBP 120/80 mmHg    HR 70 bpm\n   \n  Disp: #30  Refills: 0") == [
         "Title", "BP 120/80 mmHg HR 70 bpm", "Disp: #30 Refills: 0"]
+
+
+def _task(instruction: str) -> str:
+    if instruction in (pretrain.READBACK_PROMPT, pretrain.READBACK_JSON_PROMPT, pretrain.LABELS_JSON_PROMPT):
+        return {pretrain.READBACK_PROMPT: "readback", pretrain.READBACK_JSON_PROMPT: "readback_json",
+                pretrain.LABELS_JSON_PROMPT: "labels_json"}[instruction]
+    word = instruction.split('"')[1]
+    return "lookup" if instruction == pretrain.LOOKUP_PROMPT.format(word=word) else "lookup_json"
+
+
+def _keys(value) -> set[str]:
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in _keys(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in _keys(v)}
+    return set()
+
+
+def _check_answer(instruction: str, read: str, answer: str) -> None:
+    """Each task's answer is the OCR-read page's text given back spaced as printed, and no answer
+    carries a key of the record."""
+    task, spaceless = _task(instruction), read.replace(" ", "")
+    if task in ("readback", "lookup"):  # plain lines, never JSON
+        assert "\n".join(pretrain.page_lines(answer)) == answer and "{" not in answer
+        lines = answer.splitlines()
+    else:
+        parsed = json.loads(answer)
+        assert not _keys(parsed) & _record_keys()
+        if task == "readback_json":
+            assert [item["number"] for item in parsed["lines"]] == list(range(1, len(parsed["lines"]) + 1))
+            lines = [item["text"] for item in parsed["lines"]]
+        elif task == "lookup_json":
+            lines = parsed["lines"]
+            assert parsed["word"] == instruction.split('"')[1]
+        else:
+            assert parsed and all(f"{label}:{text}".replace(" ", "") in spaceless for label, text in parsed.items())
+            return
+    if task.startswith("readback"):
+        assert "".join(lines).replace(" ", "") == spaceless.replace("\n", "")  # every line, in order
+    else:  # the lines holding the word, in page order
+        word = instruction.split('"')[1]
+        assert lines and all(word in line for line in lines)
+        assert all(line.replace(" ", "") in spaceless for line in lines)
+
+
+def _record_keys() -> set[str]:
+    from medvl.medical.records import RECORD_SCHEMA
+
+    return set(RECORD_SCHEMA["properties"]) | {k for d in RECORD_SCHEMA["$defs"].values() for k in d["properties"]}
 
 
 def _processor(model_dir, settings):

@@ -5,10 +5,17 @@ Why: a random base scores 0 on every page and so does anything fine-tuned from i
 so base versus fine-tuned, what 4 bits cost, calibration and served parity were all 0 against 0
 (issue 43). The real Qwen2.5-VL arrives able to read but not knowing this project's record;
 the `small` profile's base is made the same: phase 2 trains it to give a page's printed lines
-back, all of them or those that hold a given word (:func:`readback_task`), on synthetic
-documents of their own seeds (:data:`PRETRAIN_SEED`: none is a page phase 5
-splits, AWQ calibrates on, phase 3 benchmarks or the suite holds), answered in plain lines,
-never the record's keys or its JSON. Phase 6 then teaches the record with the seed's method.
+back, all of them, those that hold a given word or its labelled lines (:func:`readback_task`),
+on synthetic documents of their own seeds (:data:`PRETRAIN_SEED`: none is a page phase 5
+splits, AWQ calibrates on, phase 3 benchmarks or the suite holds), answered in plain lines or
+in JSON of keys of its own, never the record's keys or shape. Phase 6 then teaches the record
+with the seed's method.
+
+Why JSON answers too: the real base has written JSON before it meets this project; a base that
+never had to (run 2, docs/results/h100/small/run2-lora/probes/token_loss_merged_val64.jsonl)
+left every JSON punctuation token, and every word start right after a quote, at 2.5-2.9 nats
+after fine-tuning (65% of phase 6's loss, which stopped at 2.0): their output-head rows had
+only ever been pushed down.
 
 With ``data.ocr_grounded_prompt`` (the `small` profile) the prompt carries the page's lines
 before the instruction, in the form the OCR-grounded prompt gives them (one line per printed
@@ -53,8 +60,16 @@ log = logging.getLogger(__name__)
 
 READBACK_PROMPT = "Read the text of this page back, line by line, spaced as printed."
 LOOKUP_PROMPT = 'Read back the lines of this page that contain "{word}", spaced as printed.'
+READBACK_JSON_PROMPT = ('Read the text of this page back as JSON, spaced as printed: '
+                        '{"lines": [{"number": 1, "text": "..."}, ...]}.')
+LOOKUP_JSON_PROMPT = ('Read back the lines of this page that contain "{word}" as JSON, spaced as printed: '
+                      '{{"word": "...", "lines": ["...", ...]}}.')
+LABELS_JSON_PROMPT = ('Read back the labelled lines of this page ("Label: text") as a JSON object '
+                      'from each label to its text, spaced as printed.')
 # Page words a look-up asks for: three characters or more, starting with a letter.
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9/%.-]{2,}")
+# A labelled line: a short label starting with a letter, a colon, then its text (maybe none).
+_LABELLED = re.compile(r"^([A-Za-z][A-Za-z /()-]{0,30}):(?: (.*))?$")
 PREFIX = "pre"
 HELD_OUT = 32  # pages kept out of pre-training to measure it on
 
@@ -80,14 +95,36 @@ def ocr_like(lines: list[str], rng: random.Random) -> list[str]:
     return out
 
 
+def _dumps(value: Any) -> str:
+    """JSON as the record's answers are written (``json.dumps``' spacing, text as is)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def readback_task(lines: list[str], rng: random.Random) -> tuple[str, str]:
-    """(instruction, answer) for a page: half the pages give every line back (copying in order),
-    half the lines that hold a word drawn from the page (finding text by its content, then
-    copying it: what extraction asks of a reader, in plain lines, never the record's keys)."""
-    if rng.random() < 0.5:
+    """(instruction, answer) for a page. Half the pages answer in plain lines: every line back
+    (copying in order) or the lines that hold a word drawn from the page (finding text by its
+    content, then copying it: what extraction asks of a reader). The other half answer the same
+    in JSON of keys of its own (none is a record key: tests/test_pretrain.py), or map each
+    labelled line's label to its text, so the base has written brackets, quotes, empty strings
+    and a word start right after a quote before phase 6 asks for the record."""
+    roll = rng.random()
+    words = sorted({w for line in lines for w in _WORD.findall(line)})
+    if roll < 0.25:
         return READBACK_PROMPT, "\n".join(lines)
-    word = rng.choice(sorted({w for line in lines for w in _WORD.findall(line)}))
-    return LOOKUP_PROMPT.format(word=word), "\n".join(line for line in lines if word in line)
+    if roll < 0.5:
+        word = rng.choice(words)
+        return LOOKUP_PROMPT.format(word=word), "\n".join(line for line in lines if word in line)
+    labelled = [m for m in map(_LABELLED.match, lines) if m]
+    if roll < 0.65 and labelled:
+        pairs: dict[str, str] = {}
+        for match in labelled:
+            pairs.setdefault(match.group(1), match.group(2) or "")
+        return LABELS_JSON_PROMPT, _dumps(pairs)
+    if roll < 0.8:
+        word = rng.choice(words)
+        found = [line for line in lines if word in line]
+        return LOOKUP_JSON_PROMPT.format(word=word), _dumps({"word": word, "lines": found})
+    return READBACK_JSON_PROMPT, _dumps({"lines": [{"number": i, "text": line} for i, line in enumerate(lines, 1)]})
 
 
 def readback_rows(count: int, folder: Path, grounded: bool, processor: Any, max_length: int) -> tuple[list[dict], int]:
@@ -217,10 +254,12 @@ def pretrain(model_dir: Path, settings: Settings, pages_dir: Path) -> dict[str, 
 
     model.to(getattr(torch, saved_dtype)).save_pretrained(model_dir, safe_serialization=True)
     result = {
-        "task": "read a page's printed lines back, all of them or those holding a word (plain text; never the record)",
+        "task": ("read a page's printed lines back, all of them, those holding a word or its labelled lines (plain "
+                 "lines or JSON of keys of its own; never the record's keys or shape)"),
         "prompt": ("OCR-grounded: the page's lines, some with their spaces dropped as PP-OCR drops them, before the "
                    "instruction" if grounded else "image and instruction"),
-        "instructions": [READBACK_PROMPT, LOOKUP_PROMPT], "document_seeds": [PRETRAIN_SEED, PRETRAIN_SEED + m.pretrain_documents - 1],
+        "instructions": [READBACK_PROMPT, LOOKUP_PROMPT, READBACK_JSON_PROMPT, LOOKUP_JSON_PROMPT, LABELS_JSON_PROMPT],
+        "document_seeds": [PRETRAIN_SEED, PRETRAIN_SEED + m.pretrain_documents - 1],
         "pages": len(train_rows), "held_out_pages": len(held_out), "dropped_too_long": dropped,
         "steps": m.pretrain_steps, "batch_size": m.pretrain_batch_size, "learning_rate": m.pretrain_learning_rate,
         "tokens_seen": tokens, "tokens_per_s": tokens / train_s if train_s else None,
