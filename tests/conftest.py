@@ -193,3 +193,38 @@ def lab_page_model(phases_1_4, tiny_settings, tmp_path_factory) -> Path:
     model.eval().save_pretrained(out)
     (out / "TAUGHT.json").write_text(json.dumps({"page": page.name, "answer": record}, indent=1))
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server (Debian's ``postgresql``: initdb + pg_ctl in a folder of its own,
+    on a free port, run as the ``postgres`` user when the tests run as root), its SQLAlchemy URL;
+    stopped at the end. ``.ci/run`` installs it when missing, so under CI its absence fails."""
+    import tempfile
+
+    from medvl.http.validate import free_port
+
+    binaries = Path("/usr/lib/postgresql")
+    found = sorted(binaries.glob("*/bin/pg_ctl")) if binaries.is_dir() else []
+    if not found:
+        why = "needs Debian's postgresql (apt-get install postgresql)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}: .ci/run installs it")
+        pytest.skip(why)
+    bindir = found[-1].parent
+    folder = Path(tempfile.mkdtemp(prefix="medvl-pg-", dir="/tmp"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(folder, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data = folder / "data"
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "medvl"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://medvl@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
