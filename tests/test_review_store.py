@@ -12,9 +12,10 @@ import pytest
 from PIL import Image, ImageDraw
 from sqlalchemy import create_engine, text
 
-from medvl.review.crypto import Cipher, ReviewKeyError
+from medvl.review.crypto import Cipher
 from medvl.review.decisions import BadDecisions, Decision, check, corrected, page_records
-from medvl.review.store import Conflict, NotFound, ReviewStore
+from medvl.review.errors import Conflict, NotFound, ReviewKeyError
+from medvl.review.store import ReviewStore
 
 KEY = "x9b0mO0Jp0H1o5l8yM2fS0tqH2xY6bXHk3r1Yl5m4bA="  # a Fernet key made for these tests
 RESULT = {

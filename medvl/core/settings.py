@@ -134,6 +134,10 @@ class DataSettings:
     # writes it into every prompt), evaluation and serving (/extract, /analyze, the CLI run OCR
     # first). Costs 1-2 s of CPU per page; off by default (the tiny experiment: README).
     ocr_grounded_prompt: bool = False
+    # An export of the review store (GET /review/export, JSON lines): its reviewed pages join the
+    # training split (never validation or test), de-duplicated against the other sources and
+    # refused when they are a test or evaluation page; "" for none.
+    reviewed_records: str = ""
     split_seed: int = 42
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -241,6 +245,12 @@ class ApiSettings:
     # figures of docs/results/h100, issue 32), but each thread's malloc arena stays allocated: on
     # the CPU reliability run 8 grew the server by 383 MB against 98 MB for 2. The 7b profiles set 8.
     prepare_threads: int = 2
+    # The reviewer's loop (medvl/review): keep /extract results for review in a database
+    # (MEDVL_DATABASE_URL, else <workdir>/review/review.db) and serve the /review routes; the
+    # patient data it keeps is encrypted with MEDVL_REVIEW_KEY, without which the server will not start.
+    review_store: bool = False
+    # File every /extract result for review (with review_store), not only those asked ?review=true.
+    file_for_review: bool = False
 
 
 # What a served model's answers depend on: every setting but where the server listens. The
@@ -481,6 +491,8 @@ def _check_values(s: Settings) -> list[str]:
         p.append("quant.awq_zero_point: only asymmetric AWQ (zero point) is supported: the int4 kernel has a zero per group")
     if s.quant.awq_calibration_samples < 1:
         p.append("quant.awq_calibration_samples: must be >= 1")
+    if s.api.file_for_review and not s.api.review_store:
+        p.append("api.file_for_review: needs api.review_store (the database the results are filed in)")
     if not 0 < d.val_fraction < 0.5 or not 0 < d.test_fraction < 0.5:
         p.append("data.val_fraction/test_fraction: each must lie in (0, 0.5)")
     # A rendered page holds 60 lines of 88 characters; a longer page's answer would name text

@@ -6,7 +6,8 @@ the request id (also the response's ``X-Request-ID``; a client's own id is kept 
 well-formed one), the client as a fingerprint of its API key (never the key), method and route,
 the document's SHA-256 and page count (never its bytes), the model folder, its served form and
 the served settings' hash, the status, the latency and the token counts. Never prompts, images,
-answers or extracted values: the access log (``logs/api.log``) and this file are grepped for
+answers or extracted values (a review line names the document, the pointers decided, the
+actions and who; never a value): the access log (``logs/api.log``) and this file are grepped for
 every value of a test document in ``tests/test_api.py``. The file rotates by size
 (``api.audit_max_mb``, ``api.audit_backups``).
 """
@@ -48,6 +49,8 @@ class RequestAudit:
     document_sha256: str | None = None
     pages: int | None = None
     tokens: dict[str, int] = field(default_factory=dict)
+    # the review routes: the document, the pointers decided and the actions, never a value
+    review: dict[str, Any] | None = None
 
     def document(self, data: bytes, pages: int | None = None) -> None:
         """The document's hash at once; its page count when known (a PDF's once it is read)."""
@@ -76,4 +79,6 @@ class AuditTrail:
             "client": audit.client, "method": method, "route": route, "status": status,
             "latency_s": round(latency_s, 4), "document_sha256": audit.document_sha256, "pages": audit.pages,
             **self.model, "tokens": audit.tokens or None}
+        if audit.review is not None:
+            line["review"] = audit.review
         self._logger.info(json.dumps(line, separators=(",", ":")))

@@ -4,8 +4,8 @@
 
 Statuses: 400 bad image/prompt/base64/parameter, a response format whose JSON schema does not
 compile, or a request longer than the context, 401
-missing or wrong API key, 404 unknown route or model, 413 file or image too large, 422
-missing or malformed field, 503 model not ready or too many requests waiting (both with
+missing or wrong API key, 404 unknown route, model or filed document, 409 a review saved over
+another reviewer's, 413 file or image too large, 422 missing or malformed field or decision, 503 model not ready or too many requests waiting (both with
 ``Retry-After``), 504 request timed out.
 """
 
@@ -40,7 +40,7 @@ def envelope(status: int, code: str, message: str, headers: dict[str, str] | Non
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorEnvelope} for code in (400, 401, 404, 413, 422, 503, 504)}
+    code: {"model": ErrorEnvelope} for code in (400, 401, 404, 409, 413, 422, 503, 504)}
 
 
 def validation_envelope(exc: RequestValidationError) -> JSONResponse:

@@ -1,4 +1,5 @@
-"""The medvl routes: /extract, /analyze, /health, /benchmark, /metrics (chat: medvl/http/openai_chat.py)."""
+"""The medvl routes: /extract, /analyze, /health, /benchmark, /metrics (chat: medvl/http/openai_chat.py;
+the reviewer's: medvl/http/review.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from medvl.core.settings import SERVED_SETTINGS
@@ -17,6 +19,7 @@ from medvl.engine.scheduler import SamplingParams
 from medvl.engine.tokens import record_page
 from medvl.http.audit import RequestAudit
 from medvl.http.errors import ERROR_RESPONSES
+from medvl.http.review import file_for_review, store_of
 from medvl.http.schemas import AnalyzeResponse, ExtractResponse, HealthResponse, PageAnswer, PageText, Usage
 from medvl.http.state import ServerState, State, check_prompt, sum_usage, usage
 from medvl.medical.confidence import document_confidences
@@ -66,16 +69,24 @@ DOCUMENT_FILE = File(description="a document: an image (PNG, JPEG, ...) or a PDF
                              "description": "the record (format=record) or a FHIR R4B Bundle (format=fhir)"}})
 async def extract(http: Request, state: State, file: Annotated[UploadFile, DOCUMENT_FILE],
                   format: Annotated[Literal["record", "fhir"], Query(
-                      description="record: the project's record; fhir: a FHIR Bundle (medvl/medical/fhir.py)")] = "record"):
+                      description="record: the project's record; fhir: a FHIR Bundle (medvl/medical/fhir.py)")] = "record",
+                  review: Annotated[bool, Query(
+                      description="file the result for review (GET /review/{review_id}); needs a server with "
+                                  "api.review_store (every result is filed with api.file_for_review)")] = False):
     """Structured medical record from a document (an image, or a PDF read page by page and
     merged, each item with its page), decoded under the record's JSON schema (or read by OCR +
-    rules on a server started with ``--model ocr``); as a FHIR Bundle with ``?format=fhir``."""
+    rules on a server started with ``--model ocr``); as a FHIR Bundle with ``?format=fhir``;
+    filed for a reviewer with ``?review=true``."""
     state.check_ready()
+    filing = review or state.settings.api.file_for_review
+    if filing:
+        store_of(state)  # a 404 before any work when the server keeps no review store
     data = await read_upload(state, file)
     audit = http.state.audit
     audit.document(data)
     if state.served.engine is None:
         response = await ocr_extract(state, data, audit)
+        images = await run_in_threadpool(state.decode_pages, data) if filing else []
     else:
         prompts, images = await state.prepare_pages(data, EXTRACTION_PROMPT)
         audit.pages = len(prompts)
@@ -100,6 +111,9 @@ async def extract(http: Request, state: State, file: Annotated[UploadFile, DOCUM
             raw_text=PAGE_BREAK.join(result.text for result in results),
             closed_early=any(result.closed_early for result in results),
             latency_s=max(result.latency_s for result in results), usage=sum_usage(results), model=state.model_info())
+    if filing:
+        response.review_id = await file_for_review(state, http, response, images,
+                                                   file.content_type or "application/octet-stream")
     if format == "record":
         return response
     bundle = record_bundle(response.structured.model_dump(), audit.document_sha256,

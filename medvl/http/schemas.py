@@ -77,6 +77,8 @@ class ExtractResponse(BaseModel):
     latency_s: float
     usage: Usage
     model: ModelInfo
+    review_id: str | None = Field(None, description="the id the result was filed under for review (?review=true or "
+                                                    "api.file_for_review; GET /review/{id}); null when not filed")
 
 
 class PageText(BaseModel):
@@ -184,3 +186,62 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ReviewSummary(BaseModel):
+    """What a list shows of a filed document: nothing of the patient's."""
+
+    id: str
+    status: Literal["pending", "accepted", "corrected", "rejected"]
+    version: int = Field(description="rises with every save; a save names the version it read (409 when it moved)")
+    created_at: str
+    updated_at: str
+    document_sha256: str
+    content_type: str
+    pages: int
+    items_to_review: int
+    filed_by: str
+    reviewed_by: str | None
+    model_path: str
+    model_form: str
+
+
+class ReviewList(BaseModel):
+    status: str
+    total: int
+    documents: list[ReviewSummary]
+
+
+class DecisionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pointer: str = Field(description="an item (/medications/0, /vitals/heart_rate) or a field (/medications/0/dose) "
+                                     "of the filed record; for add, a list (/diagnoses) or a new vital")
+    action: Literal["accept", "correct", "reject", "add"]
+    value: Any = Field(None, description="correct and add: the right value (a string, or an item's fields)")
+    page: int | None = Field(None, description="add: the page the item is on, from 1")
+
+
+class DecisionOut(DecisionIn):
+    model_config = ConfigDict(extra="forbid")
+
+    decided_by: str
+    decided_at: str
+
+
+class ReviewDocumentOut(ReviewSummary):
+    result: dict[str, Any] = Field(description="what /extract answered: structured, items (confidences, boxes), "
+                                               "needs_review, flags")
+    decisions: list[DecisionOut]
+
+
+class ReviewSave(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(description="the version the reviewer read (GET /review/{id})")
+    status: Literal["pending", "done", "rejected"] = Field(
+        description="pending: save and keep it open; done: accepted (every decision an acceptance) or corrected; "
+                    "rejected: the whole document set aside, never exported")
+    decisions: list[DecisionIn] = Field(description="every decision on the document; replaces those saved before")
+    reviewer: str | None = Field(None, pattern=r"^[A-Za-z0-9._@-]{1,64}$",
+                                 description="who decided (else the API key's fingerprint)")

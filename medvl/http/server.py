@@ -26,13 +26,14 @@ from starlette.datastructures import Headers
 
 from medvl.core.workdir import Workdir
 from medvl.engine.loader import Served
-from medvl.http import openai_chat, routes
+from medvl.http import openai_chat, review, routes
 from medvl.http.audit import REQUEST_ID_HEADER, AuditTrail, RequestAudit, client_fingerprint, request_id
 from medvl.http.config import ServerConfig, served_model
 from medvl.http.errors import envelope, install_error_handlers
 from medvl.http.metrics import ServerMetrics
 from medvl.http.state import ServerState
 from medvl.http.uploads import BodyLimit, body_limit, keep_uploads_in_memory
+from medvl.review.errors import ReviewKeyError
 
 log = logging.getLogger("medvl.api")
 
@@ -43,7 +44,14 @@ def create_app(config: ServerConfig, served: Served | None = None, model_kind: s
     wd = Workdir.at(config.workdir or None)
     if served is None:
         served, model_kind = served_model(config, wd, metrics)
-    state = ServerState(config, served, model_kind, metrics, wd)
+    # The review store opens (and migrates) before traffic; without its key the server does not
+    # start. Imported only then: its database and crypto libraries are not the server's own.
+    store = None
+    if config.settings.api.review_store:
+        from medvl.review.store import ReviewStore
+
+        store = ReviewStore.open(wd.root)
+    state = ServerState(config, served, model_kind, metrics, wd, review=store)
     access = _access_logger(state.workdir)
     audit_trail = AuditTrail(state.workdir.logs / "audit.jsonl", config.settings.api.audit_max_mb,
                              config.settings.api.audit_backups, state.audit_model())
@@ -53,6 +61,8 @@ def create_app(config: ServerConfig, served: Served | None = None, model_kind: s
         served.start()
         yield
         served.stop()
+        if store is not None:
+            store.close()
 
     app = FastAPI(title="medvl API", version="0.2.0", lifespan=lifespan,
                   description="Medical document understanding with a QLoRA-fine-tuned Qwen2.5-VL.")
@@ -117,6 +127,7 @@ def create_app(config: ServerConfig, served: Served | None = None, model_kind: s
     app.add_middleware(BodyLimit, limit=limit, on_refused=refused_by_size)
     app.include_router(routes.router)
     app.include_router(openai_chat.router)
+    app.include_router(review.router)
     return app
 
 
@@ -148,7 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     # it over every 0.5 ms instead of every 5 ms, so the loop waits less to queue the next step.
     sys.setswitchinterval(0.0005)
     config = ServerConfig.from_env_and_args(argv)
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except ReviewKeyError as exc:
+        raise SystemExit(f"error: {exc}") from None
     server = uvicorn.Server(uvicorn.Config(app, host=config.settings.api.host, port=config.settings.api.port,
                                            log_level="warning"))
     state: ServerState = app.state.medvl

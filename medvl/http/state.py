@@ -41,6 +41,7 @@ class ServerState:
     model_kind: str
     metrics: ServerMetrics
     workdir: Workdir
+    review: Any = None  # api.review_store: its medvl.review.store.ReviewStore (medvl/http/review.py)
     preparing: int = 0  # requests admitted to preparation (decoding, templating), not yet submitted
     _admission_lock: threading.Lock = field(default_factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = None  # api.prepare_threads threads, made on first use

@@ -16,13 +16,11 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from medvl.review.errors import ReviewKeyError
+
 KEY_ENV = "MEDVL_REVIEW_KEY"
 NEW_KEY_HINT = ("make one with: python -c 'from cryptography.fernet import Fernet; "
                 "print(Fernet.generate_key().decode())'")
-
-
-class ReviewKeyError(ValueError):
-    """No key, a malformed key, or a key that does not open what the store holds."""
 
 
 class Cipher:

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from medvl.review.crypto import Cipher
 from medvl.review.decisions import BadDecisions, Decision, check, corrected, outcome, page_records
+from medvl.review.errors import Conflict, NotFound
 from medvl.review.models import STATUSES, ReviewDecision, ReviewDocument, ReviewPage
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,6 @@ log = logging.getLogger(__name__)
 DATABASE_URL_ENV = "MEDVL_DATABASE_URL"
 MIGRATIONS = Path(__file__).parent / "migrations"
 EXPORTED = ("accepted", "corrected")  # the statuses whose records train
-
-
-class NotFound(LookupError):
-    """No filed document has this id."""
-
-
-class Conflict(RuntimeError):
-    """The document changed since the reviewer read it (another reviewer saved it)."""
 
 
 def database_url(workdir: Path) -> str:
