@@ -12,10 +12,14 @@ asks every record page of the test split what /extract asks (so phase 7 scores, 
 compares with the server, the product's own request), with data.ocr_grounded_prompt puts each
 page's OCR text before its instruction (medvl/medical/ocr.py, over every core), and writes the
 splits as Qwen2.5-VL conversations to datasets/formatted/, plus download_summary.json and
-data_summary.json. Synthetic pages are rendered over every core.
+data_summary.json. Synthetic pages are rendered over every core. With data.reviewed_records (an
+export of the API's review store) the reviewed pages join the training split only, never a
+validation, test or evaluation page and never a page already there.
 """
 
+import random
 from collections import Counter
+from pathlib import Path
 
 from medvl.core.io import append_build_log, atomic_dir, atomic_write_json
 from medvl.core.settings import Settings
@@ -27,6 +31,25 @@ from medvl.pipeline.runner import PhaseError, log, run_phase
 from medvl.training import data
 
 PHASE = PHASES[5]
+
+
+def reviewed_for_training(settings: Settings, wd: Workdir, splits: dict, reports: dict,
+                          dropped: Counter) -> tuple[list, dict]:
+    """The pages of data.reviewed_records that may train (data.admit_reviewed), counted as the
+    "reviewed" source of download_summary.json, and how many documents (corrected ones apart)."""
+    path = Path(settings.data.reviewed_records)
+    if not path.is_file():
+        raise PhaseError(f"data.reviewed_records: no file {str(path)!r} (save GET /review/export of the API there)")
+    report = reports.setdefault("reviewed", data.SourceReport("reviewed"))
+    samples, statuses = data.reviewed_samples(path, random.Random(settings.data.split_seed), report)
+    admitted = data.admit_reviewed(samples, splits, data.protected_pixels(wd.test_images), dropped)
+    report.kept = len(admitted)
+    documents = {s.group for s in admitted}
+    counts = {"pages": len(admitted), "documents": len(documents),
+              "corrected_documents": sum(statuses[d] == "corrected" for d in documents), "export": str(path)}
+    log.info("reviewed pages: %d read, %d admitted to training (%d documents, %d corrected)", report.rows_read,
+             len(admitted), counts["documents"], counts["corrected_documents"])
+    return admitted, counts
 
 
 def main(settings: Settings, wd: Workdir) -> dict:
@@ -41,6 +64,10 @@ def main(settings: Settings, wd: Workdir) -> dict:
     kept = data.deduplicate(samples, data.protected_hashes(settings), dropped)
     splits = data.split(kept, settings.data.split_seed, settings.data.val_fraction, settings.data.test_fraction)
     splits["test"] = data.as_served(splits["test"])
+    reviewed = None
+    if settings.data.reviewed_records:  # reviewed pages train only, after the split
+        admitted, reviewed = reviewed_for_training(settings, wd, splits, reports, dropped)
+        splits["train"] += admitted
     processor = load_processor(wd.base_model_dir(settings), settings)
     if settings.data.ocr_grounded_prompt:
         try:
@@ -70,7 +97,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     summary = {**record, "offline_fallback": offline, "fallback_note": fallback_note,
                "discarded": {"filtering": {n: dict(r.discarded) for n, r in reports.items()},
                              "deduplication": dict(dropped)},
-               "length_check": lengths}
+               "length_check": lengths, "reviewed": reviewed}
     with atomic_dir(wd.datasets / "formatted") as staging:
         summary.update(data.summarize_splits(data.write_splits(splits, staging)))
         atomic_write_json(staging / "data_summary.json", summary)

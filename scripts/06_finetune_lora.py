@@ -38,12 +38,16 @@ def main(settings: Settings, wd: Workdir) -> dict:
     if metrics is None:  # a non-main data-parallel rank: the main process reports
         return {}
     t = settings.train
+    data_summary = read_json(formatted / "data_summary.json")
     record = {**settings.record(PHASE.sections), "adapter_dir": str(wd.adapter_dir(settings).relative_to(wd.root)),
               "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
                        "target_modules": trainer.lora_targets(settings), "quantized_base": "nf4" if t.quantize_4bit else None},
               "batch": {"per_device": t.per_device_batch_size, "grad_accum": t.grad_accum_steps,
                         "max_length": t.max_length},
-              "length_check": read_json(formatted / "data_summary.json")["length_check"],
+              "length_check": data_summary["length_check"],
+              # pages from the review store's export (data.reviewed_records): how many, of how many
+              # documents, how many of those corrected by a reviewer; null without one
+              "reviewed_training": data_summary.get("reviewed"),
               **metrics}
     atomic_write_json(PHASE.output(wd, "training_metrics.json"), record)
     log.info("loss %.4f -> %.4f over %d steps; %s; peak %.0f MB", metrics["initial_loss"], metrics["final_loss"],

@@ -186,3 +186,53 @@ def test_phase5_offline_writes_labelled_synthetic_splits(phases_1_5, tiny_settin
             assert data.text_hash(generate_document(int(seed), kind).text) not in protected
             assert row["messages"][0]["content"][0] == {"type": "image"}
             assert json.loads(row["messages"][1]["content"][0]["text"])  # structured JSON answer
+
+
+def test_reviewed_pages_train_once_and_never_as_a_held_out_page(tmp_path):
+    """An export of the review store (GET /review/export) becomes training samples: a reviewed
+    page trains with the reviewer's record; the same page again, a page of the validation or test
+    split, a phase-3 test page, a malformed row and a record the schema refuses do not."""
+    import base64
+    import hashlib
+    import io
+    import random
+    from collections import Counter
+
+    from PIL import Image
+
+    from medvl.medical.documents import document_png, generate_document
+    from medvl.medical.records import record_answer
+
+    def page_png(seed: int) -> bytes:  # as the store keeps it: decoded, then re-encoded
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(document_png(generate_document(seed, prefix="rev")))).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    record = {"medications": [{"name": "Metformin", "dose": "500 mg", "route": "PO", "frequency": "BID"}],
+              "diagnoses": ["CKD 3b"], "procedures": [], "lab_values": [], "vitals": {}}
+
+    def row(doc: str, png: bytes, status: str = "corrected", rec: dict = record) -> str:
+        return json.dumps({"document_id": doc, "page": 1, "pages": 1, "status": status, "record": rec,
+                           "page_sha256": hashlib.sha256(png).hexdigest(),
+                           "image_png_base64": base64.b64encode(png).decode()})
+
+    reviewed, held_out, test_page = page_png(1), page_png(2), page_png(3)
+    protected_dir = tmp_path / "test_images"
+    protected_dir.mkdir()
+    (protected_dir / "lab.png").write_bytes(document_png(generate_document(3, prefix="rev")))
+    export = tmp_path / "export.jsonl"
+    export.write_text("\n".join([
+        row("a" * 32, reviewed), row("b" * 32, reviewed, "accepted"), row("c" * 32, held_out),
+        row("d" * 32, test_page), '{"document_id": "e", "page": 1, "image_png_base64": "%%%"}',
+        row("f" * 32, page_png(4), rec={**record, "allergies": ["penicillin"]})]) + "\n")
+
+    report = data.SourceReport("reviewed")
+    samples, statuses = data.reviewed_samples(export, random.Random(0), report)
+    assert report.rows_read == 6 and len(samples) == 4 and sum(report.discarded.values()) == 2
+    assert statuses["a" * 32] == "corrected" and statuses["b" * 32] == "accepted"
+    assert samples[0].answer == record_answer(record) and samples[0].source == "reviewed"
+    splits = {"train": [], "val": [data.Sample("v", "synthetic", held_out, "p", "a", "t")], "test": []}
+    counts: Counter = Counter()
+    admitted = data.admit_reviewed(samples, splits, data.protected_pixels(protected_dir), counts)
+    assert [s.group for s in admitted] == ["a" * 32]
+    assert counts == {"reviewed: duplicate page": 1, "reviewed: a validation, test or evaluation page": 2}

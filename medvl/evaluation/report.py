@@ -109,7 +109,7 @@ def build_final_report(b: dict[str, Any], missing: list[str]) -> dict[str, Any]:
         "stages": stage_table(b),
         "training": {k: train.get(k) for k in ("train_time_s", "initial_loss", "final_loss", "global_step", "epochs",
                                                "trainable_params", "total_params", "trainable_pct", "training_samples",
-                                               "steady_state", "whole_run", "warmup", "evaluation",
+                                               "reviewed_training", "steady_state", "whole_run", "warmup", "evaluation",
                                                "checkpoint_saving", "length_check", "peak_memory_mb", "lora")}
                      if train else None,
         "loss_curve": train.get("loss_curve", []),
@@ -207,6 +207,14 @@ def ocr_grounded_markdown(experiment: dict[str, Any]) -> list[str]:
                       f"{_cell(experiment['tokens_per_training_sample_p50']['grounded'])} grounded; a grounded answer "
                       f"also waits for OCR ({_cell(experiment['ocr_latency_p50_s'])} s per page, p50)."]
     return [*parts, ""]
+
+
+def reviewed_rows(reviewed: dict[str, Any] | None) -> list[str]:
+    """The training table's row on pages from the review store (data.reviewed_records), if any."""
+    if not reviewed:
+        return []
+    return [f"| reviewed pages trained on | {reviewed['pages']} of {reviewed['documents']} documents, "
+            f"{reviewed['corrected_documents']} corrected by a reviewer (`{reviewed['export']}`) |"]
 
 
 def training_speed_rows(train: dict[str, Any]) -> list[str]:
@@ -403,6 +411,7 @@ def benchmark_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
                   f"| trainable parameters | {train['trainable_params']:,} of {train['total_params']:,} "
                   f"({_cell(train['trainable_pct'])}%) |",
                   f"| training samples | {train['training_samples']} |",
+                  *reviewed_rows(train.get("reviewed_training")),
                   f"| steps / epochs | {train['global_step']} / {_cell(train['epochs'])} |",
                   f"| loss initial -> final | {_cell(train['initial_loss'])} -> {_cell(train['final_loss'])} |",
                   *training_speed_rows(train),

@@ -21,6 +21,7 @@ hash; protected documents (phase-3 test set, phase-7 evaluation suite) never ent
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -233,6 +234,84 @@ def synthetic_samples(count: int, rng: random.Random) -> Iterator[tuple[MedicalD
                         desc="rendering synthetic pages")
     for doc, page in zip(docs, pages, strict=True):
         yield doc, Sample(doc.doc_id, "synthetic", page, rng.choice(TRAINING_PROMPTS), doc.target_answer(), doc.text)
+
+
+# --------------------------------------------------------------------------- reviewed pages
+
+
+def pixel_hash(data: bytes) -> str:
+    """A page's identity by its pixels, not its file's bytes: the review store keeps the page as
+    the server decoded it and re-encoded it, so the same page arrives as other PNG bytes."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = img.convert("RGB")
+        return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+
+
+def reviewed_samples(path: Path, rng: random.Random, report: SourceReport) -> tuple[list[Sample], dict[str, str]]:
+    """Training samples from an export of the review store (``GET /review/export``: one JSON line
+    per page of an accepted or corrected document, medvl/review/store.py): the page, one of the
+    training prompts, and the record as the reviewer left it, written as every synthetic answer
+    is (:func:`medvl.medical.records.record_answer`). A row that is not JSON, lacks a field, has
+    no readable image or a record the schema refuses is counted and dropped. Returns the samples
+    and each document's review status (accepted or corrected), by document id."""
+    from medvl.medical.records import record_answer
+
+    samples, statuses = [], {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    report.status, report.repo = "ok", str(path)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        report.rows_read += 1
+        try:
+            row = json.loads(line)
+            image = verified_image(base64.b64decode(row["image_png_base64"], validate=True))
+            answer = record_answer(row["record"])
+            doc_id, page = str(row["document_id"]), int(row["page"])
+        except Rejected as why:
+            report.discarded[str(why)] += 1
+            continue
+        except (ValueError, KeyError, TypeError) as exc:
+            report.discarded[f"malformed row ({type(exc).__name__})"] += 1
+            log.debug("reviewed row %d dropped: %s", number, type(exc).__name__)
+            continue
+        sample_id = f"rev-{doc_id[:12]}-p{page}"
+        statuses[doc_id] = str(row.get("status", ""))
+        samples.append(Sample(sample_id, "reviewed", image, rng.choice(TRAINING_PROMPTS), answer,
+                              text=f"reviewed page {row.get('page_sha256') or pixel_hash(image)}", group=doc_id))
+    report.kept = len(samples)
+    return samples, statuses
+
+
+def admit_reviewed(reviewed: list[Sample], splits: dict[str, list[Sample]], protected_pixels: set[str],
+                   counts: Counter) -> list[Sample]:
+    """The reviewed samples that may train: never a page of the validation or test split, of the
+    phase-3 test set or the evaluation suite (``protected_pixels``), nor one already among the
+    other samples or seen earlier in the export (both compared by :func:`pixel_hash`)."""
+    held_out = {pixel_hash(s.image_bytes) for name in ("val", "test") for s in splits[name]} | protected_pixels
+    seen = {pixel_hash(s.image_bytes) for s in splits["train"]}
+    kept = []
+    for sample in reviewed:
+        key = pixel_hash(sample.image_bytes)
+        if key in held_out:
+            counts["reviewed: a validation, test or evaluation page"] += 1
+        elif key in seen:
+            counts["reviewed: duplicate page"] += 1
+        else:
+            seen.add(key)
+            kept.append(sample)
+    return kept
+
+
+def protected_pixels(test_images: Path) -> set[str]:
+    """The pixels of every page that must never train: phase 3's test pages as it wrote them and
+    the evaluation suite's pages as phase 7 renders them."""
+    from medvl.medical.documents import document_png
+    from medvl.medical.suite import evaluation_documents
+
+    pages = [path.read_bytes() for path in sorted(test_images.glob("*.png"))]
+    pages += [document_png(doc) for doc in evaluation_documents()]
+    return {pixel_hash(page) for page in pages}
 
 
 # --------------------------------------------------------------------------- hub fetching
