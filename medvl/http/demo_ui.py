@@ -3,14 +3,17 @@
     python -m medvl.http.demo_ui --api-url http://127.0.0.1:8000 [--base-api-url URL] [--port 7860]
 
 Tabs: Extraction (an image or a PDF -> its pages, the structured record with each item's page, or
-the record as a FHIR R4B Bundle, + latency), Custom analysis (upload + prompt),
-Benchmarks (tables and charts from /benchmark), and Base vs fine-tuned when a second API
-serving the base model is given with --base-api-url (env MEDVL_BASE_API_URL).
+the record as a FHIR R4B Bundle, + latency), Review (documents filed for review: the page with
+each field's box, the items as an editable table, to review first; accept, correct or remove
+each, save: the API's /review routes), Custom analysis (upload + prompt), Benchmarks (tables and
+charts from /benchmark), and Base vs fine-tuned when a second API serving the base model is
+given with --base-api-url (env MEDVL_BASE_API_URL).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import mimetypes
 import os
 from collections import Counter
@@ -65,6 +68,30 @@ class ApiClient:
 
     def analyze(self, document_path: str, prompt: str) -> dict[str, Any]:
         return self._post("/analyze", document_path, {"prompt": prompt})
+
+    def _json(self, method: str, route: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            response = httpx.request(method, f"{self.url}{route}", json=body, headers=self.headers, timeout=60)
+            return response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            return {"error": f"API unreachable at {self.url}: {exc}"}
+
+    def review_list(self, status: str = "pending") -> dict[str, Any]:
+        return self._json("GET", f"/review?status={status}&limit=200")
+
+    def review_document(self, doc_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/review/{doc_id}")
+
+    def review_page(self, doc_id: str, page: int) -> Image.Image | None:
+        try:
+            response = httpx.get(f"{self.url}/review/{doc_id}/pages/{page}", headers=self.headers, timeout=60)
+            response.raise_for_status()
+            return Image.open(io.BytesIO(response.content))
+        except (httpx.HTTPError, OSError):
+            return None
+
+    def review_save(self, doc_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._json("PUT", f"/review/{doc_id}", body)
 
     def benchmarks(self) -> dict[str, Any]:
         try:
@@ -153,6 +180,63 @@ def extraction_view(body: dict[str, Any], pages: list[Image.Image] | None = None
     return body, [], "", pages
 
 
+REVIEW_HEADERS = ["review", "page", "item", "field", "read", "correct to", "remove"]
+SAVE_AS = {"save, keep open": "pending", "done": "done", "reject the document": "rejected"}
+
+
+def review_rows(result: dict[str, Any]) -> list[list[Any]]:
+    """The filed record as the Review tab's editable table: one row per field of an item with
+    fields (a medication's name, dose, ...), one per other item; the items to review first (as
+    /extract lists them), then by page. "correct to" starts empty, "remove" unticked."""
+    record, review = result.get("structured") or {}, result.get("needs_review") or []
+    order = {pointer: i for i, pointer in enumerate(review)}
+    items = sorted(result.get("items") or [], key=lambda item: (order.get(item["pointer"], len(order)), item["page"]))
+    rows = []
+    for item in items:
+        value = resolve_pointer(record, item["pointer"])
+        flag = "review" if item["pointer"] in review else ""
+        fields = value.items() if isinstance(value, dict) else [("", value)]
+        rows += [[flag, item["page"], item["pointer"], name, str(text), "", False] for name, text in fields]
+    return rows
+
+
+def _ticked(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes", "x")
+
+
+def decisions_from_rows(rows: list[list[Any]]) -> list[dict[str, Any]]:
+    """The reviewer's table as the API's decisions (medvl/review/decisions.py): a ticked "remove"
+    rejects its item; a field or item given a new value is corrected; an item left as read is
+    accepted. Worked example::
+
+        /medications/0  dose  "50 mg"  correct to "500 mg"  -> correct /medications/0/dose "500 mg"
+        /medications/0  name  "Metformin"  (unchanged)      -> (the item's other fields stand)
+        /diagnoses/1    ""    "HTN"        remove ticked    -> reject /diagnoses/1
+        /diagnoses/0    ""    "CKD 3b"     (unchanged)      -> accept /diagnoses/0
+    """
+    by_item: dict[str, list[list[Any]]] = {}
+    for row in rows:
+        by_item.setdefault(str(row[2]), []).append(row)
+    decisions = []
+    for pointer, item_rows in by_item.items():
+        if any(_ticked(row[6]) for row in item_rows):
+            decisions.append({"pointer": pointer, "action": "reject"})
+            continue
+        changed = [row for row in item_rows if str(row[5]).strip() and str(row[5]).strip() != str(row[4])]
+        for row in changed:
+            target = f"{pointer}/{row[3]}" if row[3] else pointer
+            decisions.append({"pointer": target, "action": "correct", "value": str(row[5]).strip()})
+        if not changed:
+            decisions.append({"pointer": pointer, "action": "accept"})
+    return decisions
+
+
+def review_choices(listing: dict[str, Any]) -> list[tuple[str, str]]:
+    """The pending documents as (label, id): when filed, pages, items to review."""
+    return [(f"{d['created_at'][:19].replace('T', ' ')} | {d['pages']} page(s) | {d['items_to_review']} to review"
+             f" | {d['id'][:8]}", d["id"]) for d in listing.get("documents") or []]
+
+
 def stage_rows(bench: dict[str, Any]) -> list[list[Any]]:
     """One table row per benchmarked stage: memory, load time, latency, tokens/s."""
     rows = []
@@ -209,6 +293,8 @@ def build(api: ApiClient, base_api: ApiClient | None) -> gr.Blocks:
             document.change(document_pages, inputs=document, outputs=pages)
             extract.click(lambda path, out: extraction_view(api.extract(path, out), document_pages(path)),
                           inputs=[document, output], outputs=[result, items, latency, pages])
+        with gr.Tab("Review"):
+            review_tab(api, demo)
         with gr.Tab("Custom analysis"):
             with gr.Row():
                 image2 = gr.File(label="document: an image or a PDF", file_types=["image", ".pdf"], type="filepath")
@@ -241,6 +327,67 @@ def build(api: ApiClient, base_api: ApiClient | None) -> gr.Blocks:
                     lambda path: (base_api.extract(path), api.extract(path)), inputs=image3,
                     outputs=[base_out, tuned_out])
     return demo
+
+
+def review_tab(api: ApiClient, demo: gr.Blocks) -> None:
+    """The Review tab: pick a pending document, see its pages with each field's box, correct the
+    items in the table, save (the API refuses a save over another reviewer's with 409: reload)."""
+    opened = gr.State({})
+    with gr.Row():
+        with gr.Column(scale=2):
+            documents = gr.Dropdown(label="documents filed for review (pending)", choices=[], elem_id="review-docs")
+            with gr.Row():
+                refresh = gr.Button("Refresh list")
+                open_button = gr.Button("Open", variant="primary")
+            reviewer = gr.Textbox(label="reviewer (your name, kept with each decision)", elem_id="reviewer")
+            save_as = gr.Radio(list(SAVE_AS), value="done", label="save as", elem_id="save-as")
+            save = gr.Button("Save review", variant="primary")
+            status = gr.Markdown(elem_id="review-status")
+            gr.Markdown("Type the right value in **correct to**; tick **remove** for an item the page does not "
+                        "show; items left as read are accepted. " + BOX_LEGEND)
+        with gr.Column(scale=3):
+            pages = gr.Gallery(label="the filed pages, each field's box coloured by its item's confidence", columns=1,
+                               height=640, object_fit="contain", format="png", elem_id="review-pages")
+    table = gr.Dataframe(headers=REVIEW_HEADERS, datatype=["str", "number", "str", "str", "str", "str", "bool"],
+                         interactive=True, wrap=True, label="items: to review first", elem_id="review-items")
+
+    def listed():
+        listing = api.review_list()
+        if "error" in listing:
+            return gr.update(choices=[]), f"**{listing['error']}**"
+        choices = review_choices(listing)
+        return gr.update(choices=choices, value=choices[0][1] if choices else None), f"{listing['total']} pending"
+
+    def load(doc_id: str | None):
+        if not doc_id:
+            return {}, [], [], "pick a document first"
+        document = api.review_document(doc_id)
+        if "error" in document:
+            return {}, [], [], f"**{document['error']}**"
+        shown = [api.review_page(doc_id, n) for n in range(1, document["pages"] + 1)]
+        result = document["result"]
+        return ({"id": doc_id, "version": document["version"]}, boxed_pages([p for p in shown if p], result),
+                review_rows(result), f"version {document['version']}, {len(result.get('needs_review') or [])} "
+                                     "item(s) to review")
+
+    def saved(state: dict[str, Any], rows: Any, who: str, how: str):
+        if not state:
+            return state, "open a document first"
+        values = rows.values.tolist() if hasattr(rows, "values") else rows
+        body = {"version": state["version"], "status": SAVE_AS[how], "decisions": decisions_from_rows(values)}
+        if who.strip():
+            body["reviewer"] = who.strip()
+        answer = api.review_save(state["id"], body)
+        if "error" in answer:
+            error = answer["error"]
+            return state, f"**not saved**: {error.get('message', error) if isinstance(error, dict) else error}"
+        return {**state, "version": answer["version"]}, (f"saved: **{answer['status']}**, version "
+                                                         f"{answer['version']}, {len(answer['decisions'])} decision(s)")
+
+    refresh.click(listed, outputs=[documents, status])
+    demo.load(listed, outputs=[documents, status])
+    open_button.click(load, inputs=documents, outputs=[opened, pages, table, status])
+    save.click(saved, inputs=[opened, table, reviewer, save_as], outputs=[opened, status])
 
 
 def _answer(body: dict[str, Any]) -> tuple[str, str]:
