@@ -1,7 +1,7 @@
 # make test      - set up .venv on first use, lint, run the test suite (what CI runs); as root it
 #                  installs chromium + chromium-driver for the demo's browser test when missing,
 #                  and prometheus, haproxy (apt) and kubernetes-validate, checkov (.venv-deploy)
-#                  for the deployment tests
+#                  for the deployment tests, and postgresql (apt) for the review store's tests
 # make pipeline  - run the whole pipeline on the tiny profile
 # make lint      - ruff on the code, the import contracts of the package's layers, hadolint
 #                  on the Dockerfile
@@ -12,6 +12,7 @@
 test: lint
 	@scripts/ensure_browser.sh
 	@scripts/ensure_deploy_tools.sh
+	@scripts/ensure_database.sh
 	@py=$$(scripts/ensure_venv.sh) && if [ -n "$${MEDVL_PYTHON:-}" ]; then \
 	  export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}"; fi && $$py -m pytest -q
 

@@ -14,7 +14,9 @@ The screenshots in docs/screenshots are taken by these tests:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -57,30 +59,37 @@ def browser():
     driver.quit()
 
 
+@contextlib.contextmanager
+def demo_ui(api: str, workdir: Path):
+    """The demo in its own process, talking to the API at ``api`` over HTTP; yields its URL."""
+    url = f"http://127.0.0.1:{free_port()}"
+    log = open(workdir / "logs" / "demo_ui_stdout.log", "ab")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([sys.executable, "-m", "medvl.http.demo_ui", "--api-url", api,
+                             "--port", url.rsplit(":", 1)[1]], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            assert proc.poll() is None, "the demo exited at start (logs/demo_ui_stdout.log)"
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the demo did not answer in time"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
 @pytest.fixture(scope="module")
 def demo(phases_1_4, lab_page_model):
     """The API server on the taught model, and the demo (its own process) talking to it over HTTP."""
-    with running_server(phases_1_4, extra_args=["--model", str(lab_page_model)]) as api:
-        url = f"http://127.0.0.1:{free_port()}"
-        log = open(phases_1_4 / "logs" / "demo_ui_stdout.log", "ab")  # noqa: SIM115 (closed below)
-        proc = subprocess.Popen([sys.executable, "-m", "medvl.http.demo_ui", "--api-url", api,
-                                 "--port", url.rsplit(":", 1)[1]], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + WAIT_S
-            while True:
-                assert proc.poll() is None, "the demo exited at start (logs/demo_ui_stdout.log)"
-                try:
-                    if httpx.get(url, timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "the demo did not answer in time"
-                time.sleep(0.5)
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
-            log.close()
+    with running_server(phases_1_4, extra_args=["--model", str(lab_page_model)]) as api, \
+            demo_ui(api, phases_1_4) as url:
+        yield url
 
 
 def wait_for(driver, condition, what: str):
@@ -225,3 +234,55 @@ def test_benchmarks_tab_tables_the_stages_phases_3_and_4_measured(browser, demo)
     assert float(stages["Baseline"][1]) > 0 and float(stages["Baseline"][3]) > 0
     assert stages["Fine-tuned"][1] == "not run"
     screenshot(browser, "benchmarks")
+
+
+REVIEW_KEY = "x9b0mO0Jp0H1o5l8yM2fS0tqH2xY6bXHk3r1Yl5m4bA="
+
+
+def test_a_reviewer_corrects_a_dose_and_the_store_and_the_export_keep_it(browser, phases_1_4, tmp_path):
+    """A prescription filed for review (the OCR + rules server, with a review store): in the
+    Review tab the reviewer opens it, types the right dose of the first medication, names
+    themself and saves. The database holds the correction under the reviewer's name, the
+    export's training row has the corrected dose, and the audit log holds no value."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    page = next((phases_1_4 / "datasets" / "test_images").glob("*prescription*.png"))
+    env = {"MEDVL_REVIEW_KEY": REVIEW_KEY, "MEDVL_DATABASE_URL": f"sqlite:///{tmp_path / 'review.db'}"}
+    corrected = "999 mg"
+    with running_server(phases_1_4, extra_args=["--model", "ocr", "--set", "api.review_store=true"], env=env) as api:
+        filed = httpx.post(f"{api}/extract?review=true", files={"file": ("rx.png", page.read_bytes(), "image/png")},
+                           timeout=120).json()
+        doc_id, read_dose = filed["review_id"], filed["structured"]["medications"][0]["dose"]
+        with demo_ui(api, phases_1_4) as url:
+            open_tab(browser, url, "Review")
+            wait_for(browser, lambda d: doc_id[:8] in d.find_element(By.CSS_SELECTOR, "#review-docs input")
+                     .get_attribute("value"), "the filed document in the list")
+            click_button(browser, "Open")
+            rows = wait_for(browser, lambda d: table_rows(d, "#review-items"), "the items to review")
+            row = next(i for i, r in enumerate(rows) if r[2] == "/medications/0" and r[3] == "dose")
+            assert rows[row][4] == read_dose and rows[row][0] == "review"
+            shown = wait_for(browser, lambda d: shown_images(d, "#review-pages"), "the filed page")
+            assert shown[0].size == Image.open(page).size
+            cell = browser.find_element(By.CSS_SELECTOR, f"#review-items [data-testid='cell-{row}-5']")
+            ActionChains(browser).double_click(cell).perform()
+            editor = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#review-items textarea"),
+                              "the cell editor")[0]
+            editor.send_keys(corrected, Keys.ENTER)
+            browser.find_element(By.CSS_SELECTOR, "#reviewer textarea, #reviewer input").send_keys("dr.alice")
+            click_button(browser, "Save review")
+            status = wait_for(browser, lambda d: (lambda t: t if "saved" in t else None)(
+                d.find_element(By.CSS_SELECTOR, "#review-status").text), "the save")
+            assert "corrected" in status and "version 2" in status
+            screenshot(browser, "review")
+
+        kept = httpx.get(f"{api}/review/{doc_id}", timeout=30).json()
+        assert kept["status"] == "corrected" and kept["reviewed_by"] == "dr.alice"
+        assert {"pointer": "/medications/0/dose", "action": "correct", "value": corrected} in [
+            {k: d[k] for k in ("pointer", "action", "value")} for d in kept["decisions"]]
+        rows = [json.loads(line) for line in httpx.get(f"{api}/review/export", timeout=60).text.splitlines()]
+        mine = next(r for r in rows if r["document_id"] == doc_id)
+        assert mine["record"]["medications"][0]["dose"] == corrected
+    audit = (phases_1_4 / "logs" / "audit.jsonl").read_text()
+    assert '"/medications/0/dose"' in audit and corrected not in audit

@@ -216,3 +216,25 @@ def test_corrections_apply_as_the_worked_example_says():
     assert by_page[0]["diagnoses"] == ["Hypertension"] and by_page[1]["diagnoses"] == ["CKD 3b"]
     unchanged, _ = corrected(RESULT["structured"], RESULT["items"], [])
     assert unchanged == RESULT["structured"]
+
+
+def test_the_review_tables_rows_become_the_decisions_its_docstring_says():
+    """The demo's table (medvl/http/demo_ui.py) as decisions: the worked example of
+    decisions_from_rows, then a round trip from the filed result's rows through the store's check."""
+    from medvl.http.demo_ui import decisions_from_rows, review_rows
+
+    rows = [["review", 1, "/medications/0", "dose", "50 mg", "500 mg", False],
+            ["review", 1, "/medications/0", "name", "Metformin", "", False],
+            ["", 1, "/diagnoses/1", "", "HTN", "", True],
+            ["", 1, "/diagnoses/0", "", "CKD 3b", "", False]]
+    assert decisions_from_rows(rows) == [{"pointer": "/medications/0/dose", "action": "correct", "value": "500 mg"},
+                                         {"pointer": "/diagnoses/1", "action": "reject"},
+                                         {"pointer": "/diagnoses/0", "action": "accept"}]
+    table = review_rows(RESULT)
+    assert table[0][:3] == ["review", 1, "/medications/0"]  # the item to review first, one row per field
+    assert len(table) == 4 + 4 + 1 + 5 + 1  # two medications, a diagnosis, a lab value, a vital
+    table[1][5] = "500 mg"  # the dose
+    decided = [Decision(**d) for d in decisions_from_rows(table)]
+    check(decided, RESULT["structured"], 2)
+    record, _ = corrected(RESULT["structured"], RESULT["items"], decided)
+    assert record["medications"][0]["dose"] == "500 mg" and record["medications"][1] == RESULT["structured"]["medications"][1]
