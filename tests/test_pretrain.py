@@ -4,6 +4,7 @@ back, and it never sees the record."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 from medvl.core.settings import load_settings
@@ -37,7 +38,7 @@ def test_pretraining_lowers_the_held_out_loss_and_never_shows_the_record(tiny_mo
         assert prompt.startswith(OCR_HEADER) and answer
         asked.add(_task(instruction))
         _check_answer(instruction, read, answer)
-    assert asked == {"readback", "lookup", "readback_json", "lookup_json", "labels_json"}  # every task
+    assert asked == {"readback", "lookup", "readback_json", "lookup_json", "labels_json", "section_json"}
     # its pages are nobody else's: phase 5's and AWQ's seeds lie far below
     assert PRETRAIN_SEED > CALIBRATION_SEED + 100_000 > SYNTHETIC_SEED + 100_000
 
@@ -60,8 +61,10 @@ def _task(instruction: str) -> str:
     if instruction in (pretrain.READBACK_PROMPT, pretrain.READBACK_JSON_PROMPT, pretrain.LABELS_JSON_PROMPT):
         return {pretrain.READBACK_PROMPT: "readback", pretrain.READBACK_JSON_PROMPT: "readback_json",
                 pretrain.LABELS_JSON_PROMPT: "labels_json"}[instruction]
-    word = instruction.split('"')[1]
-    return "lookup" if instruction == pretrain.LOOKUP_PROMPT.format(word=word) else "lookup_json"
+    quoted = instruction.split('"')[1]
+    if instruction == pretrain.SECTION_JSON_PROMPT.format(heading=quoted):
+        return "section_json"
+    return "lookup" if instruction == pretrain.LOOKUP_PROMPT.format(word=quoted) else "lookup_json"
 
 
 def _keys(value) -> set[str]:
@@ -88,6 +91,12 @@ def _check_answer(instruction: str, read: str, answer: str) -> None:
         elif task == "lookup_json":
             lines = parsed["lines"]
             assert parsed["word"] == instruction.split('"')[1]
+        elif task == "section_json":  # the heading's lines, in order, their list markers dropped
+            heading = instruction.split('"')[1].replace(" ", "")
+            assert parsed and all(isinstance(line, str) and line for line in parsed)
+            after = spaceless[spaceless.index(heading + "\n") + len(heading):]
+            assert "".join(parsed).replace(" ", "") in re.sub(r"\n(?:\d+[.)]|-)", "", after).replace("\n", "")
+            return
         else:
             assert parsed and all(f"{label}:{text}".replace(" ", "") in spaceless for label, text in parsed.items())
             return
@@ -109,3 +118,11 @@ def _processor(model_dir, settings):
     from medvl.model.loading import load_processor
 
     return load_processor(model_dir, settings, padding_side="right")
+
+
+def test_sections_are_a_headings_lines_without_their_markers():
+    lines = ["Title", "Assessment:", "1. Community-acquired pneumonia", "2.COPD", "Plan / Medications:",
+             "- Amoxicillin 875 mg PO TID", "Empty:", "Vitals:", "BP 120/80 mmHg"]
+    assert pretrain.sections(lines) == {"Assessment:": ["Community-acquired pneumonia", "COPD"],
+                                        "Plan / Medications:": ["Amoxicillin 875 mg PO TID"],
+                                        "Vitals:": ["BP 120/80 mmHg"]}
