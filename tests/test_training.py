@@ -437,3 +437,64 @@ def test_checkpoints_resume_only_on_the_same_settings_and_data(tmp_path):
     assert resume_fingerprint("settings1", data) != first
     prepare_checkpoint_dir(checkpoints, resume_fingerprint("settings1", data))
     assert not (checkpoints / "checkpoint-10").exists()  # other rows: discarded
+
+
+def test_a_packed_batch_gives_each_sample_its_own_logits_loss_and_gradients(tiny_model_dir, tiny_settings, processor,
+                                                                              tmp_path):
+    """train.pack_samples: three samples of different pages, prompts and answers end to end in one
+    row give each sample the logits it gets alone (so no sample sees another), and the summed
+    answer loss and LoRA gradients of the three alone (float32 on the CPU: logits within 1e-4,
+    loss and each gradient within 1e-4 of its size)."""
+    from medvl.training.trainer import mrope_positions
+
+    for name, size in (("a.png", (112, 56)), ("b.png", (56, 112)), ("c.png", (168, 112))):
+        Image.new("RGB", size, "white").save(tmp_path / name)
+    rows = [conversation_row("a", "a.png", "Aspirin 81 mg daily"),
+            conversation_row("b", "b.png", "None", prompt="List every medication on this page."),
+            conversation_row("c", "c.png", '{"diagnoses": ["CKD 3b", "HTN"]}', prompt="Extract.")]
+    torch.manual_seed(0)
+    model = load_for_training(tiny_model_dir, tiny_settings).eval()  # no LoRA dropout: comparable runs
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    alone = VisionChatCollator(processor, 512, tmp_path)
+    packed = VisionChatCollator(processor, 512, tmp_path, pack=True)(rows)
+    singles = [alone([row]) for row in rows]
+    assert packed["input_ids"].shape == (1, sum(s["input_ids"].shape[1] for s in singles))  # no padding
+    assert "attention_mask" not in packed and packed["position_ids"].shape[:2] == (4, 1)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        batch.pop("attention_mask", None)
+        logits = model(**batch, use_cache=False).logits
+        targets = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        loss.backward()
+        return logits.detach()[0], loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                   if p.requires_grad}
+
+    packed_logits, packed_loss, packed_grads = loss_and_grads(packed)
+    start, total, grads = 0, 0.0, {}
+    for single in singles:
+        logits, loss, single_grads = loss_and_grads(single)
+        length = logits.shape[0]
+        assert torch.allclose(packed_logits[start:start + length], logits, rtol=1e-4, atol=1e-4), (
+            (packed_logits[start:start + length] - logits).abs().max())
+        # its positions are its own: the packed row's M-RoPE rows restart with each sample
+        assert torch.equal(packed["position_ids"][1:, 0, start:start + length], mrope_positions(
+            single["input_ids"][0], single["mm_token_type_ids"][0], single["image_grid_thw"],
+            processor.image_processor.merge_size))
+        total += float(loss)
+        grads = {n: grads.get(n, 0) + g for n, g in single_grads.items()}
+        start += length
+    assert abs(float(packed_loss) - total) <= 1e-4 * total
+    for name, grad in grads.items():  # float32 sums in another order: relative to the gradient's norm
+        assert float((packed_grads[name] - grad).norm() / grad.norm()) < 1e-4, name
+    # and the answer-only loss the trainer uses reads a packed batch as it reads a padded one
+    batch = dict(packed)
+    labels = batch.pop("labels")
+    assert torch.allclose(answer_only_loss(model, batch, labels)[0] * (labels[:, 1:] != IGNORE_INDEX).sum(),
+                          packed_loss, rtol=1e-4)

@@ -181,6 +181,10 @@ class TrainSettings:
     # Training batches are right-padded to a multiple of this many tokens (1 = to the longest
     # row): fewer distinct sequence lengths mean fewer first-time kernel set-ups on a GPU.
     pad_to_multiple_of: int = 1
+    # Pack each micro-batch's samples end to end into one row, with their own positions and
+    # attention (medvl/training/trainer.py, VisionChatCollator.packed), instead of padding them
+    # to the longest: no padding tokens. Its speed on a GPU is not measured yet (issue 46).
+    pack_samples: bool = False
     # Gate 6: the trainable share of parameters this profile should land in (percent).
     expected_trainable_pct_min: float = 1.0
     expected_trainable_pct_max: float = 5.0
@@ -491,6 +495,8 @@ def _check_values(s: Settings) -> list[str]:
         p.append("quant.awq_zero_point: only asymmetric AWQ (zero point) is supported: the int4 kernel has a zero per group")
     if s.quant.awq_calibration_samples < 1:
         p.append("quant.awq_calibration_samples: must be >= 1")
+    if t.pack_samples and t.pad_to_multiple_of != 1:
+        p.append("train.pack_samples: a packed row has no padding; set train.pad_to_multiple_of=1 with it")
     if s.api.file_for_review and not s.api.review_store:
         p.append("api.file_for_review: needs api.review_store (the database the results are filed in)")
     if not 0 < d.val_fraction < 0.5 or not 0 < d.test_fraction < 0.5:

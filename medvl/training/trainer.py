@@ -91,16 +91,19 @@ class VisionChatCollator:
     # Batch widths are rounded up to a multiple of this (train.pad_to_multiple_of), so that
     # fewer distinct shapes reach the GPU kernels.
     pad_to_multiple_of: int = 1
+    # train.pack_samples: the batch's samples end to end in one row (:meth:`pack`), no padding.
+    pack: bool = False
 
     def __post_init__(self) -> None:
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
         self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        self.image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
         self.header = answer_header(tok)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         encoded = [self.encode(row) for row in rows]
-        return self.pad(encoded)
+        return self.packed(encoded) if self.pack else self.pad(encoded)
 
     def encode(self, row: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One conversation -> input_ids, attention_mask, labels, pixel_values, image_grid_thw."""
@@ -135,6 +138,61 @@ class VisionChatCollator:
         batch["pixel_values"] = torch.cat([e["pixel_values"] for e in encoded])
         batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encoded])
         return batch
+
+    def packed(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The samples end to end in one row of exactly their tokens, each attending only to itself.
+
+        Qwen2.5-VL's positions are M-RoPE: three rows (time, height, width) that run through an
+        image's grid and resume after it. Computed on the packed row, a later sample's positions
+        would continue from the earlier one's; so each sample gets its own
+        (:func:`mrope_positions`, transformers' ``get_rope_index`` on that sample alone) and a
+        fourth row in front, 0, 1, 2, ... restarting at each sample. Given ``position_ids`` of
+        shape ``[4, 1, length]`` and no attention mask, transformers takes that first row as the
+        text positions and, where it restarts, starts a new sequence: attention is block-causal,
+        a sample never sees another. Worked example, two samples of 5 and 3 tokens (``[I]`` an
+        image token of a 1x2 grid of merged patches)::
+
+            tokens   <s> u  [I] [I]  a  | <s>  u   a
+            row 0     0  1   2   3   4  |  0   1   2      text positions: restart = new sample
+            rows 1-3  0  1   2   2   4  |  0   1   2      time (height, width: 2 3 / 2 3 for [I])
+            labels   -100 ... answer    | -100 ... answer
+
+        The first token of every sample is ``<|im_start|>`` (label -100), so no sample is trained
+        to predict the next one's start. ``tests/test_training.py`` checks that every sample's
+        logits, loss and LoRA gradients are those it gets alone."""
+        batch = {"input_ids": torch.cat([e["input_ids"] for e in encoded])[None],
+                 "labels": torch.cat([e["labels"] for e in encoded])[None],
+                 "mm_token_type_ids": torch.cat([self._token_types(e) for e in encoded])[None]}
+        text = torch.cat([torch.arange(e["input_ids"].numel()) for e in encoded])
+        mrope = torch.cat([mrope_positions(e["input_ids"], self._token_types(e), e["image_grid_thw"],
+                                           self.processor.image_processor.merge_size) for e in encoded], dim=1)
+        batch["position_ids"] = torch.cat([text[None], mrope])[:, None, :]
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in encoded])
+        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encoded])
+        return batch
+
+    def _token_types(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """0 for text, 1 for image tokens (the processor's ``mm_token_type_ids`` when it gives them)."""
+        if "mm_token_type_ids" in encoded:
+            return encoded["mm_token_type_ids"]
+        return (encoded["input_ids"] == self.image_pad).to(torch.int32)
+
+
+def mrope_positions(input_ids: torch.Tensor, token_types: torch.Tensor, image_grid_thw: torch.Tensor,
+                    merge_size: int) -> torch.Tensor:
+    """One sample's M-RoPE positions, ``[3, length]``, by transformers' own ``get_rope_index``
+    (so they cannot drift from the model's), run without the model: it reads only the vision
+    config's merge size (and tokens per second, for videos, which training has none of)."""
+    from types import SimpleNamespace
+
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    holder = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(
+        spatial_merge_size=merge_size, tokens_per_second=1)))
+    holder.get_vision_position_ids = lambda *a, **k: Qwen2_5_VLModel.get_vision_position_ids(holder, *a, **k)
+    positions, _ = Qwen2_5_VLModel.get_rope_index(holder, input_ids[None], mm_token_type_ids=token_types[None],
+                                                  image_grid_thw=image_grid_thw)
+    return positions[:, 0]
 
 
 def answer_header(tokenizer: Any) -> list[int]:
@@ -611,7 +669,8 @@ def run_training(settings: Settings, base_dir: Path, data_dir: Path, adapter_dir
     processor = load_processor(base_dir, settings, padding_side="right")
     train_set = ConversationDataset(data_dir / "train.json")
     val_set = ConversationDataset(data_dir / "val.json")
-    collator = VisionChatCollator(processor, settings.train.max_length, data_dir, settings.train.pad_to_multiple_of)
+    collator = VisionChatCollator(processor, settings.train.max_length, data_dir, settings.train.pad_to_multiple_of,
+                                  pack=settings.train.pack_samples)
 
     model = load_for_training(base_dir, settings)
     counts = check_trainable(model)
