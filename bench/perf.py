@@ -511,15 +511,23 @@ def time_training(model: Any, loss_fn: Callable[..., torch.Tensor], batches: lis
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        if i >= warmup:
-            tokens += int(batch["attention_mask"].sum())
+        if i >= warmup:  # real tokens: a padded batch's mask, a packed row's length (it has no padding)
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     steps = len(batches) - warmup
     del optimizer
-    return {"batch_size": len(batches[0]["input_ids"]), "steps_timed": steps, "seconds_per_step": seconds / steps, "tokens_per_s": tokens / seconds,
+    return {"batch_size": samples_in(batches[0]), "steps_timed": steps, "seconds_per_step": seconds / steps, "tokens_per_s": tokens / seconds,
             "tokens_per_step": tokens / steps, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
             "first_loss": losses[0], "losses": losses}
+
+
+def samples_in(batch: dict[str, torch.Tensor]) -> int:
+    """Samples in a batch: its rows, or in a packed row (train.pack_samples) its restarts of the
+    text positions."""
+    if "position_ids" in batch:
+        return int((batch["position_ids"][0] == 0).sum())
+    return len(batch["input_ids"])
 
 
 def profile_step(model: Any, loss_fn: Callable[..., torch.Tensor], batch: dict[str, torch.Tensor],
@@ -571,17 +579,22 @@ def training_report(model_dir: Path, data_dir: Path, settings: Settings,
 
     processor = load_processor(model_dir, settings, padding_side="right")
     rows = json.loads((data_dir / "train.json").read_text())
-    collator = VisionChatCollator(processor, settings.train.max_length, data_dir, settings.train.pad_to_multiple_of)
+    padded = VisionChatCollator(processor, settings.train.max_length, data_dir, settings.train.pad_to_multiple_of)
+    packed = VisionChatCollator(processor, settings.train.max_length, data_dir, pack=True)
     report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "max_length": settings.train.max_length,
                               "lora_r": settings.train.lora_r, "gradient_checkpointing": settings.train.gradient_checkpointing,
                               "optimizer": "torch AdamW on the LoRA weights (same for both paths)",
                               "autocast": "bf16", "paths": {}}
     no_checkpointing = copy.deepcopy(settings)
     no_checkpointing.train.gradient_checkpointing = False
-    paths = {"plain_peft": (settings, load_plain_peft, _plain_loss), "project": (settings, load_for_training, _project_loss)}
+    # The same samples in the same order on every path; "project_packed" packs each batch's
+    # samples into one row (train.pack_samples), so its losses are comparable step by step.
+    paths = {"plain_peft": (settings, load_plain_peft, _plain_loss, padded),
+             "project": (settings, load_for_training, _project_loss, padded),
+             "project_packed": (settings, load_for_training, _project_loss, packed)}
     if settings.train.gradient_checkpointing:  # the project's path with train.gradient_checkpointing=false too
-        paths["project_no_checkpointing"] = (no_checkpointing, load_for_training, _project_loss)
-    for name, (path_settings, loader, loss_fn) in paths.items():
+        paths["project_no_checkpointing"] = (no_checkpointing, load_for_training, _project_loss, padded)
+    for name, (path_settings, loader, loss_fn, collator) in paths.items():
         model = loader(model_dir, path_settings)
         record: dict[str, Any] = {"trainable": check_trainable(model), "batches": {}}
         record["profile_batch_1"] = profile_step(model, loss_fn, collator(rows[:1]))

@@ -3,8 +3,9 @@
 
 Side by side in one run, on the phase-5 training rows (full-page documents, the profile's
 max length): plain PEFT QLoRA (``prepare_model_for_kbit_training``, full causal-LM loss)
-vs ``medvl.training.trainer`` (frozen weights kept bf16, answer-only logits), each at batch 1, 2,
-4, ... until memory runs out. Records seconds per step, tokens/s and peak memory. Needs a
+vs ``medvl.training.trainer`` (frozen weights kept bf16, answer-only logits), padded and packed
+(``train.pack_samples``: each batch's samples in one row, no padding), each at batch 1, 2, 4, ...
+until memory runs out, on the same samples in the same order (the per-step losses compare). Records seconds per step, tokens/s and peak memory. Needs a
 CUDA GPU; run on 7b-random for real-scale figures:
 
     python bench/perf_training.py --profile 7b-random
