@@ -89,6 +89,8 @@ def test_a_filed_page_is_corrected_and_exported_and_the_audit_holds_no_value(rev
                  and r["document_id"] == doc_id)
     assert saved["pointers"] == ["/lab_values/0/value", "/lab_values/1"] and saved["reviewer"] == "dr.alice"
     assert any(r["action"] == "export" and r["rows"] >= 1 for r in reviews)
+    assert {"action": "read", "document_id": doc_id} in reviews  # who read a patient's page is audited too
+    assert {"action": "read_page", "document_id": doc_id, "page": 1} in reviews
     for name in ("audit.jsonl", "api.log"):
         text = (phases_1_4 / "logs" / name).read_text()
         assert CORRECTED not in text and f'"{original}"' not in text

@@ -176,3 +176,41 @@ def test_intervals_and_verdicts_come_from_the_bootstrap(suite):
     assert verdict([-0.1, 0.2]) == "no significant difference" and verdict([0.01, 0.2]) == "better"
     again = score_answers(cases, {c.case_id: d.target_answer() for c, d in zip(cases, docs, strict=True)})
     assert again == right  # seeded: reproducible
+
+
+def test_medvl_score_compares_two_models_on_the_cases_it_is_asked_about(tmp_path, capsys):
+    """--against gives the paired difference with its interval; --cases-matching keeps the cases
+    whose id matches: answers right on every page against answers empty on the lab reports only
+    are better on the lab reports (an interval above zero) and the same elsewhere (0 exactly)."""
+    import json
+
+    from medvl.cli.score import main
+    from medvl.medical.documents import generate_document
+
+    docs = [generate_document(seed, prefix="syn") for seed in range(40)]
+    cases = [{"case_id": f"syn-{doc.kind}-{i}", "subset": "test", "source": "synthetic", "image": "x.png",
+              "prompt": "Extract.", "reference": doc.structured()} for i, doc in enumerate(docs)]
+    labs = [c for c in cases if "lab_results" in c["case_id"]]
+    assert 3 <= len(labs) < len(cases)
+    (tmp_path / "cases.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases))
+
+    def answers(name: str, empty_labs: bool) -> str:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"case_id": c["case_id"], "answer": "{}" if empty_labs and c in labs
+                                            else json.dumps(c["reference"])}) + "\n" for c in cases))
+        return str(path)
+
+    right, worse = answers("right.jsonl", False), answers("worse.jsonl", True)
+    out = tmp_path / "labs.json"
+    assert main(["--cases", str(tmp_path / "cases.jsonl"), "--answers", right, "--against", worse,
+                 "--cases-matching", "lab_results", "--out", str(out)]) == 0
+    scored = json.loads(out.read_text())
+    assert scored["cases"] == len(labs) and scored["cases_matching"] == "lab_results"
+    diff = scored["against"]["subsets"]["test"]["extraction_f1"]
+    assert diff["difference"] > 0.9 and diff["ci95"][0] > 0 and diff["verdict"] == "better"
+    assert "F1 +" in capsys.readouterr().out
+    assert main(["--cases", str(tmp_path / "cases.jsonl"), "--answers", right, "--against", worse,
+                 "--cases-matching", "^(?!.*lab_results)", "--out", str(out)]) == 0
+    others = json.loads(out.read_text())["against"]["subsets"]["test"]["extraction_f1"]
+    assert others["difference"] == 0 and others["ci95"] == [0.0, 0.0]
+    assert main(["--cases", str(tmp_path / "cases.jsonl"), "--answers", right, "--cases-matching", "nothing"]) == 2

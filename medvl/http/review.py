@@ -4,7 +4,8 @@ training rows (medvl/review). Served when the server keeps a review store (``api
 /extract files a result with ``?review=true`` or ``api.file_for_review``.
 
 Each change writes an audit line naming the document, the pointers decided and the actions, the
-status and version, and who (the reviewer's name or the API key's fingerprint); never a value.
+status and version, and who (the reviewer's name or the API key's fingerprint); each read of a
+document or page names the document (and page); never a value.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def export(http: Request, state: State):
 
 
 @router.get("/{doc_id}", response_model=ReviewDocumentOut, responses=ERROR_RESPONSES)
-def show(state: State, doc_id: str):
+def show(http: Request, state: State, doc_id: str):
     """A filed document: the model's record, confidences and boxes, and the decisions so far."""
+    http.state.audit.review = {"action": "read", "document_id": doc_id}
     try:
         return store_of(state).get(doc_id)
     except NotFound as exc:
@@ -80,8 +82,9 @@ def show(state: State, doc_id: str):
 
 
 @router.get("/{doc_id}/pages/{page}", responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES})
-def page_image(state: State, doc_id: str, page: int):
+def page_image(http: Request, state: State, doc_id: str, page: int):
     """A filed document's page as the server read it (PNG)."""
+    http.state.audit.review = {"action": "read_page", "document_id": doc_id, "page": page}
     try:
         return Response(store_of(state).page(doc_id, page), media_type="image/png",
                         headers={"Cache-Control": "no-store"})
