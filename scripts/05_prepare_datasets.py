@@ -10,7 +10,8 @@ train.max_length with the phase-2 model's processor and fails when more than
 data.max_too_long_fraction would be dropped, shuffles with the split seed into 80/10/10 splits,
 asks every record page of the test split what /extract asks (so phase 7 scores, and phase 8
 compares with the server, the product's own request), with data.ocr_grounded_prompt puts each
-page's OCR text before its instruction (medvl/medical/ocr.py, over every core), and writes the
+page's OCR text before its instruction (medvl/medical/ocr.py, over every core; each page's lines
+kept in datasets/ocr_cache/, so a rerun reads only pages it has not read), and writes the
 splits as Qwen2.5-VL conversations to datasets/formatted/, plus download_summary.json and
 data_summary.json. Synthetic pages are rendered over every core. With data.reviewed_records (an
 export of the API's review store) the reviewed pages join the training split only, never a
@@ -71,7 +72,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
     processor = load_processor(wd.base_model_dir(settings), settings)
     if settings.data.ocr_grounded_prompt:
         try:
-            splits = data.per_split(data.ground_prompts, splits)
+            splits = data.per_split(lambda rows: data.ground_prompts(rows, wd.datasets / "ocr_cache"), splits)
         except OcrUnavailable as exc:
             raise PhaseError(f"data.ocr_grounded_prompt is on but OCR cannot run: {exc}") from None
     lengths: dict = {}

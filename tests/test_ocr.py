@@ -1,5 +1,7 @@
 """The OCR + rules baseline: the rules on OCR-like lines, and the real OCR engine on a page."""
 
+from dataclasses import replace
+
 import pytest
 
 from medvl.evaluation import scoring
@@ -37,7 +39,7 @@ def test_ocr_baseline_reads_a_rendered_page(kind):
     assert out["ocr_s"] > 0
 
 
-def test_grounded_prompts_put_the_pages_ocr_text_before_the_instruction():
+def test_grounded_prompts_put_the_pages_ocr_text_before_the_instruction(tmp_path, monkeypatch):
     """data.ocr_grounded_prompt: phase 5 writes the page's OCR lines into each training prompt,
     the instruction stays recoverable (the data summary counts instructions), and phase 7 grounds
     the suite's prompts with the lines its OCR baseline read (test rows come grounded)."""
@@ -51,6 +53,14 @@ def test_grounded_prompts_put_the_pages_ocr_text_before_the_instruction():
     assert grounded.prompt.startswith(prompts.OCR_HEADER) and grounded.prompt.endswith("\n\nList the drugs.")
     assert all(m["name"].lower() in grounded.prompt.lower().replace(" ", "") for m in doc.medications)
     assert prompts.instruction_of(grounded.prompt) == "List the drugs."
+
+    # a page read before is taken from the cache, not read again, and grounds the same prompt
+    cache = tmp_path / "ocr_cache"
+    first = data.ground_prompts([sample, replace(sample, sample_id="syn-y", prompt="Other.")], cache)
+    assert first[0].prompt == grounded.prompt and len(list(cache.rglob("*.json"))) == 1  # one page
+    monkeypatch.setattr(data, "process_map", lambda *_, **__: pytest.fail("a cached page was read again"))
+    again = data.ground_prompts([sample], cache)
+    assert again[0].prompt == grounded.prompt
 
     suite = scoring.Case("s1", "suite", "suite", "s1.png", "Extract.", doc.structured())
     test_row = scoring.Case("t1", "test", "synthetic", "t1.png", grounded.prompt, doc.structured())

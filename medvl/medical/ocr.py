@@ -294,6 +294,15 @@ def grounded_prompt(image: Image.Image, instruction: str) -> str:
     return ocr_grounded(instruction, read_lines(image))
 
 
+def png_lines(data: bytes) -> list[str]:
+    """:func:`read_lines` of a page's encoded bytes: phase 5's unit of work in a worker process
+    (the server decodes an upload the same way, medvl.engine.pages)."""
+    import io
+
+    with Image.open(io.BytesIO(data)) as image:
+        return read_lines(image.convert("RGB"))
+
+
 def grounded_png_prompt(page_and_instruction: tuple[bytes, str]) -> str:
     """:func:`grounded_prompt` of a page's encoded bytes: phase 5's unit of work in a worker
     process (the server decodes an upload the same way, medvl.engine.pages)."""

@@ -513,17 +513,42 @@ def deduplicate(samples: list[Sample], protected: set[str], counts: Counter) -> 
     return kept
 
 
-def ground_prompts(samples: list[Sample]) -> list[Sample]:
+def ground_prompts(samples: list[Sample], cache: Path | None = None) -> list[Sample]:
     """Each sample with its page's OCR text before the instruction (data.ocr_grounded_prompt),
     read once here so that training, and the test split phase 7 scores, see the text the
     server's OCR gives it (:func:`medvl.medical.ocr.grounded_prompt`). The pages are read over
-    every core, one ONNX Runtime thread per worker (:func:`medvl.medical.ocr.grounded_png_prompt`)."""
+    every core, one ONNX Runtime thread per worker (:func:`medvl.medical.ocr.use_threads`).
+
+    With ``cache`` (a folder), each page's lines are kept there by the page's SHA-256 and the
+    OCR engine's version, and a page read before is not read again: a rerun of phase 5 with
+    other settings (a reviewed-records export, a split) read 1,500 pages again in 404 s on a GPU
+    host's 16 cores (docs/results/h200/README.md, run 3)."""
+    import importlib.metadata
+
+    from medvl.core.io import atomic_write_json
     from medvl.medical import ocr
+    from medvl.medical.prompts import ocr_grounded
 
     ocr.load()  # raises OcrUnavailable here, once, rather than in every worker
-    prompts = process_map(ocr.grounded_png_prompt, [(s.image_bytes, s.prompt) for s in samples],
-                          desc="OCR for grounded prompts", initializer=ocr.use_threads, initargs=(1,))
-    return [replace(sample, prompt=prompt) for sample, prompt in zip(samples, prompts, strict=True)]
+    engine = f"rapidocr-onnxruntime-{importlib.metadata.version('rapidocr-onnxruntime')}"
+    keys = [f"{engine}-{hashlib.sha256(s.image_bytes).hexdigest()}" for s in samples]
+    lines: dict[str, list[str]] = {}
+    if cache is not None:
+        for key in set(keys):
+            path = cache / key[-2:] / f"{key}.json"
+            if path.is_file():
+                lines[key] = json.loads(path.read_text())["lines"]
+    todo = {key: s.image_bytes for key, s in zip(keys, samples, strict=True) if key not in lines}
+    if cache is not None and lines:
+        log.info("OCR for grounded prompts: %d of %d pages read before (%s)", len(set(keys)) - len(todo),
+                 len(set(keys)), cache)
+    read = process_map(ocr.png_lines, list(todo.values()), desc="OCR for grounded prompts",
+                       initializer=ocr.use_threads, initargs=(1,)) if todo else []
+    for key, page_lines in zip(todo, read, strict=True):
+        lines[key] = page_lines
+        if cache is not None:
+            atomic_write_json(cache / key[-2:] / f"{key}.json", {"lines": page_lines})
+    return [replace(s, prompt=ocr_grounded(s.prompt, lines[key])) for s, key in zip(samples, keys, strict=True)]
 
 
 def drop_too_long(samples: list[Sample], processor: Any, max_length: int) -> tuple[list[Sample], dict[str, Any]]:
