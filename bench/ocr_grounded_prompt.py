@@ -22,18 +22,16 @@ on a 2-core CPU (OCR of ~300 pages, training, evaluation).
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from variant_run import variant_run
+
 from medvl.core.io import atomic_write_json, read_json
-from medvl.core.settings import Settings, load_settings
-from medvl.core.workdir import REPO_ROOT, Workdir
+from medvl.core.settings import Settings
+from medvl.core.workdir import Workdir
 from medvl.evaluation import scoring
-from medvl.pipeline.gates import PHASES, check_phase
+from medvl.pipeline.gates import PHASES
 from medvl.pipeline.runner import PhaseError, log, run_tool
 
 GROUNDED = "data.ocr_grounded_prompt=true"
@@ -49,30 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def grounded_run(settings: Settings, wd: Workdir, folder: Path, extra: list[str]) -> Workdir:
     """Phases 5-7 with OCR-grounded prompts (and ``extra`` overrides) in ``folder``, on a copy of
     phases 1-4 of ``wd``."""
-    overrides = [*settings.overrides, GROUNDED, *extra]
-    grounded = load_settings(settings.profile, overrides)
-    target = Workdir.at(str(folder))
-    if not check_phase(7, target, grounded):
-        log.info("%s already holds a finished grounded run: reused", folder)
-        return target
-    quantized = read_json(wd.bench("quantization_info"))["output_dir"]
-    copied = [rel for number in range(1, 5) for rel in PHASES[number].outputs]
-    copied += [str(wd.base_model_dir(settings).relative_to(wd.root)), quantized, "datasets/test_images"]
-    for rel in copied:  # what DIR lacks (a DIR that ran before keeps its own)
-        if not (folder / rel).exists():
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if (wd.root / rel).is_dir() else shutil.copy2)(wd.root / rel, folder / rel)
-    sets = [arg for item in overrides for arg in ("--set", item)]
-    for number in range(1, 8):  # only the phases whose gates fail (run_pipeline.sh --from would redo all after)
-        if not check_phase(number, target, grounded):
-            continue
-        command = [str(REPO_ROOT / "run_pipeline.sh"), "--profile", settings.profile, "--workdir", str(folder),
-                   "--only", str(number), *sets]
-        log.info("running %s", " ".join(command))
-        result = subprocess.run(command, env={**os.environ, "MEDVL_PYTHON": sys.executable})
-        if result.returncode != 0:
-            raise PhaseError(f"phase {number} of the grounded run failed (exit {result.returncode}); see {folder}/logs")
-    return target
+    return variant_run(settings, wd, folder, [GROUNDED, *extra])
 
 
 def scores(evaluation: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -125,3 +125,21 @@ def test_a_server_keeping_documents_without_a_key_refuses_to_start(phases_1_4):
                            "--set", "api.review_store=true"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0 and "MEDVL_REVIEW_KEY" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_review_loop_bench_files_and_corrects_pages_to_their_truth(review_server, tmp_path):
+    """bench/review_loop.py's first half against the real server: two lab reports filed from
+    the OCR reading, corrected by the scripted reviewer; the export's records are the pages' own."""
+    from bench.review_loop import export, file_and_correct
+    from medvl.medical.documents import REVIEW_SEED, generate_document
+    from medvl.review.decisions import decisions_between
+
+    documents = [generate_document(REVIEW_SEED + i, "lab_results", prefix="rev") for i in range(2)]
+    with httpx.Client(headers=HEADERS) as client:
+        done = file_and_correct(review_server, documents, 2, client)
+        rows = export(review_server, tmp_path / "reviewed.jsonl", client)
+    assert done["documents"] == 2 and set(done["statuses"]) <= {"accepted", "corrected"}
+    records = [json.loads(line)["record"] for line in (tmp_path / "reviewed.jsonl").read_text().splitlines()]
+    assert rows == len(records) >= 2
+    for doc in documents:  # each page's record is among the exported ones, exactly (no decision left)
+        assert any(not [d for d in decisions_between(r, doc.structured()) if d.action != "accept"] for r in records)

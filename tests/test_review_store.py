@@ -238,3 +238,39 @@ def test_the_review_tables_rows_become_the_decisions_its_docstring_says():
     check(decided, RESULT["structured"], 2)
     record, _ = corrected(RESULT["structured"], RESULT["items"], decided)
     assert record["medications"][0]["dose"] == "500 mg" and record["medications"][1] == RESULT["structured"]["medications"][1]
+
+
+def test_the_scripted_reviewer_turns_a_filed_record_into_the_pages_truth():
+    """decisions_between, bench/review_loop.py's reviewer: on filed records with a missed item, a wrong field, an
+    invented item, a name in another case and wrong or invented vitals, its decisions pass the
+    store's checks and make exactly the page's record (as sets: added items come last)."""
+    import copy
+    import json
+
+    from medvl.medical.documents import KINDS, generate_document
+    from medvl.review.decisions import decisions_between
+
+    def as_sets(record):
+        return {k: sorted(json.dumps(v, sort_keys=True) for v in vals) if isinstance(vals, list) else vals
+                for k, vals in record.items()}
+
+    seen: set[str] = set()
+    for seed in range(25):
+        truth = generate_document(seed, KINDS[seed % len(KINDS)], prefix="rev").structured()
+        filed = copy.deepcopy(truth)
+        if filed["medications"]:
+            filed["medications"].pop()
+        if filed["lab_values"]:
+            filed["lab_values"][0]["value"] += "0"
+            filed["lab_values"][0]["flag"] = "H" if filed["lab_values"][0]["flag"] != "H" else ""
+        filed["diagnoses"] = [d.upper() for d in filed["diagnoses"]] + ["Invented disease"]
+        filed["procedures"].append("Invented procedure")
+        filed["vitals"] = {**{k: v + "1" for k, v in filed["vitals"].items()}, "made_up": "1 bpm"}
+        items = [{"pointer": f"/{k}/{i}", "page": 1} for k in ("medications", "diagnoses", "procedures", "lab_values")
+                 for i in range(len(filed[k]))] + [{"pointer": f"/vitals/{k}", "page": 1} for k in filed["vitals"]]
+        decided = decisions_between(filed, truth)
+        check(decided, filed, 1)
+        record, _ = corrected(filed, items, decided)
+        assert as_sets(record) == as_sets(truth), seed
+        seen |= {d.action for d in decided}
+    assert seen == {"accept", "correct", "reject", "add"}

@@ -286,6 +286,9 @@ CALIBRATION_SEED = 200_000
 # Seeds of a stand-in's pre-training pages (phase 2, medvl.training.pretrain): none of them is
 # a page phase 5 splits, AWQ calibrates on, phase 3 benchmarks or the suite holds.
 PRETRAIN_SEED = 1_000_000
+# Seeds of the pages bench/review_loop.py files for review and corrects (issue 48): pages of
+# nobody else, so none is a test, evaluation, calibration, training or pre-training page.
+REVIEW_SEED = 2_000_000
 
 
 def corpus(start_seed: int, count: int, prefix: str = "syn") -> list[MedicalDocument]:

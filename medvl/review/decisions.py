@@ -43,6 +43,15 @@ class Decision:
     value: Any = None
     page: int | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        """As ``PUT /review/{id}`` takes it (no value or page where there is none)."""
+        out: dict[str, Any] = {"pointer": self.pointer, "action": self.action}
+        if self.value is not None:
+            out["value"] = self.value
+        if self.page is not None:
+            out["page"] = self.page
+        return out
+
 
 class BadDecisions(ValueError):
     """Decisions that do not fit the record; the message lists every problem at once."""
@@ -189,6 +198,44 @@ def page_records(record: dict[str, Any], items: list[dict[str, Any]], page_count
         else:
             page[key].append(value)
     return pages
+
+
+def decisions_between(filed: dict[str, Any], target: dict[str, Any]) -> list[Decision]:
+    """The decisions that turn the record ``filed`` into ``target`` (what a careful reviewer with
+    the right record at hand decides; ``bench/review_loop.py``'s scripted reviewer): items
+    paired by name, case aside; a right item accepted, a wrong field corrected (or cleared), an
+    item ``target`` lacks rejected, one it adds appended (on page 1). :func:`corrected` of them
+    gives ``target``, its items in another order where some were added."""
+    decisions: list[Decision] = []
+    for key in (*ITEM_MODELS, *STRING_LISTS):
+        wanted = list(target[key])
+        for i, item in enumerate(filed[key]):
+            name = (item["name"] if isinstance(item, dict) else item).casefold()
+            match = next((w for w in wanted if (w["name"] if isinstance(w, dict) else w).casefold() == name), None)
+            pointer = json_pointer(key, i)
+            if match is None:
+                decisions.append(Decision(pointer, "reject"))
+                continue
+            wanted.remove(match)
+            if not isinstance(item, dict):
+                decisions.append(Decision(pointer, "accept") if item == match else Decision(pointer, "correct", match))
+                continue
+            changed = [f for f in ITEM_MODELS[key].model_fields if item.get(f, "") != match.get(f, "")]
+            decisions += [Decision(f"{pointer}/{f}", "correct", match[f]) if match.get(f)
+                          else Decision(f"{pointer}/{f}", "reject") for f in changed]
+            if not changed:
+                decisions.append(Decision(pointer, "accept"))
+        decisions += [Decision(f"/{key}", "add", w, page=1) for w in wanted]
+    for name, value in filed["vitals"].items():
+        pointer = json_pointer("vitals", name)
+        if name not in target["vitals"]:
+            decisions.append(Decision(pointer, "reject"))
+        else:
+            decisions.append(Decision(pointer, "accept") if value == target["vitals"][name] else
+                             Decision(pointer, "correct", target["vitals"][name]))
+    decisions += [Decision(json_pointer("vitals", name), "add", value, page=1)
+                  for name, value in target["vitals"].items() if name not in filed["vitals"]]
+    return decisions
 
 
 def outcome(decisions: list[Decision]) -> str:
