@@ -96,6 +96,14 @@ def test_a_filed_page_is_corrected_and_exported_and_the_audit_holds_no_value(rev
         assert CORRECTED not in text and f'"{original}"' not in text
 
 
+def test_a_fhir_answer_filed_for_review_names_its_id_in_a_header(review_server, lab_page):
+    r = httpx.post(f"{review_server}/extract?review=true&format=fhir", headers=HEADERS, timeout=120,
+                   files={"file": ("p.png", lab_page.read_bytes(), "image/png")})
+    assert r.status_code == 200 and r.json()["resourceType"] == "Bundle"
+    shown = httpx.get(f"{review_server}/review/{r.headers['X-Review-ID']}", headers=HEADERS, timeout=30)
+    assert shown.status_code == 200 and shown.json()["status"] == "pending"
+
+
 def test_two_reviewers_saving_at_once_over_http_one_is_refused(review_server, lab_page):
     doc_id = file_page(review_server, lab_page)["review_id"]
 

@@ -118,7 +118,9 @@ async def extract(http: Request, state: State, file: Annotated[UploadFile, DOCUM
         return response
     bundle = record_bundle(response.structured.model_dump(), audit.document_sha256,
                            file.content_type or "application/octet-stream", len(data), state.audit_model())
-    return Response(bundle.model_dump_json(), media_type="application/fhir+json")
+    # a Bundle has no place for the review id: it goes in a header
+    return Response(bundle.model_dump_json(), media_type="application/fhir+json",
+                    headers={"X-Review-ID": response.review_id} if response.review_id else None)
 
 
 def reviewed(document: dict[str, Any], pages: list[dict[str, Any]], state: ServerState) -> dict[str, Any]:
