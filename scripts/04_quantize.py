@@ -17,6 +17,7 @@ from medvl.core.settings import Settings
 from medvl.core.workdir import Workdir
 from medvl.engine.pages import PageLimits
 from medvl.evaluation import benchmark
+from medvl.medical import ocr
 from medvl.model.forms import FORMS, METHOD_FORMS, load_in_form
 from medvl.model.loading import load_processor
 from medvl.model.quantize import forms_agreement, quantize_base
@@ -31,6 +32,7 @@ def change_pct(new: float, old: float) -> float:
 
 
 def main(settings: Settings, wd: Workdir) -> dict:
+    ocr.use_backend(settings.api.ocr_backend)  # grounded calibration pages read as the server reads pages
     base_dir = wd.base_model_dir(settings)
     sections = PHASE.sections
     method, out_dir, done, awq_error = quantize_base(settings, wd)

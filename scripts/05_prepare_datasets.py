@@ -25,6 +25,7 @@ from pathlib import Path
 from medvl.core.io import append_build_log, atomic_dir, atomic_write_json
 from medvl.core.settings import Settings
 from medvl.core.workdir import Workdir
+from medvl.medical import ocr
 from medvl.medical.ocr import OcrUnavailable
 from medvl.model.loading import load_processor
 from medvl.pipeline.gates import PHASES
@@ -71,6 +72,7 @@ def main(settings: Settings, wd: Workdir) -> dict:
         splits["train"] += admitted
     processor = load_processor(wd.base_model_dir(settings), settings)
     if settings.data.ocr_grounded_prompt:
+        ocr.use_backend(settings.api.ocr_backend)  # training pages read as the server reads pages
         try:
             splits = data.per_split(lambda rows: data.ground_prompts(rows, wd.datasets / "ocr_cache"), splits)
         except OcrUnavailable as exc:

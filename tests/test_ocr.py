@@ -58,9 +58,12 @@ def test_grounded_prompts_put_the_pages_ocr_text_before_the_instruction(tmp_path
     cache = tmp_path / "ocr_cache"
     first = data.ground_prompts([sample, replace(sample, sample_id="syn-y", prompt="Other.")], cache)
     assert first[0].prompt == grounded.prompt and len(list(cache.rglob("*.json"))) == 1  # one page
-    monkeypatch.setattr(data, "process_map", lambda *_, **__: pytest.fail("a cached page was read again"))
+    monkeypatch.setattr(ocr, "read_pages", lambda *_, **__: pytest.fail("a cached page was read again"))
     again = data.ground_prompts([sample], cache)
     assert again[0].prompt == grounded.prompt
+    # another runtime's reading is never taken for this one's: the key names the reader
+    (key_file,) = cache.rglob("*.json")
+    assert key_file.name.startswith(f"{ocr.reader()}-") and "-onnxruntime-cpu-" in key_file.name
 
     suite = scoring.Case("s1", "suite", "suite", "s1.png", "Extract.", doc.structured())
     test_row = scoring.Case("t1", "test", "synthetic", "t1.png", grounded.prompt, doc.structured())
@@ -102,3 +105,16 @@ def test_the_ocr_backend_setting_is_validated():
     assert load_settings("tiny", ["api.ocr_backend=torch"]).api.ocr_backend == "torch"
     with pytest.raises(SettingsError, match="api.ocr_backend must be one of auto, onnxruntime, torch"):
         load_settings("tiny", ["api.ocr_backend=tensorrt"])
+
+
+def test_phase_5_reads_pages_with_a_worker_per_core_or_a_few_sharing_the_gpu(monkeypatch):
+    """ONNX Runtime: a process per core, one thread each; torch on a GPU: a few processes (each
+    holds a CUDA context) splitting the cores between them; torch on a CPU reads as ONNX Runtime."""
+    from medvl.core import parallel
+
+    monkeypatch.setattr(parallel, "cores", lambda: 16)
+    assert ocr.worker_plan("onnxruntime", "cpu") == (16, 1)
+    assert ocr.worker_plan("torch", "cpu") == (16, 1)
+    assert ocr.worker_plan("torch", "cuda") == (ocr.GPU_WORKERS, 16 // ocr.GPU_WORKERS)
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    assert ocr.worker_plan("torch", "cuda") == (2, 1)

@@ -84,21 +84,35 @@ def device() -> str:
     return device_for_ocr().type
 
 
-def use_threads(count: int) -> None:
-    """Read pages with ``count`` ONNX Runtime and OpenCV threads from now on (a worker's
-    initializer): 16 workers on 16 cores each took 4 s a page with OpenCV's default pool of a
-    thread per core (phase 5 on an H100 host: 1,500 pages in 376 s). Workers stay on the CPU
-    (ONNX Runtime): sixteen processes must not each take the GPU."""
+def use_threads(count: int, backend: str = "onnxruntime") -> None:
+    """Read pages with ``backend`` and ``count`` ONNX Runtime, OpenCV and torch threads from now
+    on (a phase-5 worker's initializer): 16 workers on 16 cores each took 4 s a page with
+    OpenCV's default pool of a thread per core (phase 5 on an H100 host: 1,500 pages in 376 s).
+    ``backend`` is the one the server resolves (:func:`backend`), so that training pages are read
+    as served pages are: "torch" workers share the GPU for the networks and keep the CPU for
+    rapidocr's pre- and post-processing (52 ms of a page's 1.18 s on this project's 2-core CPU)."""
     global _THREADS, _BACKEND
     _THREADS = count
-    _BACKEND = "onnxruntime"
+    _BACKEND = backend
     try:
         import cv2
 
         cv2.setNumThreads(count)
     except ImportError:  # rapidocr brings OpenCV; without it load() says why
         pass
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(count)
     load.cache_clear()
+
+
+def reader() -> str:
+    """What reads pages now, as a cache key: the engine's version, runtime and device (a page's
+    lines may differ between runtimes in a space or a dropped box, so they are never mixed)."""
+    import importlib.metadata
+
+    return f"rapidocr-onnxruntime-{importlib.metadata.version('rapidocr-onnxruntime')}-{backend()}-{device()}"
 
 
 @lru_cache(maxsize=1)
@@ -303,11 +317,30 @@ def png_lines(data: bytes) -> list[str]:
         return read_lines(image.convert("RGB"))
 
 
-def grounded_png_prompt(page_and_instruction: tuple[bytes, str]) -> str:
-    """:func:`grounded_prompt` of a page's encoded bytes: phase 5's unit of work in a worker
-    process (the server decodes an upload the same way, medvl.engine.pages)."""
-    import io
+# Worker processes that share one GPU for PP-OCR's networks (the torch runtime): each holds a
+# CUDA context (~0.5 GB) and does rapidocr's CPU work between its network calls.
+GPU_WORKERS = 8
 
-    data, instruction = page_and_instruction
-    with Image.open(io.BytesIO(data)) as image:
-        return grounded_prompt(image.convert("RGB"), instruction)
+
+def worker_plan(runtime: str, where: str) -> tuple[int, int]:
+    """(worker processes, threads each) for reading many pages with ``runtime`` on ``where``: a
+    process per core with one thread each on the CPU; on a GPU, :data:`GPU_WORKERS` processes
+    splitting the host's cores between them."""
+    from medvl.core.parallel import cores
+
+    if runtime == "torch" and where == "cuda":
+        workers = min(GPU_WORKERS, cores())
+        return workers, max(1, cores() // workers)
+    return cores(), 1
+
+
+def read_pages(pages: list[bytes], desc: str) -> list[list[str]]:
+    """:func:`png_lines` of each encoded page, in order, over worker processes that read as this
+    process would (:func:`backend`): phase 5's training pages and AWQ's calibration pages are
+    read by the runtime the server reads uploads with, so a model is trained, calibrated and
+    served on one reading of a page."""
+    from medvl.core.parallel import process_map
+
+    workers, threads = worker_plan(backend(), device())
+    return process_map(png_lines, pages, desc=f"{desc} ({reader()})", initializer=use_threads,
+                       initargs=(threads, backend()), workers=workers)

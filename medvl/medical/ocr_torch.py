@@ -77,7 +77,13 @@ class TorchSession:
         self.module = convert(loadable(path, shape)).eval().to(device)
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
-        with torch.inference_mode():
+        # float32 convolutions in float32, not TF32 (PyTorch's cuDNN default): ONNX Runtime's
+        # reading is the reference, and TF32's 10-bit mantissa moves the detector's map enough
+        # to drop or split a box.
+        # (None: that flag is left as it is.)
+        with torch.inference_mode(), torch.backends.cudnn.flags(
+                enabled=None, benchmark=None, benchmark_limit=None, deterministic=None, allow_tf32=False,
+                fp32_precision=None):
             out = self.module(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
         return [out.float().cpu().numpy()]
 

@@ -79,12 +79,12 @@ def calibration_rows(processor: Any, count: int, grounded: bool = False) -> list
     docs = corpus(CALIBRATION_SEED, count, prefix="calib")
     prompts = [TRAINING_PROMPTS[i % len(TRAINING_PROMPTS)] for i in range(count)]
     if grounded:
-        from medvl.core.parallel import process_map
         from medvl.medical import ocr
         from medvl.medical.documents import document_png
+        from medvl.medical.prompts import ocr_grounded
 
-        prompts = process_map(ocr.grounded_png_prompt, [(document_png(d), p) for d, p in zip(docs, prompts, strict=True)],
-                              desc="OCR for grounded calibration prompts", initializer=ocr.use_threads, initargs=(1,))
+        lines = ocr.read_pages([document_png(d) for d in docs], "OCR for grounded calibration prompts")
+        prompts = [ocr_grounded(p, page_lines) for p, page_lines in zip(prompts, lines, strict=True)]
     rows = []
     for doc, prompt in zip(docs, prompts, strict=True):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},

@@ -394,11 +394,15 @@ PHASES: dict[int, Phase] = {
              ("benchmarks/model_download.json",)),
     3: Phase(3, "benchmark baseline", "03_benchmark_baseline.py", (2,), ("model", "bench", "decode"),
              gate_baseline, ("benchmarks/baseline_fp16.json",)),
-    # AWQ calibrates on grounded prompts when the profile grounds them (data.ocr_grounded_prompt).
-    4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant", "decode", "data.ocr_grounded_prompt"),
+    # AWQ calibrates on grounded prompts when the profile grounds them (data.ocr_grounded_prompt),
+    # read by the server's OCR runtime (api.ocr_backend).
+    4: Phase(4, "quantize", "04_quantize.py", (3,), ("model", "bench", "quant", "decode", "data.ocr_grounded_prompt",
+                                                     "api.ocr_backend"),
              gate_quantize, ("benchmarks/quantization_info.json", "benchmarks/quantized_int4.json")),
-    # Phase 5 measures each sample with the phase-2 processor against train.max_length.
-    5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (2,), ("model", "data", "bench", "train.max_length"),
+    # Phase 5 measures each sample with the phase-2 processor against train.max_length, and reads
+    # grounded pages with the server's OCR runtime (api.ocr_backend).
+    5: Phase(5, "prepare datasets", "05_prepare_datasets.py", (2,), ("model", "data", "bench", "train.max_length",
+                                                                    "api.ocr_backend"),
              gate_datasets, ("datasets/download_summary.json", "datasets/formatted/data_summary.json",
                              "datasets/formatted/train.json", "datasets/formatted/val.json",
                              "datasets/formatted/test.json")),

@@ -516,22 +516,21 @@ def deduplicate(samples: list[Sample], protected: set[str], counts: Counter) -> 
 def ground_prompts(samples: list[Sample], cache: Path | None = None) -> list[Sample]:
     """Each sample with its page's OCR text before the instruction (data.ocr_grounded_prompt),
     read once here so that training, and the test split phase 7 scores, see the text the
-    server's OCR gives it (:func:`medvl.medical.ocr.grounded_prompt`). The pages are read over
-    every core, one ONNX Runtime thread per worker (:func:`medvl.medical.ocr.use_threads`).
+    server's OCR gives it (:func:`medvl.medical.ocr.grounded_prompt`), read by the runtime the
+    server uses (api.ocr_backend, set by the caller with :func:`medvl.medical.ocr.use_backend`).
 
-    With ``cache`` (a folder), each page's lines are kept there by the page's SHA-256 and the
-    OCR engine's version, and a page read before is not read again: a rerun of phase 5 with
-    other settings (a reviewed-records export, a split) read 1,500 pages again in 404 s on a GPU
-    host's 16 cores (docs/results/h200/README.md, run 3)."""
-    import importlib.metadata
-
+    The pages are read over worker processes (:func:`medvl.medical.ocr.read_pages`). With
+    ``cache`` (a folder),
+    each page's lines are kept there by the page's SHA-256 and the reader
+    (:func:`medvl.medical.ocr.reader`), and a page read before is not read again: a rerun of
+    phase 5 with other settings (a reviewed-records export, a split) read 1,500 pages again in
+    404 s on a GPU host's 16 cores (docs/results/h200/README.md, run 3)."""
     from medvl.core.io import atomic_write_json
     from medvl.medical import ocr
     from medvl.medical.prompts import ocr_grounded
 
     ocr.load()  # raises OcrUnavailable here, once, rather than in every worker
-    engine = f"rapidocr-onnxruntime-{importlib.metadata.version('rapidocr-onnxruntime')}"
-    keys = [f"{engine}-{hashlib.sha256(s.image_bytes).hexdigest()}" for s in samples]
+    keys = [f"{ocr.reader()}-{hashlib.sha256(s.image_bytes).hexdigest()}" for s in samples]
     lines: dict[str, list[str]] = {}
     if cache is not None:
         for key in set(keys):
@@ -542,8 +541,7 @@ def ground_prompts(samples: list[Sample], cache: Path | None = None) -> list[Sam
     if cache is not None and lines:
         log.info("OCR for grounded prompts: %d of %d pages read before (%s)", len(set(keys)) - len(todo),
                  len(set(keys)), cache)
-    read = process_map(ocr.png_lines, list(todo.values()), desc="OCR for grounded prompts",
-                       initializer=ocr.use_threads, initargs=(1,)) if todo else []
+    read = ocr.read_pages(list(todo.values()), "OCR for grounded prompts") if todo else []
     for key, page_lines in zip(todo, read, strict=True):
         lines[key] = page_lines
         if cache is not None:
