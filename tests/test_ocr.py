@@ -118,3 +118,31 @@ def test_phase_5_reads_pages_with_a_worker_per_core_or_a_few_sharing_the_gpu(mon
     assert ocr.worker_plan("torch", "cuda") == (ocr.GPU_WORKERS, 16 // ocr.GPU_WORKERS)
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     assert ocr.worker_plan("torch", "cuda") == (2, 1)
+
+
+def test_a_line_too_wide_for_the_recognizer_is_read_in_pieces_not_dropped():
+    """PP-OCR read this page's 76-character "Hospital course" line as "a  oi o t o  e  o s" (score
+    0.46) and dropped it with its two lab values; read in pieces cut between words, it comes back."""
+    from medvl.medical.documents import generate_document
+
+    doc = generate_document(100008, prefix="syn")
+    (printed,) = [line for line in doc.lines if line.startswith("Hospital course")]
+    assert printed in ocr.read_lines(render_document(doc))
+
+
+def test_word_cuts_end_pieces_in_gaps_and_keep_them_narrow():
+    import numpy as np
+
+    height = 10
+    crop = np.full((height, 400, 3), 255, dtype=np.uint8)
+    words = [(0, 70), (75, 150), (160, 230), (236, 330), (338, 400)]  # inked columns, gaps between
+    for start, end in words:
+        crop[2:8, start:end] = 0
+    cuts = ocr.word_cuts(crop)
+    assert cuts[0][0] == 0 and cuts[-1][1] == 400
+    assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))  # contiguous
+    assert all(end - start <= ocr.PIECE_RATIO * height for start, end in cuts)
+    inked = {c for start, end in words for c in range(start, end)}
+    assert not {end for _, end in cuts[:-1]} & inked  # every cut falls between words
+    solid = np.zeros((height, 400, 3), dtype=np.uint8)  # no gap at all: cut at the widest piece
+    assert ocr.word_cuts(solid)[0] == (0, int(ocr.PIECE_RATIO * height))

@@ -38,7 +38,7 @@ def test_pretraining_lowers_the_held_out_loss_and_never_shows_the_record(tiny_mo
         assert prompt.startswith(OCR_HEADER) and answer
         asked.add(_task(instruction))
         _check_answer(instruction, read, answer)
-    assert asked == {"readback", "lookup", "readback_json", "lookup_json", "labels_json", "section_json"}
+    assert asked == {"readback", "lookup", "readback_json", "lookup_json", "labels_json", "section_json", "table_json"}
     # its pages are nobody else's: phase 5's and AWQ's seeds lie far below
     assert PRETRAIN_SEED > CALIBRATION_SEED + 100_000 > SYNTHETIC_SEED + 100_000
 
@@ -58,9 +58,10 @@ def test_page_lines_are_what_the_grounded_prompt_gives():
 
 
 def _task(instruction: str) -> str:
-    if instruction in (pretrain.READBACK_PROMPT, pretrain.READBACK_JSON_PROMPT, pretrain.LABELS_JSON_PROMPT):
-        return {pretrain.READBACK_PROMPT: "readback", pretrain.READBACK_JSON_PROMPT: "readback_json",
-                pretrain.LABELS_JSON_PROMPT: "labels_json"}[instruction]
+    fixed = {pretrain.READBACK_PROMPT: "readback", pretrain.READBACK_JSON_PROMPT: "readback_json",
+             pretrain.LABELS_JSON_PROMPT: "labels_json", pretrain.TABLE_JSON_PROMPT: "table_json"}
+    if instruction in fixed:
+        return fixed[instruction]
     quoted = instruction.split('"')[1]
     if instruction == pretrain.SECTION_JSON_PROMPT.format(heading=quoted):
         return "section_json"
@@ -91,6 +92,12 @@ def _check_answer(instruction: str, read: str, answer: str) -> None:
         elif task == "lookup_json":
             lines = parsed["lines"]
             assert parsed["word"] == instruction.split('"')[1]
+        elif task == "table_json":  # lines in columns, in order, each cut into its cells
+            assert len(parsed) >= 1 and all(len(row) >= 3 and all(cell for cell in row) for row in parsed)
+            page = spaceless.split("\n")  # each row is one printed line of the page, in page order
+            positions = [page.index("".join(row).replace(" ", "")) for row in parsed]
+            assert positions == sorted(positions)
+            return
         elif task == "section_json":  # the heading's lines, in order, their list markers dropped
             heading = instruction.split('"')[1].replace(" ", "")
             assert parsed and all(isinstance(line, str) and line for line in parsed)
@@ -118,6 +125,17 @@ def _processor(model_dir, settings):
     from medvl.model.loading import load_processor
 
     return load_processor(model_dir, settings, padding_side="right")
+
+
+def test_columns_are_a_tables_cells_and_only_lines_in_three_or_more():
+    text = ("Laboratory Results\nPatient: A B    MRN: 1    Age/Sex: 5 F\nDate: x    Attending: y\n"
+            "Test                 Result  Unit      Ref range     Flag\n"
+            "Troponin I             0.06  ng/mL     0.00-0.04     H\n"
+            "Sodium                  140  mmol/L    135-145       \n")
+    assert pretrain.columns(text) == [["Patient: A B", "MRN: 1", "Age/Sex: 5 F"],
+                                      ["Test", "Result", "Unit", "Ref range", "Flag"],
+                                      ["Troponin I", "0.06", "ng/mL", "0.00-0.04", "H"],
+                                      ["Sodium", "140", "mmol/L", "135-145"]]
 
 
 def test_sections_are_a_headings_lines_without_their_markers():

@@ -73,6 +73,8 @@ LABELS_JSON_PROMPT = ('Read back the labelled lines of this page ("Label: text")
                       'from each label to its text, spaced as printed.')
 SECTION_JSON_PROMPT = ('Read back the lines under the heading "{heading}" as a JSON list, without their '
                        'numbers or dashes, spaced as printed.')
+TABLE_JSON_PROMPT = ("Read back the lines of this page printed in columns as JSON, each line a list of its "
+                     "cells, spaced as printed.")
 # Page words a look-up asks for: three characters or more, starting with a letter.
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9/%.-]{2,}")
 # A labelled line: a short label starting with a letter, a colon, then its text (maybe none).
@@ -81,6 +83,8 @@ _LABELLED = re.compile(r"^([A-Za-z][A-Za-z /()-]{0,30}):(?: (.*))?$")
 _HEADING = re.compile(r"^[A-Za-z][A-Za-z /()-]{0,40}:$")
 # A list line's marker: "1. ", "2) ", "- ".
 _MARKER = re.compile(r"^(?:\d+[.)]|-)\s*")
+# Cells of a line printed in columns: runs of two or more spaces part them.
+_COLUMN_GAP = re.compile(r"\s{2,}")
 PREFIX = "pre"
 HELD_OUT = 32  # pages kept out of pre-training to measure it on
 
@@ -126,34 +130,54 @@ def sections(lines: list[str]) -> dict[str, list[str]]:
     return {heading: items for heading, items in out.items() if items}
 
 
+def columns(text: str) -> list[list[str]]:
+    """The cells of each line of ``text`` (a page as printed, before OCR) printed in three or more
+    columns, in order. Worked example (a lab table's header and a row without a flag)::
+
+        Test                 Result  Unit      Ref range     Flag    ["Test", "Result", "Unit", "Ref range", "Flag"]
+        Troponin I             0.06  ng/mL     0.00-0.04             ["Troponin I", "0.06", "ng/mL", "0.00-0.04"]
+
+    The OCR-grounded prompt gives such a line with single spaces ("Troponin I 0.06 ng/mL
+    0.00-0.04"), so giving its cells back means knowing where a cell ends: a table read into
+    JSON, as a base that reads documents can, with no key of the record."""
+    rows = [[cell for cell in _COLUMN_GAP.split(line.strip()) if cell] for line in text.splitlines()]
+    return [row for row in rows if len(row) >= 3]
+
+
 def _dumps(value: Any) -> str:
     """JSON as the record's answers are written (``json.dumps``' spacing, text as is)."""
     return json.dumps(value, ensure_ascii=False)
 
 
-def readback_task(lines: list[str], rng: random.Random) -> tuple[str, str]:
+def readback_task(lines: list[str], rng: random.Random, table: list[list[str]] | None = None) -> tuple[str, str]:
     """(instruction, answer) for a page. Half the pages answer in plain lines: every line back
     (copying in order) or the lines that hold a word drawn from the page (finding text by its
     content, then copying it: what extraction asks of a reader). The rest answer in JSON: the
     same two in keys of its own (none is a record key: tests/test_pretrain.py), each labelled
-    line's label to its text, or the lines under a heading without their list markers, so the
-    base has written brackets, quotes, empty strings and a word start right after a quote, and
-    has picked a section's items from the page in order, before phase 6 asks for the record.
+    line's label to its text, the lines under a heading without their list markers, or the
+    cells of the lines printed in columns (``table``, from :func:`columns`), so the base has
+    written brackets, quotes, empty strings and a word start right after a quote, has picked a
+    section's items from the page in order and has split a table's rows into cells, before phase
+    6 asks for the record.
 
     Why the section task: run 3 (docs/results/h200/README.md) wrote the record's JSON at a loss
     of 0.05 but got most diagnoses and lab values wrong, each a well-formed item the page does
     not hold: choosing the next item from the page, not the JSON, was what failed."""
+    if table and len(table) >= 4 and rng.random() < 0.35:  # a table (a lab report's): its rows' cells
+        return TABLE_JSON_PROMPT, _dumps(table)
     roll = rng.random()
     words = sorted({w for line in lines for w in _WORD.findall(line)})
-    if roll < 0.2:
+    if roll < 0.15:
         return READBACK_PROMPT, "\n".join(lines)
-    if roll < 0.4:
+    if roll < 0.3:
         word = rng.choice(words)
         return LOOKUP_PROMPT.format(word=word), "\n".join(line for line in lines if word in line)
     headed = sections(lines)
-    if roll < 0.6 and headed:
+    if roll < 0.5 and headed:
         heading = rng.choice(sorted(headed))
         return SECTION_JSON_PROMPT.format(heading=heading), _dumps(headed[heading])
+    if roll < 0.62 and len(table or []) >= 2:
+        return TABLE_JSON_PROMPT, _dumps(table)
     labelled = [m for m in map(_LABELLED.match, lines) if m]
     if roll < 0.72 and labelled:
         pairs: dict[str, str] = {}
@@ -176,7 +200,7 @@ def readback_rows(count: int, folder: Path, grounded: bool, processor: Any, max_
     for (seed, _), page in zip(seeds, pages, strict=True):
         doc = generate_document(seed, prefix=PREFIX)
         lines = page_lines(doc.text)
-        instruction, answer = readback_task(lines, random.Random(seed + 1))
+        instruction, answer = readback_task(lines, random.Random(seed + 1), columns(doc.text))
         prompt = ocr_grounded(instruction, ocr_like(lines, random.Random(seed))) if grounded else instruction
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
                     {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
@@ -295,12 +319,13 @@ def pretrain(model_dir: Path, settings: Settings, pages_dir: Path) -> dict[str, 
 
     model.to(getattr(torch, saved_dtype)).save_pretrained(model_dir, safe_serialization=True)
     result = {
-        "task": ("read a page's printed lines back, all of them, those holding a word, its labelled lines or a "
-                 "heading's lines (plain lines or JSON of keys of its own; never the record's keys or shape)"),
+        "task": ("read a page's printed lines back, all of them, those holding a word, its labelled lines, a "
+                 "heading's lines or its columns' cells (plain lines or JSON of keys of its own; never the record's "
+                 "keys or shape)"),
         "prompt": ("OCR-grounded: the page's lines, some with their spaces dropped as PP-OCR drops them, before the "
                    "instruction" if grounded else "image and instruction"),
         "instructions": [READBACK_PROMPT, LOOKUP_PROMPT, READBACK_JSON_PROMPT, LOOKUP_JSON_PROMPT, LABELS_JSON_PROMPT,
-                         SECTION_JSON_PROMPT],
+                         SECTION_JSON_PROMPT, TABLE_JSON_PROMPT],
         "document_seeds": [PRETRAIN_SEED, PRETRAIN_SEED + m.pretrain_documents - 1],
         "pages": len(train_rows), "held_out_pages": len(held_out), "dropped_too_long": dropped,
         "steps": m.pretrain_steps, "batch_size": m.pretrain_batch_size, "learning_rate": m.pretrain_learning_rate,
