@@ -107,12 +107,18 @@ def use_threads(count: int, backend: str = "onnxruntime") -> None:
     load.cache_clear()
 
 
+# Raised whenever this module reads a page differently (2: wide boxes read in pieces).
+READING_VERSION = 2
+
+
 def reader() -> str:
-    """What reads pages now, as a cache key: the engine's version, runtime and device (a page's
-    lines may differ between runtimes in a space or a dropped box, so they are never mixed)."""
+    """What reads pages now, as a cache key: the engine's version, this module's way of reading
+    (:data:`READING_VERSION`), the runtime and device (a page's lines may differ between
+    runtimes in a space or a dropped box, so they are never mixed)."""
     import importlib.metadata
 
-    return f"rapidocr-onnxruntime-{importlib.metadata.version('rapidocr-onnxruntime')}-{backend()}-{device()}"
+    return (f"rapidocr-onnxruntime-{importlib.metadata.version('rapidocr-onnxruntime')}-r{READING_VERSION}-"
+            f"{backend()}-{device()}")
 
 
 @lru_cache(maxsize=1)
