@@ -9,7 +9,6 @@ import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from medvl.core.settings import SERVED_SETTINGS
@@ -85,8 +84,7 @@ async def extract(http: Request, state: State, file: Annotated[UploadFile, DOCUM
     audit = http.state.audit
     audit.document(data)
     if state.served.engine is None:
-        response = await ocr_extract(state, data, audit)
-        images = await run_in_threadpool(state.decode_pages, data) if filing else []
+        response, images = await ocr_extract(state, data, audit)
     else:
         prompts, images = await state.prepare_pages(data, EXTRACTION_PROMPT)
         audit.pages = len(prompts)
@@ -129,19 +127,22 @@ def reviewed(document: dict[str, Any], pages: list[dict[str, Any]], state: Serve
     return document_confidences(document, pages, state.settings.api.review_below_confidence)
 
 
-async def ocr_extract(state: ServerState, data: bytes, audit: RequestAudit) -> ExtractResponse:
-    """/extract from the OCR + rules baseline: the record its rules read, with the same flags."""
-    pages = await state.ocr_extract(data)
+async def ocr_extract(state: ServerState, data: bytes, audit: RequestAudit) -> tuple[ExtractResponse, list[Any]]:
+    """/extract from the OCR + rules baseline: the record its rules read, with the same flags,
+    and the page images it was read from."""
+    pages, images = await state.ocr_extract(data)
     audit.pages = len(pages)
     none = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
     document = reviewed(document_result(pages), pages, state)
     if state.settings.api.source_boxes:  # the baseline's own OCR runs
         item_boxes(document, [normalised(page["runs"], page["page_size"]) for page in pages])
-    return ExtractResponse(request_id=audit.request_id, **document,
-                           pages=[PageAnswer(page=number, parse_status="ocr", closed_early=False, usage=none)
-                                  for number in range(1, len(pages) + 1)],
-                           raw_text=PAGE_BREAK.join(page["raw_text"] for page in pages),
-                           latency_s=sum(page["latency_s"] for page in pages), usage=none, model=state.model_info())
+    response = ExtractResponse(request_id=audit.request_id, **document,
+                               pages=[PageAnswer(page=number, parse_status="ocr", closed_early=False, usage=none)
+                                      for number in range(1, len(pages) + 1)],
+                               raw_text=PAGE_BREAK.join(page["raw_text"] for page in pages),
+                               latency_s=sum(page["latency_s"] for page in pages), usage=none,
+                               model=state.model_info())
+    return response, images
 
 
 @router.post("/analyze", response_model=AnalyzeResponse, responses=ERROR_RESPONSES)

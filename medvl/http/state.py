@@ -152,9 +152,15 @@ class ServerState:
 
         return await self._prepared(prepare)
 
-    async def ocr_extract(self, data: bytes) -> list[dict[str, Any]]:
-        """The OCR baseline's result for each page (``--model ocr``), decoded and read in a worker thread."""
-        return await self._prepared(lambda: [ocr.structured_result(page) for page in self.decode_pages(data)])
+    async def ocr_extract(self, data: bytes) -> tuple[list[dict[str, Any]], list[Any]]:
+        """The OCR baseline's result for each page (``--model ocr``), decoded and read in a worker
+        thread, and the page images (kept in memory for the request only: filing for review
+        stores them, and a PDF is rendered once)."""
+        def read() -> tuple[list[dict[str, Any]], list[Any]]:
+            pages = self.decode_pages(data)
+            return [ocr.structured_result(page) for page in pages], pages
+
+        return await self._prepared(read)
 
     async def wait(self, request: EngineRequest, http: Request) -> Result:
         """The request's result; on timeout (504) or client hang-up the request is cancelled."""

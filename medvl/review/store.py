@@ -209,9 +209,11 @@ class ReviewStore:
                 decided_at=now) for n, d in enumerate(decisions))
         return self.get(doc_id)
 
-    def corrected_record(self, doc_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The record with the reviewer's decisions applied, and its items' pages."""
-        document = self.get(doc_id)
+    def corrected_record(self, doc_id: str, document: dict[str, Any] | None = None
+                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The record with the reviewer's decisions applied, and its items' pages (of ``document``,
+        :meth:`get`'s answer, when the caller has it already)."""
+        document = self.get(doc_id) if document is None else document
         decisions = [Decision(d["pointer"], d["action"], d["value"], d["page"]) for d in document["decisions"]]
         return corrected(document["result"]["structured"], document["result"]["items"], decisions)
 
@@ -223,7 +225,7 @@ class ReviewStore:
                                   .order_by(ReviewDocument.created_at, ReviewDocument.id)).all()
         for doc_id in ids:
             summary = self.get(doc_id)
-            record, items = self.corrected_record(doc_id)
+            record, items = self.corrected_record(doc_id, summary)
             for number, page_record in enumerate(page_records(record, items, summary["pages"]), start=1):
                 png = self.page(doc_id, number)
                 yield {"document_id": doc_id, "page": number, "pages": summary["pages"], "status": summary["status"],
