@@ -379,7 +379,7 @@ def png_lines(data: bytes) -> list[str]:
 
 # Worker processes that share one GPU for PP-OCR's networks (the torch runtime): each holds a
 # CUDA context (~0.5 GB) and does rapidocr's CPU work between its network calls.
-GPU_WORKERS = 8
+GPU_WORKERS = 2
 
 
 def worker_plan(runtime: str, where: str) -> tuple[int, int]:
