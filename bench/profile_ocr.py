@@ -80,9 +80,9 @@ def main() -> None:
               "parts": {k: {**v, "s_per_page": v["s"] / args.pages} for k, v in parts.items()},
               "reserved_mb_end": torch.cuda.memory_reserved() / 2**20, "calls": calls[:60]}
     args.out.write_text(json.dumps(result, indent=2))
-    log.info("page %.3f s: networks %.3f s, the rest %.3f s; %s", result["page_s_mean"],
-             result["network_s_per_page"], result["rest_s_per_page"],
-             {k: (v["calls"], round(v["s_per_page"], 3), round(v["peak_mb"])) for k, v in parts.items()})
+    log.info("page %.3f s: networks %.3f s, the rest %.3f s; per part (calls, s a page, peak MB): %s",
+             result["page_s_mean"], result["network_s_per_page"], result["rest_s_per_page"],
+             {k: (v["calls"], round(v["s_per_page"], 3), round(v["peak_mb"])) for k, v in result["parts"].items()})
 
 
 if __name__ == "__main__":
