@@ -47,11 +47,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pages", type=int, default=5, help="phase-3 pages (seed 1234), one of each kind first")
     parser.add_argument("--repeats", type=int, default=3, help="readings of each page timed per runtime")
+    parser.add_argument("--tf32", action="store_true", help="let the GPU's convolutions use TF32")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    from medvl.medical import ocr_torch
+
+    ocr_torch.ALLOW_TF32 = args.tf32
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pages = [render_document(doc) for doc in benchmark_documents(1234, args.pages)]
-    result: dict = {"pages": len(pages)}
+    result: dict = {"pages": len(pages), "tf32": args.tf32}
     reference, cpu_s = read_all("onnxruntime", pages, args.repeats)
     result["onnxruntime"] = {"reader": ocr.reader(), "page_s_median": statistics.median(cpu_s)}
     try:

@@ -82,10 +82,14 @@ class TorchSession:
         # to drop or split a box.
         # (None: that flag is left as it is.)
         with torch.inference_mode(), torch.backends.cudnn.flags(
-                enabled=None, benchmark=None, benchmark_limit=None, deterministic=None, allow_tf32=False,
+                enabled=None, benchmark=None, benchmark_limit=None, deterministic=None, allow_tf32=ALLOW_TF32,
                 fp32_precision=None):
             out = self.module(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
         return [out.float().cpu().numpy()]
+
+
+# TF32 convolutions (PyTorch's cuDNN default) or true float32 (see TorchSession.__call__).
+ALLOW_TF32 = False
 
 
 def device_for_ocr() -> torch.device:
