@@ -3,9 +3,9 @@ there is one) and say where their readings differ and what a page costs each.
 
 Why: phase 5 and AWQ's calibration read pages with the server's OCR runtime (api.ocr_backend;
 "auto" is PyTorch on a GPU), so a trained model sees what it is served. The two runtimes agree
-line for line on this project's CPU (tests/test_ocr.py); this says whether they do on a GPU
-(float32 convolutions, no TF32) before a GPU run relies on it, and gives the GPU runtime's cost
-per page. Exits 1 when the PyTorch runtime cannot read a page, so a run can fall back to ONNX
+line for line on this project's CPU (tests/test_ocr.py); this says how far they differ on a
+GPU (TF32 convolutions, or float32 with --float32) before a GPU run relies on it, and gives each
+runtime's cost per page. Exits 1 when the PyTorch runtime cannot read a page, so a run can fall back to ONNX
 Runtime instead of failing in phase 4.
 
     python -m bench.check_ocr_runtimes --out ocr_runtimes.json
@@ -47,15 +47,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pages", type=int, default=5, help="phase-3 pages (seed 1234), one of each kind first")
     parser.add_argument("--repeats", type=int, default=3, help="readings of each page timed per runtime")
-    parser.add_argument("--tf32", action="store_true", help="let the GPU's convolutions use TF32")
+    parser.add_argument("--float32", action="store_true",
+                        help="true float32 convolutions on the GPU (default: TF32, medvl.medical.ocr_torch.ALLOW_TF32)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     from medvl.medical import ocr_torch
 
-    ocr_torch.ALLOW_TF32 = args.tf32
+    ocr_torch.ALLOW_TF32 = not args.float32
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pages = [render_document(doc) for doc in benchmark_documents(1234, args.pages)]
-    result: dict = {"pages": len(pages), "tf32": args.tf32}
+    result: dict = {"pages": len(pages), "tf32": not args.float32}
     reference, cpu_s = read_all("onnxruntime", pages, args.repeats)
     result["onnxruntime"] = {"reader": ocr.reader(), "page_s_median": statistics.median(cpu_s)}
     try:

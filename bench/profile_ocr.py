@@ -4,9 +4,12 @@ allocator's peak, against the page's whole reading.
 
 Why: phase 5 of the `small` profile on an H100 (2026-12-07) read pages with PyTorch on the GPU
 at 0.44 s a page (ONNX Runtime on 16 cores: 0.42 s), and eight worker processes ran the card
-out of memory (two held 32-34 GB each): neither is what three small networks should cost.
+out of memory (two held 32-34 GB each): neither is what three small networks should cost. This
+found the recognizer's float32 convolutions (a 32 GB cuDNN workspace, 0.37 s a page; with TF32
+111 MB and 0.16 s).
 
-    python -m bench.profile_ocr --pages 6 --out profile_ocr.json
+    python -m bench.profile_ocr --pages 6 --out profile_ocr_tf32.json
+    python -m bench.profile_ocr --pages 6 --float32 --out profile_ocr.json
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ log = logging.getLogger(__name__)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pages", type=int, default=6)
-    parser.add_argument("--tf32", action="store_true", help="let cuDNN convolutions use TF32 (the default off)")
+    parser.add_argument("--float32", action="store_true",
+                        help="true float32 convolutions (default: TF32, medvl.medical.ocr_torch.ALLOW_TF32)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -41,11 +45,7 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        if args.tf32:
-            with torch.inference_mode():
-                out = [self.module(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()]
-        else:
-            out = plain_call(self, batch)
+        out = plain_call(self, batch)
         torch.cuda.synchronize()
         calls.append({"part": self.part, "shape": list(batch.shape), "s": time.perf_counter() - started,
                       "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
@@ -53,6 +53,7 @@ def main() -> None:
         return out
 
     ocr_torch.TorchSession.__call__ = timed
+    ocr_torch.ALLOW_TF32 = not args.float32
     ocr.use_backend("torch")
     engine = ocr.load()
     for part, attr in (("det", engine.text_det.infer), ("cls", engine.text_cls.infer), ("rec", engine.text_rec.session)):
@@ -73,7 +74,7 @@ def main() -> None:
         p["peak_mb"] = max(p["peak_mb"], call["peak_mb"])
         p["widest"] = max(p["widest"], call["shape"][-1])
     network_s = sum(c["s"] for c in calls)
-    result = {"device": torch.cuda.get_device_name(), "tf32": args.tf32, "pages": args.pages,
+    result = {"device": torch.cuda.get_device_name(), "tf32": not args.float32, "pages": args.pages,
               "page_s_median": statistics.median(page_s), "page_s_mean": statistics.mean(page_s),
               "network_s_per_page": network_s / args.pages,
               "rest_s_per_page": (sum(page_s) - network_s) / args.pages,

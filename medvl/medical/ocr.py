@@ -378,8 +378,10 @@ def png_lines(data: bytes) -> list[str]:
 
 
 # Worker processes that share one GPU for PP-OCR's networks (the torch runtime): each holds a
-# CUDA context (~0.5 GB) and does rapidocr's CPU work between its network calls.
-GPU_WORKERS = 2
+# CUDA context (~0.5 GB) and does rapidocr's CPU work between its network calls (on an H100,
+# 0.07 s of a page's 0.14 s: docs/results/h100/ocr/profile_ocr_tf32.json), so four keep the GPU
+# busy. Not yet measured as a pool.
+GPU_WORKERS = 4
 
 
 def worker_plan(runtime: str, where: str) -> tuple[int, int]:

@@ -77,10 +77,7 @@ class TorchSession:
         self.module = convert(loadable(path, shape)).eval().to(device)
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
-        # float32 convolutions in float32, not TF32 (PyTorch's cuDNN default): ONNX Runtime's
-        # reading is the reference, and TF32's 10-bit mantissa moves the detector's map enough
-        # to drop or split a box.
-        # (None: that flag is left as it is.)
+        # TF32 or true float32 convolutions by ALLOW_TF32 (None: that flag is left as it is).
         with torch.inference_mode(), torch.backends.cudnn.flags(
                 enabled=None, benchmark=None, benchmark_limit=None, deterministic=None, allow_tf32=ALLOW_TF32,
                 fp32_precision=None):
@@ -88,8 +85,16 @@ class TorchSession:
         return [out.float().cpu().numpy()]
 
 
-# TF32 convolutions (PyTorch's cuDNN default) or true float32 (see TorchSession.__call__).
-ALLOW_TF32 = False
+# TF32 convolutions (PyTorch's cuDNN default), not true float32. Measured on an H100 over the
+# five phase-3 pages (docs/results/h100/ocr/, bench/check_ocr_runtimes.py, bench/profile_ocr.py):
+# TF32 read a page in 0.139 s (ONNX Runtime on 16 cores: 0.483 s), its recognizer peaking at
+# 111 MB, and 3 of 74 lines differed from ONNX Runtime's by a space ("25 mgPO BID" against
+# "25 mgPOBID"); float32 matched all 74 lines but took 0.495 s a page, its recognizer's
+# convolutions taking a 32 GB cuDNN workspace (eight phase-5 workers ran the card out of
+# memory). PP-OCR's spacing moves between runtimes anyway; phase 5, AWQ's calibration, phase 7
+# and the server read with one runtime on one host (api.ocr_backend), so a model is trained on
+# the reading it is served.
+ALLOW_TF32 = True
 
 
 def device_for_ocr() -> torch.device:
