@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from medvl.evaluation import scoring
@@ -140,9 +141,44 @@ def test_word_cuts_end_pieces_in_gaps_and_keep_them_narrow():
         crop[2:8, start:end] = 0
     cuts = ocr.word_cuts(crop)
     assert cuts[0][0] == 0 and cuts[-1][1] == 400
-    assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))  # contiguous
+    assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:], strict=False))  # contiguous
     assert all(end - start <= ocr.PIECE_RATIO * height for start, end in cuts)
     inked = {c for start, end in words for c in range(start, end)}
     assert not {end for _, end in cuts[:-1]} & inked  # every cut falls between words
     solid = np.zeros((height, 400, 3), dtype=np.uint8)  # no gap at all: cut at the widest piece
     assert ocr.word_cuts(solid)[0] == (0, int(ocr.PIECE_RATIO * height))
+
+
+def test_a_reading_pool_reads_pages_at_once_as_this_process_does_and_outlives_a_dead_worker():
+    """api.ocr_workers: pages read in worker processes give this process's runs; two requests'
+    pages are read at once; a worker killed mid-service costs no reading (the pool restarts)."""
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medvl.medical.documents import generate_document
+
+    pages = [render_document(doc) for doc in benchmark_documents(1234, 2)]
+    here = [ocr.read_pixels(np.asarray(page)) for page in pages]
+    ocr.use_backend("onnxruntime")
+    try:
+        pool = ocr.use_pool(2)
+        assert ocr.pages_at_once() == 2
+        with ThreadPoolExecutor(2) as threads:
+            assert list(threads.map(ocr.read_boxes, pages)) == here
+        os.kill(next(iter(pool._executor._processes)), signal.SIGKILL)
+        wide = render_document(generate_document(100008, prefix="syn"))
+        assert ocr.read_boxes(pages[0]) == here[0]  # the pool started again
+        assert any(text.startswith("Hospital course") for text, _ in ocr.read_boxes(wide))
+    finally:
+        ocr.use_pool(0)
+        ocr.use_backend("auto")
+    assert ocr.pages_at_once() == 1
+
+
+def test_a_server_reads_in_worker_processes_when_its_ocr_runs_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(ocr, "backend", lambda: "torch")
+    monkeypatch.setattr(ocr, "device", lambda: "cuda")
+    assert ocr.serving_workers(-1) == ocr.GPU_WORKERS and ocr.serving_workers(0) == 0
+    monkeypatch.setattr(ocr, "device", lambda: "cpu")
+    assert ocr.serving_workers(-1) == 0 and ocr.serving_workers(3) == 3

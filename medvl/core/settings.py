@@ -244,6 +244,12 @@ class ApiSettings:
     # the OCR baseline): "onnxruntime" (CPU), "torch" (PyTorch via onnx2torch, on the GPU when
     # there is one: medvl/medical/ocr_torch.py), "auto" (torch when a GPU is visible).
     ocr_backend: str = "auto"  # one of OCR_BACKENDS
+    # Worker processes reading the server's pages (medvl.medical.ocr.ReadingPool): -1 (auto) is
+    # four sharing the GPU when PP-OCR runs there, none on a CPU host (ONNX Runtime then takes
+    # every core for one page in the server's process); 0 none; N that many. One process reads
+    # one page at a time (0.14 s a page on an H100 with PyTorch), so at 32 clients /extract's
+    # source boxes waited on one reader (issue 44).
+    ocr_workers: int = -1
     # Threads preparing arriving requests (decoding, the processor, the vision tower; pages waiting
     # for the tower share one call). More let more pages share a call under load (8 in the H100
     # figures of docs/results/h100, issue 32), but each thread's malloc arena stays allocated: on
@@ -534,6 +540,8 @@ def _check_values(s: Settings) -> list[str]:
         p.append(f"decode.compile: one of auto, on, off, got {s.decode.compile!r}")
     if s.decode.max_cache_len < 64 or s.decode.max_batch_size < 1:
         p.append("decode.max_cache_len must be >= 64 and decode.max_batch_size >= 1")
+    if s.api.ocr_workers < -1:
+        p.append(f"api.ocr_workers must be -1 (auto), 0 or a number of processes, not {s.api.ocr_workers}")
     if s.api.ocr_backend not in OCR_BACKENDS:
         p.append(f"api.ocr_backend must be one of {', '.join(OCR_BACKENDS)}, not {s.api.ocr_backend!r}")
     if s.api.prepare_threads < 1:

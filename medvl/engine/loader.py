@@ -100,9 +100,10 @@ class ServedModel(Served):
         ocr.use_backend(self.settings.api.ocr_backend)
         if self.settings.data.ocr_grounded_prompt:
             ocr.load()  # every prompt needs the page's OCR text: fail at start, not per request
-        if self.settings.api.source_boxes:  # /extract reads each page for its boxes: ready before traffic
-            try:
+        if self.settings.api.source_boxes or self.settings.data.ocr_grounded_prompt:
+            try:  # /extract reads each page (boxes, grounding): the readers ready before traffic
                 ocr.warm_up()
+                ocr.use_pool(ocr.serving_workers(self.settings.api.ocr_workers))
             except ocr.OcrUnavailable as exc:  # the records still come, without boxes (logged per request)
                 log.warning("source boxes unavailable: %s", exc)
         # The pixel budget saved with the model: the one it was trained with.
@@ -158,7 +159,7 @@ def open_served(settings: Settings, wd: Workdir, model: str = "best", weights: s
     if model == OCR_MODEL:
         if weights != "auto":
             raise FormError(f"--weights {weights}: the OCR baseline has no weights to choose")
-        return ServedOcr(settings.api.ocr_backend), OCR_MODEL
+        return ServedOcr(settings.api.ocr_backend, settings.api.ocr_workers), OCR_MODEL
     folder, kind, form = choose(settings, wd, weights, model)
     return ServedModel(folder, settings, form, slots, metrics), kind
 
@@ -171,16 +172,19 @@ class ServedOcr(Served):
     form = "ocr"
     model_dir = "ocr"
 
-    def __init__(self, ocr_backend: str = "auto") -> None:
+    def __init__(self, ocr_backend: str = "auto", ocr_workers: int = -1) -> None:
         super().__init__()
         self.ocr_backend = ocr_backend  # api.ocr_backend
+        self.ocr_workers = ocr_workers  # api.ocr_workers
         self.device = "cpu"
 
     def load(self) -> None:
-        """Load the OCR engine (raises :class:`medvl.medical.ocr.OcrUnavailable` when it cannot run)."""
+        """Load the OCR engine and its reading pool (raises
+        :class:`medvl.medical.ocr.OcrUnavailable` when it cannot run)."""
         started = time.perf_counter()
         ocr.use_backend(self.ocr_backend)
         ocr.load()
+        ocr.use_pool(ocr.serving_workers(self.ocr_workers))
         self.device = ocr.device()
         self.startup_s["load"] = time.perf_counter() - started
 

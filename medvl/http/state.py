@@ -49,16 +49,20 @@ class ServerState:
 
     @property
     def prepare_pool(self) -> ThreadPoolExecutor:
-        """Decoding, the processor and the vision tower for arriving requests (Engine.prepare)."""
+        """Decoding, the processor and the vision tower for arriving requests (Engine.prepare),
+        and the pages' reading where it is part of that (grounded prompts, ``--model ocr``): at
+        least as many threads as pages the OCR reads at once (api.ocr_workers)."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.settings.api.prepare_threads, thread_name_prefix="prepare")
+            self._pool = ThreadPoolExecutor(max(self.settings.api.prepare_threads, ocr.pages_at_once()),
+                                            thread_name_prefix="prepare")
         return self._pool
 
     async def in_ocr_thread(self, work: Callable[[], T]) -> T:
-        """Run ``work`` (the pages' OCR for source boxes) in the one OCR thread: the OCR reads one
-        page at a time anyway (medvl.medical.ocr), and one thread keeps one malloc arena."""
+        """Run ``work`` (the pages' OCR for source boxes) in an OCR thread: one per page the OCR
+        reads at once (one without a reading pool: it reads one page at a time anyway, and one
+        thread keeps one malloc arena)."""
         if self._ocr_pool is None:
-            self._ocr_pool = ThreadPoolExecutor(1, thread_name_prefix="ocr")
+            self._ocr_pool = ThreadPoolExecutor(ocr.pages_at_once(), thread_name_prefix="ocr")
         return await asyncio.get_running_loop().run_in_executor(self._ocr_pool, work)
 
     @property

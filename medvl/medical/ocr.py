@@ -200,8 +200,17 @@ PIECE_RATIO = 12.0  # the widest piece a wide box is cut into, in multiples of i
 def read_boxes(image: Image.Image) -> list[Run]:
     """Each run of text PP-OCR found on the page, with its box, in its order; a wide box the
     recognizer could not read whole is read in pieces cut at gaps between words
-    (:func:`_read_in_pieces`)."""
+    (:func:`_read_in_pieces`). In the reading pool's worker processes when there is one
+    (:func:`use_pool`), else here, one page at a time."""
     pixels = np.asarray(image.convert("RGB"))
+    pool = _POOL
+    if pool is not None:
+        return pool.read(pixels)
+    return read_pixels(pixels)
+
+
+def read_pixels(pixels: np.ndarray) -> list[Run]:
+    """:func:`read_boxes` of a page's RGB pixels, in this process (a pool worker's unit of work)."""
     runs = []
     with _ONE_PAGE_AT_A_TIME:
         engine = load()
@@ -375,6 +384,91 @@ def png_lines(data: bytes) -> list[str]:
 
     with Image.open(io.BytesIO(data)) as image:
         return read_lines(image.convert("RGB"))
+
+
+class ReadingPool:
+    """Worker processes that read pages for a server (:func:`use_pool`): several pages at once,
+    where this process reads one at a time under :data:`_ONE_PAGE_AT_A_TIME`.
+
+    Why processes: a page's reading is rapidocr's Python and OpenCV between three network calls
+    (0.07 s of a page's 0.14 s on an H100 host with TF32, docs/results/h100/ocr/), so threads of
+    one process would queue on the GIL, and ONNX Runtime on the CPU spreads one page over every
+    core instead. A page travels as its pixels (no file: patient data never reaches the disk) and
+    its runs come back. A worker that dies (the OOM killer, a crash in a native library) breaks
+    the executor: the pool is started again once and the page read again, so one bad page costs
+    its own request at most."""
+
+    def __init__(self, workers: int, threads: int, runtime: str) -> None:
+        self.workers, self.threads, self.runtime = workers, threads, runtime
+        self._lock = threading.Lock()
+        self._executor = self._start()
+
+    def _start(self) -> Any:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_pool_worker, initargs=(self.threads, self.runtime))
+
+    def read(self, pixels: np.ndarray) -> list[Run]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        executor = self._executor
+        try:
+            return executor.submit(read_pixels, pixels).result()
+        except BrokenProcessPool:
+            with self._lock:
+                if self._executor is executor:
+                    log.warning("an OCR worker process died: starting the reading pool again")
+                    self._executor = self._start()
+            return self._executor.submit(read_pixels, pixels).result()
+
+    def warm_up(self) -> None:
+        """Every worker loaded and one page read by each (first requests wait for nothing)."""
+        page = np.full((200, 600, 3), 255, dtype=np.uint8)
+        list(self._executor.map(read_pixels, [page] * self.workers))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _pool_worker(threads: int, runtime: str) -> None:
+    use_threads(threads, runtime)
+    load()
+
+
+_POOL: ReadingPool | None = None
+
+
+def use_pool(workers: int) -> ReadingPool | None:
+    """Read pages in ``workers`` worker processes from now on, with this process's runtime
+    (:func:`backend`) and the host's cores split between them; 0 reads them here. A server
+    calls it before traffic (api.ocr_workers, :func:`serving_workers`)."""
+    global _POOL
+    if _POOL is not None:
+        _POOL.close()
+        _POOL = None
+    if workers > 0:
+        from medvl.core.parallel import cores
+
+        _POOL = ReadingPool(workers, max(1, cores() // workers), backend())
+        _POOL.warm_up()
+        log.info("OCR reads pages in %d worker processes (%s)", workers, reader())
+    return _POOL
+
+
+def pages_at_once() -> int:
+    """How many pages this process can have read at once: the pool's workers, else one."""
+    return _POOL.workers if _POOL is not None else 1
+
+
+def serving_workers(setting: int) -> int:
+    """The reading pool a server starts for api.ocr_workers: -1 (auto) is :data:`GPU_WORKERS`
+    processes when PP-OCR runs on a GPU (PyTorch), else none (ONNX Runtime in the server's
+    process already takes every core for a page); N is N."""
+    if setting >= 0:
+        return setting
+    return GPU_WORKERS if backend() == "torch" and device() == "cuda" else 0
 
 
 # Worker processes that share one GPU for PP-OCR's networks (the torch runtime): each holds a
