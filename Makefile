@@ -9,12 +9,13 @@
 
 # An interpreter of one's own (MEDVL_PYTHON) has no editable install: the repository goes on its
 # PYTHONPATH, as run_pipeline.sh does, so the scripts the tests start import the package.
+# --durations: the slowest tests, printed where CI shows them (CI must stay under 35 minutes).
 test: lint
 	@scripts/ensure_browser.sh
 	@scripts/ensure_deploy_tools.sh
 	@scripts/ensure_database.sh
 	@py=$$(scripts/ensure_venv.sh) && if [ -n "$${MEDVL_PYTHON:-}" ]; then \
-	  export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}"; fi && $$py -m pytest -q
+	  export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}"; fi && $$py -m pytest -q --durations=20
 
 lint:
 	@py=$$(scripts/ensure_venv.sh) && $$py -m ruff check medvl scripts api bench tests \
