@@ -81,6 +81,8 @@ def main(settings: Settings, wd: Workdir) -> dict:
     runs = {"base": (base_dir, form), "finetuned": (finetuned_dir, form)}
     if form != "bf16":
         runs["finetuned_bf16"] = (merged_dir, "bf16")
+    for also in b.also_forms():  # what another form would cost the fine-tune (bench.eval_also_forms)
+        runs[f"finetuned_{also}"] = (merged_dir, also)
     models = {}
     for name, (folder, in_form) in runs.items():
         try:
@@ -105,6 +107,10 @@ def main(settings: Settings, wd: Workdir) -> dict:
                    **{f"finetuned_vs_{name}": scoring.compare(scores["finetuned"], scores[name]) for name in baselines}}
     if "finetuned_bf16" in models:
         comparisons["finetuned_vs_finetuned_bf16"] = scoring.compare(scores["finetuned"], scores["finetuned_bf16"])
+    reference = "finetuned_bf16" if "finetuned_bf16" in models else "finetuned"
+    for also in b.also_forms():
+        comparisons[f"finetuned_{also}_vs_finetuned_bf16"] = scoring.compare(scores[f"finetuned_{also}"],
+                                                                           scores[reference])
 
     # ---- the fine-tuned model on the five standard documents, as phases 3 and 4 measured
     samples = benchmark.load_benchmark_samples(wd.test_images)

@@ -58,8 +58,8 @@ def test_phase_4_writes_an_awq_w4a16_checkpoint_and_serves_it_4_bit(phases_1_4, 
     quantized = json.loads(wd.bench("quantized_int4").read_text())
     assert quantized["form"].startswith("AWQ int4") and quantized["samples"][0]["generated_tokens"] > 0
     agreement = info["logits_vs_full_precision"]
-    assert set(agreement) == {"full_precision", "awq_int4", "nf4", "int4_round_to_nearest"}
-    for name in ("awq_int4", "nf4", "int4_round_to_nearest"):
+    assert set(agreement) == {"full_precision", "awq_int4", "nf4", "int4_round_to_nearest", "fp8_dynamic"}
+    for name in ("awq_int4", "nf4", "int4_round_to_nearest", "fp8_dynamic"):
         assert len(agreement[name]["relative_l2"]) == 5 and agreement[name]["relative_l2_mean"] > 0
         assert agreement[name]["weights_footprint_mb"] < agreement["full_precision"]["weights_footprint_mb"]
 
@@ -81,7 +81,7 @@ def test_phase_4_falls_back_to_nf4_without_llm_compressor_and_records_why(phases
     assert info["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     assert json.loads((wd.nf4_model_dir(tiny_settings) / "config.json").read_text())["quantization_config"]["load_in_4bit"]
     assert not wd.awq_model_dir(tiny_settings).exists()  # never a stale AWQ folder beside the NF4 one
-    assert set(info["logits_vs_full_precision"]) == {"full_precision", "nf4", "int4_round_to_nearest"}
+    assert set(info["logits_vs_full_precision"]) == {"full_precision", "nf4", "int4_round_to_nearest", "fp8_dynamic"}
     assert info["weights_footprint_mb"]["quantized"] < info["weights_footprint_mb"]["baseline"]
 
 

@@ -311,3 +311,27 @@ def test_served_parity_holds_for_the_same_answers_and_fails_for_better_or_worse_
     assert not refused["ok"] and refused["served_minus_phase7"]["verdict"] == "better"
     assert not parity(cases, evaluated, perfect, [])["ok"]  # a server worse than phase 7
     assert not parity(cases, evaluated, evaluated, ["t1: HTTP 503"])["ok"]
+
+
+def test_the_report_says_what_another_form_costs_the_fine_tune():
+    """bench.eval_also_forms: phase 7's finetuned_<form>_vs_finetuned_bf16 comparison is read
+    with the form's own figure as its subject, beside the usual fine-tuned-model sentences."""
+    from medvl.evaluation.report import evaluation_findings
+
+    def figure(value):
+        return {"value": value, "ci95": [value - 0.05, value + 0.05]}
+
+    def difference(d, verdict):
+        return {"sources": {"synthetic": {"extraction_f1": {"difference": d, "ci95": [d - 0.04, d + 0.04],
+                                                            "verdict": verdict}}}}
+
+    evaluation = {"sources": {"synthetic": {"finetuned": {"cases": 80, "f1": figure(0.71)},
+                                            "finetuned_fp8": {"cases": 80, "f1": figure(0.69)}}},
+                  "comparisons": {"finetuned_vs_base": difference(0.7, "better"),
+                                  "finetuned_vs_empty_record": difference(0.7, "better"),
+                                  "finetuned_fp8_vs_finetuned_bf16": difference(-0.02, "no significant difference")}}
+    base, fp8 = evaluation_findings(evaluation)  # the empty record is not a comparison the report states
+    assert base.startswith("On synthetic (80 cases) the fine-tuned model's extraction F1 (0.71 [0.66, 0.76])")
+    assert fp8 == ("On synthetic (80 cases) the fine-tuned model in fp8's extraction F1 (0.69 [0.64, 0.74]) is "
+                   "not significantly different from its full-precision form (what fp8 costs): difference -0.020, "
+                   "95% interval [-0.060, +0.020].")

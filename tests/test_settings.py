@@ -49,8 +49,11 @@ def test_every_problem_is_reported_together():
 
 def test_range_checks_collect_all_problems():
     with pytest.raises(SettingsError) as err:
-        load_settings("tiny", ["model.max_pixels=1000", "train.lora_dropout=1.5", "api.port=0"])
-    assert len(err.value.problems) == 3, err.value.problems
+        load_settings("tiny", ["model.max_pixels=1000", "train.lora_dropout=1.5", "api.port=0",
+                               "bench.eval_also_forms=fp8,awq"])
+    assert len(err.value.problems) == 4, err.value.problems
+    assert "bench.eval_also_forms: awq not among the forms made at load (int4, fp8)" in err.value.problems
+    assert load_settings("tiny", ["bench.eval_also_forms= fp8, int4"]).bench.also_forms() == ["fp8", "int4"]
 
 
 def test_unknown_profile_names_the_available_ones():

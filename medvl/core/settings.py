@@ -25,6 +25,8 @@ import yaml
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = "tiny"
+# Served forms made at load from a full-precision checkpoint (medvl.model.forms; bench.eval_also_forms).
+LOAD_TIME_FORMS = ("int4", "fp8")
 
 
 class SettingsError(ValueError):
@@ -84,6 +86,15 @@ class BenchSettings:
     # 1 times each case alone; more answers several times faster, each latency then measured
     # among that many.
     eval_concurrency: int = 1
+    # Phase 7 also scores the fine-tuned model in these forms made at load from the merged
+    # full-precision model (comma-separated: fp8, int4), each against that model with a paired
+    # interval: what the form would cost if it were served. Empty: only the served form (and,
+    # when it is 4-bit, full precision).
+    eval_also_forms: str = ""
+
+    def also_forms(self) -> list[str]:
+        """``eval_also_forms`` as a list of form names."""
+        return [f.strip() for f in self.eval_also_forms.split(",") if f.strip()]
 
 
 @dataclass
@@ -491,6 +502,10 @@ def _check_values(s: Settings) -> list[str]:
             p.append(f"bench.{name}: must be >= 1")
     if s.bench.eval_concurrency < 1:
         p.append("bench.eval_concurrency: must be >= 1")
+    unknown = [f for f in s.bench.also_forms() if f not in LOAD_TIME_FORMS]
+    if unknown:
+        p.append(f"bench.eval_also_forms: {', '.join(unknown)} not among the forms made at load "
+                 f"({', '.join(LOAD_TIME_FORMS)})")
     if s.bench.warmup_runs < 0:
         p.append("bench.warmup_runs: must be >= 0")
     if s.quant.awq_w_bit not in (4,):

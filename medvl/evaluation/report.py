@@ -271,20 +271,35 @@ _VERSUS = {"finetuned_vs_base": "the base model", "finetuned_vs_most_common": "t
 _METRIC_WORDS = {"extraction_f1": "extraction F1", "rouge_l": "free-text ROUGE-L"}
 
 
-def evaluation_findings(evaluation: dict[str, Any], comparisons: tuple[str, ...] = tuple(_VERSUS)) -> list[str]:
-    """One sentence per source and comparison, its verdict read from the 95% interval of the
-    paired difference (never from the point estimates alone)."""
+def _compared(name: str) -> tuple[str, str, str] | None:
+    """A phase-7 comparison's subject (its model key and words) and what it is compared with:
+    the fine-tuned model against each of :data:`_VERSUS`, or the fine-tuned model in another
+    form (bench.eval_also_forms) against its full-precision form."""
+    if name in _VERSUS:
+        return "finetuned", "the fine-tuned model", _VERSUS[name]
+    if name.startswith("finetuned_") and name.endswith("_vs_finetuned_bf16"):
+        form = name.removeprefix("finetuned_").removesuffix("_vs_finetuned_bf16")
+        return f"finetuned_{form}", f"the fine-tuned model in {form}", f"its full-precision form (what {form} costs)"
+    return None
+
+
+def evaluation_findings(evaluation: dict[str, Any], comparisons: tuple[str, ...] | None = None) -> list[str]:
+    """One sentence per source and comparison (all of phase 7's unless named), its verdict read
+    from the 95% interval of the paired difference (never from the point estimates alone)."""
     out = []
-    for name in comparisons:
-        versus = _VERSUS[name]
+    for name in comparisons or tuple(evaluation.get("comparisons") or {}):
+        compared = _compared(name)
+        if compared is None:
+            continue
+        model, subject, versus = compared
         for source, metrics in ((evaluation.get("comparisons") or {}).get(name, {}).get("sources") or {}).items():
             for metric, d in metrics.items():
-                tuned = (evaluation["sources"][source].get("finetuned") or {}).get(
-                    "f1" if metric == "extraction_f1" else "rouge_l")
+                scored = evaluation["sources"][source].get(model) or {}
+                value = scored.get("f1" if metric == "extraction_f1" else "rouge_l")
                 words = {"better": "better than", "worse": "worse than",
                          "no significant difference": "not significantly different from"}[d["verdict"]]
-                out.append(f"On {source} ({evaluation['sources'][source]['finetuned']['cases']} cases) the fine-tuned "
-                           f"model's {_METRIC_WORDS[metric]} ({_with_ci(tuned)}) is {words} {versus}: difference "
+                out.append(f"On {source} ({scored.get('cases')} cases) {subject}'s {_METRIC_WORDS[metric]} "
+                           f"({_with_ci(value)}) is {words} {versus}: difference "
                            f"{d['difference']:+.3f}, 95% interval [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}].")
     return out
 

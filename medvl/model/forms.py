@@ -11,6 +11,9 @@ quality users get.
 - ``nf4``: the bitsandbytes NF4 checkpoint (phase 4's fallback); decodes eagerly, uncompiled.
 - ``int4``: a full-precision checkpoint rounded to int4 at start-up, no calibration; the same
   W4A16 layers as ``awq``.
+- ``fp8``: a full-precision checkpoint made W8A8 float8 at start-up (per-row weight scales,
+  per-token activation scales; :mod:`medvl.model.fp8`), on FP8 tensor cores where the GPU has
+  them (Ada, Hopper).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medvl.core.io import read_json
-from medvl.core.settings import Settings
+from medvl.core.settings import LOAD_TIME_FORMS, Settings
 from medvl.core.workdir import Workdir
 
 FORMS = {
@@ -27,7 +30,9 @@ FORMS = {
     "awq": "AWQ int4 (llm-compressor checkpoint, W4A16 Triton kernel)",
     "nf4": "NF4 (bitsandbytes checkpoint)",
     "int4": "round-to-nearest int4 at load (W4A16 Triton kernel)",
+    "fp8": "float8 e4m3 W8A8 at load (dynamic per-token activation scales, torch._scaled_mm)",
 }
+
 
 
 # Phase 4's method (quantization_info.json) -> the form its checkpoint is served in.
@@ -77,11 +82,10 @@ def choose(settings: Settings, wd: Workdir, weights: str, model: str) -> tuple[P
 
 
 def model_dir(settings: Settings, wd: Workdir, form: str, finetuned: bool) -> Path:
-    """The folder of the base or fine-tuned model in ``form`` (``int4`` rounds the
-    full-precision one at load)."""
+    """The folder of the base or fine-tuned model in ``form`` (``int4`` and ``fp8`` are made
+    from the full-precision one at load)."""
     base, tuned = {
-        "bf16": (wd.base_model_dir, wd.merged_model_dir),
-        "int4": (wd.base_model_dir, wd.merged_model_dir),
+        **{form: (wd.base_model_dir, wd.merged_model_dir) for form in ("bf16", *LOAD_TIME_FORMS)},
         "awq": (wd.awq_model_dir, wd.finetuned_awq_dir),
         "nf4": (wd.nf4_model_dir, wd.finetuned_nf4_dir),
     }[form]
@@ -114,4 +118,10 @@ def load_in_form(folder: Path, settings: Settings, form: str) -> Any:
 
         fuse_projections(model)  # before quantizing: the decoder's fused matmuls get int4 weights
         int4_weight_only(model)
+    if form == "fp8":
+        from medvl.model.fp8 import fp8_dynamic
+        from medvl.model.fusion import fuse_projections
+
+        fuse_projections(model)  # the fused q/k/v and gate/up matmuls get float8 weights
+        fp8_dynamic(model)
     return model

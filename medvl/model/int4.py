@@ -156,12 +156,13 @@ def int4_weight_only(model: Any, group_size: int = 128) -> int:
         if language_linear(module, name):
             layer = GroupInt4.round_to_nearest(module.weight, group_size)
             dtype = torch.bfloat16 if module.weight.is_cuda else module.weight.dtype
-            _replace(model, name, layer.to_module(dtype, module.weight.device, module.bias))
+            replace_module(model, name, layer.to_module(dtype, module.weight.device, module.bias))
             count += 1
     return count
 
 
-def _replace(model: Any, name: str, module: torch.nn.Module) -> None:
+def replace_module(model: Any, name: str, module: torch.nn.Module) -> None:
+    """Put ``module`` where ``model``'s submodule ``name`` is (a served form swapping a layer)."""
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent), leaf, module)
 
@@ -269,7 +270,7 @@ def load_awq_model(model_dir: Path, settings: Settings, fuse: bool = True, devic
         model.get_submodule(module_name).register_parameter(attr, torch.nn.Parameter(tensor, requires_grad=False))
     weights_dtype = torch.bfloat16 if device == "cuda" else dtype
     for module_name, layer in quantized.items():  # biases (q/k/v have them) were loaded above
-        _replace(model, module_name, layer.to_module(weights_dtype, device, model.get_submodule(module_name).bias))
+        replace_module(model, module_name, layer.to_module(weights_dtype, device, model.get_submodule(module_name).bias))
     if missing == ["lm_head.weight"] and config.get_text_config().tie_word_embeddings:
         model.tie_weights()
     elif missing:

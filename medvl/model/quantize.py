@@ -208,12 +208,13 @@ def quantize_base(settings: Settings, wd: Workdir) -> tuple[str, Path, dict, str
 
 def forms_agreement(settings: Settings, wd: Workdir, method: str, samples: list) -> dict:
     """Next-token logits of each 4-bit form against the full-precision model's, on the phase-3
-    documents: the chosen method's checkpoint, and beside it NF4 and round-to-nearest int4
-    made at load from the same base (AWQ only when phase 4 made it)."""
+    documents: the chosen method's checkpoint, and beside it NF4, round-to-nearest int4 and
+    FP8 W8A8 made at load from the same base (AWQ only when phase 4 made it)."""
     base_dir = wd.base_model_dir(settings)
     processor = load_processor(base_dir, settings)
     loaders = {"full_precision": lambda: load_model(base_dir, settings),
                "int4_round_to_nearest": lambda: load_in_form(base_dir, settings, "int4"),
+               "fp8_dynamic": lambda: load_in_form(base_dir, settings, "fp8"),
                "nf4": lambda: load_model(base_dir, settings, "nf4")}
     if method == "awq":
         loaders["awq_int4"] = lambda: load_in_form(wd.awq_model_dir(settings), settings, "awq")
