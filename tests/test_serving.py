@@ -363,3 +363,23 @@ def test_a_dead_engine_makes_health_503_and_the_process_exit_non_zero(phases_1_2
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_served_model_keeps_its_compiled_steps_where_a_restart_finds_them(tiny_model_dir, tiny_settings,
+                                                                             tmp_path, monkeypatch):
+    """api.compile_cache_dir: Inductor's and Triton's caches in the workdir (on Kubernetes, the volume
+    every replica mounts), not in the container's /tmp; empty leaves torch's own."""
+    from medvl.core.settings import load_settings
+    from medvl.core.workdir import Workdir
+    from medvl.engine.loader import open_served
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    open_served(load_settings("tiny", ["api.compile_cache_dir="]), Workdir(tmp_path), str(tiny_model_dir))
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and "TRITON_CACHE_DIR" not in os.environ
+    open_served(tiny_settings, Workdir(tmp_path), str(tiny_model_dir))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "compile" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "compile" / "triton")
+    elsewhere = tmp_path / "shared"
+    open_served(load_settings("tiny", [f"api.compile_cache_dir={elsewhere}"]), Workdir(tmp_path), str(tiny_model_dir))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(elsewhere / "inductor") and elsewhere.is_dir()

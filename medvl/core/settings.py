@@ -266,6 +266,11 @@ class ApiSettings:
     # figures of docs/results/h100, issue 32), but each thread's malloc arena stays allocated: on
     # the CPU reliability run 8 grew the server by 383 MB against 98 MB for 2. The 7b profiles set 8.
     prepare_threads: int = 2
+    # Where torch.compile (Inductor) and Triton keep the decoding steps they compiled, so that a
+    # restarted or scaled-out replica reuses them instead of compiling again (medvl/engine/
+    # compile_cache.py). Relative to the workdir (on Kubernetes the models volume every replica
+    # mounts); empty keeps torch's own per-user folder under /tmp.
+    compile_cache_dir: str = "cache/compile"
     # The reviewer's loop (medvl/review): keep /extract results for review in a database
     # (MEDVL_DATABASE_URL, else <workdir>/review/review.db) and serve the /review routes; the
     # patient data it keeps is encrypted with MEDVL_REVIEW_KEY, without which the server will not start.

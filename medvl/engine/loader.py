@@ -18,6 +18,7 @@ from PIL import Image
 
 from medvl.core.settings import DecodeSettings, Settings
 from medvl.core.workdir import Workdir
+from medvl.engine.compile_cache import compile_cache_dir, use_compile_cache
 from medvl.engine.grammar import RECORD_FORMAT
 from medvl.engine.scheduler import Engine, EngineMetrics
 from medvl.engine.slot_cache import SlotDecoder, should_compile
@@ -161,6 +162,7 @@ def open_served(settings: Settings, wd: Workdir, model: str = "best", weights: s
             raise FormError(f"--weights {weights}: the OCR baseline has no weights to choose")
         return ServedOcr(settings.api.ocr_backend, settings.api.ocr_workers), OCR_MODEL
     folder, kind, form = choose(settings, wd, weights, model)
+    use_compile_cache(compile_cache_dir(settings, wd))  # a restart reuses the decoding steps compiled before
     return ServedModel(folder, settings, form, slots, metrics), kind
 
 
