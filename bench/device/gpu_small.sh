@@ -18,7 +18,7 @@ log=/tmp/small_pipeline.log
 mkdir -p "$wd"
 
 launch() {
-  local sets; sets=$(cat "$wd/.sets" 2>/dev/null)
+  local sets; sets=$(tr '\n' ' ' < "$wd/.sets" 2>/dev/null)
   setsid nohup bash -c "
     for n in 1 2 3 4 5 6 7 8 9; do
       python3 -m medvl.cli.gates --profile small $sets --workdir '$wd' | grep -q \"^phase \$n .*: pass\" && continue
@@ -37,9 +37,10 @@ case "${1:-wait}" in
   # PP-OCR under PyTorch on this GPU, checked against ONNX Runtime on the phase-3 pages first
   # (bench/check_ocr_runtimes.py): if it cannot read a page, the run reads with ONNX Runtime.
   # The fp8 layer (phase 4 compares it, phase 7 scores it) is checked against its emulation first.
-  start) rm -rf "$wd" && mkdir -p "$wd" && : > "$log"
+  # SETS: overrides for the whole run (e.g. SETS="--set bench.eval_also_forms=" to save phase 7 a model).
+  start) rm -rf "$wd" && mkdir -p "$wd" && : > "$log" && echo "${SETS:-}" > "$wd/.sets"
          python3 -m bench.check_ocr_runtimes --out "$wd/ocr_runtimes.json" >> "$log" 2>&1 \
-           || echo "--set api.ocr_backend=onnxruntime" > "$wd/.sets"
+           || echo "--set api.ocr_backend=onnxruntime" >> "$wd/.sets"
          python3 -m bench.check_fp8 --out "$wd/fp8_layers.json" >> "$log" 2>&1 || echo "fp8 check failed" >> "$log"
          launch ;;
   resume) launch ;;
