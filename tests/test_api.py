@@ -84,15 +84,19 @@ def test_server_serves_the_awq_checkpoint_4_bit_when_asked(phases_1_4, page):
 def test_each_lab_value_gets_a_confidence_and_the_box_its_text_was_drawn_in(phases_1_4, tiny_settings,
                                                                             lab_page_model):
     """/extract on the tiny run's lab page, served by a model taught that page (conftest), with
-    source boxes on (the default): every lab value the page shows has a confidence in [0, 1] and
+    source boxes on (the default), the page read in two worker processes: every lab value the page shows has a confidence in [0, 1] and
     a box that contains the value's text where the document generator drew it (within 8 px); the
     lab the page does not show gets no box at all and is the first item in needs_review that is there for a missing box."""
     doc = lab_page_document(tiny_settings)
     page = next((phases_1_4 / "datasets" / "test_images").glob("*lab_results*.png"))
     image = Image.open(page)
     assert image.tobytes() == render_document(doc).tobytes()  # the page is the generator's own drawing
-    with running_server(phases_1_4, extra_args=["--model", str(lab_page_model)]) as base:
+    server_log = phases_1_4 / "logs" / "api_server_stdout.log"
+    logged = server_log.stat().st_size if server_log.is_file() else 0
+    # api.ocr_workers=2: the page is read in the server's reading pool (worker processes), as on a GPU host
+    with running_server(phases_1_4, extra_args=["--model", str(lab_page_model), "--set", "api.ocr_workers=2"]) as base:
         r = httpx.post(f"{base}/extract", files={"file": ("p.png", page.read_bytes(), "image/png")}, timeout=300)
+    assert b"OCR reads pages in 2 worker processes" in server_log.read_bytes()[logged:]
     body = r.json()
     labs = doc.structured()["lab_values"]
     assert r.status_code == 200 and body["structured"]["lab_values"] == [*labs, INVENTED_LAB], body
