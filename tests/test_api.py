@@ -96,7 +96,9 @@ def test_each_lab_value_gets_a_confidence_and_the_box_its_text_was_drawn_in(phas
     # api.ocr_workers=2: the page is read in the server's reading pool (worker processes), as on a GPU host
     with running_server(phases_1_4, extra_args=["--model", str(lab_page_model), "--set", "api.ocr_workers=2"]) as base:
         r = httpx.post(f"{base}/extract", files={"file": ("p.png", page.read_bytes(), "image/png")}, timeout=300)
+        started = httpx.get(f"{base}/health", timeout=5).json()["startup_s"]
     assert b"OCR reads pages in 2 worker processes" in server_log.read_bytes()[logged:]
+    assert started["ocr_workers_after_decoder"] >= 0  # the workers started beside the load, waited for at the end
     body = r.json()
     labs = doc.structured()["lab_values"]
     assert r.status_code == 200 and body["structured"]["lab_values"] == [*labs, INVENTED_LAB], body

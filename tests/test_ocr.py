@@ -162,8 +162,9 @@ def test_a_reading_pool_reads_pages_at_once_as_this_process_does_and_outlives_a_
     here = [ocr.read_pixels(np.asarray(page)) for page in pages]
     ocr.use_backend("onnxruntime")
     try:
-        pool = ocr.use_pool(2)
+        pool = ocr.use_pool(2, wait=False)  # as a server starts it: beside the model's load
         assert ocr.pages_at_once() == 2
+        pool.wait_warm()
         with ThreadPoolExecutor(2) as threads:
             assert list(threads.map(ocr.read_boxes, pages)) == here
         os.kill(next(iter(pool._executor._processes)), signal.SIGKILL)

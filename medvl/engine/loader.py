@@ -101,10 +101,11 @@ class ServedModel(Served):
         ocr.use_backend(self.settings.api.ocr_backend)
         if self.settings.data.ocr_grounded_prompt:
             ocr.load()  # every prompt needs the page's OCR text: fail at start, not per request
+        pool = None
         if self.settings.api.source_boxes or self.settings.data.ocr_grounded_prompt:
             try:  # /extract reads each page (boxes, grounding): the readers ready before traffic
                 ocr.warm_up()
-                ocr.use_pool(ocr.serving_workers(self.settings.api.ocr_workers))
+                pool = ocr.use_pool(ocr.serving_workers(self.settings.api.ocr_workers), wait=False)
             except ocr.OcrUnavailable as exc:  # the records still come, without boxes (logged per request)
                 log.warning("source boxes unavailable: %s", exc)
         # The pixel budget saved with the model: the one it was trained with.
@@ -115,6 +116,10 @@ class ServedModel(Served):
         self.engine = build_engine(model, processor, self.settings.decode, self.slots, self.metrics)
         warm_up(self.engine)
         self.startup_s["decoder_warm_up"] = time.perf_counter() - started
+        if pool is not None:  # its workers started beside the load and the compilation
+            started = time.perf_counter()
+            pool.wait_warm()
+            self.startup_s["ocr_workers_after_decoder"] = time.perf_counter() - started
         log.info("model ready: %s (%s; start-up %s)", self.model_dir, self.decoding,
                  {k: round(v, 1) for k, v in self.startup_s.items()})
 

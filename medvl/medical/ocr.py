@@ -402,6 +402,7 @@ class ReadingPool:
         self.workers, self.threads, self.runtime = workers, threads, runtime
         self._lock = threading.Lock()
         self._executor = self._start()
+        self._warming: list[Any] = []
 
     def _start(self) -> Any:
         import multiprocessing
@@ -423,10 +424,19 @@ class ReadingPool:
                     self._executor = self._start()
             return self._executor.submit(read_pixels, pixels).result()
 
-    def warm_up(self) -> None:
-        """Every worker loaded and one page read by each (first requests wait for nothing)."""
+    def warm_up(self, wait: bool = True) -> None:
+        """Every worker loaded and one page read by each (first requests wait for nothing).
+        ``wait=False`` starts it and returns: :meth:`wait_warm` waits for it."""
         page = np.full((200, 600, 3), 255, dtype=np.uint8)
-        list(self._executor.map(read_pixels, [page] * self.workers))
+        self._warming = [self._executor.submit(read_pixels, page) for _ in range(self.workers)]
+        if wait:
+            self.wait_warm()
+
+    def wait_warm(self) -> None:
+        """Wait for the warm-up :meth:`warm_up` started (raises what a worker raised)."""
+        for future in self._warming:
+            future.result()
+        self._warming = []
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -440,10 +450,13 @@ def _pool_worker(threads: int, runtime: str) -> None:
 _POOL: ReadingPool | None = None
 
 
-def use_pool(workers: int) -> ReadingPool | None:
+def use_pool(workers: int, wait: bool = True) -> ReadingPool | None:
     """Read pages in ``workers`` worker processes from now on, with this process's runtime
     (:func:`backend`) and the host's cores split between them; 0 reads them here. A server
-    calls it before traffic (api.ocr_workers, :func:`serving_workers`)."""
+    calls it before traffic (api.ocr_workers, :func:`serving_workers`) with ``wait=False``, so
+    the workers start (each imports torch and loads PP-OCR: about 20 s of an H100 server's
+    start, docs/results/h100/fp8/) while the model loads and compiles; it then waits with
+    ``pool.wait_warm()``."""
     global _POOL
     if _POOL is not None:
         _POOL.close()
@@ -452,7 +465,7 @@ def use_pool(workers: int) -> ReadingPool | None:
         from medvl.core.parallel import cores
 
         _POOL = ReadingPool(workers, max(1, cores() // workers), backend())
-        _POOL.warm_up()
+        _POOL.warm_up(wait)
         log.info("OCR reads pages in %d worker processes (%s)", workers, reader())
     return _POOL
 
