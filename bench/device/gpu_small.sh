@@ -2,7 +2,7 @@
 # Runs on a lent H100 (issue 43): the `small` profile's whole pipeline from an empty workdir.
 # A call runs at most 10 minutes and the pipeline takes longer, so the pipeline runs detached
 # (setsid) and each call waits on it:
-#   bash bench/device/gpu_small.sh start   # installs the carried packages, checks PP-OCR and fp8 on the GPU, starts phase 1
+#   bash bench/device/gpu_small.sh start   # installs the carried packages, checks PP-OCR on the GPU, starts phase 1
 #   bash bench/device/gpu_small.sh wait    # the next call, within 30 s (the machine stays warm)
 #   bash bench/device/gpu_small.sh resume  # after a failed phase is fixed: from the first failing gate
 # The first call unpacks the carried packages (about a minute): give it WAIT_S=480 in a 600 s call.
@@ -36,12 +36,10 @@ state() { cat "$wd/.state" 2>/dev/null || echo none; }
 case "${1:-wait}" in
   # PP-OCR under PyTorch on this GPU, checked against ONNX Runtime on the phase-3 pages first
   # (bench/check_ocr_runtimes.py): if it cannot read a page, the run reads with ONNX Runtime.
-  # The fp8 layer (phase 4 compares it, phase 7 scores it) is checked against its emulation first.
   # SETS: overrides for the whole run (e.g. SETS="--set bench.eval_also_forms=" to save phase 7 a model).
   start) rm -rf "$wd" && mkdir -p "$wd" && : > "$log" && echo "${SETS:-}" > "$wd/.sets"
          python3 -m bench.check_ocr_runtimes --out "$wd/ocr_runtimes.json" >> "$log" 2>&1 \
            || echo "--set api.ocr_backend=onnxruntime" >> "$wd/.sets"
-         python3 -m bench.check_fp8 --out "$wd/fp8_layers.json" >> "$log" 2>&1 || echo "fp8 check failed" >> "$log"
          launch ;;
   resume) launch ;;
   wait) if [[ $(state) == running ]] && ! kill -0 "$(cat "$wd/.pid")" 2>/dev/null; then
@@ -54,6 +52,6 @@ echo "state: $(state)"; cat "$wd/phase_times.txt" 2>/dev/null
 tail -5 "$log"
 tr '\r' '\n' < "$log" | grep -v "it/s\]$" > "$wd/pipeline.log"
 tar -C "$wd" -czf "$OUT/small_run.tar.gz" --exclude='*.png' --exclude='*.jsonl' benchmarks docs logs \
-  pipeline.log phase_times.txt ocr_runtimes.json fp8_layers.json models/small-qwen25-vl-base/pretraining.json 2>/dev/null
+  pipeline.log phase_times.txt ocr_runtimes.json models/small-qwen25-vl-base/pretraining.json 2>/dev/null
 (cd "$wd" && tar -czf "$OUT/small_answers.tar.gz" benchmarks/eval_cases.jsonl benchmarks/eval_answers_*.jsonl) 2>/dev/null
 ls -la "$OUT"
