@@ -1,7 +1,8 @@
 """Where the server's compiled decoding steps are kept between starts (api.compile_cache_dir).
 
 Why: before it takes traffic the server compiles its decoding steps (torch.compile: Inductor
-writes Triton kernels, Triton builds them), 82 s of a bf16 cold start on an H100 (README). Both
+writes Triton kernels, Triton builds them): 74 s of a bf16 cold start's 111 s on an H100
+(docs/results/h100/fp8/). Both
 already cache what they build, but under a per-user folder in /tmp that a restarted container
 or a new replica does not have. Pointed at a folder on the volume every replica mounts, the
 second start finds Inductor's graphs (FX graph and AOTAutograd caches) and Triton's binaries and

@@ -454,8 +454,8 @@ def use_pool(workers: int, wait: bool = True) -> ReadingPool | None:
     """Read pages in ``workers`` worker processes from now on, with this process's runtime
     (:func:`backend`) and the host's cores split between them; 0 reads them here. A server
     calls it before traffic (api.ocr_workers, :func:`serving_workers`) with ``wait=False``, so
-    the workers start (each imports torch and loads PP-OCR: about 20 s of an H100 server's
-    start, docs/results/h100/fp8/) while the model loads and compiles; it then waits with
+    the workers start (each imports torch and loads PP-OCR; an H100 server's 'load' grew from 3 s
+    to 24 s when the pool started inside it, docs/results/h100/fp8/) while the model loads and compiles; it then waits with
     ``pool.wait_warm()``."""
     global _POOL
     if _POOL is not None:

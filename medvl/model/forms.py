@@ -112,16 +112,11 @@ def load_in_form(folder: Path, settings: Settings, form: str) -> Any:
 
         return load_awq_model(folder, settings)
     model = load_model(folder, settings)  # an NF4 checkpoint carries its quantization config
-    if form == "int4":
+    if form in LOAD_TIME_FORMS:
+        from medvl.model.fp8 import fp8_dynamic
         from medvl.model.fusion import fuse_projections
         from medvl.model.int4 import int4_weight_only
 
-        fuse_projections(model)  # before quantizing: the decoder's fused matmuls get int4 weights
-        int4_weight_only(model)
-    if form == "fp8":
-        from medvl.model.fp8 import fp8_dynamic
-        from medvl.model.fusion import fuse_projections
-
-        fuse_projections(model)  # the fused q/k/v and gate/up matmuls get float8 weights
-        fp8_dynamic(model)
+        fuse_projections(model)  # before quantizing: the decoder's fused matmuls get the new weights
+        {"int4": int4_weight_only, "fp8": fp8_dynamic}[form](model)
     return model
